@@ -1,0 +1,131 @@
+"""`GroveMoE`: the Grove MoE block as an nn.Module with packed weights.
+
+    x [..., H] -> gate -> logits [T, E] -> grove_topk(+ expert_bias) -> w, ids [T, k]
+               -> fused_grove_experts(x, w1 [E, 2I, H], w2 [E, H, I], a1 [G, 2Ia, H], a2 [G, H, Ia])
+               -> y [..., H]
+
+`expert_bias` is a buffer (auxiliary-loss-free balancing): it steers selection only and is
+updated outside autograd by `update_selection_bias`.
+"""
+import math
+
+import torch
+from torch import nn
+
+from . import api
+
+
+def _stack(name, tensors, shape):
+    if isinstance(tensors, torch.Tensor):
+        stacked = tensors
+    else:
+        tensors = list(tensors)
+        if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise TypeError(f"{name}: expected a tensor or a non-empty sequence of tensors")
+        if any(tuple(t.shape) != tuple(shape[1:]) for t in tensors):
+            bad = next(t for t in tensors if tuple(t.shape) != tuple(shape[1:]))
+            raise ValueError(f"{name}: expected per-expert shape {tuple(shape[1:])}, got "
+                             f"{tuple(bad.shape)}")
+        stacked = torch.stack(tensors)
+    if tuple(stacked.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(stacked.shape)}")
+    return stacked
+
+
+class GroveMoE(nn.Module):
+    def __init__(self, hidden_size, intermediate_size, num_experts, top_k, group_size=2,
+                 adjugate_intermediate_size=128, adjugate_scale=0.05, *, renormalize=True,
+                 device=None, dtype=None):
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
+                            ("num_experts", num_experts), ("group_size", group_size),
+                            ("adjugate_intermediate_size", adjugate_intermediate_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k: expected an int in [1, {num_experts}], got {top_k!r}")
+        if num_experts % group_size:
+            raise ValueError(f"group_size: must divide num_experts={num_experts}, got {group_size}")
+        self.hidden_size = H = hidden_size
+        self.intermediate_size = I = intermediate_size
+        self.num_experts = E = num_experts
+        self.top_k = top_k
+        self.group_size = group_size
+        self.num_groups = G = num_experts // group_size
+        self.adjugate_intermediate_size = Ia = adjugate_intermediate_size
+        self.adjugate_scale = float(adjugate_scale)
+        self.renormalize = renormalize
+        kw = dict(device=device, dtype=dtype)
+        self.gate = nn.Linear(H, E, bias=False, **kw)
+        self.w1 = nn.Parameter(torch.empty(E, 2 * I, H, **kw))
+        self.w2 = nn.Parameter(torch.empty(E, H, I, **kw))
+        self.a1 = nn.Parameter(torch.empty(G, 2 * Ia, H, **kw))
+        self.a2 = nn.Parameter(torch.empty(G, H, Ia, **kw))
+        self.register_buffer("expert_bias", torch.zeros(E, device=device, dtype=torch.float32))
+        self.last_topk_ids = None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # nn.Linear's default init, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        for p in (self.w1, self.w2, self.a1, self.a2):
+            bound = 1.0 / math.sqrt(p.shape[-1])
+            nn.init.uniform_(p, -bound, bound)
+        self.gate.reset_parameters()
+        self.expert_bias.zero_()
+
+    def extra_repr(self):
+        return (f"H={self.hidden_size}, I={self.intermediate_size}, E={self.num_experts}, "
+                f"k={self.top_k}, S={self.group_size}, Ia={self.adjugate_intermediate_size}, "
+                f"adjugate_scale={self.adjugate_scale}")
+
+    def forward(self, hidden_states):
+        shape = hidden_states.shape
+        if shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states: expected last dimension {self.hidden_size}, got "
+                             f"shape {tuple(shape)}")
+        x = hidden_states.reshape(-1, self.hidden_size)
+        logits = self.gate(x)
+        weights, ids = api.grove_topk(logits, self.top_k, renormalize=self.renormalize,
+                                      selection_bias=self.expert_bias)
+        if self.training:
+            self.last_topk_ids = ids.detach()
+        y = api.fused_grove_experts(x, self.w1, self.w2, self.a1, self.a2, weights, ids,
+                                    group_size=self.group_size,
+                                    adjugate_scale=self.adjugate_scale)
+        return y.reshape(shape)
+
+    @torch.no_grad()
+    def update_selection_bias(self, topk_ids, lr=1e-3):
+        """Auxiliary-loss-free balancing step: b <- b - lr · (F - Q) / ||F - Q||_2.
+
+        F is the fraction of token slots each expert received in `topk_ids`, Q = 1/E.
+        """
+        if not isinstance(topk_ids, torch.Tensor) or topk_ids.dtype not in (torch.int32,
+                                                                             torch.int64):
+            raise TypeError("topk_ids: expected an int32/int64 tensor")
+        ids = topk_ids.reshape(-1).long().to(self.expert_bias.device)
+        if ids.numel() == 0:
+            return
+        counts = torch.zeros(self.num_experts, device=ids.device).index_add_(
+            0, ids, torch.ones_like(ids, dtype=torch.float32))
+        delta = counts / ids.numel() - 1.0 / self.num_experts
+        norm = delta.norm()
+        # Perfect balance leaves the bias alone instead of dividing by zero.
+        self.expert_bias -= lr * torch.where(norm > 0, delta / norm.clamp_min(1e-30), 0.0)
+
+    @torch.no_grad()
+    def load_expert_weights(self, gate_proj, up_proj, down_proj, adj_gate_proj, adj_up_proj,
+                            adj_down_proj):
+        """Pack per-expert weights (released checkpoint layout, nn.Linear [out, in]).
+
+        gate/up [E, I, H], down [E, H, I]; adj_gate/adj_up [G, Ia, H], adj_down [G, H, Ia];
+        each a stacked tensor or a sequence of per-expert tensors.
+        """
+        E, I, H = self.num_experts, self.intermediate_size, self.hidden_size
+        G, Ia = self.num_groups, self.adjugate_intermediate_size
+        self.w1[:, :I].copy_(_stack("gate_proj", gate_proj, (E, I, H)))
+        self.w1[:, I:].copy_(_stack("up_proj", up_proj, (E, I, H)))
+        self.w2.copy_(_stack("down_proj", down_proj, (E, H, I)))
+        self.a1[:, :Ia].copy_(_stack("adj_gate_proj", adj_gate_proj, (G, Ia, H)))
+        self.a1[:, Ia:].copy_(_stack("adj_up_proj", adj_up_proj, (G, Ia, H)))
+        self.a2.copy_(_stack("adj_down_proj", adj_down_proj, (G, H, Ia)))

@@ -1,0 +1,136 @@
+"""The custom ops of grove-kernels: schemas, fake kernels and autograd, in one place.
+
+    grove::topk              logits [T, E] -> weights fp32 [T, k], ids int32 [T, k]
+    grove::experts_forward   x [T, H], w1 [E, 2I, H], w2 [E, H, I], a1 [G, 2Ia, H]?, a2 [G, H, Ia]?,
+                             topk_weights [T, k], topk_ids [T, k], expert_map [E_global]? -> y [T, H]
+    grove::experts_backward  dy [T, H] + the forward's inputs -> dx, dw1, dw2, da1, da2, d topk_weights
+
+a1/a2 absent means a plain MoE (the vLLM drop-ins). The backend is chosen here, when an op
+runs, from the configured name and the device of its inputs (backends.resolve); backends only
+implement. Value checks (ids in range) run here too: inside the op they are invisible to
+torch.compile, so a compiled graph needs no break for them.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _validate, backends
+
+
+def _impl(device):
+    return backends.module(backends.resolve(device))
+
+
+def _check_ids(topk_ids, num_experts, expert_map):
+    if expert_map is None:
+        _validate.ids_in_range("topk_ids", topk_ids, 0, num_experts)
+    else:
+        _validate.ids_in_range("topk_ids", topk_ids, 0, expert_map.shape[0])
+        _validate.ids_in_range("expert_map", expert_map, -1, num_experts)
+
+
+# ---- routing -------------------------------------------------------------------------------
+
+@torch.library.custom_op("grove::topk", mutates_args=())
+def topk(router_logits: Tensor, top_k: int, renormalize: bool,
+         selection_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    return _impl(router_logits.device).topk(router_logits, top_k, renormalize, selection_bias)
+
+
+@topk.register_fake
+def _(router_logits, top_k, renormalize, selection_bias):
+    T = router_logits.shape[0]
+    return (router_logits.new_empty(T, top_k, dtype=torch.float32),
+            router_logits.new_empty(T, top_k, dtype=torch.int32))
+
+
+def _topk_setup(ctx, inputs, output):
+    router_logits, _, renormalize, _ = inputs
+    weights, ids = output
+    ctx.renormalize = renormalize
+    ctx.logits_dtype = router_logits.dtype
+    ctx.mark_non_differentiable(ids)
+    ctx.save_for_backward(router_logits, weights, ids)
+
+
+def _topk_backward(ctx, grad_weights, grad_ids):
+    router_logits, weights, ids = ctx.saved_tensors
+    p = torch.softmax(router_logits.float(), dim=-1)
+    dw = grad_weights.float()
+    idx = ids.long()
+    if ctx.renormalize:
+        # w = p_sel / s, s = Σ p_sel  =>  d p_sel = (dw - Σ dw·w) / s
+        s = p.gather(1, idx).sum(-1, keepdim=True)
+        dw = (dw - (dw * weights).sum(-1, keepdim=True)) / s
+    dp = torch.zeros_like(p).scatter(1, idx, dw)
+    d_logits = p * (dp - (dp * p).sum(-1, keepdim=True))
+    return d_logits.to(ctx.logits_dtype), None, None, None
+
+
+topk.register_autograd(_topk_backward, setup_context=_topk_setup)
+
+
+# ---- experts (+ adjugates) -----------------------------------------------------------------
+
+@torch.library.custom_op("grove::experts_forward", mutates_args=())
+def experts_forward(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Optional[Tensor],
+                    a2: Optional[Tensor], topk_weights: Tensor, topk_ids: Tensor,
+                    expert_map: Optional[Tensor], group_size: int, adjugate_scale: float,
+                    weight_on_input: bool) -> Tensor:
+    _check_ids(topk_ids, w1.shape[0], expert_map)
+    return _impl(hidden_states.device).experts_forward(
+        hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
+        adjugate_scale, weight_on_input)
+
+
+@experts_forward.register_fake
+def _(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
+      adjugate_scale, weight_on_input):
+    return torch.empty_like(hidden_states)
+
+
+@torch.library.custom_op("grove::experts_backward", mutates_args=())
+def experts_backward(grad_out: Tensor, hidden_states: Tensor, w1: Tensor, w2: Tensor,
+                     a1: Optional[Tensor], a2: Optional[Tensor], topk_weights: Tensor,
+                     topk_ids: Tensor, expert_map: Optional[Tensor], group_size: int,
+                     adjugate_scale: float, weight_on_input: bool) -> List[Tensor]:
+    """[dx, dw1, dw2, da1, da2, d topk_weights]; da1/da2 are empty when a1/a2 are absent."""
+    _check_ids(topk_ids, w1.shape[0], expert_map)
+    grads = _impl(hidden_states.device).experts_backward(
+        grad_out, hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,
+        group_size, adjugate_scale, weight_on_input)
+    return [g if g is not None else w1.new_empty(0) for g in grads]
+
+
+@experts_backward.register_fake
+def _(grad_out, hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
+      adjugate_scale, weight_on_input):
+    return [torch.empty_like(hidden_states), torch.empty_like(w1), torch.empty_like(w2),
+            torch.empty_like(a1) if a1 is not None else w1.new_empty(0),
+            torch.empty_like(a2) if a2 is not None else w1.new_empty(0),
+            torch.empty_like(topk_weights)]
+
+
+_DIFFERENTIABLE = (0, 1, 2, 3, 4, 5)  # hidden_states, w1, w2, a1, a2, topk_weights
+
+
+def _experts_setup(ctx, inputs, output):
+    (x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size, adjugate_scale,
+     weight_on_input) = inputs
+    ctx.save_for_backward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map)
+    ctx.config = (group_size, adjugate_scale, weight_on_input)
+
+
+def _experts_backward(ctx, grad_out):
+    x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map = ctx.saved_tensors
+    grads = experts_backward(grad_out.contiguous(), x, w1, w2, a1, a2, topk_weights, topk_ids,
+                             expert_map, *ctx.config)
+    needs = ctx.needs_input_grad
+    out = [g if needs[i] else None for i, g in zip(_DIFFERENTIABLE, grads)]
+    if a1 is None:
+        out[3] = out[4] = None
+    return (*out, None, None, None, None, None)
+
+
+experts_forward.register_autograd(_experts_backward, setup_context=_experts_setup)

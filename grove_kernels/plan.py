@@ -1,0 +1,129 @@
+"""The dispatch plan: routing (topk_ids, topk_weights) -> per-problem row lists (DESIGN §3).
+
+Problems are the E experts followed by the G = E // S adjugate experts. A *row* is one
+(token, problem) pair that a GEMM computes. The rows live in two sections with static bases,
+so every buffer has a fixed size and nothing is read back to the host:
+
+    expert section    rows [0, T*k)            sorted by expert; the slots of skipped ids
+                                                (expert_map -> -1) sort to its tail
+    adjugate section  rows [T*k, T*k + T*ka)   ka = min(k, G); one row per distinct
+                                                (token, group), weight λ·Σ w of its slots
+
+    topk_ids [T, k] --(expert_map)--> local ids --sort--> expert rows, expert_offsets [E+1]
+                    --(// S, merge duplicates per token)--> adjugate rows, adjugate_offsets [G+1]
+    token_rows [T, c] / token_weight [T, c] / token_mask [T, c]: each token's rows, c = k (+ k),
+        used by the combine (y_t = Σ_j token_weight · out[token_rows]) and by dX / d topk_weights.
+
+Offsets are relative to the start of their section. Rows past a section's last offset are
+padding: their token is 0 (in bounds) and their weight 0; kernels never compute them.
+Sorting is stable and the per-token sums run in slot order, so the plan (and every reduction
+built on it) is deterministic.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Plan:
+    num_tokens: int  # T
+    top_k: int  # k
+    num_experts: int  # E (local experts: those with weights on this rank)
+    num_groups: int  # G, 0 when the call has no adjugates
+    expert_token: torch.Tensor  # [T*k] int64: token of each expert row
+    expert_weight: torch.Tensor  # [T*k] fp32 (fp64 for fp64 weights): w of the slot (0 on padding)
+    expert_offsets: torch.Tensor  # [E+1] int64: rows of expert e are [off[e], off[e+1])
+    adjugate_token: Optional[torch.Tensor]  # [T*ka] int64
+    adjugate_weight: Optional[torch.Tensor]  # [T*ka] fp32: λ·Σ w over the token's slots in the group
+    adjugate_offsets: Optional[torch.Tensor]  # [G+1] int64, relative to the adjugate section
+    token_rows: torch.Tensor  # [T, c] int64: row index (expert section first, then adjugate)
+    token_weight: torch.Tensor  # [T, c] fp32: the row weight seen by that token (0 if masked)
+    token_mask: torch.Tensor  # [T, c] bool: entry is a real row
+    group_match: Optional[torch.Tensor]  # [T, k, k] bool: slots j and m select the same group
+
+    @property
+    def num_expert_rows(self):
+        return self.expert_token.shape[0]
+
+    @property
+    def num_adjugate_rows(self):
+        return 0 if self.adjugate_token is None else self.adjugate_token.shape[0]
+
+    @property
+    def num_rows(self):
+        return self.num_expert_rows + self.num_adjugate_rows
+
+    def problem_rows(self):
+        """(start [E+G], count [E+G]) int64, absolute row positions: the unified-GEMM view."""
+        starts = [self.expert_offsets[:-1]]
+        counts = [self.expert_offsets.diff()]
+        if self.num_groups:
+            starts.append(self.adjugate_offsets[:-1] + self.num_expert_rows)
+            counts.append(self.adjugate_offsets.diff())
+        return torch.cat(starts), torch.cat(counts)
+
+
+def _section(keys, values, num_problems, num_rows):
+    """Stable-sort candidates by problem key (key == num_problems marks a non-row).
+
+    Returns the first `num_rows` sorted candidate indices, the offsets [P+1] and, for every
+    candidate, its row position (>= num_rows for non-rows).
+    """
+    sorted_keys, full_order = torch.sort(keys, stable=True)
+    order = full_order[:num_rows]
+    bounds = torch.arange(num_problems + 1, device=keys.device, dtype=sorted_keys.dtype)
+    offsets = torch.searchsorted(sorted_keys[:num_rows].contiguous(), bounds)
+    position = torch.empty_like(full_order)
+    position[full_order] = torch.arange(keys.numel(), device=keys.device)
+    return order, offsets, values[order], position
+
+
+def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale=0.0,
+               expert_map=None):
+    """Build the plan on the device of topk_ids. group_size == 0 means no adjugate problems."""
+    T, k = topk_ids.shape
+    device = topk_ids.device
+    ids = topk_ids.long()
+    if expert_map is not None:
+        ids = expert_map.long()[ids]
+    valid = ids >= 0
+    acc = torch.promote_types(topk_weights.dtype, torch.float32)
+    w = torch.where(valid, topk_weights.to(acc), 0.0)
+    E = num_experts
+    G = E // group_size if group_size else 0
+
+    slot_token = torch.arange(T, device=device).repeat_interleave(k)
+    e_keys = torch.where(valid, ids, E).flatten()
+    e_order, e_offsets, e_weight, e_pos = _section(e_keys, w.flatten(), E, T * k)
+    e_token = slot_token[e_order]
+    token_rows = [e_pos.view(T, k)]
+    token_weight = [w]
+    token_mask = [valid]
+
+    a_token = a_weight = a_offsets = group_match = None
+    if G:
+        ka = min(k, G)
+        group = torch.where(valid, ids // group_size, -1)
+        group_match = (group[:, :, None] == group[:, None, :]) & valid[:, :, None]
+        earlier = torch.ones(k, k, dtype=torch.bool, device=device).tril(-1)
+        leader = valid & ~(group_match & earlier).any(-1)
+        # Σ over slots in fixed slot order: deterministic, unlike a scatter-add.
+        group_w = adjugate_scale * (group_match.to(acc) * w[:, None, :]).sum(-1)
+        group_w = torch.where(leader, group_w, 0.0)
+        a_keys = torch.where(leader, group, G).flatten()
+        a_order, a_offsets, a_weight, a_pos = _section(a_keys, group_w.flatten(), G, T * ka)
+        a_token = slot_token[a_order]
+        token_rows.append(a_pos.view(T, k) + T * k)
+        token_weight.append(group_w)
+        token_mask.append(leader)
+
+    mask = torch.cat(token_mask, 1)
+    rows = torch.where(mask, torch.cat(token_rows, 1), 0)
+    return Plan(
+        num_tokens=T, top_k=k, num_experts=E, num_groups=G,
+        expert_token=e_token, expert_weight=e_weight, expert_offsets=e_offsets,
+        adjugate_token=a_token, adjugate_weight=a_weight, adjugate_offsets=a_offsets,
+        token_rows=rows, token_weight=torch.cat(token_weight, 1), token_mask=mask,
+        group_match=group_match,
+    )

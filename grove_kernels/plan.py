@@ -93,7 +93,8 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
     E = num_experts
     G = E // group_size if group_size else 0
 
-    slot_token = torch.arange(T, device=device).repeat_interleave(k)
+    # arange // k, not repeat_interleave: the output size must not depend on a device read.
+    slot_token = torch.arange(T * k, device=device) // k
     e_keys = torch.where(valid, ids, E).flatten()
     e_order, e_offsets, e_weight, e_pos = _section(e_keys, w.flatten(), E, T * k)
     e_token = slot_token[e_order]

@@ -1,0 +1,19 @@
+# Sourced by scripts/demo.sh and scripts/test.sh: install what a fresh machine lacks, then the
+# package itself (editable, against the torch already present; never a CUDA torch download).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python3}
+pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  # The CPU wheel of this exact version is what CPU machines here carry locally.
+  pip_install torch==2.13.0
+fi
+missing=()
+"$PY" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" \
+  2>/dev/null || missing+=("setuptools>=64")
+for mod_pkg in wheel:wheel numpy:numpy safetensors:safetensors pytest:pytest \
+               pytest_benchmark:pytest-benchmark; do
+  "$PY" -c "import ${mod_pkg%%:*}" 2>/dev/null || missing+=("${mod_pkg#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then pip_install "${missing[@]}"; fi
+pip_install --no-build-isolation -e .

@@ -73,6 +73,13 @@ class GroveMoE(nn.Module):
         self.gate.reset_parameters()
         self.expert_bias.zero_()
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(bf16) must not round the selection bias: its 1e-3 updates would vanish.
+        bias = self.expert_bias
+        result = super()._apply(fn, *args, **kwargs)
+        self.expert_bias = bias.to(device=self.expert_bias.device)
+        return result
+
     def extra_repr(self):
         return (f"H={self.hidden_size}, I={self.intermediate_size}, E={self.num_experts}, "
                 f"k={self.top_k}, S={self.group_size}, Ia={self.adjugate_intermediate_size}, "

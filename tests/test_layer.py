@@ -102,3 +102,11 @@ def test_bad_constructor_arguments(kwargs, arg):
 def test_wrong_hidden_size_is_named():
     with pytest.raises(ValueError, match="hidden_states"):
         _layer()(torch.randn(4, H + 1))
+
+
+def test_dtype_cast_keeps_selection_bias_fp32():
+    layer = _layer()
+    layer.expert_bias.fill_(1e-3 / 3)
+    layer.to(torch.bfloat16)
+    assert layer.w1.dtype == torch.bfloat16
+    assert layer.expert_bias.dtype == torch.float32 and layer.expert_bias[0] == 1e-3 / 3

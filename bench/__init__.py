@@ -1,0 +1,17 @@
+"""grove-kernels microbenchmark suite (DESIGN §6).
+
+Run as `python -m bench` from the repository root (see `python -m bench --help`), or as a
+pytest-benchmark suite with `pytest bench --benchmark-only` (`--benchmark-disable` turns the
+same file into a quick correctness test).
+
+Dataflow of one row: preset (H, E, k, I, S, Ia, λ) + T + routing mode
+    -> router logits [T, E] -> gk.grove_topk -> topk_weights [T, k] fp32, topk_ids [T, k] int32
+    -> cost model (FLOPs, bytes, d_t) on the host, once
+    -> each variant's forward (y [T, H]) or forward + backward (dX [T, H], dW1 [E, 2I, H], ...)
+       timed outside of routing -> µs, TFLOP/s, GB/s, floor, % of floor.
+
+Modules: presets (shapes), routing (logit generators), cost (FLOP/byte model), timing
+(timers + ceilings), grouped_mm_layer (the torch._grouped_mm Grove layer), variants (what is
+timed), runner (the sweep), report (table, JSON, CSV), cli (argparse); conftest +
+test_bench_layer (the pytest-benchmark suite). tests/test_bench_smoke.py runs `--smoke`.
+"""

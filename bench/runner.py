@@ -1,0 +1,195 @@
+"""The sweep: (routing, T) problems × passes × variants × backends -> rows (dicts).
+
+For each routing mode and T: logits [T, E] -> gk.grove_topk once (outside timing) -> the cost
+model on the host -> per pass, per variant, per backend: build the callable, run it once and
+check it (rel err of y, or of every gradient, vs the torch backend's result for the same layer
+in the same dtype; NaN/inf flagged), then time it. A variant that cannot run here, or raises,
+becomes an entry of `skipped` with the reason instead of a row: the sweep goes on.
+"""
+import datetime
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+import grove_kernels as gk
+from bench import cost as cost_model
+from bench import routing as routing_mod
+from bench import timing, variants as var
+
+ROW_KEYS = ("preset", "routing", "T", "pass", "variant", "backend", "us", "tflops", "gbps",
+            "floor_us", "pct_floor", "distinct_groups")
+EXTRA_KEYS = ("vs_baseline", "flops", "bytes", "timing", "rel_err", "check")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Config:
+    preset: object  # bench.presets.Preset
+    tokens: tuple
+    routings: tuple
+    backends: tuple
+    variants: tuple  # of bench.variants.Variant
+    passes: tuple
+    dtype: torch.dtype
+    device: torch.device
+    check: bool = True
+    quick: bool = False
+    seed: int = 0
+    log: object = field(default=sys.stderr)
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _fmt_exc(exc):
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
+def _check(cfg, out, ref):
+    """(max rel err, verdict) of one untimed call's output(s) against the reference's:
+    y for fwd, the gradient tuple for fwd+bwd (same order for every variant of a layer)."""
+    outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    errs = [var.rel_err(o, r) for o, r in zip(outs, refs)]
+    bad = [i for i, o in enumerate(outs) if not bool(torch.isfinite(o).all())]
+    if bad:
+        return None, "NONFINITE" + str(bad).replace(" ", "")
+    err = max(errs)
+    return err, "ok" if err <= var.tolerance(cfg.dtype) else "MISMATCH"
+
+
+def run(cfg):
+    """Runs the sweep; returns the JSON-ready result dict (rows, skipped, ceilings, ...)."""
+    device, dtype, preset = cfg.device, cfg.dtype, cfg.preset
+    gk.set_value_checks(False)  # host-side id checks read tensors: keep them out of the times
+    timer = timing.make_timer(device, quick=cfg.quick)
+    ceilings = timing.measure_ceilings(device, dtype, timer, quick=cfg.quick)
+    print(f"ceilings: copy {ceilings['copy_GBps']:.1f} GB/s, matmul "
+          f"{ceilings['matmul_TFLOPs']:.3f} TFLOP/s ({ceilings['matmul_dtype']})", file=cfg.log)
+    weights = var.make_weights(preset, device, dtype, seed=cfg.seed)
+    elem = torch.empty(0, dtype=dtype).element_size()
+    rows, skipped, seen_skips = [], [], set()
+
+    def skip(variant, backend, pass_, reason, **where):
+        key = (variant.name, backend, pass_, reason)
+        if key not in seen_skips:
+            seen_skips.add(key)
+            skipped.append({"variant": variant.name, "backend": backend, "pass": pass_,
+                            "reason": reason, **where})
+            print(f"skip {variant.name}/{backend} {pass_}: {reason}", file=cfg.log)
+
+    for mode in cfg.routings:
+        for T in cfg.tokens:
+            logits = routing_mod.make_logits(mode, T, preset, seed=cfg.seed)
+            topk_weights, topk_ids = routing_mod.route(logits, preset, device)
+            gen = torch.Generator().manual_seed(cfg.seed + 7 * T + 1)
+            x = torch.randn(T, preset.hidden, generator=gen).to(device, dtype)
+            grad_out = torch.randn(T, preset.hidden, generator=gen).to(device, dtype)
+            costs = {(layer, p): cost_model.layer_cost(topk_ids, preset, adjugates=layer == "grove",
+                                                       pass_=p, elem_bytes=elem)
+                     for layer in ("grove", "plain") for p in cfg.passes}
+            refs = {}
+            for pass_ in cfg.passes:
+                for variant in cfg.variants:
+                    backends = cfg.backends if variant.per_backend else (variant.backend,)
+                    for backend in backends:
+                        reason = var.skip_reason(variant, device, dtype, pass_)
+                        if reason:
+                            skip(variant, backend, pass_, reason)
+                            continue
+                        fn = var.build(variant, backend, preset, weights, x, topk_weights,
+                                       topk_ids, pass_, grad_out)
+                        try:
+                            out = fn()
+                            if device.type == "cuda":
+                                torch.cuda.synchronize()
+                        except Exception as exc:
+                            skip(variant, backend, pass_, f"raised {_fmt_exc(exc)}",
+                                 routing=mode, T=T)
+                            continue
+                        err, verdict = None, "unchecked"
+                        if cfg.check:
+                            key = (variant.layer, pass_)
+                            if key not in refs:
+                                try:
+                                    refs[key] = var.reference(variant.layer, preset, weights, x,
+                                                              topk_weights, topk_ids, pass_,
+                                                              grad_out)
+                                except Exception as exc:  # a broken reference is not the
+                                    refs[key] = None      # variant's fault: time it anyway
+                                    print(f"reference {key} raised {_fmt_exc(exc)}", file=cfg.log)
+                            if refs[key] is None:
+                                verdict = "noref"
+                            else:
+                                err, verdict = _check(cfg, out, refs[key])
+                        del out
+                        try:
+                            m = timer(fn)
+                        except Exception as exc:
+                            skip(variant, backend, pass_, f"timing raised {_fmt_exc(exc)}",
+                                 routing=mode, T=T)
+                            continue
+                        c = costs[(variant.layer, pass_)]
+                        row = {"preset": preset.name, "routing": mode, "T": T, "pass": pass_,
+                               "variant": variant.name, "backend": backend,
+                               **cost_model.row_metrics(c, m.us, ceilings["copy_GBps"],
+                                                        ceilings["matmul_TFLOPs"]),
+                               "vs_baseline": None, "flops": c.flops, "bytes": c.bytes,
+                               "timing": m.method, "rel_err": err, "check": verdict}
+                        if m.method == "eager" and getattr(timer, "last_capture_error", None):
+                            row["capture_error"] = timer.last_capture_error
+                        rows.append(row)
+                        print(f"{mode:>8} T={T:<6} {pass_:<7} {variant.name:>16}/{backend:<6} "
+                              f"{m.us:10.1f} us  {m.method:<5} {verdict}", file=cfg.log)
+    _fill_baselines(rows, cfg.variants)
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "ceilings": ceilings,
+        "rows": rows,
+        "skipped": skipped,
+        "config": {
+            "preset": preset.as_dict(),
+            "tokens": list(cfg.tokens),
+            "routing": list(cfg.routings),
+            "backends": list(cfg.backends),
+            "variants": [v.name for v in cfg.variants],
+            "passes": list(cfg.passes),
+            "dtype": str(dtype).replace("torch.", ""),
+            "device_type": device.type,
+            "python": platform.python_version(),
+            "grove_kernels_backends": gk.available_backends(),
+        },
+    }
+
+
+def _fill_baselines(rows, variants):
+    """vs_baseline = us / us of the variant's baseline in the same (routing, T, pass, backend):
+    the price of the adjugates (grove vs plain) at equal kernel quality."""
+    by_name = {v.name: v for v in variants}
+    index = {(r["routing"], r["T"], r["pass"], r["variant"], r["backend"]): r["us"] for r in rows}
+    for r in rows:
+        v = by_name.get(r["variant"])
+        if v is None or v.baseline is None:
+            continue
+        base_backend = r["backend"] if v.per_backend else by_name.get(v.baseline, v).backend
+        base = index.get((r["routing"], r["T"], r["pass"], v.baseline, base_backend))
+        if base:
+            r["vs_baseline"] = r["us"] / base

@@ -18,12 +18,12 @@ _FLOAT = v.FLOAT_DTYPES
 _INDEX = v.INDEX_DTYPES
 
 
-def _check_logits(name, logits, top_k, num_tokens=None):
+def _check_logits(name, logits, top_k, num_tokens=None, top_k_name="top_k"):
     v.tensor(name, logits, 2, _FLOAT)
     if num_tokens is not None and logits.shape[0] != num_tokens:
         raise ValueError(f"{name}: expected {num_tokens} rows (tokens of hidden_states), "
                          f"got shape {tuple(logits.shape)}")
-    v.positive_int("top_k", top_k, logits.shape[1], f"the {logits.shape[1]} experts of {name}")
+    v.positive_int(top_k_name, top_k, logits.shape[1], f"the {logits.shape[1]} experts of {name}")
 
 
 def _check_experts(x, w1, w2, topk_weights, topk_ids):
@@ -161,7 +161,7 @@ def fused_topk(hidden_states, gating_output, topk, renormalize):
     """vLLM's fused_topk: softmax routing. Returns (weights fp32 [T, k], ids int32 [T, k],
     token_expert_indices int32 [T, k] with entry (t, j) = j * T + t)."""
     v.tensor("hidden_states", hidden_states, 2, _FLOAT)
-    _check_logits("gating_output", gating_output, topk, hidden_states.shape[0])
+    _check_logits("gating_output", gating_output, topk, hidden_states.shape[0], "topk")
     v.same_device("hidden_states", hidden_states, gating_output=gating_output)
     weights, ids = ops.topk(gating_output, topk, bool(renormalize), None)
     T = gating_output.shape[0]
@@ -174,6 +174,13 @@ def fused_topk(hidden_states, gating_output, topk, renormalize):
 def fused_moe(hidden_states, w1, w2, gating_output, topk, renormalize, inplace=False,
               activation="silu", global_num_experts=-1, expert_map=None):
     """vLLM's fused_moe: fused_topk (softmax routing) followed by fused_experts."""
+    v.tensor("gating_output", gating_output, 2, _FLOAT)
+    v.tensor("w1", w1, 3, _FLOAT)
+    n_experts = expert_map.shape[0] if isinstance(expert_map, torch.Tensor) else w1.shape[0]
+    if gating_output.shape[1] != n_experts:
+        raise ValueError(f"gating_output: expected {n_experts} columns (experts of "
+                         f"{'expert_map' if expert_map is not None else 'w1'}), got shape "
+                         f"{tuple(gating_output.shape)}")
     weights, ids, _ = fused_topk(hidden_states, gating_output, topk, renormalize)
     return fused_experts(hidden_states, w1, w2, weights, ids, inplace=inplace,
                          activation=activation, global_num_experts=global_num_experts,

@@ -86,8 +86,10 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
     device = topk_ids.device
     ids = topk_ids.long()
     if expert_map is not None:
-        ids = expert_map.long()[ids]
-    valid = ids >= 0
+        # Out-of-range ids (value checks switched off) become skipped slots, never OOB reads.
+        n = expert_map.shape[0]
+        ids = torch.where((ids >= 0) & (ids < n), expert_map.long()[ids.clamp(0, n - 1)], -1)
+    valid = (ids >= 0) & (ids < num_experts)
     acc = torch.promote_types(topk_weights.dtype, torch.float32)
     w = torch.where(valid, topk_weights.to(acc), 0.0)
     E = num_experts

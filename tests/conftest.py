@@ -1,6 +1,9 @@
-"""Shared pytest set-up: the `gpu` marker skips where CUDA is absent."""
+"""Shared pytest set-up: the `backend` and `gen` fixtures, and the `gpu` marker that skips
+where CUDA is absent."""
 import pytest
 import torch
+
+from helpers import backend, gen  # noqa: F401  (fixtures shared by the test files)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -158,3 +158,15 @@ def test_plan_on_gpu_has_no_host_sync_and_captures():
     graph.replay()
     torch.cuda.synchronize()
     _same(_actual(captured), _expected(w2, ids2, 16, 2, 0.05))
+
+
+def test_out_of_range_ids_become_skipped_slots():
+    # With value checks off nothing validates ids: the plan must still stay in bounds.
+    ids = torch.tensor([[0, 9], [-3, 2]], dtype=torch.int32)
+    w = torch.ones(2, 2)
+    plan = build_plan(ids, w, 8, 2, 0.05)
+    assert plan.token_mask[:, :2].tolist() == [[True, False], [False, True]]
+    expert_map = torch.arange(4, dtype=torch.int32)
+    plan = build_plan(torch.tensor([[1, 7]], dtype=torch.int32), torch.ones(1, 2), 4, 0, 0.0,
+                      expert_map)
+    assert plan.token_mask.tolist() == [[True, False]]

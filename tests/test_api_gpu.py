@@ -1,0 +1,336 @@
+"""The public API on a CUDA GPU, every backend (skipped without CUDA; DESIGN §2, §3, §5).
+
+    scaled grove-33b   T=97, H=256, E=32, k=8, I=96, Ia=32, S=2: forward and every gradient
+                       against the fp64 CPU oracle, fp32 (tf32 tolerance 1e-3), bf16, fp16
+    full grove-33b     T=64, H=2048, E=128, k=8, I=768, Ia=128, bf16: forward
+    no host sync       forward under torch.cuda.set_sync_debug_mode("error"), value checks off
+    CUDA graph         capture fused_grove_experts (bf16) once, rewrite topk_ids/topk_weights
+                       in place, replay: equals eager on the new routing
+
+Before each checked call the caching allocator is filled with NaN, so an output element a
+kernel forgets to write shows up as NaN (which never passes).
+"""
+import pytest
+import torch
+
+import grove_kernels as gk
+import oracle
+from helpers import (
+    BACKENDS,
+    DTYPE_IDS,
+    FLOATS,
+    assert_close,
+    leaf,
+    make_grove,
+    randn,
+    rel_err,
+    router_logits,
+    routing,
+    to64,
+)
+
+pytestmark = pytest.mark.gpu
+
+DEV = "cuda"
+LAM = 0.5
+SMALL = dict(T=97, H=256, E=32, I=96, Ia=32, k=8, S=2)
+ALL_DTYPES = pytest.mark.parametrize("dtype", FLOATS, ids=DTYPE_IDS.get)
+GRAD_DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
+                                      ids=DTYPE_IDS.get)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with gk.use_backend(request.param):
+        yield request.param
+
+
+def poison():
+    """Fill 512 MiB of the caching allocator's free blocks with NaN."""
+    blocks = [torch.full((16 << 20,), float("nan"), device=DEV) for _ in range(8)]
+    del blocks
+
+
+def on_torch(backend, fn):
+    """fn() under the torch backend when `backend` is another one (for the 2x rule)."""
+    if backend == "torch":
+        return None
+    with gk.use_backend("torch"):
+        return fn()
+
+
+def _grove(gen, dtype, kind="random", c=SMALL):
+    p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, dtype, DEV)
+    w, ids = routing(c["T"], c["E"], c["k"], gen, kind, c["S"], device=DEV)
+    return p, w, ids.to(torch.int32)
+
+
+def _grove_oracle(p, w, ids, S=SMALL["S"], lam=LAM):
+    return oracle.grove_layer(to64(p["x"]), to64(p["w1"]), to64(p["w2"]), to64(p["a1"]),
+                              to64(p["a2"]), to64(w), ids.cpu(), S, lam)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@ALL_DTYPES
+@pytest.mark.parametrize("kind", ["random", "coselected", "sparse", "one_expert"])
+def test_fused_grove_experts_gpu(backend, gen, kind, dtype):
+    p, w, ids = _grove(gen, dtype, kind)
+
+    def call():
+        poison()
+        return gk.fused_grove_experts(p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w, ids,
+                                      group_size=SMALL["S"], adjugate_scale=LAM)
+
+    y = call()
+    assert y.device.type == "cuda" and y.dtype == dtype and y.shape == p["x"].shape
+    assert_close(y, _grove_oracle(p, w, ids), "y", torch_out=on_torch(backend, call))
+
+
+@ALL_DTYPES
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_grove_moe_gpu(backend, gen, bias, dtype):
+    c = SMALL
+    p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, dtype, DEV)
+    logits = router_logits(c["T"], c["E"], gen, torch.float32, DEV)
+    b = (torch.randn(c["E"], generator=gen) * 0.3).to(DEV) if bias else None
+
+    def call():
+        poison()
+        return gk.grove_moe(p["x"], logits, p["w1"], p["w2"], p["a1"], p["a2"], top_k=c["k"],
+                            group_size=c["S"], adjugate_scale=LAM, selection_bias=b)
+
+    y = call()
+    ref = oracle.grove_moe(to64(p["x"]), to64(logits), to64(p["w1"]), to64(p["w2"]),
+                           to64(p["a1"]), to64(p["a2"]), c["k"], c["S"], LAM, True, to64(b))
+    assert_close(y, ref, "y", torch_out=on_torch(backend, call))
+
+
+@ALL_DTYPES
+@pytest.mark.parametrize("variant", ["plain", "expert_map", "weight_on_input"])
+def test_fused_experts_gpu(backend, gen, variant, dtype):
+    c = SMALL
+    k = 1 if variant == "weight_on_input" else c["k"]
+    E_local = c["E"] // 2 if variant == "expert_map" else c["E"]
+    p = make_grove(c["T"], c["H"], E_local, c["I"], c["Ia"], c["S"], gen, dtype, DEV)
+    w, ids = routing(c["T"], c["E"], k, gen, device=DEV)
+    kw, emap = {}, None
+    if variant == "expert_map":  # odd global experts live on this rank
+        emap = torch.full((c["E"],), -1, dtype=torch.int32)
+        emap[1::2] = torch.arange(E_local, dtype=torch.int32)
+        kw = dict(global_num_experts=c["E"], expert_map=emap.to(DEV))
+    on_input = variant == "weight_on_input"
+
+    def call():
+        poison()
+        return gk.fused_experts(p["x"], p["w1"], p["w2"], w, ids,
+                                apply_router_weight_on_input=on_input, **kw)
+
+    y = call()
+    ref = oracle.fused_experts(to64(p["x"]), to64(p["w1"]), to64(p["w2"]), to64(w), ids.cpu(),
+                               apply_router_weight_on_input=on_input, expert_map=emap)
+    assert_close(y, ref, "y", torch_out=on_torch(backend, call))
+
+
+@pytest.mark.parametrize("T", [0, 1])
+def test_tiny_batches_gpu(backend, gen, T):
+    c = dict(SMALL, T=T)
+    p, w, ids = _grove(gen, torch.bfloat16, c=c)
+    poison()
+    y = gk.fused_grove_experts(p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w, ids,
+                               group_size=c["S"], adjugate_scale=LAM)
+    assert y.shape == (T, c["H"]) and y.dtype == torch.bfloat16
+    assert_close(y, _grove_oracle(p, w, ids), "y")
+
+
+def test_full_grove33b_bf16(backend):
+    c = dict(T=64, H=2048, E=128, I=768, Ia=128, k=8, S=2)
+    g = torch.Generator(device=DEV).manual_seed(33)
+
+    def r(*shape, scale=1.0):  # generated on the GPU: 0.6 G values would be slow on the CPU
+        return (torch.randn(*shape, generator=g, device=DEV) * scale).bfloat16()
+
+    H, I, Ia, E, G = c["H"], c["I"], c["Ia"], c["E"], c["E"] // c["S"]
+    p = dict(x=r(c["T"], H), w1=r(E, 2 * I, H, scale=H ** -0.5), w2=r(E, H, I, scale=I ** -0.5),
+             a1=r(G, 2 * Ia, H, scale=H ** -0.5), a2=r(G, H, Ia, scale=Ia ** -0.5))
+    w, ids = routing(c["T"], E, c["k"], torch.Generator().manual_seed(34), device=DEV)
+    ids = ids.to(torch.int32)
+
+    def call():
+        poison()
+        return gk.fused_grove_experts(p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w, ids)
+
+    y = call()
+    ref = _grove_oracle(p, w, ids, 2, 0.05)
+    assert_close(y, ref, "y", torch_out=on_torch(backend, call))
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def _backward(fn, inputs, dy):
+    leaves = {n: leaf(t) for n, t in inputs.items()}
+    poison()
+    y = fn(**leaves)
+    y.backward(dy)
+    return y, {n: t.grad for n, t in leaves.items()}
+
+
+def _check_grads(backend, fn, inputs, dy, ref, y_ref, dtype):
+    y, grads = _backward(fn, inputs, dy)
+    y_ref.backward(to64(dy))
+    torch_run = on_torch(backend, lambda: _backward(fn, inputs, dy))
+    assert_close(y, y_ref, "y", dtype=dtype)
+    for n, g in grads.items():
+        assert g is not None and g.dtype == inputs[n].dtype, n
+        assert_close(g, ref[n].grad, f"d{n}", dtype=dtype,
+                     torch_out=torch_run[1][n] if torch_run else None)
+
+
+@GRAD_DTYPES
+@pytest.mark.parametrize("kind", ["random", "coselected"])
+def test_fused_grove_experts_grad_gpu(backend, gen, kind, dtype):
+    p, w, ids = _grove(gen, dtype, kind)
+    inputs = dict(p, topk_weights=w)
+    dy = randn(*p["x"].shape, gen=gen, dtype=dtype, device=DEV)
+
+    def fn(x, w1, w2, a1, a2, topk_weights):
+        return gk.fused_grove_experts(x, w1, w2, a1, a2, topk_weights, ids,
+                                      group_size=SMALL["S"], adjugate_scale=LAM)
+
+    ref = {n: to64(t, requires_grad=True) for n, t in inputs.items()}
+    y_ref = oracle.grove_layer(ref["x"], ref["w1"], ref["w2"], ref["a1"], ref["a2"],
+                               ref["topk_weights"], ids.cpu(), SMALL["S"], LAM)
+    _check_grads(backend, fn, inputs, dy, ref, y_ref, dtype)
+
+
+@GRAD_DTYPES
+def test_grove_moe_grad_gpu(backend, gen, dtype):
+    c = SMALL
+    p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, dtype, DEV)
+    inputs = dict(p, router_logits=router_logits(c["T"], c["E"], gen, torch.float32, DEV))
+    bias = (torch.randn(c["E"], generator=gen) * 0.3).to(DEV)
+    dy = randn(c["T"], c["H"], gen=gen, dtype=dtype, device=DEV)
+
+    def fn(x, router_logits, w1, w2, a1, a2):
+        return gk.grove_moe(x, router_logits, w1, w2, a1, a2, top_k=c["k"], group_size=c["S"],
+                            adjugate_scale=LAM, selection_bias=bias)
+
+    ref = {n: to64(t, requires_grad=True) for n, t in inputs.items()}
+    y_ref = oracle.grove_moe(ref["x"], ref["router_logits"], ref["w1"], ref["w2"], ref["a1"],
+                             ref["a2"], c["k"], c["S"], LAM, True, to64(bias))
+    _check_grads(backend, fn, inputs, dy, ref, y_ref, dtype)
+
+
+@GRAD_DTYPES
+@pytest.mark.parametrize("on_input", [False, True], ids=["weight_out", "weight_in"])
+def test_fused_experts_grad_gpu(backend, gen, on_input, dtype):
+    c = SMALL
+    k = 1 if on_input else c["k"]
+    p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, dtype, DEV)
+    w, ids = routing(c["T"], c["E"], k, gen, device=DEV)
+    inputs = dict(x=p["x"], w1=p["w1"], w2=p["w2"], topk_weights=w)
+    dy = randn(c["T"], c["H"], gen=gen, dtype=dtype, device=DEV)
+
+    def fn(x, w1, w2, topk_weights):
+        return gk.fused_experts(x, w1, w2, topk_weights, ids,
+                                apply_router_weight_on_input=on_input)
+
+    ref = {n: to64(t, requires_grad=True) for n, t in inputs.items()}
+    y_ref = oracle.fused_experts(ref["x"], ref["w1"], ref["w2"], ref["topk_weights"],
+                                 ids.cpu(), apply_router_weight_on_input=on_input)
+    _check_grads(backend, fn, inputs, dy, ref, y_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_deterministic_gpu(backend, gen, dtype):
+    p, w, ids = _grove(gen, dtype, "random")
+    inputs = dict(p, topk_weights=w)
+    dy = randn(*p["x"].shape, gen=gen, dtype=dtype, device=DEV)
+
+    def fn(x, w1, w2, a1, a2, topk_weights):
+        return gk.fused_grove_experts(x, w1, w2, a1, a2, topk_weights, ids,
+                                      group_size=SMALL["S"], adjugate_scale=LAM)
+
+    y1, g1 = _backward(fn, inputs, dy)
+    y2, g2 = _backward(fn, inputs, dy)
+    assert torch.equal(y1, y2)
+    for n in g1:
+        assert torch.equal(g1[n], g2[n]), n
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+def test_no_host_sync(backend, gen):
+    """With value checks off, a bf16 forward never synchronizes with the host."""
+    c = SMALL
+    p, w, ids = _grove(gen, torch.bfloat16)
+    logits = router_logits(c["T"], c["E"], gen, torch.float32, DEV)
+    emap = torch.arange(c["E"], dtype=torch.int32, device=DEV)
+
+    def calls():
+        return [
+            gk.fused_grove_experts(p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w, ids),
+            gk.grove_moe(p["x"], logits, p["w1"], p["w2"], p["a1"], p["a2"], top_k=c["k"]),
+            gk.fused_experts(p["x"], p["w1"], p["w2"], w, ids),
+            gk.fused_experts(p["x"], p["w1"], p["w2"], w, ids, global_num_experts=c["E"],
+                             expert_map=emap),
+            gk.fused_moe(p["x"], p["w1"], p["w2"], logits, c["k"], True),
+        ]
+
+    gk.set_value_checks(False)
+    try:
+        calls()  # warm-up: lazy initialisation may sync once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            outs = calls()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    finally:
+        gk.set_value_checks(True)
+    for y in outs:
+        assert torch.isfinite(y).all()
+
+
+def test_cuda_graph_replay(backend, gen):
+    """Capture once (value checks on: skipped automatically while capturing), then replay
+    with new routing written into the captured topk_ids / topk_weights."""
+    c = dict(SMALL, T=64)
+    p, w, ids = _grove(gen, torch.bfloat16, c=c)
+    static_w, static_ids = w.clone(), ids.clone()
+
+    def call():
+        return gk.fused_grove_experts(p["x"], p["w1"], p["w2"], p["a1"], p["a2"], static_w,
+                                      static_ids, group_size=c["S"], adjugate_scale=LAM)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = call()
+    for kind in ("random", "coselected", "one_expert", "sparse"):
+        new_w, new_ids = routing(c["T"], c["E"], c["k"], gen, kind, c["S"], device=DEV)
+        static_w.copy_(new_w)
+        static_ids.copy_(new_ids)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = call()
+        assert rel_err(y, eager) <= 1e-6, kind
+        assert_close(y, _grove_oracle(p, static_w, static_ids, c["S"]), f"y ({kind})")
+
+
+@pytest.mark.parametrize("arg", ["w1", "a2", "topk_ids", "topk_weights"])
+def test_device_mismatch(backend, gen, arg):
+    p, w, ids = _grove(gen, torch.float32, c=dict(SMALL, T=5))
+    a = dict(p, topk_weights=w, topk_ids=ids)
+    a[arg] = a[arg].cpu()
+    with pytest.raises(ValueError, match=arg):
+        gk.fused_grove_experts(a["x"], a["w1"], a["w2"], a["a1"], a["a2"], a["topk_weights"],
+                               a["topk_ids"])

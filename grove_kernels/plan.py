@@ -31,11 +31,9 @@ class Plan:
     top_k: int  # k
     num_experts: int  # E (local experts: those with weights on this rank)
     num_groups: int  # G, 0 when the call has no adjugates
-    expert_token: torch.Tensor  # [T*k] int64: token of each expert row
-    expert_weight: torch.Tensor  # [T*k] fp32 (fp64 for fp64 weights): w of the slot (0 on padding)
+    row_token: torch.Tensor  # [R] int64: token of each row (expert section, then adjugate)
+    row_weight: torch.Tensor  # [R] fp32 (fp64 for fp64 weights): w_tk or λ·Σ w; 0 on padding
     expert_offsets: torch.Tensor  # [E+1] int64: rows of expert e are [off[e], off[e+1])
-    adjugate_token: Optional[torch.Tensor]  # [T*ka] int64
-    adjugate_weight: Optional[torch.Tensor]  # [T*ka] fp32: λ·Σ w over the token's slots in the group
     adjugate_offsets: Optional[torch.Tensor]  # [G+1] int64, relative to the adjugate section
     token_rows: torch.Tensor  # [T, c] int64: row index (expert section first, then adjugate)
     token_weight: torch.Tensor  # [T, c] fp32: the row weight seen by that token (0 if masked)
@@ -43,16 +41,32 @@ class Plan:
     group_match: Optional[torch.Tensor]  # [T, k, k] bool: slots j and m select the same group
 
     @property
-    def num_expert_rows(self):
-        return self.expert_token.shape[0]
+    def num_expert_rows(self):  # T*k
+        return self.num_tokens * self.top_k
 
     @property
-    def num_adjugate_rows(self):
-        return 0 if self.adjugate_token is None else self.adjugate_token.shape[0]
+    def num_rows(self):  # R = T*k + T*ka
+        return self.row_token.shape[0]
 
     @property
-    def num_rows(self):
-        return self.num_expert_rows + self.num_adjugate_rows
+    def num_adjugate_rows(self):  # T*ka
+        return self.num_rows - self.num_expert_rows
+
+    @property
+    def expert_token(self):
+        return self.row_token[:self.num_expert_rows]
+
+    @property
+    def expert_weight(self):
+        return self.row_weight[:self.num_expert_rows]
+
+    @property
+    def adjugate_token(self):
+        return self.row_token[self.num_expert_rows:] if self.num_groups else None
+
+    @property
+    def adjugate_weight(self):
+        return self.row_weight[self.num_expert_rows:] if self.num_groups else None
 
     def problem_rows(self):
         """(start [E+G], count [E+G]) int64, absolute row positions: the unified-GEMM view."""
@@ -99,12 +113,12 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
     slot_token = torch.arange(T * k, device=device) // k
     e_keys = torch.where(valid, ids, E).flatten()
     e_order, e_offsets, e_weight, e_pos = _section(e_keys, w.flatten(), E, T * k)
-    e_token = slot_token[e_order]
+    row_token, row_weight = [slot_token[e_order]], [e_weight]
     token_rows = [e_pos.view(T, k)]
     token_weight = [w]
     token_mask = [valid]
 
-    a_token = a_weight = a_offsets = group_match = None
+    a_offsets = group_match = None
     if G:
         ka = min(k, G)
         group = torch.where(valid, ids // group_size, -1)
@@ -116,7 +130,8 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
         group_w = torch.where(leader, group_w, 0.0)
         a_keys = torch.where(leader, group, G).flatten()
         a_order, a_offsets, a_weight, a_pos = _section(a_keys, group_w.flatten(), G, T * ka)
-        a_token = slot_token[a_order]
+        row_token.append(slot_token[a_order])
+        row_weight.append(a_weight)
         token_rows.append(a_pos.view(T, k) + T * k)
         token_weight.append(group_w)
         token_mask.append(leader)
@@ -125,8 +140,8 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
     rows = torch.where(mask, torch.cat(token_rows, 1), 0)
     return Plan(
         num_tokens=T, top_k=k, num_experts=E, num_groups=G,
-        expert_token=e_token, expert_weight=e_weight, expert_offsets=e_offsets,
-        adjugate_token=a_token, adjugate_weight=a_weight, adjugate_offsets=a_offsets,
+        row_token=torch.cat(row_token), row_weight=torch.cat(row_weight),
+        expert_offsets=e_offsets, adjugate_offsets=a_offsets,
         token_rows=rows, token_weight=torch.cat(token_weight, 1), token_mask=mask,
         group_match=group_match,
     )

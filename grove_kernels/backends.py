@@ -15,7 +15,7 @@ import torch
 BACKEND_NAMES = ("torch", "triton", "cuda")
 _MODULES = {
     "torch": "grove_kernels.reference",
-    "triton": "grove_kernels.triton",
+    "triton": "grove_kernels.triton.backend",
     "cuda": "grove_kernels.cuda",
 }
 

@@ -1,0 +1,68 @@
+"""Shared pieces of the Triton grouped GEMMs: the block schedule and interpreter numerics.
+
+Every grouped kernel runs over the problems of a plan (E experts, then G adjugates), each a
+contiguous run of rows [start_p, start_p + count_p). Row blocks of BM rows are numbered
+problem by problem:
+
+    block_offsets [P+1] = exclusive cumsum of ceil(count_p / BM)      (device, no host read)
+    grid axis 0 = an upper bound on the blocks: ceil(R_e / BM) + ceil(R_a / BM) + P
+
+A program finds its problem by counting the block_offsets <= its id (P is small), and exits
+when it lies past the last real block: the grid never depends on a device value, so launches
+capture in CUDA graphs.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def block_schedule(plan, block_m):
+    """(start [P], count [P], block_offsets [P+1]) int32 and the grid bound on row blocks."""
+    start, count = plan.problem_rows()
+    blocks = (count + block_m - 1) // block_m
+    block_offsets = torch.zeros(count.numel() + 1, dtype=torch.int32, device=count.device)
+    torch.cumsum(blocks, 0, out=block_offsets[1:])
+    bound = triton.cdiv(plan.num_expert_rows, block_m) + triton.cdiv(plan.num_adjugate_rows,
+                                                                       block_m) + count.numel()
+    return start.to(torch.int32), count.to(torch.int32), block_offsets, bound
+
+
+@triton.jit
+def locate_block(pid_m, block_offsets, prob_start, prob_count, P, P_POW2: tl.constexpr,
+                 BM: tl.constexpr):
+    """(problem, first row, end row) of row block pid_m; problem == P past the last block."""
+    q = tl.arange(0, P_POW2)
+    ends = tl.load(block_offsets + 1 + q, mask=q < P, other=2147483647)
+    p = tl.sum((ends <= pid_m).to(tl.int32), axis=0)
+    pc = tl.minimum(p, P - 1)
+    first = tl.load(block_offsets + pc)
+    start = tl.load(prob_start + pc)
+    end = start + tl.load(prob_count + pc)
+    return p, start + (pid_m - first) * BM, end
+
+
+@triton.jit
+def mma(acc, a, b, UPCAST: tl.constexpr):
+    # The interpreter treats bf16 as raw uint16 bits in tl.dot: compute in fp32 there.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+def pow2(n):
+    return max(16, triton.next_power_of_2(max(int(n), 1)))
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """fp32 -> dtype with round-to-nearest-even, also under the interpreter (whose casts to
+    bf16 truncate: twice the rounding error of a GPU)."""
+    if INTERPRETED and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    return x.to(dtype)

@@ -1,0 +1,147 @@
+"""The `triton` backend's ops: routing, forward and backward of the Grove / plain MoE layer.
+
+Forward (launches: plan, GEMM-1, GEMM-2, combine):
+    plan(topk_ids, topk_weights)                        rows of E + G problems
+    GEMM-1 + SwiGLU   x[token] @ w1|a1 -> z_e [R_e, I], z_a [R_a, Ia]
+    GEMM-2            z @ w2|a2 · row weight -> o [R, H]
+    combine           y_t = Σ_j o[token_rows[t, j]]          -> y [T, H]
+
+Backward (nothing saved from the forward but its inputs; GEMM-1 is recomputed, storing
+h = (hg, hu) [R, 2N] for SwiGLU': memory of one GEMM-1 output instead of keeping it alive
+between forward and backward):
+    GEMM-1 again      -> z, h
+    dGEMM-2 + SwiGLU' dY[token] @ w2|a2 -> dh [R, 2N], d row weight partials
+    dW2 / dA2         Σ_rows (w·dY[token])^T z
+    dW1 / dA1         Σ_rows dh^T x[token]
+    dGEMM-1           dh @ w1|a1 -> dx rows [R, H];  combine -> dx [T, H]
+    d topk_weights    expert rows: d w;  adjugate rows: λ·d w to each slot of the group
+"""
+import torch
+
+from . import config as cfg
+from . import is_available, runs_on_cpu  # noqa: F401  (the backend registry reads them)
+from ._common import INTERPRET, block_schedule
+from .combine import combine_rows
+from .gemm_fwd import gemm1_swiglu
+from .gemm_rows import DOT_X, STORE, SWIGLU_BWD, grouped_rows
+from .gemm_wgrad import grouped_wgrad
+from .plan import build_plan
+from .routing import topk as _topk
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_dtype(x):
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"hidden_states: the triton backend supports {list(_DTYPES)}, got "
+                        f"{x.dtype}; use the torch backend for float64")
+
+
+def topk(router_logits, top_k, renormalize, selection_bias):
+    return _topk(router_logits, top_k, renormalize, selection_bias)
+
+
+def _setup(x, w1, a1, topk_weights, topk_ids, expert_map, group_size, adjugate_scale):
+    _check_dtype(x)
+    plan = build_plan(topk_ids, topk_weights, w1.shape[0], group_size if a1 is not None else 0,
+                      adjugate_scale, expert_map)
+    I = w1.shape[1] // 2
+    Ia = a1.shape[1] // 2 if a1 is not None else 0
+    conf = cfg.select(plan, x.shape[1], I, Ia, x.dtype)
+    return plan, conf, I, Ia
+
+
+def _gemm1(x, plan, conf, w1, a1, I, Ia, weight_on_input, store_h):
+    sched = block_schedule(plan, conf.block_m)
+    Re, Ra = plan.num_expert_rows, plan.num_adjugate_rows
+    ze = x.new_empty(Re, I)
+    za = x.new_empty(Ra, Ia) if a1 is not None else None
+    he = x.new_empty(Re, 2 * I) if store_h else None
+    ha = x.new_empty(Ra, 2 * Ia) if store_h and a1 is not None else None
+    gemm1_swiglu(x, plan, sched + (conf.block_m,), w1, a1, ze, za, he, ha,
+                 scale_input=weight_on_input, config=conf.gemm1, upcast=INTERPRET)
+    return sched + (conf.block_m,), (ze, za), (he, ha)
+
+
+def _b(w, transpose):
+    """Per-problem B_p [K, N] of a weight [P, N, K] (transpose) or [P, K, N], as strides."""
+    if w is None:
+        return None
+    s_p, s_0, s_1 = w.stride()
+    return (w, s_p, s_1, s_0) if transpose else (w, s_p, s_0, s_1)
+
+
+def experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
+                    adjugate_scale, weight_on_input):
+    T, H = x.shape
+    plan, conf, I, Ia = _setup(x, w1, a1, topk_weights, topk_ids, expert_map, group_size,
+                               adjugate_scale)
+    y = x.new_empty(T, H)
+    if T == 0:
+        return y
+    x = x.contiguous()
+    sched, z, _ = _gemm1(x, plan, conf, w1, a1, I, Ia, weight_on_input, store_h=False)
+    o = x.new_empty(plan.num_rows, H)
+    b_e = _b(w2, True)
+    grouped_rows(plan, sched, z, (b_e, _b(a2, True) or b_e), (H, H), o,
+                 row_scale=not weight_on_input, config=conf.rows, upcast=INTERPRET)
+    return combine_rows(o, plan, y)
+
+
+def experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,
+                     group_size, adjugate_scale, weight_on_input):
+    T, H = x.shape
+    plan, conf, I, Ia = _setup(x, w1, a1, topk_weights, topk_ids, expert_map, group_size,
+                               adjugate_scale)
+    x = x.contiguous()
+    dy = grad_out.to(x.dtype).contiguous()
+    start, count = plan.problem_rows()
+    start, count = start.to(torch.int32), count.to(torch.int32)
+    dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
+    da1 = torch.empty_like(a1) if a1 is not None else None
+    da2 = torch.empty_like(a2) if a2 is not None else None
+    if T == 0:
+        for t in (dw1, dw2, da1, da2):
+            if t is not None:
+                t.zero_()
+        return x.new_zeros(0, H), dw1, dw2, da1, da2, torch.zeros_like(topk_weights)
+
+    sched, z, h = _gemm1(x, plan, conf, w1, a1, I, Ia, weight_on_input, store_h=True)
+    R = plan.num_rows
+    dh = (torch.empty_like(h[0]), torch.empty_like(h[1]) if h[1] is not None else None)
+    # Zeroed: tiles past an adjugate's narrower N write no partial, and are summed too.
+    part = torch.zeros(cfg.tiles(max(I, Ia), conf.rows[0]), R, dtype=torch.float32,
+                       device=x.device)
+    b2e = _b(w2, False)
+    n = grouped_rows(plan, sched, dy, (b2e, _b(a2, False) or b2e), (I, Ia or I), dh,
+                     a_gather=True, row_scale=not weight_on_input, epilogue=SWIGLU_BWD, h=h,
+                     part=part, config=conf.rows, upcast=INTERPRET)
+    d_row_weight = part[:n].sum(0)
+
+    grouped_wgrad(plan, start, count, dy, z, (dw2, da2), gather_a=True,
+                  scale_a=not weight_on_input, config=conf.wgrad, upcast=INTERPRET)
+    grouped_wgrad(plan, start, count, dh, x, (dw1, da1), gather_b=True,
+                  scale_b=weight_on_input, config=conf.wgrad, upcast=INTERPRET)
+
+    dx_rows = x.new_empty(R, H)
+    b1e = _b(w1, False)
+    if weight_on_input:
+        part_x = torch.zeros(cfg.tiles(H, conf.rows[0]), R, dtype=torch.float32,
+                             device=x.device)
+        n = grouped_rows(plan, sched, dh, (b1e, _b(a1, False) or b1e), (H, H), dx_rows,
+                         row_scale=True, epilogue=DOT_X, x=x, part=part_x, config=conf.rows,
+                         upcast=INTERPRET)
+        d_row_weight = part_x[:n].sum(0)
+    else:
+        grouped_rows(plan, sched, dh, (b1e, _b(a1, False) or b1e), (H, H), dx_rows,
+                     epilogue=STORE, config=conf.rows, upcast=INTERPRET)
+    dx = combine_rows(dx_rows, plan, torch.empty_like(x))
+
+    # d topk_weights: tiny [T, 2k] gathers, in slot order (deterministic).
+    d_slot = torch.where(plan.token_mask, d_row_weight[plan.token_rows], 0.0)
+    k = plan.top_k
+    d_topk = d_slot[:, :k]
+    if plan.num_groups:
+        d_topk = d_topk + adjugate_scale * (
+            plan.group_match.float() @ d_slot[:, k:, None]).squeeze(-1)
+    return dx, dw1, dw2, da1, da2, d_topk.to(topk_weights.dtype)

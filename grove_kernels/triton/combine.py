@@ -1,0 +1,38 @@
+"""Per-token combine: y_t = Σ_j rows[token_rows[t, j]] over the token's real rows.
+
+    rows [R, H] (row weights already applied), token_rows / token_mask [T, c] -> y [T, H]
+
+The c entries (k expert slots, then k adjugate slots) are summed in fixed order in fp32:
+deterministic, no atomics. The same kernel sums dX rows into dX in the backward.
+"""
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, round_to
+
+
+@triton.jit
+def _combine_rows_kernel(rows_ptr, stride_r, token_rows_ptr, token_mask_ptr, out_ptr, stride_o,
+                         H, C: tl.constexpr, BH: tl.constexpr, INTERPRETED: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BH + tl.arange(0, BH)
+    col_ok = cols < H
+    acc = tl.zeros((BH,), dtype=tl.float32)
+    for j in tl.static_range(C):
+        real = tl.load(token_mask_ptr + t * C + j) != 0
+        if real:
+            r = tl.load(token_rows_ptr + t * C + j)
+            acc += tl.load(rows_ptr + r * stride_r + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_o + cols, round_to(acc, out_ptr.dtype.element_ty, INTERPRETED),
+             mask=col_ok)
+
+
+def combine_rows(rows, plan, out, block_h=None):
+    T, H = out.shape
+    if T == 0:
+        return out
+    BH = block_h or min(1024, triton.next_power_of_2(H))
+    _combine_rows_kernel[(T, triton.cdiv(H, BH))](
+        rows, rows.stride(0), plan.token_rows, plan.token_mask, out, out.stride(0), H,
+        C=plan.token_rows.shape[1], BH=BH, INTERPRETED=INTERPRET, num_warps=4)
+    return out

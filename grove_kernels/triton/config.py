@@ -1,0 +1,66 @@
+"""Tile configurations of the Triton kernels, per token-count bucket.
+
+`configs.json` (beside this file) holds measured choices keyed by device name and layer shape
+"H,I,Ia,E,k", each a list of buckets {"max_rows_per_problem": n, "block_m": .., "gemm1": [BN,
+BK, warps, stages], "rows": [...], "wgrad": [BM, BN, BK, warps, stages]}. Shapes or devices not
+listed use the heuristic below: BM follows the mean rows per expert (T·k / E), since a row
+block mostly padded with masked rows wastes its tensor-core work.
+"""
+import functools
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ._common import INTERPRET
+
+_PATH = os.path.join(os.path.dirname(__file__), "configs.json")
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    gemm1: tuple  # BN, BK, num_warps, num_stages
+    rows: tuple  # BN, BK, num_warps, num_stages
+    wgrad: tuple  # BM, BN, BK, num_warps, num_stages
+
+
+def tiles(n, block):
+    return triton.cdiv(n, block)
+
+
+@functools.lru_cache(maxsize=None)
+def _table():
+    try:
+        with open(_PATH) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+
+
+def _heuristic(rows_per_problem):
+    if INTERPRET:
+        # The interpreter's cost is programs x loop trips: small tiles, few of each.
+        return Config(16, (16, 32, 1, 1), (32, 32, 1, 1), (16, 32, 16, 1, 1))
+    if rows_per_problem <= 16:
+        return Config(16, (64, 128, 4, 4), (128, 128, 4, 4), (64, 64, 32, 4, 3))
+    if rows_per_problem <= 32:
+        return Config(32, (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 32, 4, 3))
+    if rows_per_problem <= 96:
+        return Config(64, (64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 32, 4, 3))
+    return Config(128, (64, 64, 8, 4), (128, 64, 8, 4), (128, 128, 32, 8, 3))
+
+
+def select(plan, H, I, Ia, dtype):
+    rows_per_problem = plan.num_tokens * plan.top_k / max(plan.num_experts, 1)
+    if not INTERPRET and torch.cuda.is_available():
+        key = f"{H},{I},{Ia},{plan.num_experts},{plan.top_k}"
+        buckets = _table().get(torch.cuda.get_device_name(), {}).get(key)
+        if buckets:
+            for b in buckets:
+                if rows_per_problem <= b["max_rows_per_problem"]:
+                    return Config(b["block_m"], tuple(b["gemm1"]), tuple(b["rows"]),
+                                  tuple(b["wgrad"]))
+    return _heuristic(rows_per_problem)

@@ -1,0 +1,115 @@
+"""Weight gradients: per-problem GEMMs whose reduction runs over the problem's rows
+(variable K = rows), experts and adjugates in one launch.
+
+    dW_p[m, n] = Σ_{r in p} (sa_r · A[ra(r), m]) · (sb_r · B[rb(r), n])
+
+    use      A (M)                               B (N)                       dW_p
+    dW2/dA2  dY[token] · row weight  (H)         z rows (I | Ia)             [H, I | Ia]
+    dW1/dA1  dh rows (2I | 2Ia)                  x[token] (· w on input) (H) [2I | 2Ia, H]
+
+One program per (problem, M tile, N tile) walks its rows in a fixed order: deterministic,
+no atomics, and problems with no rows write zeros (nothing is left uninitialized).
+"""
+import triton
+import triton.language as tl
+
+from ._common import mma, round_to
+
+
+@triton.jit(do_not_specialize=["M_E", "M_A", "N_E", "N_A", "s_oe_p", "s_oa_p", "ROWS_E"])
+def _grouped_wgrad_kernel(
+    ae_ptr, aa_ptr, stride_a_gather, be_ptr, ba_ptr, stride_b_gather,
+    row_token_ptr, row_weight_ptr, prob_start, prob_count, E,
+    oe_ptr, s_oe_p, M_E, N_E,
+    oa_ptr, s_oa_p, M_A, N_A, ROWS_E,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr,
+    SCALE_B: tl.constexpr, UPCAST: tl.constexpr,
+):
+    p = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    if p < E:
+        a_base = ae_ptr
+        b_base = be_ptr
+        o_ptr = oe_ptr + p.to(tl.int64) * s_oe_p
+        M = M_E
+        N = N_E
+        row0 = ROWS_E * 0
+    else:
+        a_base = aa_ptr
+        b_base = ba_ptr
+        o_ptr = oa_ptr + (p - E).to(tl.int64) * s_oa_p
+        M = M_A
+        N = N_A
+        row0 = ROWS_E
+    m_idx = pid_m * BM + tl.arange(0, BM)
+    n_idx = pid_n * BN + tl.arange(0, BN)
+    if pid_m * BM >= M:
+        return
+    if pid_n * BN >= N:
+        return
+    m_ok = m_idx < M
+    n_ok = n_idx < N
+    start = tl.load(prob_start + p)
+    end = start + tl.load(prob_count + p)
+    ks = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(start, end, BK):
+        rows = r0 + ks
+        r_ok = rows < end
+        token = tl.load(row_token_ptr + rows, mask=r_ok, other=0).to(tl.int64)
+        local = (rows - row0).to(tl.int64)
+        if GATHER_A:
+            a_ptrs = ae_ptr + token[None, :] * stride_a_gather + m_idx[:, None]
+        else:
+            a_ptrs = a_base + local[None, :] * M + m_idx[:, None]
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BK]
+        if GATHER_B:
+            b_ptrs = be_ptr + token[:, None] * stride_b_gather + n_idx[None, :]
+        else:
+            b_ptrs = b_base + local[:, None] * N + n_idx[None, :]
+        b = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
+        if SCALE_A or SCALE_B:
+            w = tl.load(row_weight_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
+            # The scaled operand is rounded back to its dtype, as the forward's rows were.
+            if SCALE_A:
+                a = round_to(a.to(tl.float32) * w[None, :], a.dtype, UPCAST)
+            if SCALE_B:
+                b = round_to(b.to(tl.float32) * w[:, None], b.dtype, UPCAST)
+        acc = mma(acc, a, b, UPCAST)
+    o_ptrs = o_ptr + m_idx[:, None].to(tl.int64) * N + n_idx[None, :]
+    tl.store(o_ptrs, round_to(acc, o_ptr.dtype.element_ty, UPCAST),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def grouped_wgrad(plan, start, count, a, b, out, *, gather_a=False, gather_b=False,
+                  scale_a=False, scale_b=False, config=None, upcast=False):
+    """a, b: per-kind row buffers (x_e, x_a) or one gathered [T, D] tensor; out: (dW_e, dW_a)
+    with dW [P_kind, M, N] contiguous."""
+    BM, BN, BK, warps, stages = config
+    oe, oa = out
+    oa = oa if oa is not None else oe
+    if gather_a:
+        ae = aa = a
+        sa = a.stride(0)
+    else:
+        ae, aa = a[0], a[1] if a[1] is not None else a[0]
+        sa = 0
+    if gather_b:
+        be = ba = b
+        sb = b.stride(0)
+    else:
+        be, ba = b[0], b[1] if b[1] is not None else b[0]
+        sb = 0
+    P = start.numel()
+    m_tiles = triton.cdiv(max(oe.shape[1], oa.shape[1]), BM)
+    n_tiles = triton.cdiv(max(oe.shape[2], oa.shape[2]), BN)
+    _grouped_wgrad_kernel[(P, m_tiles, n_tiles)](
+        ae, aa, sa, be, ba, sb, plan.row_token, plan.row_weight, start, count,
+        plan.num_experts,
+        oe, oe.stride(0), oe.shape[1], oe.shape[2],
+        oa, oa.stride(0), oa.shape[1], oa.shape[2], plan.num_expert_rows,
+        BM=BM, BN=BN, BK=BK, GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a,
+        SCALE_B=scale_b, UPCAST=upcast, num_warps=warps, num_stages=stages,
+    )

@@ -15,5 +15,13 @@ for mod_pkg in wheel:wheel numpy:numpy safetensors:safetensors pytest:pytest \
                pytest_benchmark:pytest-benchmark; do
   "$PY" -c "import ${mod_pkg%%:*}" 2>/dev/null || missing+=("${mod_pkg#*:}")
 done
+if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  # No GPU: the Triton backend runs (and is tested) under Triton's interpreter, pinned to the
+  # GPU machines' Triton. Its interpreter calls int() on 1-element arrays, which numpy 2.4
+  # rejects, so numpy stays below 2.4 here.
+  "$PY" -c "import triton" 2>/dev/null || missing+=("triton==3.6.0")
+  "$PY" -c "import numpy, sys; sys.exit(tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 4))" \
+    2>/dev/null || missing+=("numpy<2.4")
+fi
 if [ ${#missing[@]} -gt 0 ]; then pip_install "${missing[@]}"; fi
 pip_install --no-build-isolation -e .

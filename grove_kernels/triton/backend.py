@@ -43,6 +43,8 @@ def topk(router_logits, top_k, renormalize, selection_bias):
 
 def _setup(x, w1, a1, topk_weights, topk_ids, expert_map, group_size, adjugate_scale):
     _check_dtype(x)
+    if not all(w is None or w.is_contiguous() for w in (w1, a1)):
+        raise ValueError("w1/a1: the triton backend needs contiguous weights")
     plan = build_plan(topk_ids, topk_weights, w1.shape[0], group_size if a1 is not None else 0,
                       adjugate_scale, expert_map)
     I = w1.shape[1] // 2

@@ -45,15 +45,29 @@ def _heuristic(rows_per_problem):
         # The interpreter's cost is programs x loop trips: small tiles, few of each.
         return Config(16, (16, 32, 1, 1), (32, 32, 1, 1), (16, 32, 16, 1, 1))
     if rows_per_problem <= 16:
-        return Config(16, (64, 128, 4, 4), (128, 128, 4, 4), (64, 64, 32, 4, 3))
+        return Config(16, (32, 128, 4, 5), (64, 128, 4, 5), (64, 64, 32, 4, 3))
     if rows_per_problem <= 32:
         return Config(32, (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 32, 4, 3))
     if rows_per_problem <= 96:
-        return Config(64, (64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 32, 4, 3))
+        return Config(64, (128, 64, 8, 3), (128, 64, 4, 4), (128, 128, 32, 8, 3))
     return Config(128, (64, 64, 8, 4), (128, 64, 8, 4), (128, 128, 32, 8, 3))
 
 
+def _for_dtype(conf, dtype):
+    """fp32 operands take twice the shared memory per stage: halve BK, cap the stages."""
+    if dtype != torch.float32 or INTERPRET:
+        return conf
+    g1, rw, wg = conf.gemm1, conf.rows, conf.wgrad
+    return Config(conf.block_m, (g1[0], max(16, g1[1] // 2), g1[2], min(g1[3], 3)),
+                  (rw[0], max(16, rw[1] // 2), rw[2], min(rw[3], 3)),
+                  (wg[0], wg[1], max(16, wg[2] // 2), wg[3], min(wg[4], 3)))
+
+
 def select(plan, H, I, Ia, dtype):
+    return _for_dtype(_select(plan, H, I, Ia), dtype)
+
+
+def _select(plan, H, I, Ia):
     rows_per_problem = plan.num_tokens * plan.top_k / max(plan.num_experts, 1)
     if not INTERPRET and torch.cuda.is_available():
         key = f"{H},{I},{Ia},{plan.num_experts},{plan.top_k}"

@@ -15,16 +15,58 @@ import triton.language as tl
 from ._common import locate_block, mma, round_to
 
 
-# Values that meet in the expert/adjugate branches must keep one type: a 1 specialized into a
-# constexpr on one side would not merge with a runtime int on the other.
-@triton.jit(do_not_specialize=["s_w1_p", "s_w1_n", "s_w1_k", "N_E", "s_a1_p", "s_a1_n", "s_a1_k",
-                               "N_A", "ROWS_E"])
+@triton.jit
+def _gemm1_tile(x_ptr, stride_xt, row_token_ptr, row_weight_ptr, rows, row_ok, w_ptr, s_n, N,
+                z_ptr, h_ptr, row0, K, pid_n,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                SCALE_INPUT: tl.constexpr, STORE_H: tl.constexpr, UPCAST: tl.constexpr):
+    n0 = pid_n * BN
+    if n0 < N:
+        token = tl.load(row_token_ptr + rows, mask=row_ok, other=0)
+        cols = n0 + tl.arange(0, BN)
+        col_ok = cols < N
+        ks = tl.arange(0, BK)
+        a_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xt + ks[None, :]
+        g_ptrs = w_ptr + cols[None, :].to(tl.int64) * s_n + ks[:, None]
+        u_ptrs = g_ptrs + N * s_n
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            k_ok = (k0 + ks) < K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            bg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            bu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc_g = mma(acc_g, a, bg, UPCAST)
+            acc_u = mma(acc_u, a, bu, UPCAST)
+            a_ptrs += BK
+            g_ptrs += BK
+            u_ptrs += BK
+
+        if SCALE_INPUT:
+            # (w·x) W = w·(x W): scaling the fp32 accumulators keeps x unrounded.
+            w = tl.load(row_weight_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            acc_g = acc_g * w[:, None]
+            acc_u = acc_u * w[:, None]
+        out_rows = (rows - row0).to(tl.int64)
+        mask = row_ok[:, None] & col_ok[None, :]
+        if STORE_H:
+            h_ptrs = h_ptr + out_rows[:, None] * (2 * N) + cols[None, :]
+            tl.store(h_ptrs, round_to(acc_g, h_ptr.dtype.element_ty, UPCAST), mask=mask)
+            tl.store(h_ptrs + N, round_to(acc_u, h_ptr.dtype.element_ty, UPCAST), mask=mask)
+        z = acc_g * tl.sigmoid(acc_g) * acc_u
+        tl.store(z_ptr + out_rows[:, None] * N + cols[None, :],
+                 round_to(z, z_ptr.dtype.element_ty, UPCAST), mask=mask)
+
+
+# The expert and adjugate branches each inline the whole tile: no value flows out of them, so
+# strides keep Triton's specializations (stride 1, multiples of 16) that vectorize the loads.
+@triton.jit
 def _gemm1_swiglu_kernel(
     x_ptr, stride_xt,
     row_token_ptr, row_weight_ptr,
     block_offsets, prob_start, prob_count, P, E,
-    w1_ptr, s_w1_p, s_w1_n, s_w1_k, N_E,
-    a1_ptr, s_a1_p, s_a1_n, s_a1_k, N_A,
+    w1_ptr, s_w1_p, s_w1_n, N_E,
+    a1_ptr, s_a1_p, s_a1_n, N_A,
     ze_ptr, za_ptr, he_ptr, ha_ptr, ROWS_E,
     K,
     P_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -33,64 +75,16 @@ def _gemm1_swiglu_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     p, m0, m_end = locate_block(pid_m, block_offsets, prob_start, prob_count, P, P_POW2, BM)
-    if p >= P:
-        return
-    if p < E:
-        w_ptr = w1_ptr + p * s_w1_p
-        s_n = s_w1_n
-        s_k = s_w1_k
-        N = N_E
-        z_ptr = ze_ptr
-        h_ptr = he_ptr
-        row0 = ROWS_E * 0
-    else:
-        w_ptr = a1_ptr + (p - E) * s_a1_p
-        s_n = s_a1_n
-        s_k = s_a1_k
-        N = N_A
-        z_ptr = za_ptr
-        h_ptr = ha_ptr
-        row0 = ROWS_E
-    n0 = pid_n * BN
-    if n0 >= N:
-        return
-
     rows = m0 + tl.arange(0, BM)
     row_ok = rows < m_end
-    token = tl.load(row_token_ptr + rows, mask=row_ok, other=0)
-    cols = n0 + tl.arange(0, BN)
-    col_ok = cols < N
-    ks = tl.arange(0, BK)
-    a_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xt + ks[None, :]
-    g_ptrs = w_ptr + cols[None, :].to(tl.int64) * s_n + ks[:, None] * s_k
-    u_ptrs = g_ptrs + N * s_n
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        k_ok = (k0 + ks) < K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        bg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        bu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc_g = mma(acc_g, a, bg, UPCAST)
-        acc_u = mma(acc_u, a, bu, UPCAST)
-        a_ptrs += BK
-        g_ptrs += BK * s_k
-        u_ptrs += BK * s_k
-
-    if SCALE_INPUT:
-        # (w·x) W = w·(x W): scaling the fp32 accumulators keeps x unrounded.
-        w = tl.load(row_weight_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        acc_g = acc_g * w[:, None]
-        acc_u = acc_u * w[:, None]
-    out_rows = (rows - row0).to(tl.int64)
-    mask = row_ok[:, None] & col_ok[None, :]
-    if STORE_H:
-        h_ptrs = h_ptr + out_rows[:, None] * (2 * N) + cols[None, :]
-        tl.store(h_ptrs, round_to(acc_g, h_ptr.dtype.element_ty, UPCAST), mask=mask)
-        tl.store(h_ptrs + N, round_to(acc_u, h_ptr.dtype.element_ty, UPCAST), mask=mask)
-    z = acc_g * tl.sigmoid(acc_g) * acc_u
-    tl.store(z_ptr + out_rows[:, None] * N + cols[None, :], round_to(z, z_ptr.dtype.element_ty, UPCAST),
-             mask=mask)
+    if p < E:
+        _gemm1_tile(x_ptr, stride_xt, row_token_ptr, row_weight_ptr, rows, row_ok,
+                    w1_ptr + p.to(tl.int64) * s_w1_p, s_w1_n, N_E, ze_ptr, he_ptr, 0, K, pid_n,
+                    BM, BN, BK, SCALE_INPUT, STORE_H, UPCAST)
+    elif p < P:
+        _gemm1_tile(x_ptr, stride_xt, row_token_ptr, row_weight_ptr, rows, row_ok,
+                    a1_ptr + (p - E).to(tl.int64) * s_a1_p, s_a1_n, N_A, za_ptr, ha_ptr, ROWS_E,
+                    K, pid_n, BM, BN, BK, SCALE_INPUT, STORE_H, UPCAST)
 
 
 def gemm1_swiglu(x, plan, sched, w1, a1, ze, za, he=None, ha=None, scale_input=False,
@@ -107,8 +101,8 @@ def gemm1_swiglu(x, plan, sched, w1, a1, ze, za, he=None, ha=None, scale_input=F
     _gemm1_swiglu_kernel[(bound, n_tiles)](
         x, x.stride(0), plan.row_token, plan.row_weight, block_offsets, start, count, P,
         plan.num_experts,
-        w1, w1.stride(0), w1.stride(1), w1.stride(2), I,
-        a1_, a1_.stride(0), a1_.stride(1), a1_.stride(2), Ia,
+        w1, w1.stride(0), w1.stride(1), I,
+        a1_, a1_.stride(0), a1_.stride(1), Ia,
         ze, za if za is not None else ze, he if store_h else ze,
         (ha if ha is not None else he) if store_h else ze,
         plan.num_expert_rows, x.shape[1],

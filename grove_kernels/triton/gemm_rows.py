@@ -24,99 +24,100 @@ SWIGLU_BWD = 1
 DOT_X = 2  # partial Σ_n acc·x[token] (router weight applied on the input), then scale
 
 
-@triton.jit(do_not_specialize=["K_E", "K_A", "s_be_p", "s_be_k", "s_be_n", "s_ba_p", "s_ba_k",
-                               "s_ba_n", "N_E", "N_A", "ROWS_E"])
+@triton.jit
+def _rows_tile(a_ptr, K, stride_a_gather, row_token_ptr, row_weight_ptr, rows, row_ok, row0,
+               b_ptr, s_b, N, o_ptr, stride_o, h_ptr, x_ptr, stride_xt, part_ptr, R, pid_n,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, B_K_CONTIG: tl.constexpr,
+               GATHER_A: tl.constexpr, OUT_SHARED: tl.constexpr, ROW_SCALE: tl.constexpr,
+               EPILOGUE: tl.constexpr, UPCAST: tl.constexpr):
+    n0 = pid_n * BN
+    if n0 < N:
+        token = tl.load(row_token_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        local = (rows - row0).to(tl.int64)
+        cols = n0 + tl.arange(0, BN)
+        col_ok = cols < N
+        ks = tl.arange(0, BK)
+        if GATHER_A:
+            a_ptrs = a_ptr + token[:, None] * stride_a_gather + ks[None, :]
+        else:
+            a_ptrs = a_ptr + local[:, None] * K + ks[None, :]
+        if B_K_CONTIG:
+            b_ptrs = b_ptr + ks[:, None] + cols[None, :].to(tl.int64) * s_b
+            b_step = BK
+        else:
+            b_ptrs = b_ptr + ks[:, None].to(tl.int64) * s_b + cols[None, :]
+            b_step = BK * s_b
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            k_ok = (k0 + ks) < K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = mma(acc, a, b, UPCAST)
+            a_ptrs += BK
+            b_ptrs += b_step
+
+        mask = row_ok[:, None] & col_ok[None, :]
+        if ROW_SCALE:
+            w = tl.load(row_weight_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        else:
+            w = tl.full((BM,), 1.0, tl.float32)
+        if EPILOGUE == 1:
+            h_ptrs = h_ptr + local[:, None] * (2 * N) + cols[None, :]
+            hg = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+            hu = tl.load(h_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(hg)
+            silu = hg * sig
+            # Σ_n g·z over this tile (masked columns load 0): d(row weight) partial.
+            tl.store(part_ptr + pid_n * R + rows, tl.sum(acc * silu * hu, axis=1), mask=row_ok)
+            dz = acc * w[:, None]
+            d_gate = dz * hu * sig * (1.0 + hg * (1.0 - sig))
+            out_ptrs = o_ptr + local[:, None] * (2 * N) + cols[None, :]
+            tl.store(out_ptrs, round_to(d_gate, o_ptr.dtype.element_ty, UPCAST), mask=mask)
+            tl.store(out_ptrs + N, round_to(dz * silu, o_ptr.dtype.element_ty, UPCAST),
+                     mask=mask)
+        else:
+            if EPILOGUE == 2:
+                xv = tl.load(x_ptr + token[:, None] * stride_xt + cols[None, :], mask=mask,
+                             other=0.0)
+                tl.store(part_ptr + pid_n * R + rows, tl.sum(acc * xv.to(tl.float32), axis=1),
+                         mask=row_ok)
+            acc = acc * w[:, None]
+            if OUT_SHARED:
+                out_ptrs = o_ptr + rows[:, None].to(tl.int64) * stride_o + cols[None, :]
+            else:
+                out_ptrs = o_ptr + local[:, None] * N + cols[None, :]
+            tl.store(out_ptrs, round_to(acc, o_ptr.dtype.element_ty, UPCAST), mask=mask)
+
+
+# Each branch inlines the whole tile (see gemm_fwd.py): strides keep their specializations.
+@triton.jit
 def _grouped_rows_kernel(
     ae_ptr, aa_ptr, K_E, K_A, stride_a_gather,
     row_token_ptr, row_weight_ptr,
     block_offsets, prob_start, prob_count, P, E,
-    be_ptr, s_be_p, s_be_k, s_be_n, N_E,
-    ba_ptr, s_ba_p, s_ba_k, s_ba_n, N_A,
+    be_ptr, s_be_p, s_be, N_E,
+    ba_ptr, s_ba_p, s_ba, N_A,
     oute_ptr, outa_ptr, stride_out_shared, ROWS_E,
     he_ptr, ha_ptr, x_ptr, stride_xt, part_ptr, R,
     P_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    GATHER_A: tl.constexpr, OUT_SHARED: tl.constexpr, ROW_SCALE: tl.constexpr,
-    EPILOGUE: tl.constexpr, UPCAST: tl.constexpr,
+    B_K_CONTIG: tl.constexpr, GATHER_A: tl.constexpr, OUT_SHARED: tl.constexpr,
+    ROW_SCALE: tl.constexpr, EPILOGUE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     p, m0, m_end = locate_block(pid_m, block_offsets, prob_start, prob_count, P, P_POW2, BM)
-    if p >= P:
-        return
-    if p < E:
-        a_base = ae_ptr
-        K = K_E
-        b_ptr = be_ptr + p * s_be_p
-        s_k = s_be_k
-        s_n = s_be_n
-        N = N_E
-        o_base = oute_ptr
-        h_base = he_ptr
-        row0 = ROWS_E * 0
-    else:
-        a_base = aa_ptr
-        K = K_A
-        b_ptr = ba_ptr + (p - E) * s_ba_p
-        s_k = s_ba_k
-        s_n = s_ba_n
-        N = N_A
-        o_base = outa_ptr
-        h_base = ha_ptr
-        row0 = ROWS_E
-    n0 = pid_n * BN
-    if n0 >= N:
-        return
-
     rows = m0 + tl.arange(0, BM)
     row_ok = rows < m_end
-    token = tl.load(row_token_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    local = (rows - row0).to(tl.int64)
-    cols = n0 + tl.arange(0, BN)
-    col_ok = cols < N
-    ks = tl.arange(0, BK)
-    if GATHER_A:
-        a_ptrs = ae_ptr + token[:, None] * stride_a_gather + ks[None, :]
-    else:
-        a_ptrs = a_base + local[:, None] * K + ks[None, :]
-    b_ptrs = b_ptr + ks[:, None] * s_k + cols[None, :].to(tl.int64) * s_n
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        k_ok = (k0 + ks) < K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(acc, a, b, UPCAST)
-        a_ptrs += BK
-        b_ptrs += BK * s_k
-
-    mask = row_ok[:, None] & col_ok[None, :]
-    if ROW_SCALE:
-        w = tl.load(row_weight_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    else:
-        w = tl.full((BM,), 1.0, tl.float32)
-    if EPILOGUE == 1:
-        h_ptrs = h_base + local[:, None] * (2 * N) + cols[None, :]
-        hg = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
-        hu = tl.load(h_ptrs + N, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(hg)
-        silu = hg * sig
-        # Σ_n g·z over this tile (masked columns load 0): d(row weight) partial.
-        tl.store(part_ptr + pid_n * R + rows, tl.sum(acc * silu * hu, axis=1), mask=row_ok)
-        dz = acc * w[:, None]
-        d_gate = dz * hu * sig * (1.0 + hg * (1.0 - sig))
-        out_ptrs = o_base + local[:, None] * (2 * N) + cols[None, :]
-        tl.store(out_ptrs, round_to(d_gate, o_base.dtype.element_ty, UPCAST), mask=mask)
-        tl.store(out_ptrs + N, round_to(dz * silu, o_base.dtype.element_ty, UPCAST), mask=mask)
-    else:
-        if EPILOGUE == 2:
-            xv = tl.load(x_ptr + token[:, None] * stride_xt + cols[None, :], mask=mask, other=0.0)
-            tl.store(part_ptr + pid_n * R + rows, tl.sum(acc * xv.to(tl.float32), axis=1),
-                     mask=row_ok)
-        acc = acc * w[:, None]
-        if OUT_SHARED:
-            out_ptrs = oute_ptr + rows[:, None].to(tl.int64) * stride_out_shared + cols[None, :]
-        else:
-            out_ptrs = o_base + local[:, None] * N + cols[None, :]
-        tl.store(out_ptrs, round_to(acc, oute_ptr.dtype.element_ty, UPCAST), mask=mask)
+    if p < E:
+        _rows_tile(ae_ptr, K_E, stride_a_gather, row_token_ptr, row_weight_ptr, rows, row_ok, 0,
+                   be_ptr + p.to(tl.int64) * s_be_p, s_be, N_E, oute_ptr, stride_out_shared,
+                   he_ptr, x_ptr, stride_xt, part_ptr, R, pid_n, BM, BN, BK, B_K_CONTIG,
+                   GATHER_A, OUT_SHARED, ROW_SCALE, EPILOGUE, UPCAST)
+    elif p < P:
+        _rows_tile(aa_ptr, K_A, stride_a_gather, row_token_ptr, row_weight_ptr, rows, row_ok,
+                   ROWS_E, ba_ptr + (p - E).to(tl.int64) * s_ba_p, s_ba, N_A, outa_ptr,
+                   stride_out_shared, ha_ptr, x_ptr, stride_xt, part_ptr, R, pid_n, BM, BN, BK,
+                   B_K_CONTIG, GATHER_A, OUT_SHARED, ROW_SCALE, EPILOGUE, UPCAST)
 
 
 def grouped_rows(plan, sched, a, b, n, out, *, a_gather=False, row_scale=False,
@@ -131,6 +132,9 @@ def grouped_rows(plan, sched, a, b, n, out, *, a_gather=False, row_scale=False,
     BN, BK, warps, stages = config
     P = start.numel()
     (be, sbe_p, sbe_k, sbe_n), (ba, sba_p, sba_k, sba_n) = b
+    # One of B_p's strides is 1 (weights are contiguous); which one is a compile-time fact.
+    k_contig = sbe_k == 1
+    s_be, s_ba = (sbe_n, sba_n) if k_contig else (sbe_k, sba_k)
     if a_gather:
         ae, aa, K_E, K_A, stride_gather = a, a, a.shape[1], a.shape[1], a.stride(0)
     else:
@@ -147,10 +151,10 @@ def grouped_rows(plan, sched, a, b, n, out, *, a_gather=False, row_scale=False,
     _grouped_rows_kernel[(bound, n_tiles)](
         ae, aa, K_E, K_A, stride_gather, plan.row_token, plan.row_weight,
         block_offsets, start, count, P, plan.num_experts,
-        be, sbe_p, sbe_k, sbe_n, n[0], ba, sba_p, sba_k, sba_n, n[1],
+        be, sbe_p, s_be, n[0], ba, sba_p, s_ba, n[1],
         oute, outa, oute.stride(0) if shared else 0, plan.num_expert_rows,
         he, ha, x_arg, x_arg.stride(0), part_arg, plan.num_rows,
-        P_POW2=max(16, triton.next_power_of_2(P)), BM=BM, BN=BN, BK=BK,
+        P_POW2=max(16, triton.next_power_of_2(P)), BM=BM, BN=BN, BK=BK, B_K_CONTIG=k_contig,
         GATHER_A=a_gather, OUT_SHARED=shared, ROW_SCALE=row_scale, EPILOGUE=epilogue,
         UPCAST=upcast, num_warps=warps, num_stages=stages,
     )

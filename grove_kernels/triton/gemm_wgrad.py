@@ -16,7 +16,49 @@ import triton.language as tl
 from ._common import mma, round_to
 
 
-@triton.jit(do_not_specialize=["M_E", "M_A", "N_E", "N_A", "s_oe_p", "s_oa_p", "ROWS_E"])
+@triton.jit
+def _wgrad_tile(a_ptr, stride_a_gather, b_ptr, stride_b_gather, row_token_ptr, row_weight_ptr,
+                start, end, row0, o_ptr, M, N, pid_m, pid_n,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr,
+                SCALE_B: tl.constexpr, UPCAST: tl.constexpr):
+    if (pid_m * BM < M) & (pid_n * BN < N):
+        m_idx = pid_m * BM + tl.arange(0, BM)
+        n_idx = pid_n * BN + tl.arange(0, BN)
+        m_ok = m_idx < M
+        n_ok = n_idx < N
+        ks = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for r0 in range(start, end, BK):
+            rows = r0 + ks
+            r_ok = rows < end
+            token = tl.load(row_token_ptr + rows, mask=r_ok, other=0).to(tl.int64)
+            local = (rows - row0).to(tl.int64)
+            if GATHER_A:
+                a_ptrs = a_ptr + token[None, :] * stride_a_gather + m_idx[:, None]
+            else:
+                a_ptrs = a_ptr + local[None, :] * M + m_idx[:, None]
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BK]
+            if GATHER_B:
+                b_ptrs = b_ptr + token[:, None] * stride_b_gather + n_idx[None, :]
+            else:
+                b_ptrs = b_ptr + local[:, None] * N + n_idx[None, :]
+            b = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
+            if SCALE_A or SCALE_B:
+                w = tl.load(row_weight_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
+                # The scaled operand is rounded back to its dtype, as the forward's rows were.
+                if SCALE_A:
+                    a = round_to(a.to(tl.float32) * w[None, :], a.dtype, UPCAST)
+                if SCALE_B:
+                    b = round_to(b.to(tl.float32) * w[:, None], b.dtype, UPCAST)
+            acc = mma(acc, a, b, UPCAST)
+        o_ptrs = o_ptr + m_idx[:, None].to(tl.int64) * N + n_idx[None, :]
+        tl.store(o_ptrs, round_to(acc, o_ptr.dtype.element_ty, UPCAST),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+# Each branch inlines the whole tile (see gemm_fwd.py): strides keep their specializations.
+@triton.jit
 def _grouped_wgrad_kernel(
     ae_ptr, aa_ptr, stride_a_gather, be_ptr, ba_ptr, stride_b_gather,
     row_token_ptr, row_weight_ptr, prob_start, prob_count, E,
@@ -29,58 +71,17 @@ def _grouped_wgrad_kernel(
     p = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
-    if p < E:
-        a_base = ae_ptr
-        b_base = be_ptr
-        o_ptr = oe_ptr + p.to(tl.int64) * s_oe_p
-        M = M_E
-        N = N_E
-        row0 = ROWS_E * 0
-    else:
-        a_base = aa_ptr
-        b_base = ba_ptr
-        o_ptr = oa_ptr + (p - E).to(tl.int64) * s_oa_p
-        M = M_A
-        N = N_A
-        row0 = ROWS_E
-    m_idx = pid_m * BM + tl.arange(0, BM)
-    n_idx = pid_n * BN + tl.arange(0, BN)
-    if pid_m * BM >= M:
-        return
-    if pid_n * BN >= N:
-        return
-    m_ok = m_idx < M
-    n_ok = n_idx < N
     start = tl.load(prob_start + p)
     end = start + tl.load(prob_count + p)
-    ks = tl.arange(0, BK)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for r0 in range(start, end, BK):
-        rows = r0 + ks
-        r_ok = rows < end
-        token = tl.load(row_token_ptr + rows, mask=r_ok, other=0).to(tl.int64)
-        local = (rows - row0).to(tl.int64)
-        if GATHER_A:
-            a_ptrs = ae_ptr + token[None, :] * stride_a_gather + m_idx[:, None]
-        else:
-            a_ptrs = a_base + local[None, :] * M + m_idx[:, None]
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BK]
-        if GATHER_B:
-            b_ptrs = be_ptr + token[:, None] * stride_b_gather + n_idx[None, :]
-        else:
-            b_ptrs = b_base + local[:, None] * N + n_idx[None, :]
-        b = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
-        if SCALE_A or SCALE_B:
-            w = tl.load(row_weight_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
-            # The scaled operand is rounded back to its dtype, as the forward's rows were.
-            if SCALE_A:
-                a = round_to(a.to(tl.float32) * w[None, :], a.dtype, UPCAST)
-            if SCALE_B:
-                b = round_to(b.to(tl.float32) * w[:, None], b.dtype, UPCAST)
-        acc = mma(acc, a, b, UPCAST)
-    o_ptrs = o_ptr + m_idx[:, None].to(tl.int64) * N + n_idx[None, :]
-    tl.store(o_ptrs, round_to(acc, o_ptr.dtype.element_ty, UPCAST),
-             mask=m_ok[:, None] & n_ok[None, :])
+    if p < E:
+        _wgrad_tile(ae_ptr, stride_a_gather, be_ptr, stride_b_gather, row_token_ptr,
+                    row_weight_ptr, start, end, 0, oe_ptr + p.to(tl.int64) * s_oe_p, M_E, N_E,
+                    pid_m, pid_n, BM, BN, BK, GATHER_A, GATHER_B, SCALE_A, SCALE_B, UPCAST)
+    else:
+        _wgrad_tile(aa_ptr, stride_a_gather, ba_ptr, stride_b_gather, row_token_ptr,
+                    row_weight_ptr, start, end, ROWS_E, oa_ptr + (p - E).to(tl.int64) * s_oa_p,
+                    M_A, N_A, pid_m, pid_n, BM, BN, BK, GATHER_A, GATHER_B, SCALE_A, SCALE_B,
+                    UPCAST)
 
 
 def grouped_wgrad(plan, start, count, a, b, out, *, gather_a=False, gather_b=False,

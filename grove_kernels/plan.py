@@ -15,7 +15,7 @@ so every buffer has a fixed size and nothing is read back to the host:
         used by the combine (y_t = Σ_j token_weight · out[token_rows]) and by dX / d topk_weights.
 
 Offsets are relative to the start of their section. Rows past a section's last offset are
-padding: their token is 0 (in bounds) and their weight 0; kernels never compute them.
+padding: an in-bounds token and weight 0; kernels never compute them.
 Sorting is stable and the per-token sums run in slot order, so the plan (and every reduction
 built on it) is deterministic.
 """
@@ -125,8 +125,12 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
         group_match = (group[:, :, None] == group[:, None, :]) & valid[:, :, None]
         earlier = torch.ones(k, k, dtype=torch.bool, device=device).tril(-1)
         leader = valid & ~(group_match & earlier).any(-1)
-        # Σ over slots in fixed slot order: deterministic, unlike a scatter-add.
-        group_w = adjugate_scale * (group_match.to(acc) * w[:, None, :]).sum(-1)
+        # Σ over slots in slot order, written out: a reduction kernel's order varies with k
+        # and the device, which would change λ·Σw by an ulp between backends.
+        group_w = torch.zeros_like(w)
+        for m in range(k):
+            group_w = group_w + torch.where(group_match[:, :, m], w[:, m, None], 0.0)
+        group_w = adjugate_scale * group_w
         group_w = torch.where(leader, group_w, 0.0)
         a_keys = torch.where(leader, group, G).flatten()
         a_order, a_offsets, a_weight, a_pos = _section(a_keys, group_w.flatten(), G, T * ka)

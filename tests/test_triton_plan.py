@@ -13,11 +13,10 @@ import torch
 
 from grove_kernels import reference
 from grove_kernels.plan import build_plan as torch_plan
-from grove_kernels.triton import plan as triton_plan_module
+from grove_kernels.triton.plan import build_plan as triton_plan
 from grove_kernels.triton.routing import topk as triton_topk
 from helpers import router_logits
 
-triton_plan = triton_plan_module.build_plan
 # Compiled Triton needs CUDA tensors; the interpreter runs on CPU ones.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FIELDS = ("row_token", "row_weight", "expert_offsets", "adjugate_offsets", "token_rows",
@@ -25,7 +24,8 @@ FIELDS = ("row_token", "row_weight", "expert_offsets", "adjugate_offsets", "toke
 
 
 def _routing(T, E, k, S, kind, gen, wdtype=torch.float32, dyadic=True):
-    """(weights [T, k], ids int32 [T, k], expert_map or None, num_experts of the plan)."""
+    """(weights [T, k], ids [T, k] (int32; int64 for "invalid"), expert_map or None, the
+    plan's num_experts)."""
     expert_map, E_local = None, E
     scores = torch.rand(T, E, generator=gen)
     if kind == "one_expert":  # slot 0 of every token on the same expert

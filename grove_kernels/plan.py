@@ -68,6 +68,17 @@ class Plan:
     def adjugate_weight(self):
         return self.row_weight[self.num_expert_rows:] if self.num_groups else None
 
+    def topk_weight_grad(self, d_row_weight, adjugate_scale):
+        """d topk_weights [T, k] from d(row weight) [R]: an expert row's weight is w_tj, an
+        adjugate row's λ·Σ w over its group, so each slot of the group gets λ·d(that row)."""
+        d_slot = torch.where(self.token_mask, d_row_weight[self.token_rows], 0.0)
+        k = self.top_k
+        d_topk = d_slot[:, :k]
+        if self.num_groups:
+            d_topk = d_topk + adjugate_scale * (
+                self.group_match.to(d_slot.dtype) @ d_slot[:, k:, None]).squeeze(-1)
+        return d_topk
+
     def problem_rows(self):
         """(start [E+G], count [E+G]) int64, absolute row positions: the unified-GEMM view."""
         starts = [self.expert_offsets[:-1]]

@@ -190,16 +190,7 @@ def experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, topk_ids, expert
         d_weights.append((d_wa, d_wb))
 
     dx = _gather_sum(plan, torch.cat(dx_rows), plan.token_mask.to(dy.dtype)).to(x.dtype)
-    # d topk_weights: an expert row's weight is w_tj; an adjugate row's is λ·Σ w over its group.
-    d_slot = torch.cat(d_row_weight)[plan.token_rows]
-    d_slot = torch.where(plan.token_mask, d_slot, 0.0)
-    k = plan.top_k
-    d_topk = d_slot[:, :k]
-    if plan.num_groups:
-        d_topk = d_topk + adjugate_scale * (
-            plan.group_match.to(d_slot.dtype) @ d_slot[:, k:, None]).squeeze(-1)
-    if expert_map is not None:
-        d_topk = torch.where(plan.token_mask[:, :k], d_topk, 0.0)
+    d_topk = plan.topk_weight_grad(torch.cat(d_row_weight), adjugate_scale)
     (dw1, dw2) = d_weights[0]
     da1, da2 = d_weights[1] if plan.num_groups else (None, None)
     return dx, dw1, dw2, da1, da2, d_topk.to(topk_weights.dtype)

@@ -139,11 +139,5 @@ def experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, topk_ids, expert
                      epilogue=STORE, config=conf.rows, upcast=INTERPRET)
     dx = combine_rows(dx_rows, plan, torch.empty_like(x))
 
-    # d topk_weights: tiny [T, 2k] gathers, in slot order (deterministic).
-    d_slot = torch.where(plan.token_mask, d_row_weight[plan.token_rows], 0.0)
-    k = plan.top_k
-    d_topk = d_slot[:, :k]
-    if plan.num_groups:
-        d_topk = d_topk + adjugate_scale * (
-            plan.group_match.float() @ d_slot[:, k:, None]).squeeze(-1)
+    d_topk = plan.topk_weight_grad(d_row_weight, adjugate_scale)
     return dx, dw1, dw2, da1, da2, d_topk.to(topk_weights.dtype)

@@ -1,12 +1,22 @@
-"""The benchmark CLI end to end, and its cost model on a hand-computed case.
+"""The benchmark CLI end to end, its outputs (plot, results folder, progress bar), and its
+cost model on a hand-computed case.
 
 `python -m bench --smoke --json PATH` runs once per session in a subprocess (CPU, tiny preset
 H 64, E 8, k 4, I 32, S 2, Ia 16; T = 1, 16, 64; fwd and fwd+bwd); the tests read its JSON.
+A second, smaller smoke run (T = 1, 16; grove and plain) exercises `--results-dir` and, where
+matplotlib is importable, `--plot`; a third and fourth run with stderr on a pseudo-terminal
+check that the progress bar is drawn there and that `--quiet` silences it. The plot and
+progress modules are also tested in-process on hand-made results. matplotlib is optional: the
+checks that draw skip without it (CI does not install it).
 The cost-model tests import bench.cost directly with a fixed routing topk_ids [T=2, k=3].
 """
+import importlib.util
+import io
 import json
 import math
 import os
+import re
+import struct
 import subprocess
 import sys
 
@@ -17,7 +27,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # bench/ is a top-level folder of the repo, not an installed package
     sys.path.insert(0, REPO_ROOT)
 
-from bench import cost  # noqa: E402
+from bench import cost, plot, progress, report  # noqa: E402
 from bench.presets import Preset  # noqa: E402
 
 TOP_KEYS = ("device", "torch", "commit", "date", "ceilings", "rows")
@@ -165,3 +175,277 @@ def test_floor_takes_the_slower_roof():
     m = cost.row_metrics(c, 1664.0, 1e-3, 1e-6)
     assert m["pct_floor"] == pytest.approx(50.0)
     assert m["tflops"] == pytest.approx(408 / 1664e6)
+
+
+# --- outputs: --results-dir, --plot, the progress bar --------------------------------------
+
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+BAR = re.compile(r"\d+/\d+ \[[#.]+\] +\d+%")  # what ProgressBar.render draws
+# A run with matplotlib blocked: `import matplotlib` raises ImportError, as where it is absent.
+NO_MPL = ("import sys; sys.modules['matplotlib'] = None; from bench.cli import main; "
+          "sys.exit(main(sys.argv[1:]))")
+
+
+def _bench(*args, code=None):
+    cmd = [sys.executable] + (["-c", code] if code else ["-m", "bench"]) + list(args)
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _png_size(path):
+    """(width, height) from the PNG header; fails unless `path` starts like a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == plot.PNG_SIGNATURE, head[:8]
+    assert head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """A small smoke run with --results-dir (a folder it has to create) and, where matplotlib
+    is importable, --plot. stderr is a pipe, not a terminal."""
+    tmp = tmp_path_factory.mktemp("recorded")
+    args = ["--smoke", "--tokens", "1,16", "--variants", "grove,plain",
+            "--results-dir", str(tmp / "results")]
+    if HAS_MPL:
+        args += ["--plot", str(tmp / "fig.png")]
+    proc = _bench(*args)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return tmp, proc
+
+
+def test_results_dir_naming(recorded):
+    tmp, proc = recorded
+    names = sorted(os.listdir(tmp / "results"))
+    jsons = [n for n in names if n.endswith(".json")]
+    assert len(jsons) == 1, names
+    with open(tmp / "results" / jsons[0]) as f:
+        result = json.load(f)
+    stem = f"cpu_{result['date'][:10]}"  # device "cpu (arch, n threads)"; the run's UTC date
+    assert re.fullmatch(r"cpu_\d{4}-\d{2}-\d{2}", stem)
+    assert names == [stem + ".json"] + ([stem + ".png"] if HAS_MPL else [])
+    assert {(r["variant"], r["T"]) for r in result["rows"]} == {
+        (v, t) for v in ("grove", "plain") for t in (1, 16)}
+    if HAS_MPL:
+        _png_size(tmp / "results" / (stem + ".png"))
+    else:
+        assert "python -m bench.plot" in proc.stderr
+
+
+def test_plot_file_is_a_png(recorded):
+    pytest.importorskip("matplotlib")
+    tmp, _ = recorded
+    width, height = _png_size(tmp / "fig.png")
+    assert width > height > 300  # two panels side by side
+
+
+def test_no_progress_bar_when_stderr_is_not_a_tty(recorded):
+    _, proc = recorded
+    assert "\r" not in proc.stderr and not BAR.search(proc.stderr)
+    assert "grove/torch" in proc.stderr and "wrote " in proc.stderr  # the lines stay
+
+
+def test_plot_without_matplotlib_fails_before_the_sweep(tmp_path):
+    proc = _bench("--smoke", "--plot", str(tmp_path / "f.png"), code=NO_MPL)
+    assert proc.returncode == 2, proc.stderr
+    assert "--plot" in proc.stderr and "matplotlib" in proc.stderr
+    assert "ceilings" not in proc.stderr  # nothing was measured
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_results_dir_without_matplotlib_records_the_json(tmp_path):
+    proc = _bench("--smoke", "--tokens", "1", "--variants", "plain", "--pass", "fwd",
+                  "--results-dir", str(tmp_path), code=NO_MPL)
+    assert proc.returncode == 0, proc.stderr
+    names = os.listdir(tmp_path)
+    assert len(names) == 1 and re.fullmatch(r"cpu_\d{4}-\d{2}-\d{2}\.json", names[0]), names
+    # warned before the sweep (so a GPU user can stop it) and told how to draw it later
+    assert proc.stderr.index("matplotlib") < proc.stderr.index("ceilings")
+    assert f"python -m bench.plot {tmp_path / names[0]}" in proc.stderr
+
+
+def test_output_folder_checked_before_the_sweep(tmp_path):
+    proc = _bench("--smoke", "--json", str(tmp_path / "missing" / "r.json"))
+    assert proc.returncode == 2 and "--json" in proc.stderr and "ceilings" not in proc.stderr
+
+
+def _bench_on_a_terminal(*args, timeout=300):
+    """(exit code, what the run wrote to stderr) with stderr on a pseudo-terminal."""
+    pty = pytest.importorskip("pty")  # POSIX only
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=REPO_ROOT,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its end of the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        rc = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return rc, b"".join(chunks).decode("utf-8", errors="replace")
+
+
+TERMINAL_RUN = ("--smoke", "--tokens", "1", "--variants", "grove,plain", "--pass", "fwd")
+
+
+def test_progress_bar_drawn_on_a_terminal():
+    rc, err = _bench_on_a_terminal(*TERMINAL_RUN)
+    assert rc == 0, err
+    assert BAR.search(err) and "1/2 [" in err, err
+    assert "plain/torch" in err  # the row lines still go out, above the bar
+
+
+def test_quiet_draws_nothing_on_a_terminal():
+    rc, err = _bench_on_a_terminal(*TERMINAL_RUN, "--quiet")
+    assert rc == 0, err
+    assert not BAR.search(err) and "plain/torch" not in err and "ceilings" not in err, err
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _screen(text):
+    """The lines a terminal shows after `text`: `\\r` returns to column 0, `\\n` ends a line."""
+    lines, cur, col = [], [], 0
+    for ch in text:
+        if ch == "\r":
+            col = 0
+        elif ch == "\n":
+            lines.append("".join(cur))
+            cur, col = [], 0
+        else:
+            cur[col:col + 1] = [ch]
+            col += 1
+    return [line.rstrip() for line in lines + ["".join(cur)]]
+
+
+def _drive(bar, rows):
+    for i in range(rows):
+        bar.step(f"cell {i}")
+        bar.write(f"row {i}")
+    bar.close()
+
+
+def test_progress_bar_writes_plain_lines_off_a_terminal():
+    out = io.StringIO()
+    _drive(progress.ProgressBar(3, out), 3)
+    assert out.getvalue() == "row 0\nrow 1\nrow 2\n"
+    tty = _Tty()
+    _drive(progress.ProgressBar(3, tty, enabled=False), 3)  # the CLI's --quiet is stream None
+    assert tty.getvalue() == "row 0\nrow 1\nrow 2\n"
+    _drive(progress.ProgressBar(3, None), 3)  # silent, and no error
+
+
+def test_progress_bar_on_a_terminal_leaves_clean_lines():
+    tty = _Tty()
+    _drive(progress.ProgressBar(3, tty), 3)
+    assert "\r" in tty.getvalue() and BAR.search(tty.getvalue())
+    # the long bar never bleeds into the short row lines, and close() erases it
+    assert _screen(tty.getvalue()) == ["row 0", "row 1", "row 2", ""]
+
+
+def test_progress_bar_render():
+    now = [100.0]
+    bar = progress.ProgressBar(4, _Tty(), width=8, clock=lambda: now[0])
+    bar.step("first")
+    assert bar.render() == "0/4 [........]   0% 0:00  first"
+    now[0] += 65
+    bar.step("second")
+    assert bar.render() == "1/4 [##......]  25% 1:05  second"
+    bar.step("x" * 300)  # a StringIO has no terminal size: 80 columns, the bar one less
+    assert len(bar.render()) == 79
+    assert progress.format_elapsed(3725) == "1:02:05"
+
+
+def _row(variant, backend, pass_, routing, T, us, pct):
+    return {"variant": variant, "backend": backend, "pass": pass_, "routing": routing, "T": T,
+            "us": us, "pct_floor": pct}
+
+
+PLOT_ROWS = [
+    _row("grove", "torch", "fwd", "uniform", 64, 40.0, 30.0),
+    _row("plain", "torch", "fwd", "uniform", 64, 30.0, 35.0),
+    _row("grove", "torch", "fwd", "uniform", 1, 10.0, 2.0),
+    _row("grove", "torch", "fwd+bwd", "uniform", 1, 25.0, 1.5),
+    _row("grove", "triton", "fwd", "skewed", 1, 5.0, 4.0),
+]
+PLOT_RESULT = {"device": "cpu (test)", "torch": "0", "commit": None,
+               "date": "2026-11-23T00:00:00+00:00", "rows": PLOT_ROWS,
+               "ceilings": {"copy_GBps": 1.0, "matmul_TFLOPs": 1.0},
+               "config": {"preset": {"name": "tiny"}, "dtype": "float32"}}
+
+
+def test_plot_series_one_per_variant_backend_pass_routing():
+    s = plot.series(PLOT_ROWS)
+    assert list(s) == [("grove", "torch", "fwd", "uniform"), ("plain", "torch", "fwd", "uniform"),
+                       ("grove", "torch", "fwd+bwd", "uniform"),
+                       ("grove", "triton", "fwd", "skewed")]
+    assert s[("grove", "torch", "fwd", "uniform")] == [(1, 10.0, 2.0), (64, 40.0, 30.0)]
+
+
+def test_plot_figure_has_a_line_per_series():
+    pytest.importorskip("matplotlib")
+    fig = plot.build_figure(PLOT_RESULT)
+    ax_us, ax_pct = fig.axes
+    assert (ax_us.get_xscale(), ax_us.get_yscale()) == ("log", "log")
+    assert (ax_pct.get_xscale(), ax_pct.get_yscale()) == ("log", "linear")
+    want = {f"{v}/{b} {p} {r}" for v, b, p, r in plot.series(PLOT_ROWS)}
+    for ax, ys in ((ax_us, [10.0, 40.0]), (ax_pct, [2.0, 30.0])):  # T = 1, 64 of PLOT_ROWS
+        assert {line.get_label() for line in ax.get_lines()} == want
+        line = next(ln for ln in ax.get_lines() if ln.get_label() == "grove/torch fwd uniform")
+        assert list(line.get_xdata()) == [1, 64]
+        assert list(line.get_ydata()) == ys
+
+
+def test_plot_cli_redraws_a_saved_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    src = tmp_path / "run.json"
+    report.write_json(PLOT_RESULT, src)
+    assert plot.main([str(src)]) == 0
+    _png_size(tmp_path / "run.png")
+    empty = dict(PLOT_RESULT, rows=[])  # every variant skipped: a figure that says so
+    report.write_json(empty, src)
+    assert plot.main([str(src), str(tmp_path / "empty.png")]) == 0
+    _png_size(tmp_path / "empty.png")
+
+
+@pytest.mark.parametrize("name, slug", [
+    ("NVIDIA H100 80GB HBM3", "h100"),
+    ("NVIDIA H100 PCIe", "h100-pcie"),
+    ("NVIDIA H200", "h200"),
+    ("NVIDIA A100-SXM4-80GB", "a100-sxm4"),
+    ("NVIDIA GeForce RTX 4090", "geforce-rtx-4090"),
+    ("cpu (x86_64, 2 threads)", "cpu"),
+])
+def test_device_slug(name, slug):
+    assert report.device_slug(name) == slug
+
+
+def test_results_paths_use_the_run_date_and_never_overwrite(tmp_path):
+    result = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-23T23:59:59+00:00"}
+    base = str(tmp_path / "h100_2026-11-23")
+    assert report.results_paths(result, tmp_path) == (base + ".json", base + ".png")
+    (tmp_path / "h100_2026-11-23.png").write_bytes(b"")  # either file of the pair is taken
+    assert report.results_paths(result, tmp_path) == (base + "_2.json", base + "_2.png")
+    (tmp_path / "h100_2026-11-23_2.json").write_text("{}")
+    assert report.results_paths(result, tmp_path)[0] == base + "_3.json"

@@ -41,10 +41,13 @@ def topk(router_logits, top_k, renormalize, selection_bias):
     return _topk(router_logits, top_k, renormalize, selection_bias)
 
 
-def _setup(x, w1, a1, topk_weights, topk_ids, expert_map, group_size, adjugate_scale):
+def _setup(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size, adjugate_scale):
     _check_dtype(x)
-    if not all(w is None or w.is_contiguous() for w in (w1, a1)):
-        raise ValueError("w1/a1: the triton backend needs contiguous weights")
+    for name, w in (("w1", w1), ("w2", w2), ("a1", a1), ("a2", a2)):
+        # The kernels bake the unit stride of the weights' last dimension into their loads.
+        if w is not None and not w.is_contiguous():
+            raise ValueError(f"{name}: the triton backend needs contiguous weights, got strides "
+                             f"{w.stride()}")
     plan = build_plan(topk_ids, topk_weights, w1.shape[0], group_size if a1 is not None else 0,
                       adjugate_scale, expert_map)
     I = w1.shape[1] // 2
@@ -76,8 +79,8 @@ def _b(w, transpose):
 def experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
                     adjugate_scale, weight_on_input):
     T, H = x.shape
-    plan, conf, I, Ia = _setup(x, w1, a1, topk_weights, topk_ids, expert_map, group_size,
-                               adjugate_scale)
+    plan, conf, I, Ia = _setup(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,
+                               group_size, adjugate_scale)
     y = x.new_empty(T, H)
     if T == 0:
         return y
@@ -93,8 +96,8 @@ def experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group
 def experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,
                      group_size, adjugate_scale, weight_on_input):
     T, H = x.shape
-    plan, conf, I, Ia = _setup(x, w1, a1, topk_weights, topk_ids, expert_map, group_size,
-                               adjugate_scale)
+    plan, conf, I, Ia = _setup(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,
+                               group_size, adjugate_scale)
     x = x.contiguous()
     dy = grad_out.to(x.dtype).contiguous()
     start, count = plan.problem_rows()

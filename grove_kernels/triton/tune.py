@@ -1,0 +1,163 @@
+"""`python -m grove_kernels.triton.tune`: measure tile configurations, write configs.json.
+
+For each token count T of a preset (grove-33b by default), every candidate Config is run
+through the real forward and forward + backward of `fused_grove_experts` (routing fixed,
+uniform logits), checked against the torch backend, and timed (triton.testing.do_bench,
+median). The fastest correct candidate per T becomes a bucket keyed by its rows per expert
+(T·k / E); buckets are stored under the GPU's name and the shape "H,I,Ia,E,k", so
+config.select picks them up on that device and keeps its heuristic elsewhere.
+
+    python -m grove_kernels.triton.tune --out grove_kernels/triton/configs.json
+    python -m grove_kernels.triton.tune --smoke      # tiny shapes, 2 candidates (CPU interpreter)
+"""
+import argparse
+import itertools
+import json
+import os
+import time
+
+import torch
+
+import grove_kernels as gk
+
+from . import config as cfg
+
+PRESETS = {"grove-33b": (2048, 128, 8, 768, 2, 128), "tiny": (32, 8, 2, 16, 2, 16)}
+TOKENS = {"grove-33b": (16, 64, 256, 1024, 4096, 16384), "tiny": (5, 40)}
+
+
+def candidates(block_m, smoke=False):
+    """The grid searched for one BM: GEMM-1 (BN, BK, warps, stages) x rows x wgrad."""
+    if smoke:
+        return [cfg.Config(16, (16, 32, 1, 1), (32, 32, 1, 1), (16, 32, 16, 1, 1)),
+                cfg.Config(16, (32, 16, 1, 1), (16, 16, 1, 1), (32, 16, 16, 1, 1))]
+    warps = 4 if block_m <= 64 else 8
+    gemm1 = [(bn, bk, warps, st) for bn, bk, st in itertools.product((32, 64, 128), (64, 128),
+                                                                      (3, 4))]
+    rows = [(bn, bk, warps, st) for bn, bk, st in itertools.product((64, 128), (64, 128), (3, 4))]
+    wgrad = [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3)]
+    # Tune the three kernels one after another from the heuristic's choice: the grid is a sum,
+    # not a product, which keeps a tuning run within minutes.
+    base = cfg._heuristic(block_m)
+    base = cfg.Config(block_m, base.gemm1, base.rows, base.wgrad)
+    return base, gemm1, rows, wgrad
+
+
+def _timer(smoke):
+    if smoke:
+        def wall(fn):
+            fn()
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e3
+        return wall
+    from triton.testing import do_bench
+    return lambda fn: do_bench(fn, warmup=10, rep=50)
+
+
+def _problem(T, H, E, k, I, S, Ia, device, dtype):
+    g = torch.Generator().manual_seed(T)
+
+    def mk(*shape):
+        return (torch.randn(*shape, generator=g) * shape[-1] ** -0.5).to(device, dtype)
+
+    x = mk(T, H)
+    weights = [mk(E, 2 * I, H), mk(E, H, I), mk(E // S, 2 * Ia, H), mk(E // S, H, Ia)]
+    w, ids = gk.grove_topk(torch.randn(T, E, generator=g).to(device), k)
+    return x, weights, w, ids
+
+
+def _measure(conf, problem, S, timer, ref):
+    x, weights, w, ids = problem
+    leaves = [t.detach().requires_grad_() for t in [x, *weights, w]]
+    dy = torch.randn_like(x)
+
+    def fwd():
+        return gk.fused_grove_experts(leaves[0], *leaves[1:5], leaves[5], ids, group_size=S)
+
+    def fwd_bwd():
+        torch.autograd.grad(fwd(), leaves, dy)
+
+    with gk.use_backend("triton"), cfg.forced(conf):
+        y = fwd()
+        err = float((y.float() - ref.float()).norm() / ref.float().norm())
+        if not err <= 2e-2:
+            return None
+        return timer(fwd), timer(fwd_bwd)
+
+
+def tune(preset, tokens, dtype, smoke=False, log=print):
+    H, E, k, I, S, Ia = PRESETS[preset]
+    device = "cpu" if smoke else "cuda"
+    timer = _timer(smoke)
+    buckets = []
+    gk.set_value_checks(False)
+    for T in tokens:
+        problem = _problem(T, H, E, k, I, S, Ia, device, dtype)
+        with gk.use_backend("torch"):
+            ref = gk.fused_grove_experts(problem[0], *problem[1], problem[2], problem[3],
+                                         group_size=S)
+        rows = T * k / E
+        block_ms = [16] if smoke else [bm for bm in (16, 32, 64, 128) if bm <= max(16, 2 * rows)]
+        best = None
+        for bm in block_ms:
+            if smoke:
+                trials = candidates(bm, smoke=True)
+            else:
+                base, gemm1, rws, wgrad = candidates(bm)
+                trials = ([base] + [cfg.Config(bm, g, base.rows, base.wgrad) for g in gemm1]
+                          + [cfg.Config(bm, base.gemm1, r, base.wgrad) for r in rws]
+                          + [cfg.Config(bm, base.gemm1, base.rows, w) for w in wgrad])
+            for conf in trials:
+                try:
+                    timing = _measure(conf, problem, S, timer, ref)
+                except Exception as exc:  # a config over the shared-memory limit, say
+                    log(f"T={T} {conf}: failed ({type(exc).__name__})")
+                    continue
+                if timing is None:
+                    log(f"T={T} {conf}: wrong result, skipped")
+                    continue
+                log(f"T={T} {conf}: fwd {timing[0] * 1e3:.0f} us, fwd+bwd {timing[1] * 1e3:.0f} us")
+                if best is None or timing[1] < best[1][1]:
+                    best = (conf, timing)
+        if best is not None:
+            conf, (t_f, t_fb) = best
+            buckets.append({"T": T, "rows_per_problem": rows, "block_m": conf.block_m,
+                            "gemm1": list(conf.gemm1), "rows": list(conf.rows),
+                            "wgrad": list(conf.wgrad), "fwd_us": t_f * 1e3,
+                            "fwd_bwd_us": t_fb * 1e3})
+    # A bucket serves rows-per-problem up to the midpoint towards the next measured T.
+    for b, nxt in zip(buckets, buckets[1:] + [None]):
+        b["max_rows_per_problem"] = (b["rows_per_problem"] + nxt["rows_per_problem"]) / 2 \
+            if nxt else float("inf")
+    return f"{H},{I},{Ia},{E},{k}", buckets
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="grove-33b")
+    parser.add_argument("--tokens", default=None, help="comma list (default: the preset's)")
+    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--out", default=None, help="configs.json to merge the result into")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the interpreter")
+    args = parser.parse_args(argv)
+    preset = "tiny" if args.smoke else args.preset
+    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS[preset]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("tune: needs a CUDA GPU (or --smoke under TRITON_INTERPRET=1)")
+    key, buckets = tune(preset, tokens, dtype, smoke=args.smoke)
+    device = "interpreter" if args.smoke else torch.cuda.get_device_name()
+    if args.out:
+        table = {}
+        if os.path.exists(args.out):
+            with open(args.out) as f:
+                table = json.load(f)
+        table.setdefault(device, {})[key] = buckets
+        with open(args.out, "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+    print(json.dumps({device: {key: buckets}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,6 +12,8 @@ Dataflow of one row: preset (H, E, k, I, S, Ia, λ) + T + routing mode
 
 Modules: presets (shapes), routing (logit generators), cost (FLOP/byte model), timing
 (timers + ceilings), grouped_mm_layer (the torch._grouped_mm Grove layer), variants (what is
-timed), runner (the sweep), report (table, JSON, CSV), cli (argparse); conftest +
-test_bench_layer (the pytest-benchmark suite). tests/test_bench_smoke.py runs `--smoke`.
+timed), runner (the sweep), progress (stderr lines + progress bar), report (table, JSON, CSV,
+result file names), plot (the PNG; matplotlib, optional; `python -m bench.plot RESULT.json`
+redraws a saved run), cli (argparse); conftest + test_bench_layer (the pytest-benchmark
+suite). tests/test_bench_smoke.py runs `--smoke`. Recorded runs live in bench/results/.
 """

@@ -4,14 +4,21 @@ Defaults follow DESIGN §6: preset grove-33b, T ∈ {1, 8, …, 16384} on a GPU 
 small sweep on a CPU), uniform routing, every gk backend, both passes, bf16 on a GPU and
 fp32 on a CPU. `--smoke` is a CPU run that finishes in seconds: tiny preset, three T, both
 passes, the torch backend (Triton on a CPU is its interpreter: it would time Python).
+
+Outputs: the table on stdout; `--json`, `--csv`, `--plot` (a PNG, needs matplotlib) where
+asked; `--results-dir DIR` writes the JSON and the PNG into DIR as `<device>_<date>.json/.png`
+(bench/results/README.md). On stderr a line per row, and a progress bar while stderr is a
+terminal; `--quiet` drops both. Output paths are checked before the sweep, not after it: a
+GPU sweep takes minutes, and a typo in a path or a missing matplotlib should not cost them.
 """
 import argparse
+import os
 import sys
 
 import torch
 
 import grove_kernels as gk
-from bench import presets, report, runner
+from bench import plot, presets, report, runner
 from bench.routing import MODES
 from bench.variants import VARIANTS, VARIANTS_BY_NAME, cpu_safe_backends
 
@@ -53,6 +60,13 @@ def build_parser():
                    "cpu with --smoke)")
     p.add_argument("--json", metavar="PATH", help="write the full result as JSON")
     p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG: µs and %% of floor against T, "
+                   "a line per variant/backend/pass/routing (needs matplotlib)")
+    p.add_argument("--results-dir", metavar="DIR",
+                   help="record the run in DIR as <device>_<date>.json and .png (the PNG "
+                   "only where matplotlib is importable); see bench/results/README.md")
+    p.add_argument("--quiet", action="store_true",
+                   help="nothing on stderr but warnings: no per-row lines, no progress bar")
     p.add_argument("--smoke", action="store_true",
                    help="quick CPU run: tiny preset, T=1,16,64, both passes, short timing")
     p.add_argument("--quick", action="store_true", help="shorter timing (noisier)")
@@ -98,15 +112,67 @@ def config_from_args(args, parser):
         seed=args.seed)
 
 
+def check_outputs(args, parser):
+    """Fails now, not after the sweep, on an output that cannot be written. Returns whether
+    --results-dir gets a PNG (False: matplotlib missing; the JSON is still recorded)."""
+    for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+        if path:
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                parser.error(f"{flag} {path}: folder {parent} does not exist")
+    if args.plot:
+        try:
+            plot.require_matplotlib("--plot")
+        except RuntimeError as exc:
+            parser.error(str(exc))
+    if not args.results_dir:
+        return False
+    try:
+        os.makedirs(args.results_dir, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--results-dir {args.results_dir}: {exc}")
+    try:
+        plot.require_matplotlib("--results-dir's PNG")
+    except RuntimeError as exc:
+        # The JSON is the record and `python -m bench.plot` redraws the PNG from it later:
+        # a missing plotting library is no reason to refuse to record a run.
+        print(f"warning: {exc}; recording the JSON only", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = config_from_args(args, parser)
+    results_png = check_outputs(args, parser)
+    if args.quiet:
+        cfg.log = None
     result = runner.run(cfg)
+    written = []
     if args.json:
         report.write_json(result, args.json)
+        written.append(args.json)
     if args.csv:
         report.write_csv(result, args.csv)
+        written.append(args.csv)
+    if args.results_dir:
+        json_path, png_path = report.results_paths(result, args.results_dir)
+        report.write_json(result, json_path)
+        written.append(json_path)
+    # Figures after every JSON: a plotting failure must not lose the measurements.
+    if args.plot:
+        plot.write_plot(result, args.plot)
+        written.append(args.plot)
+    if args.results_dir and results_png:
+        plot.write_plot(result, png_path)
+        written.append(png_path)
+    elif args.results_dir:
+        print(f"warning: no PNG in {args.results_dir} (matplotlib missing); draw it later "
+              f"with `python -m bench.plot {json_path}`", file=sys.stderr)
     print(report.format_table(result))
     sys.stdout.flush()
+    if not args.quiet:
+        for path in written:
+            print(f"wrote {path}", file=sys.stderr)
     return 0

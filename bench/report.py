@@ -5,10 +5,16 @@ The JSON is the record (DESIGN §6): top level device, torch, commit, date, ceil
 Each row: preset, routing, T, pass, variant, backend, us, tflops, gbps, floor_us, pct_floor,
 distinct_groups, and the extras vs_baseline, flops, bytes, timing, rel_err, check.
 The CSV holds the rows alone, one per line, the same keys.
+
+A recorded run (`--results-dir`, bench/results/README.md) is named `<device>_<date>`: the
+device's slug (`device_slug`) and the run's UTC date, `.json` and `.png` side by side.
 """
 import csv
+import datetime
 import json
 import math
+import os
+import re
 
 from bench.runner import EXTRA_KEYS, ROW_KEYS
 
@@ -90,3 +96,32 @@ def write_csv(result, path):
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result["rows"])
+
+
+_VENDORS = frozenset(("nvidia", "amd", "intel"))
+_MEMORY = re.compile(r"^(\d+gb|hbm\d*e?|gddr\d*x?)$")  # "80GB", "HBM3", "HBM3e", "GDDR6X"
+
+
+def device_slug(name):
+    """The device part of a result file name: lower case, `-` joined; the vendor, memory size
+    and type and anything in parentheses dropped, since they do not tell two boards apart that
+    the model does not ("NVIDIA H100 80GB HBM3" -> "h100"; "NVIDIA H100 PCIe" -> "h100-pcie";
+    "NVIDIA A100-SXM4-80GB" -> "a100-sxm4"; "cpu (x86_64, 2 threads)" -> "cpu"). Never `_`:
+    that separates the device from the date."""
+    words = re.split(r"[^a-z0-9]+", re.sub(r"\([^)]*\)", " ", name.lower()))
+    kept = [w for w in words if w and w not in _VENDORS and not _MEMORY.match(w)]
+    return "-".join(kept) or "device"
+
+
+def results_paths(result, directory):
+    """(json path, png path) of `result` in `directory`: `<device>_<date>.json/.png`, the date
+    the run's own (UTC, from result["date"]). A run on a day that already has a record gets
+    `_2`, `_3`, ...: a recorded run is never overwritten."""
+    date = datetime.date.fromisoformat(str(result["date"])[:10]).isoformat()
+    base = f"{device_slug(result['device'])}_{date}"
+    n = 1
+    while True:
+        stem = os.path.join(directory, base if n == 1 else f"{base}_{n}")
+        if not (os.path.exists(stem + ".json") or os.path.exists(stem + ".png")):
+            return stem + ".json", stem + ".png"
+        n += 1

@@ -5,6 +5,8 @@ model on the host -> per pass, per variant, per backend: build the callable, run
 check it (rel err of y, or of every gradient, vs the torch backend's result for the same layer
 in the same dtype; NaN/inf flagged), then time it. A variant that cannot run here, or raises,
 becomes an entry of `skipped` with the reason instead of a row: the sweep goes on.
+Each (routing, T, pass, variant, backend) is one cell of the progress bar (bench.progress):
+one line per row on `Config.log`, the bar under them when that stream is a terminal.
 """
 import datetime
 import os
@@ -19,6 +21,7 @@ import grove_kernels as gk
 from bench import cost as cost_model
 from bench import routing as routing_mod
 from bench import timing, variants as var
+from bench.progress import ProgressBar
 
 ROW_KEYS = ("preset", "routing", "T", "pass", "variant", "backend", "us", "tflops", "gbps",
             "floor_us", "pct_floor", "distinct_groups")
@@ -39,7 +42,8 @@ class Config:
     check: bool = True
     quick: bool = False
     seed: int = 0
-    log: object = field(default=sys.stderr)
+    log: object = field(default=sys.stderr)  # None: silent (--quiet)
+    progress: object = None  # the bar: None when `log` is a TTY, False never, True always
 
 
 def git_commit():
@@ -73,14 +77,28 @@ def _check(cfg, out, ref):
     return err, "ok" if err <= var.tolerance(cfg.dtype) else "MISMATCH"
 
 
+def count_cells(cfg):
+    """Cells of the sweep, skipped ones included: the progress bar's total."""
+    per_problem = sum(len(cfg.backends) if v.per_backend else 1 for v in cfg.variants)
+    return len(cfg.routings) * len(cfg.tokens) * len(cfg.passes) * per_problem
+
+
 def run(cfg):
     """Runs the sweep; returns the JSON-ready result dict (rows, skipped, ceilings, ...)."""
+    bar = ProgressBar(count_cells(cfg), cfg.log, enabled=cfg.progress)
+    try:
+        return _run(cfg, bar)
+    finally:  # also on Ctrl-C: a half-drawn bar would sit in front of the traceback
+        bar.close()
+
+
+def _run(cfg, bar):
     device, dtype, preset = cfg.device, cfg.dtype, cfg.preset
     gk.set_value_checks(False)  # host-side id checks read tensors: keep them out of the times
     timer = timing.make_timer(device, quick=cfg.quick)
     ceilings = timing.measure_ceilings(device, dtype, timer, quick=cfg.quick)
-    print(f"ceilings: copy {ceilings['copy_GBps']:.1f} GB/s, matmul "
-          f"{ceilings['matmul_TFLOPs']:.3f} TFLOP/s ({ceilings['matmul_dtype']})", file=cfg.log)
+    bar.write(f"ceilings: copy {ceilings['copy_GBps']:.1f} GB/s, matmul "
+              f"{ceilings['matmul_TFLOPs']:.3f} TFLOP/s ({ceilings['matmul_dtype']})")
     weights = var.make_weights(preset, device, dtype, seed=cfg.seed)
     elem = torch.empty(0, dtype=dtype).element_size()
     rows, skipped, seen_skips = [], [], set()
@@ -91,7 +109,7 @@ def run(cfg):
             seen_skips.add(key)
             skipped.append({"variant": variant.name, "backend": backend, "pass": pass_,
                             "reason": reason, **where})
-            print(f"skip {variant.name}/{backend} {pass_}: {reason}", file=cfg.log)
+            bar.write(f"skip {variant.name}/{backend} {pass_}: {reason}")
 
     for mode in cfg.routings:
         for T in cfg.tokens:
@@ -108,6 +126,7 @@ def run(cfg):
                 for variant in cfg.variants:
                     backends = cfg.backends if variant.per_backend else (variant.backend,)
                     for backend in backends:
+                        bar.step(f"{mode} T={T} {pass_} {variant.name}/{backend}")
                         reason = var.skip_reason(variant, device, dtype, pass_)
                         if reason:
                             skip(variant, backend, pass_, reason)
@@ -132,7 +151,7 @@ def run(cfg):
                                                               grad_out)
                                 except Exception as exc:  # a broken reference is not the
                                     refs[key] = None      # variant's fault: time it anyway
-                                    print(f"reference {key} raised {_fmt_exc(exc)}", file=cfg.log)
+                                    bar.write(f"reference {key} raised {_fmt_exc(exc)}")
                             if refs[key] is None:
                                 verdict = "noref"
                             else:
@@ -154,8 +173,8 @@ def run(cfg):
                         if m.method == "eager" and getattr(timer, "last_capture_error", None):
                             row["capture_error"] = timer.last_capture_error
                         rows.append(row)
-                        print(f"{mode:>8} T={T:<6} {pass_:<7} {variant.name:>16}/{backend:<6} "
-                              f"{m.us:10.1f} us  {m.method:<5} {verdict}", file=cfg.log)
+                        bar.write(f"{mode:>8} T={T:<6} {pass_:<7} {variant.name:>16}/{backend:<6} "
+                                  f"{m.us:10.1f} us  {m.method:<5} {verdict}")
     _fill_baselines(rows, cfg.variants)
     return {
         "device": device_name(device),

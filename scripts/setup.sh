@@ -24,4 +24,10 @@ if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/de
     2>/dev/null || missing+=("numpy<2.4")
 fi
 if [ ${#missing[@]} -gt 0 ]; then pip_install "${missing[@]}"; fi
+# CUTLASS 4.2 C++ headers for the CUDA extension (csrc/; 6 MB, headers only, so --no-deps).
+# Not fatal: without them (e.g. no network) setup.py just skips grove_kernels._C.
+if ! "$PY" -c "import cutlass_library" 2>/dev/null; then
+  pip_install --no-deps nvidia-cutlass==4.2.0.0 \
+    || echo "setup.sh: could not install nvidia-cutlass; the CUDA extension will not be built" >&2
+fi
 pip_install --no-build-isolation -e .

@@ -1,0 +1,155 @@
+// grouped_bf16_tn.cuh: the CUTLASS 3.x sm_90a persistent ptr-array grouped GEMM behind every
+// csrc/gemm/grouped_bf16_tn_<config>.cu (one configuration per translation unit, so each
+// compiles in about a minute and the build parallelises).
+//
+//   D_p[M_p, N_p] (bf16, row-major) = A_p[M_p, K_p] (bf16, row-major) @ B_p[N_p, K_p]^T (bf16, K
+//   contiguous: expert weights as stored, e.g. w1 [E, 2I, H]),  fp32 accumulation.
+//
+// Problem shapes, pointers and leading dimensions live only in device memory, written by
+// grove_grouped_args_fill (grouped_args.cu); CUTLASS is initialised with host shapes = nullptr
+// (DESIGN §4: initialising with host shapes of an earlier routing leaves output unwritten), so
+// fill + GEMM are stream-ordered, host-sync free and CUDA-graph capturable.
+// Torch-free: raw pointers, a cudaStream_t and an int error code.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/operations.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "grove_cuda.h"
+
+namespace grove {
+
+template <class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule>
+struct GroupedBf16Tn {
+  using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // M, N, K
+  using Element = cutlass::bfloat16_t;
+  using Accumulator = float;
+  using LayoutA = cutlass::layout::RowMajor;     // [M, K], K contiguous
+  using LayoutB = cutlass::layout::ColumnMajor;  // (K, N) column-major == [N, K] row-major
+  using LayoutD = cutlass::layout::RowMajor;     // [M, N], N contiguous
+  static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 8 elements
+
+  // No C operand (ElementC = void): D = acc, nothing is read back.
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, Accumulator,
+      void, LayoutD*, kAlignment, Element, LayoutD*, kAlignment, EpilogueSchedule,
+      cutlass::epilogue::fusion::LinearCombination<Element, Accumulator, void>>::CollectiveOp;
+
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element,
+      LayoutB*, kAlignment, Accumulator, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<
+          static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  using StrideA = typename Kernel::InternalStrideA;
+  using StrideB = typename Kernel::InternalStrideB;
+  using StrideD = typename Kernel::InternalStrideD;
+  using Shape = typename ProblemShape::UnderlyingProblemShape;
+
+  // grouped_args.cu writes plain int32[3] shapes and one int64 leading dimension per operand:
+  // these must be exactly CUTLASS's types.
+  using PackedStride = cute::Stride<int64_t, cute::Int<1>, cute::Int<0>>;
+  static_assert(std::is_same<StrideA, PackedStride>::value, "A stride must be (ld, 1, 0)");
+  static_assert(std::is_same<StrideB, PackedStride>::value, "B stride must be (ld, 1, 0)");
+  static_assert(std::is_same<StrideD, PackedStride>::value, "D stride must be (ld, 1, 0)");
+  static_assert(sizeof(StrideA) == sizeof(int64_t), "stride must be one int64");
+  static_assert(sizeof(Shape) == 3 * sizeof(int32_t), "shape must be int32[3]");
+
+  static constexpr size_t kWorkspaceAlign = 256;
+
+  static typename Gemm::Arguments arguments(void* args_buffer, int num_problems, int sm_count) {
+    const GroveGroupedArgsView v = grove_grouped_args_view(args_buffer, num_problems);
+    cutlass::KernelHardwareInfo hw_info;
+    cudaGetDevice(&hw_info.device_id);
+    hw_info.sm_count = sm_count;
+
+    typename Gemm::Arguments args;
+    args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
+    args.problem_shape = {num_problems, reinterpret_cast<Shape*>(v.shapes), nullptr};
+    args.mainloop.ptr_A = reinterpret_cast<Element const**>(v.ptr_a);
+    args.mainloop.dA = reinterpret_cast<StrideA*>(v.ld_a);
+    args.mainloop.ptr_B = reinterpret_cast<Element const**>(v.ptr_b);
+    args.mainloop.dB = reinterpret_cast<StrideB*>(v.ld_b);
+    auto& fusion = args.epilogue.thread;
+    fusion.alpha = Accumulator(1);
+    fusion.beta = Accumulator(0);
+    fusion.alpha_ptr = nullptr;
+    fusion.beta_ptr = nullptr;
+    fusion.alpha_ptr_array = nullptr;
+    fusion.beta_ptr_array = nullptr;
+    args.epilogue.ptr_C = nullptr;
+    args.epilogue.dC = nullptr;
+    args.epilogue.ptr_D = reinterpret_cast<Element**>(v.ptr_d);
+    args.epilogue.dD = reinterpret_cast<StrideD*>(v.ld_d);
+    args.hw_info = hw_info;
+    return args;
+  }
+
+  static size_t cutlass_workspace_offset(int num_problems) {
+    const size_t b = grove_grouped_args_bytes(num_problems);
+    return (b + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
+  }
+
+  static size_t workspace_size(int num_problems, int sm_count) {
+    if (num_problems <= 0) return 0;
+    if (sm_count <= 0) sm_count = grove_device_sm_count();
+    if (sm_count <= 0) return 0;
+    auto args = arguments(nullptr, num_problems, sm_count);
+    return cutlass_workspace_offset(num_problems) + Gemm::get_workspace_size(args);
+  }
+
+  static int run(const GroveGemmSegment* segments, int num_segments, const void* start,
+                 const void* count, int index_bytes, int num_problems, int sm_count,
+                 void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+#if defined(CUTLASS_ARCH_MMA_MODIFIABLE_TMA_SM90_SUPPORTED)
+    if (num_problems < 0) return GROVE_ERR_INVALID_ARGUMENT;
+    if (num_problems == 0) return GROVE_OK;
+    if (sm_count <= 0) sm_count = grove_device_sm_count();
+    if (sm_count <= 0) return GROVE_ERR_CUDA;
+    if (!workspace || workspace_bytes < workspace_size(num_problems, sm_count))
+      return GROVE_ERR_WORKSPACE_TOO_SMALL;
+    int rc = grove_grouped_args_fill(segments, num_segments, start, count, index_bytes,
+                                     num_problems, workspace, stream);
+    if (rc != GROVE_OK) return rc;
+    auto args = arguments(workspace, num_problems, sm_count);
+    void* cutlass_workspace = static_cast<char*>(workspace) + cutlass_workspace_offset(num_problems);
+    Gemm gemm;
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return GROVE_ERR_CUTLASS;
+    if (gemm.initialize(args, cutlass_workspace, stream) != cutlass::Status::kSuccess)
+      return GROVE_ERR_CUTLASS;
+    if (gemm.run(stream) != cutlass::Status::kSuccess) return GROVE_ERR_CUTLASS;
+    return cudaGetLastError() == cudaSuccess ? GROVE_OK : GROVE_ERR_CUDA;
+#else
+    return GROVE_ERR_NOT_COMPILED;
+#endif
+  }
+};
+
+}  // namespace grove
+
+// The two extern "C" entry points of one configuration (declared in grove_cuda.h).
+#define GROVE_DEFINE_GROUPED_GEMM(NAME, CONFIG)                                                 \
+  extern "C" size_t NAME##_workspace_size(int num_problems, int sm_count) {                     \
+    return CONFIG::workspace_size(num_problems, sm_count);                                      \
+  }                                                                                             \
+  extern "C" int NAME(const GroveGemmSegment* segments, int num_segments, const void* start,    \
+                      const void* count, int index_bytes, int num_problems, int sm_count,       \
+                      void* workspace, size_t workspace_bytes, cudaStream_t stream) {           \
+    return CONFIG::run(segments, num_segments, start, count, index_bytes, num_problems,         \
+                       sm_count, workspace, workspace_bytes, stream);                           \
+  }

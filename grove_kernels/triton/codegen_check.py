@@ -1,0 +1,96 @@
+"""`python -m grove_kernels.triton.codegen_check`: compile the GEMM kernels for sm_90 without a
+GPU and report what the code generator made of them.
+
+For each grouped-GEMM kernel, in the variants the backend launches, it compiles ahead of time
+(triton.compile with a GPUTarget; Triton ships its own ptxas) with the argument hints the JIT
+would attach at run time (pointers and the strides / sizes that are multiples of 16 in the
+grove-33b shapes) and counts in the PTX:
+    wgmma      Hopper tensor-core instructions (a kernel without them runs on mma.sync or FMA)
+    cp16       16-byte asynchronous global->shared copies (vectorized, pipelined loads)
+A kernel that loses its stride specializations compiles with no cp.async at all: this check
+catches that, and GPU-only compile errors, on a CPU machine. Must run WITHOUT TRITON_INTERPRET.
+"""
+import json
+import os
+import re
+import sys
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    raise SystemExit("codegen_check: unset TRITON_INTERPRET (it compiles real GPU code)")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from . import gemm_fwd, gemm_rows, gemm_wgrad  # noqa: E402
+
+# Integer arguments that are multiples of 16 at grove-33b shapes (H=2048, I=768, Ia=128).
+_ALIGNED_INTS = {"stride_xt", "s_w1_p", "s_w1_n", "s_a1_p", "s_a1_n", "K", "N_E", "N_A", "K_E",
+                 "K_A", "s_be_p", "s_be", "s_ba_p", "s_ba", "stride_a_gather",
+                 "stride_out_shared", "M_E", "M_A", "s_oe_p", "s_oa_p", "stride_b_gather"}
+_INDEX_PTRS = {"row_token_ptr": "*i64", "row_weight_ptr": "*fp32", "block_offsets": "*i32",
+               "prob_start": "*i32", "prob_count": "*i32", "part_ptr": "*fp32"}
+
+
+def _compile(kernel, constexprs, num_warps, num_stages):
+    sig, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+            continue
+        pointer = name.endswith("_ptr") or name in _INDEX_PTRS
+        sig[name] = _INDEX_PTRS.get(name, "*bf16") if pointer else "i32"
+        if pointer or name in _ALIGNED_INTS:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def variants():
+    """(label, kernel, constexprs, warps, stages) for each kernel variant the backend uses."""
+    g1 = dict(P_POW2=256, BM=64, BN=64, BK=64, SCALE_INPUT=False, UPCAST=False)
+    rows = dict(P_POW2=256, BM=64, BN=128, BK=64, ROW_SCALE=True, UPCAST=False)
+    wg = dict(BM=128, BN=128, BK=32, UPCAST=False)
+    return [
+        ("gemm1_swiglu", gemm_fwd._gemm1_swiglu_kernel, dict(g1, STORE_H=False), 4, 4),
+        ("gemm1_swiglu+h", gemm_fwd._gemm1_swiglu_kernel, dict(g1, STORE_H=True), 4, 4),
+        ("gemm2", gemm_rows._grouped_rows_kernel,
+         dict(rows, B_K_CONTIG=True, GATHER_A=False, OUT_SHARED=True, EPILOGUE=0), 4, 4),
+        ("dgemm2_swiglu_bwd", gemm_rows._grouped_rows_kernel,
+         dict(rows, B_K_CONTIG=False, GATHER_A=True, OUT_SHARED=False, EPILOGUE=1), 4, 4),
+        ("dgemm1", gemm_rows._grouped_rows_kernel,
+         dict(rows, B_K_CONTIG=False, GATHER_A=False, OUT_SHARED=True, EPILOGUE=0), 4, 4),
+        ("wgrad_dw2", gemm_wgrad._grouped_wgrad_kernel,
+         dict(wg, GATHER_A=True, GATHER_B=False, SCALE_A=True, SCALE_B=False), 8, 3),
+        ("wgrad_dw1", gemm_wgrad._grouped_wgrad_kernel,
+         dict(wg, GATHER_A=False, GATHER_B=True, SCALE_A=False, SCALE_B=False), 8, 3),
+    ]
+
+
+def check():
+    rows = []
+    for label, kernel, constexprs, warps, stages in variants():
+        compiled = _compile(kernel, constexprs, warps, stages)
+        ptx = compiled.asm["ptx"]
+        rows.append({
+            "kernel": label,
+            "shared_bytes": compiled.metadata.shared,
+            "wgmma": ptx.count("wgmma.mma_async"),
+            "cp16": len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*, 0x10", ptx)),
+        })
+    return rows
+
+
+def main():
+    rows = check()
+    if "--json" in sys.argv:
+        print(json.dumps(rows))
+        return
+    print(f"{'kernel':<20} {'shared B':>9} {'wgmma':>6} {'cp16':>5}")
+    for r in rows:
+        print(f"{r['kernel']:<20} {r['shared_bytes']:>9} {r['wgmma']:>6} {r['cp16']:>5}")
+
+
+if __name__ == "__main__":
+    main()

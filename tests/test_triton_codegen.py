@@ -32,3 +32,14 @@ def test_kernel_uses_wgmma_and_vector_loads(report, kernel):
     assert r["wgmma"] > 0, r
     assert r["cp16"] > 0, r  # lost stride specializations compile to no cp.async at all
     assert r["shared_bytes"] <= H100_SHARED_PER_BLOCK, r
+
+
+def test_heuristic_configs_fit_in_shared_memory():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "grove_kernels.triton.codegen_check",
+                          "--heuristic"], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(rows) == 4 * 2 * 3
+    too_big = [r for r in rows if r["shared_bytes"] > H100_SHARED_PER_BLOCK]
+    assert not too_big, too_big

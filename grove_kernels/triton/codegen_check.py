@@ -32,14 +32,14 @@ _INDEX_PTRS = {"row_token_ptr": "*i64", "row_weight_ptr": "*fp32", "block_offset
                "prob_start": "*i32", "prob_count": "*i32", "part_ptr": "*fp32"}
 
 
-def _compile(kernel, constexprs, num_warps, num_stages):
+def _compile(kernel, constexprs, num_warps, num_stages, dtype="bf16"):
     sig, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
             continue
         pointer = name.endswith("_ptr") or name in _INDEX_PTRS
-        sig[name] = _INDEX_PTRS.get(name, "*bf16") if pointer else "i32"
+        sig[name] = _INDEX_PTRS.get(name, "*" + dtype) if pointer else "i32"
         if pointer or name in _ALIGNED_INTS:
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
@@ -82,7 +82,42 @@ def check():
     return rows
 
 
+def heuristic_shared():
+    """Largest shared memory of any kernel under each heuristic bucket's Config, per dtype:
+    [{"rows_per_problem", "dtype", "kernel", "shared_bytes"}] (the worst variant of each)."""
+    import torch
+
+    from . import config as cfg
+
+    out = []
+    for rows_per_problem in (8, 24, 64, 1024):
+        for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+            conf = cfg._for_dtype(cfg._heuristic(rows_per_problem), dtype)
+            bm = conf.block_m
+            jobs = [
+                ("gemm1_swiglu+h", gemm_fwd._gemm1_swiglu_kernel,
+                 dict(P_POW2=256, BM=bm, BN=conf.gemm1[0], BK=conf.gemm1[1], SCALE_INPUT=False,
+                      STORE_H=True, UPCAST=False), conf.gemm1[2], conf.gemm1[3]),
+                ("dgemm2_swiglu_bwd", gemm_rows._grouped_rows_kernel,
+                 dict(P_POW2=256, BM=bm, BN=conf.rows[0], BK=conf.rows[1], ROW_SCALE=True,
+                      UPCAST=False, B_K_CONTIG=False, GATHER_A=True, OUT_SHARED=False,
+                      EPILOGUE=1), conf.rows[2], conf.rows[3]),
+                ("wgrad_dw2", gemm_wgrad._grouped_wgrad_kernel,
+                 dict(BM=conf.wgrad[0], BN=conf.wgrad[1], BK=conf.wgrad[2], GATHER_A=True,
+                      GATHER_B=False, SCALE_A=True, SCALE_B=False, UPCAST=False),
+                 conf.wgrad[3], conf.wgrad[4]),
+            ]
+            for label, kernel, constexprs, warps, stages in jobs:
+                compiled = _compile(kernel, constexprs, warps, stages, name)
+                out.append({"rows_per_problem": rows_per_problem, "dtype": name,
+                            "kernel": label, "shared_bytes": compiled.metadata.shared})
+    return out
+
+
 def main():
+    if "--heuristic" in sys.argv:
+        print(json.dumps(heuristic_shared()))
+        return
     rows = check()
     if "--json" in sys.argv:
         print(json.dumps(rows))

@@ -22,6 +22,15 @@ def _impl(device):
     return backends.module(backends.resolve(device))
 
 
+def _check_groups(w1, a1, group_size):
+    # Metadata only, repeated here because the ops are public too: a group count that does not
+    # match would index rows past the plan's adjugate section.
+    E = w1.shape[0]
+    if a1 is not None and (group_size < 1 or E % group_size or a1.shape[0] != E // group_size):
+        raise ValueError(f"group_size: {group_size} does not split the {E} experts of w1 into "
+                         f"the {a1.shape[0]} groups of a1")
+
+
 def _check_ids(topk_ids, num_experts, expert_map):
     if expert_map is None:
         _validate.ids_in_range("topk_ids", topk_ids, 0, num_experts)
@@ -78,6 +87,7 @@ def experts_forward(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Optional[
                     a2: Optional[Tensor], topk_weights: Tensor, topk_ids: Tensor,
                     expert_map: Optional[Tensor], group_size: int, adjugate_scale: float,
                     weight_on_input: bool) -> Tensor:
+    _check_groups(w1, a1, group_size)
     _check_ids(topk_ids, w1.shape[0], expert_map)
     return _impl(hidden_states.device).experts_forward(
         hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
@@ -96,6 +106,7 @@ def experts_backward(grad_out: Tensor, hidden_states: Tensor, w1: Tensor, w2: Te
                      topk_ids: Tensor, expert_map: Optional[Tensor], group_size: int,
                      adjugate_scale: float, weight_on_input: bool) -> List[Tensor]:
     """[dx, dw1, dw2, da1, da2, d topk_weights]; da1/da2 are empty when a1/a2 are absent."""
+    _check_groups(w1, a1, group_size)
     _check_ids(topk_ids, w1.shape[0], expert_map)
     grads = _impl(hidden_states.device).experts_backward(
         grad_out, hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,

@@ -170,3 +170,11 @@ def test_out_of_range_ids_become_skipped_slots():
     plan = build_plan(torch.tensor([[1, 7]], dtype=torch.int32), torch.ones(1, 2), 4, 0, 0.0,
                       expert_map)
     assert plan.token_mask.tolist() == [[True, False]]
+
+
+def test_op_refuses_group_count_mismatch():
+    x, w1, w2 = torch.randn(3, 8), torch.randn(6, 4, 8), torch.randn(6, 8, 2)
+    a1, a2 = torch.randn(2, 4, 8), torch.randn(2, 8, 2)
+    ids, w = torch.zeros(3, 2, dtype=torch.int32), torch.ones(3, 2)
+    with pytest.raises(ValueError, match="group_size"):
+        torch.ops.grove.experts_forward(x, w1, w2, a1, a2, w, ids, None, 4, 0.1, False)

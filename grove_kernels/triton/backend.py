@@ -100,8 +100,6 @@ def experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, topk_ids, expert
                                group_size, adjugate_scale)
     x = x.contiguous()
     dy = grad_out.to(x.dtype).contiguous()
-    start, count = plan.problem_rows()
-    start, count = start.to(torch.int32), count.to(torch.int32)
     dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
     da1 = torch.empty_like(a1) if a1 is not None else None
     da2 = torch.empty_like(a2) if a2 is not None else None
@@ -112,6 +110,7 @@ def experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, topk_ids, expert
         return x.new_zeros(0, H), dw1, dw2, da1, da2, torch.zeros_like(topk_weights)
 
     sched, z, h = _gemm1(x, plan, conf, w1, a1, I, Ia, weight_on_input, store_h=True)
+    start, count = sched[0], sched[1]
     R = plan.num_rows
     dh = (torch.empty_like(h[0]), torch.empty_like(h[1]) if h[1] is not None else None)
     # Zeroed: tiles past an adjugate's narrower N write no partial, and are summed too.

@@ -53,8 +53,13 @@ def mma(acc, a, b, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-def pow2(n):
-    return max(16, triton.next_power_of_2(max(int(n), 1)))
+def operand(t, gather):
+    """(expert buffer, adjugate buffer, gather row stride) of a kernel operand: one [T, D]
+    tensor read by token (gather), or a pair of per-kind row buffers (adjugate may be None)."""
+    if gather:
+        return t, t, t.stride(0)
+    return t[0], t[1] if t[1] is not None else t[0], 0
+
 
 
 @triton.jit

@@ -16,7 +16,7 @@ Partials instead of atomics keep that sum deterministic.
 import triton
 import triton.language as tl
 
-from ._common import locate_block, mma, round_to
+from ._common import locate_block, mma, operand, round_to
 
 # Epilogues.
 STORE = 0
@@ -135,12 +135,8 @@ def grouped_rows(plan, sched, a, b, n, out, *, a_gather=False, row_scale=False,
     # One of B_p's strides is 1 (weights are contiguous); which one is a compile-time fact.
     k_contig = sbe_k == 1
     s_be, s_ba = (sbe_n, sba_n) if k_contig else (sbe_k, sba_k)
-    if a_gather:
-        ae, aa, K_E, K_A, stride_gather = a, a, a.shape[1], a.shape[1], a.stride(0)
-    else:
-        ae, aa = a
-        aa = aa if aa is not None else ae
-        K_E, K_A, stride_gather = ae.shape[1], aa.shape[1], 0
+    ae, aa, stride_gather = operand(a, a_gather)
+    K_E, K_A = ae.shape[1], aa.shape[1]
     shared = not isinstance(out, tuple)
     oute, outa = (out, out) if shared else (out[0], out[1] if out[1] is not None else out[0])
     he, ha = h if h is not None else (oute, oute)

@@ -13,7 +13,7 @@ no atomics, and problems with no rows write zeros (nothing is left uninitialized
 import triton
 import triton.language as tl
 
-from ._common import mma, round_to
+from ._common import mma, operand, round_to
 
 
 @triton.jit
@@ -91,18 +91,8 @@ def grouped_wgrad(plan, start, count, a, b, out, *, gather_a=False, gather_b=Fal
     BM, BN, BK, warps, stages = config
     oe, oa = out
     oa = oa if oa is not None else oe
-    if gather_a:
-        ae = aa = a
-        sa = a.stride(0)
-    else:
-        ae, aa = a[0], a[1] if a[1] is not None else a[0]
-        sa = 0
-    if gather_b:
-        be = ba = b
-        sb = b.stride(0)
-    else:
-        be, ba = b[0], b[1] if b[1] is not None else b[0]
-        sb = 0
+    ae, aa, sa = operand(a, gather_a)
+    be, ba, sb = operand(b, gather_b)
     P = start.numel()
     m_tiles = triton.cdiv(max(oe.shape[1], oa.shape[1]), BM)
     n_tiles = triton.cdiv(max(oe.shape[2], oa.shape[2]), BN)

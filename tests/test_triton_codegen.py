@@ -1,5 +1,5 @@
 """The Triton GEMMs compile for sm_90 on a CPU machine, use Hopper tensor cores (wgmma) and
-16-byte pipelined loads, and fit in an H100's shared memory (grove_kernels.triton.codegen_check,
+16-byte pipelined loads, fit in an H100's shared memory and in its register file (grove_kernels.triton.codegen_check,
 run in a subprocess because it needs real JIT functions, not the interpreter's)."""
 import json
 import os
@@ -23,7 +23,10 @@ def report():
 
 
 KERNELS = ["gemm1_swiglu", "gemm1_swiglu+h", "gemm2", "dgemm2_swiglu_bwd", "dgemm1",
-           "wgrad_dw2", "wgrad_dw1"]
+           "dgemm1_dot_x", "wgrad_dw2", "wgrad_dw1"]
+# Per-thread spill stores tolerated (ptxas -v): a few registers' worth. The SwiGLU-backward
+# epilogue at four warps spilled ~1800 bytes before config.swiglu_bwd_rows.
+MAX_SPILL_BYTES = 64
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -32,14 +35,17 @@ def test_kernel_uses_wgmma_and_vector_loads(report, kernel):
     assert r["wgmma"] > 0, r
     assert r["cp16"] > 0, r  # lost stride specializations compile to no cp.async at all
     assert r["shared_bytes"] <= H100_SHARED_PER_BLOCK, r
+    assert 0 < r["registers"] <= 255 and r["spill_bytes"] <= MAX_SPILL_BYTES, r
 
 
-def test_heuristic_configs_fit_in_shared_memory():
+def test_heuristic_configs_fit_in_shared_memory_and_registers():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "grove_kernels.triton.codegen_check",
                           "--heuristic"], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(rows) == 4 * 2 * 3
+    assert len(rows) == 4 * 2 * len(KERNELS)
     too_big = [r for r in rows if r["shared_bytes"] > H100_SHARED_PER_BLOCK]
     assert not too_big, too_big
+    spilling = [r for r in rows if r["spill_bytes"] > MAX_SPILL_BYTES or r["registers"] <= 0]
+    assert not spilling, spilling

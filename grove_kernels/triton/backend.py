@@ -114,12 +114,13 @@ def experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, topk_ids, expert
     R = plan.num_rows
     dh = (torch.empty_like(h[0]), torch.empty_like(h[1]) if h[1] is not None else None)
     # Zeroed: tiles past an adjugate's narrower N write no partial, and are summed too.
-    part = torch.zeros(cfg.tiles(max(I, Ia), conf.rows[0]), R, dtype=torch.float32,
+    rows_bwd = cfg.swiglu_bwd_rows(conf)
+    part = torch.zeros(cfg.tiles(max(I, Ia), rows_bwd[0]), R, dtype=torch.float32,
                        device=x.device)
     b2e = _b(w2, False)
     n = grouped_rows(plan, sched, dy, (b2e, _b(a2, False) or b2e), (I, Ia or I), dh,
                      a_gather=True, row_scale=not weight_on_input, epilogue=SWIGLU_BWD, h=h,
-                     part=part, config=conf.rows, upcast=INTERPRET)
+                     part=part, config=rows_bwd, upcast=INTERPRET)
     d_row_weight = part[:n].sum(0)
 
     grouped_wgrad(plan, start, count, dy, z, (dw2, da2), gather_a=True,

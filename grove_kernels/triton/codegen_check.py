@@ -47,44 +47,80 @@ def _compile(kernel, constexprs, num_warps, num_stages, dtype="bf16"):
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def variants():
-    """(label, kernel, constexprs, warps, stages) for each kernel variant the backend uses."""
-    g1 = dict(P_POW2=256, BM=64, BN=64, BK=64, SCALE_INPUT=False, UPCAST=False)
-    rows = dict(P_POW2=256, BM=64, BN=128, BK=64, ROW_SCALE=True, UPCAST=False)
-    wg = dict(BM=128, BN=128, BK=32, UPCAST=False)
+def config_jobs(conf, dtype="bf16"):
+    """(label, kernel, constexprs, warps, stages) of every GEMM launch the backend makes
+    with Config `conf` (forward, backward, weight-on-input variants)."""
+    from . import config as cfg
+
+    bm = conf.block_m
+    g1 = dict(P_POW2=256, BM=bm, BN=conf.gemm1[0], BK=conf.gemm1[1], SCALE_INPUT=False,
+              UPCAST=False)
+
+    def rows(r, **kw):
+        return dict(P_POW2=256, BM=bm, BN=r[0], BK=r[1], ROW_SCALE=True, UPCAST=False, **kw)
+
+    bwd = cfg.swiglu_bwd_rows(conf)
+    wg = dict(BM=conf.wgrad[0], BN=conf.wgrad[1], BK=conf.wgrad[2], UPCAST=False)
+    gw, gs = conf.gemm1[2], conf.gemm1[3]
+    rw, rs = conf.rows[2], conf.rows[3]
+    ww, ws = conf.wgrad[3], conf.wgrad[4]
     return [
-        ("gemm1_swiglu", gemm_fwd._gemm1_swiglu_kernel, dict(g1, STORE_H=False), 4, 4),
-        ("gemm1_swiglu+h", gemm_fwd._gemm1_swiglu_kernel, dict(g1, STORE_H=True), 4, 4),
+        ("gemm1_swiglu", gemm_fwd._gemm1_swiglu_kernel, dict(g1, STORE_H=False), gw, gs),
+        ("gemm1_swiglu+h", gemm_fwd._gemm1_swiglu_kernel, dict(g1, STORE_H=True), gw, gs),
         ("gemm2", gemm_rows._grouped_rows_kernel,
-         dict(rows, B_K_CONTIG=True, GATHER_A=False, OUT_SHARED=True, EPILOGUE=0), 4, 4),
+         rows(conf.rows, B_K_CONTIG=True, GATHER_A=False, OUT_SHARED=True, EPILOGUE=0), rw, rs),
         ("dgemm2_swiglu_bwd", gemm_rows._grouped_rows_kernel,
-         dict(rows, B_K_CONTIG=False, GATHER_A=True, OUT_SHARED=False, EPILOGUE=1), 4, 4),
+         rows(bwd, B_K_CONTIG=False, GATHER_A=True, OUT_SHARED=False, EPILOGUE=1), bwd[2],
+         bwd[3]),
         ("dgemm1", gemm_rows._grouped_rows_kernel,
-         dict(rows, B_K_CONTIG=False, GATHER_A=False, OUT_SHARED=True, EPILOGUE=0), 4, 4),
+         rows(conf.rows, B_K_CONTIG=False, GATHER_A=False, OUT_SHARED=True, EPILOGUE=0), rw, rs),
+        ("dgemm1_dot_x", gemm_rows._grouped_rows_kernel,
+         rows(conf.rows, B_K_CONTIG=False, GATHER_A=False, OUT_SHARED=True, EPILOGUE=2), rw, rs),
         ("wgrad_dw2", gemm_wgrad._grouped_wgrad_kernel,
-         dict(wg, GATHER_A=True, GATHER_B=False, SCALE_A=True, SCALE_B=False), 8, 3),
+         dict(wg, GATHER_A=True, GATHER_B=False, SCALE_A=True, SCALE_B=False), ww, ws),
         ("wgrad_dw1", gemm_wgrad._grouped_wgrad_kernel,
-         dict(wg, GATHER_A=False, GATHER_B=True, SCALE_A=False, SCALE_B=False), 8, 3),
+         dict(wg, GATHER_A=False, GATHER_B=True, SCALE_A=False, SCALE_B=False), ww, ws),
     ]
 
 
+def _ptxas_usage(ptx):
+    """(registers, spill-store bytes) per thread from `ptxas -v` on the kernel's PTX."""
+    import subprocess
+    import tempfile
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, "-v", "-arch=sm_90a", path, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores", out)
+    return int(regs.group(1)) if regs else -1, int(spill.group(1)) if spill else 0
+
+
+def _report(label, compiled, **extra):
+    ptx = compiled.asm["ptx"]
+    regs, spill = _ptxas_usage(ptx)
+    return dict(extra, kernel=label, shared_bytes=compiled.metadata.shared,
+                wgmma=ptx.count("wgmma.mma_async"),
+                cp16=len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*, 0x10", ptx)),
+                registers=regs, spill_bytes=spill)
+
+
 def check():
-    rows = []
-    for label, kernel, constexprs, warps, stages in variants():
-        compiled = _compile(kernel, constexprs, warps, stages)
-        ptx = compiled.asm["ptx"]
-        rows.append({
-            "kernel": label,
-            "shared_bytes": compiled.metadata.shared,
-            "wgmma": ptx.count("wgmma.mma_async"),
-            "cp16": len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*, 0x10", ptx)),
-        })
-    return rows
+    """Every launch of the heuristic's 64-rows-per-expert Config (BM = 64: wgmma territory;
+    BM < 64 tiles run on mma.sync by design) in bf16."""
+    from . import config as cfg
+
+    return [_report(label, _compile(kernel, constexprs, warps, stages))
+            for label, kernel, constexprs, warps, stages in config_jobs(cfg._heuristic(64))]
 
 
-def heuristic_shared():
-    """Largest shared memory of any kernel under each heuristic bucket's Config, per dtype:
-    [{"rows_per_problem", "dtype", "kernel", "shared_bytes"}] (the worst variant of each)."""
+def heuristic_usage():
+    """Shared memory, registers and spills of every launch under each heuristic bucket's
+    Config, in bf16 and fp32 (fp32 halves BK): [{"rows_per_problem", "dtype", "kernel", ...}]."""
     import torch
 
     from . import config as cfg
@@ -93,38 +129,25 @@ def heuristic_shared():
     for rows_per_problem in (8, 24, 64, 1024):
         for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
             conf = cfg._for_dtype(cfg._heuristic(rows_per_problem), dtype)
-            bm = conf.block_m
-            jobs = [
-                ("gemm1_swiglu+h", gemm_fwd._gemm1_swiglu_kernel,
-                 dict(P_POW2=256, BM=bm, BN=conf.gemm1[0], BK=conf.gemm1[1], SCALE_INPUT=False,
-                      STORE_H=True, UPCAST=False), conf.gemm1[2], conf.gemm1[3]),
-                ("dgemm2_swiglu_bwd", gemm_rows._grouped_rows_kernel,
-                 dict(P_POW2=256, BM=bm, BN=conf.rows[0], BK=conf.rows[1], ROW_SCALE=True,
-                      UPCAST=False, B_K_CONTIG=False, GATHER_A=True, OUT_SHARED=False,
-                      EPILOGUE=1), conf.rows[2], conf.rows[3]),
-                ("wgrad_dw2", gemm_wgrad._grouped_wgrad_kernel,
-                 dict(BM=conf.wgrad[0], BN=conf.wgrad[1], BK=conf.wgrad[2], GATHER_A=True,
-                      GATHER_B=False, SCALE_A=True, SCALE_B=False, UPCAST=False),
-                 conf.wgrad[3], conf.wgrad[4]),
-            ]
-            for label, kernel, constexprs, warps, stages in jobs:
+            for label, kernel, constexprs, warps, stages in config_jobs(conf, name):
                 compiled = _compile(kernel, constexprs, warps, stages, name)
-                out.append({"rows_per_problem": rows_per_problem, "dtype": name,
-                            "kernel": label, "shared_bytes": compiled.metadata.shared})
+                out.append(_report(label, compiled, rows_per_problem=rows_per_problem,
+                                   dtype=name))
     return out
 
 
 def main():
     if "--heuristic" in sys.argv:
-        print(json.dumps(heuristic_shared()))
+        print(json.dumps(heuristic_usage()))
         return
     rows = check()
     if "--json" in sys.argv:
         print(json.dumps(rows))
         return
-    print(f"{'kernel':<20} {'shared B':>9} {'wgmma':>6} {'cp16':>5}")
+    print(f"{'kernel':<20} {'shared B':>9} {'wgmma':>6} {'cp16':>5} {'regs':>5} {'spill B':>8}")
     for r in rows:
-        print(f"{r['kernel']:<20} {r['shared_bytes']:>9} {r['wgmma']:>6} {r['cp16']:>5}")
+        print(f"{r['kernel']:<20} {r['shared_bytes']:>9} {r['wgmma']:>6} {r['cp16']:>5} "
+              f"{r['registers']:>5} {r['spill_bytes']:>8}")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,19 @@ def _heuristic(rows_per_problem):
     return Config(128, (64, 64, 8, 4), (128, 64, 8, 4), (128, 128, 32, 8, 3))
 
 
+def swiglu_bwd_rows(conf):
+    """The rows config for dGEMM-2 with the SwiGLU-backward epilogue.
+
+    That epilogue holds about six [BM, BN] fp32 tiles at once (accumulator, hg, hu, sigmoid,
+    silu, d_gate): at four warps and BM·BN = 8192 ptxas spills ~1.8 KB per thread (sm_90 AOT
+    compile, ptxas -v). Eight warps and BM·BN <= 8192 keep it within the register file.
+    """
+    bn, bk, warps, stages = conf.rows
+    if conf.block_m * bn < 4096:
+        return conf.rows
+    return (min(bn, 8192 // conf.block_m), bk, max(warps, 8), stages)
+
+
 def _for_dtype(conf, dtype):
     """fp32 operands take twice the shared memory per stage: halve BK, cap the stages."""
     if dtype != torch.float32 or INTERPRET:

@@ -2,8 +2,9 @@
 
 A backend is a module exposing `topk`, `experts_forward` and `experts_backward` with the
 signatures of the ops in ops.py. The configured name ("auto" by default) is resolved per call
-from the device of the inputs: `cuda` on sm_90 when grove_kernels._C is built, else `triton`
-on a GPU, else `torch`.
+from the device (and dtype) of the inputs: `cuda` on sm_90 when grove_kernels._C is built, the
+backend is marked for `auto` (cuda.AUTO: only once GPU-tested) and the dtype is bf16/fp16, else
+`triton` on a GPU, else `torch`.
 """
 import contextlib
 import importlib
@@ -72,8 +73,8 @@ def use_backend(name):
         _state.name = previous
 
 
-def resolve(device):
-    """Concrete backend name for a call whose tensors live on `device`."""
+def resolve(device, dtype=None):
+    """Concrete backend name for a call whose tensors live on `device` (activations `dtype`)."""
     name = get_backend()
     if name != "auto":
         module = _load(name)
@@ -82,7 +83,9 @@ def resolve(device):
         raise ValueError(f"backend: {name!r} does not run on {device}; use 'torch' or 'auto'")
     if device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)
-        if major == 9 and _load("cuda") is not None:
+        cuda = _load("cuda")
+        if (major == 9 and cuda is not None and cuda.AUTO
+                and (dtype is None or dtype in cuda.DTYPES)):
             return "cuda"
         if _load("triton") is not None:
             return "triton"

@@ -1,10 +1,13 @@
 """The `cuda` backend: the CUTLASS/CUDA kernels of csrc/, built as grove_kernels._C.
 
-Loading the extension registers low-level ops under torch.ops.grove_cuda (today: the sm_90a
-ptr-array grouped GEMM, `grouped_gemm_bf16`). Those are building blocks, NOT a backend: until
-experts_forward / experts_backward / topk exist here and have passed the GPU tests,
-`is_available()` stays False, so `auto` never picks `cuda` and `use_backend("cuda")` refuses.
-`build_info()` reports what the extension provides.
+Loading the extension registers the low-level ops of torch.ops.grove_cuda (grouped GEMMs in
+three layouts and two dtypes, the row kernels of csrc/rows.cu); this module wraps them with
+the current CUDA stream and serves the backend entry points of _cuda_moe.py (topk,
+experts_forward, experts_backward) to ops.py.
+
+Status: written and compiled for sm_90a, never run on a GPU. `is_available()` says whether
+the backend can be chosen by name (extension built, an sm_90 GPU present); `AUTO` stays False
+until the GPU tests pass, so `auto` keeps picking `triton` (backends.resolve).
 
 The extension is linked without libtorch_cuda (DESIGN §4), so it imports under a CPU torch
 too; its ops take the CUDA stream as an int (`current_stream_handle()`).
@@ -20,11 +23,11 @@ else:
     _import_error = None
 
 runs_on_cpu = False
-
-# The ops this module's backend functions will need; is_available() requires all of them AND
-# the backend entry points below, which do not exist yet (issue 4).
-_BACKEND_ENTRY_POINTS = ("experts_forward", "experts_backward", "topk")
-_KNOWN_OPS = ("grouped_gemm_bf16", "grouped_gemm_configs", "grouped_gemm_workspace_size")
+AUTO = False  # `auto` may pick this backend: only once the GPU tests have passed on it
+DTYPES = (torch.bfloat16, torch.float16)
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_KNOWN_OPS = ("grouped_gemm", "grouped_gemm_configs", "grouped_gemm_workspace_size",
+              "gather_rows", "swiglu_fwd", "swiglu_bwd", "combine_rows", "rows_dot_scale")
 
 
 def is_built():
@@ -36,7 +39,7 @@ def registered_ops():
     """Sorted names of the ops in torch.ops.grove_cuda (empty when the extension is absent)."""
     if _C is None:
         return []
-    try:  # every registered operator name, e.g. "grove_cuda::grouped_gemm_bf16"
+    try:  # every registered operator name, e.g. "grove_cuda::grouped_gemm"
         registered = torch._C._dispatch_get_registrations_for_dispatch_key("")
     except (AttributeError, RuntimeError):  # private API: fall back to the known names
         registered = [f"grove_cuda::{n}" for n in _KNOWN_OPS if hasattr(torch.ops.grove_cuda, n)]
@@ -47,11 +50,8 @@ def registered_ops():
 
 def op_schemas():
     """{op name: schema string} of the ops in torch.ops.grove_cuda."""
-    out = {}
-    for name in registered_ops():
-        packet = getattr(torch.ops.grove_cuda, name)
-        out[name] = str(packet.default._schema)
-    return out
+    return {name: str(getattr(torch.ops.grove_cuda, name).default._schema)
+            for name in registered_ops()}
 
 
 def build_info():
@@ -62,10 +62,16 @@ def build_info():
         "ops": registered_ops(),
         "gemm_configs": [],
         "backend_available": is_available(),
+        "auto": AUTO,
     }
     if "grouped_gemm_configs" in info["ops"]:
         info["gemm_configs"] = list(torch.ops.grove_cuda.grouped_gemm_configs())
     return info
+
+
+def _require():
+    if _C is None:
+        raise RuntimeError(f"grove_kernels._C is not built here ({_import_error})")
 
 
 def current_stream_handle(device=None):
@@ -73,22 +79,70 @@ def current_stream_handle(device=None):
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def grouped_gemm_bf16(a, b, out, start, count, config="coop_128x256_c11"):
-    """out[s] rows of problem p = a[s] rows of p @ b[s][j]^T (see csrc/include/grove_cuda.h).
+def gemm_config(dtype, layout, tile):
+    """The grouped-GEMM config name, e.g. gemm_config(torch.bfloat16, "tn", "coop_128x256_c11")."""
+    return f"{_DTYPE_NAMES[dtype]}_{layout}_{tile}"
 
-    a, b, out: lists (1 or 2 segments: experts, adjugates) of [R_s, K_s], [P_s, N_s, K_s] and
-    [R_s, N_s] bf16 tensors; start, count: [sum P_s] int32/int64 absolute plan rows, e.g.
-    Plan.problem_rows(). Runs on torch's current stream; no host synchronisation.
+
+def grouped_gemm(a, b, out, start, count, config):
+    """For every plan problem p: D_p = A_p @ B_p (layouts in csrc/include/grove_cuda.h).
+
+    config "<bf16|fp16>_<tn|tt|nt>_<tile>"; a, b, out: lists of 1 or 2 segments (experts,
+    adjugates): tn a [R_s, K], b [P_s, N, K], out [R_s, N]; tt a [R_s, K], b [P_s, K, N],
+    out [R_s, N]; nt (weight gradients) a [R_s, M], b [R_s, N], out [P_s, M, N].
+    start, count [sum P_s] int32/int64 absolute plan rows (Plan.problem_rows()).
+    Runs on torch's current stream; no host synchronisation.
     """
-    if _C is None:
-        raise RuntimeError(f"grove_kernels._C is not built here ({_import_error})")
-    torch.ops.grove_cuda.grouped_gemm_bf16(
-        list(a), list(b), list(out), start, count, config, current_stream_handle(a[0].device))
+    _require()
+    torch.ops.grove_cuda.grouped_gemm(list(a), list(b), list(out), start, count, config,
+                                      current_stream_handle(a[0].device))
     return out
 
 
+def _stream(t):
+    return current_stream_handle(t.device)
+
+
+def gather_rows(x, row_token, row_weight, rows_e, end_e, end_a, out):
+    _require()
+    torch.ops.grove_cuda.gather_rows(x, row_token, row_weight, rows_e, end_e, end_a, out,
+                                     _stream(x))
+    return out
+
+
+def swiglu_fwd(h, end, out):
+    _require()
+    torch.ops.grove_cuda.swiglu_fwd(h, out.shape[0], end, None, out, _stream(h))
+    return out
+
+
+def swiglu_bwd(g, h, row_weight, end, dh, d_row_weight):
+    _require()
+    torch.ops.grove_cuda.swiglu_bwd(g, h, row_weight, g.shape[0], end, None, dh, d_row_weight,
+                                    _stream(g))
+    return dh
+
+
+def combine_rows(rows, token_rows, token_mask, token_weight, out):
+    _require()
+    torch.ops.grove_cuda.combine_rows(rows, token_rows, token_mask, token_weight, out,
+                                      _stream(rows))
+    return out
+
+
+def rows_dot_scale(rows, x, row_token, row_weight, rows_e, end_e, end_a, dot):
+    _require()
+    torch.ops.grove_cuda.rows_dot_scale(rows, x, row_token, row_weight, rows_e, end_e, end_a,
+                                        dot, _stream(rows))
+    return rows
+
+
 def is_available():
-    """False until the full backend (experts_forward/backward, topk) exists and is GPU-tested."""
+    """True when the backend can run here: extension built, a CUDA GPU of compute capability
+    9.x (the objects are sm_90a only)."""
     if _C is None or not torch.cuda.is_available():
         return False
-    return all(callable(globals().get(name)) for name in _BACKEND_ENTRY_POINTS)
+    return torch.cuda.get_device_capability()[0] == 9
+
+
+from ._cuda_moe import experts_backward, experts_forward, topk  # noqa: E402,F401

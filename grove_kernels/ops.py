@@ -18,8 +18,8 @@ from torch import Tensor
 from . import _validate, backends
 
 
-def _impl(device):
-    return backends.module(backends.resolve(device))
+def _impl(device, dtype=None):
+    return backends.module(backends.resolve(device, dtype))
 
 
 def _check_groups(w1, a1, group_size):
@@ -89,7 +89,7 @@ def experts_forward(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Optional[
                     weight_on_input: bool) -> Tensor:
     _check_groups(w1, a1, group_size)
     _check_ids(topk_ids, w1.shape[0], expert_map)
-    return _impl(hidden_states.device).experts_forward(
+    return _impl(hidden_states.device, hidden_states.dtype).experts_forward(
         hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
         adjugate_scale, weight_on_input)
 
@@ -108,7 +108,7 @@ def experts_backward(grad_out: Tensor, hidden_states: Tensor, w1: Tensor, w2: Te
     """[dx, dw1, dw2, da1, da2, d topk_weights]; da1/da2 are empty when a1/a2 are absent."""
     _check_groups(w1, a1, group_size)
     _check_ids(topk_ids, w1.shape[0], expert_map)
-    grads = _impl(hidden_states.device).experts_backward(
+    grads = _impl(hidden_states.device, hidden_states.dtype).experts_backward(
         grad_out, hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,
         group_size, adjugate_scale, weight_on_input)
     return [g if g is not None else w1.new_empty(0) for g in grads]

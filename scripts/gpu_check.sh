@@ -1,23 +1,39 @@
 #!/usr/bin/env bash
 # One GPU session's measurements (a GPU machine has no network: nothing is installed here
 # beyond the package itself, run from the source tree). Usage:
-#   bash scripts/gpu_check.sh OUT_DIR [all|tests|tune|bench]      (default: all)
+#   bash scripts/gpu_check.sh OUT_DIR [all|build|tests|sanitize|tune|bench]   (default: all)
+#   build  grove_kernels._C in place (nvcc + CUTLASS headers: install a carried wheel first,
+#          CUTLASS_WHEEL=path/to/nvidia_cutlass-4.2.0.0-py3-none-any.whl; objects already in
+#          build/grove_cuda with the same nvcc are reused)
 #   tests  the GPU tests (every backend against the float64 reference, graph capture, no syncs)
+#   sanitize  compute-sanitizer memcheck over the cuda backend's op tests and a mid-size layer
 #   tune   the Triton tile tuner at grove-33b shapes (TUNE_BUDGET_S, default 240 s)
 #          -> OUT_DIR/configs.json, also copied to grove_kernels/triton/ for the bench
 #   bench  the benchmark protocol of DESIGN §6 -> OUT_DIR/<device>_<date>.{json,png}
 # Each stage fits one 10-minute device command. Afterwards copy OUT_DIR/configs.json to
 # grove_kernels/triton/ and the results to bench/results/.
 set -uo pipefail
-out=${1:?usage: bash scripts/gpu_check.sh OUT_DIR [all|tests|tune|bench]}
+out=${1:?usage: bash scripts/gpu_check.sh OUT_DIR [all|build|tests|sanitize|tune|bench]}
 stage=${2:-all}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mkdir -p "$out"
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-case $stage in all|tests|tune|bench) ;; *) echo "unknown stage: $stage" >&2; exit 2 ;; esac
+case $stage in all|build|tests|sanitize|tune|bench) ;; *) echo "unknown stage: $stage" >&2; exit 2 ;; esac
+if [[ $stage == all || $stage == build ]]; then
+  if [[ -n ${CUTLASS_WHEEL:-} ]] && ! "$PY" -c "import cutlass_library" 2>/dev/null; then
+    "$PY" -m pip install -q --no-deps --no-index "$CUTLASS_WHEEL"
+  fi
+  GROVE_BUILD_CUDA=1 "$PY" setup.py -q build_ext --inplace 2>&1 | tail -5
+  "$PY" -c "import grove_kernels.cuda as c; print(c.build_info())"
+fi
 if [[ $stage == all || $stage == tests ]]; then
   "$PY" -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log" | tail -15
+fi
+if [[ $stage == all || $stage == sanitize ]]; then
+  compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q -x \
+    tests/test_cuda_ops_gpu.py "tests/test_api_gpu.py::test_fused_grove_experts_grad_gpu" \
+    -k "cuda or bf16_tn_coop or bf16_nt" 2>&1 | tee "$out/sanitize.log" | tail -15
 fi
 if [[ $stage == all || $stage == tune ]]; then
   "$PY" -m grove_kernels.triton.tune --budget-s "${TUNE_BUDGET_S:-240}" \

@@ -22,13 +22,29 @@ _spec.loader.exec_module(build_cuda)
 _missing = build_cuda.missing_prerequisites()
 pytestmark = pytest.mark.skipif(bool(_missing), reason="; ".join(_missing) or "ok")
 
-CONFIGS = ["coop_128x256_c11", "pingpong_64x128_c11"]
+CONFIGS = [f"{dt}_{layout}_{tile}" for dt in ("bf16", "fp16")
+           for layout, tiles in (("tn", ("coop_128x256_c11", "pingpong_64x128_c11")),
+                                 ("tt", ("coop_128x256_c11", "pingpong_64x128_c11")),
+                                 ("nt", ("coop_128x256_c11",)))
+           for tile in tiles]
 SCHEMAS = {
-    "grouped_gemm_bf16": "grove_cuda::grouped_gemm_bf16(Tensor[] a, Tensor[] b, Tensor(a!)[] out, "
-                         "Tensor start, Tensor count, str config, int stream) -> ()",
+    "grouped_gemm": "grove_cuda::grouped_gemm(Tensor[] a, Tensor[] b, Tensor(a!)[] out, "
+                    "Tensor start, Tensor count, str config, int stream) -> ()",
     "grouped_gemm_configs": "grove_cuda::grouped_gemm_configs() -> str[]",
     "grouped_gemm_workspace_size": "grove_cuda::grouped_gemm_workspace_size(int num_problems, "
                                    "str config, int sm_count) -> int",
+    "gather_rows": "grove_cuda::gather_rows(Tensor x, Tensor row_token, Tensor? row_weight, "
+                   "int rows_e, Tensor? end_e, Tensor? end_a, Tensor(a!) out, int stream) -> ()",
+    "swiglu_fwd": "grove_cuda::swiglu_fwd(Tensor h, int rows_e, Tensor? end_e, Tensor? end_a, "
+                  "Tensor(a!) out, int stream) -> ()",
+    "swiglu_bwd": "grove_cuda::swiglu_bwd(Tensor g, Tensor h, Tensor? row_weight, int rows_e, "
+                  "Tensor? end_e, Tensor? end_a, Tensor(a!) dh, Tensor(b!)? d_row_weight, "
+                  "int stream) -> ()",
+    "combine_rows": "grove_cuda::combine_rows(Tensor rows, Tensor token_rows, Tensor token_mask, "
+                    "Tensor? token_weight, Tensor(a!) out, int stream) -> ()",
+    "rows_dot_scale": "grove_cuda::rows_dot_scale(Tensor(a!) rows, Tensor x, Tensor row_token, "
+                      "Tensor row_weight, int rows_e, Tensor? end_e, Tensor? end_a, "
+                      "Tensor(b!)? dot, int stream) -> ()",
 }
 
 
@@ -54,8 +70,8 @@ def test_every_cu_compiles_for_sm90a(objects):
     sources = build_cuda.cu_sources()
     assert sources and sorted(objects) == sources
     names = {os.path.relpath(s, build_cuda.CSRC) for s in sources}
-    assert {"grouped_args.cu", os.path.join("gemm", "grouped_bf16_tn_coop_128x256_c11.cu"),
-            os.path.join("gemm", "grouped_bf16_tn_pingpong_64x128_c11.cu")} <= names
+    assert {"grouped_args.cu", "rows.cu"} | {os.path.join("gemm", f"grouped_{c}.cu")
+                                            for c in CONFIGS} == names
     for obj in objects.values():
         assert os.path.getsize(obj) > 0
     assert "-gencode=arch=compute_90a,code=sm_90a" in build_cuda.NVCC_FLAGS
@@ -67,7 +83,7 @@ def test_gemm_objects_contain_hgmma(objects):
     if cuobjdump is None:
         pytest.skip("no cuobjdump (CUDA toolkit or triton/backends/nvidia/bin)")
     gemms = {s: o for s, o in objects.items() if build_cuda.is_gemm_source(s)}
-    assert len(gemms) >= 2
+    assert len(gemms) == len(CONFIGS)
     counts = {os.path.basename(o): build_cuda.count_hgmma(o, cuobjdump) for o in gemms.values()}
     assert all(n > 0 for n in counts.values()), f"no wgmma (HGMMA) in SASS: {counts}"
 
@@ -86,9 +102,13 @@ def test_one_extern_c_launcher_per_gemm_file():
     header = open(os.path.join(build_cuda.CSRC, "include", "grove_cuda.h")).read()
     for src in build_cuda.cu_sources():
         if build_cuda.is_gemm_source(src):
-            config = re.match(r"grouped_bf16_tn_(\w+)\.cu$", os.path.basename(src)).group(1)
-            assert f"GROVE_DEFINE_GROUPED_GEMM(grove_grouped_bf16_tn_{config}," in open(src).read()
-            assert f"GROVE_DECLARE_GROUPED_GEMM(grove_grouped_bf16_tn_{config})" in header
+            m = re.match(r"grouped_(bf16|fp16)_(tn|tt|nt)_(\w+)\.cu$", os.path.basename(src))
+            dt, layout, tile = m.groups()
+            text = open(src).read()
+            assert f"GROVE_DEFINE_GROUPED_GEMM(grove_grouped_{dt}_{layout}_{tile}," in text
+            assert f"GROVE_LAYOUT_{layout.upper()}" in text
+            assert ("bfloat16_t" if dt == "bf16" else "half_t") in text
+            assert f"X({dt}, {layout}, {tile})" in header
 
 
 # ----------------------------------------------------------------------- extension (CPU torch)
@@ -103,13 +123,16 @@ def test_extension_registers_ops(cuda_mod):
     assert set(SCHEMAS) <= set(info["ops"])
 
 
-def test_not_a_backend_yet(cuda_mod):
+def test_auto_never_picks_the_untested_backend(cuda_mod):
     from grove_kernels import backends
 
-    # Low-level ops only: `auto` must never pick cuda until the full backend is GPU-tested.
-    assert cuda_mod.is_available() is False
-    assert cuda_mod.build_info()["backend_available"] is False
-    assert "cuda" not in backends.available_backends()
+    # Never run on a GPU: usable by name on an sm_90 GPU, but `auto` must not pick it.
+    assert cuda_mod.AUTO is False and cuda_mod.build_info()["auto"] is False
+    for name in ("topk", "experts_forward", "experts_backward"):
+        assert callable(getattr(cuda_mod, name))
+    if not torch.cuda.is_available():
+        assert cuda_mod.is_available() is False
+        assert "cuda" not in backends.available_backends()
 
 
 def _args(T=4, K=16, N=32, P=2, dtype=torch.bfloat16, device="cpu"):
@@ -121,21 +144,22 @@ def _args(T=4, K=16, N=32, P=2, dtype=torch.bfloat16, device="cpu"):
     return a, b, out, start, count
 
 
-def _call(a, b, out, start, count, config="coop_128x256_c11"):
-    torch.ops.grove_cuda.grouped_gemm_bf16(a, b, out, start, count, config, 0)
+def _call(a, b, out, start, count, config="bf16_tn_coop_128x256_c11"):
+    torch.ops.grove_cuda.grouped_gemm(a, b, out, start, count, config, 0)
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda x: x.update(config="nope"), r"config must be one of \[coop_128x256_c11"),
+    (lambda x: x.update(config="nope"), r"config must be one of \[bf16_tn_coop_128x256_c11"),
     (lambda x: x.update(a=x["a"] * 3), r"a must hold 1 to 2 tensors"),
     (lambda x: x.update(b=x["b"] + x["b"]), r"a, b and out must have the same length"),
-    (lambda x: x.update(a=[x["a"][0].float()]), r"must be bfloat16"),
+    (lambda x: x.update(a=[x["a"][0].float()]), r"must be BFloat16 for config"),
+    (lambda x: x.update(config="fp16_tn_coop_128x256_c11"), r"must be Half for config"),
     (lambda x: x.update(a=[x["a"][0][None]]), r"a\[0\] must be 2-D"),
     (lambda x: x.update(b=[x["b"][0][..., :8].contiguous()]), r"b\[0\] has K = 8 but a\[0\] has K = 16"),
     (lambda x: x.update(out=[x["out"][0][:, :8]]), r"out\[0\] must be \[4, 32\]"),
     (lambda x: x.update(count=x["count"].int()), r"both be int32 or both int64"),
     (lambda x: x.update(start=x["start"][:1], count=x["count"][:1]),
-     r"one entry per problem \(2 = sum of b\[s\].size\(0\)\)"),
+     r"one entry per problem \(2 in all segments\)"),
     (lambda x: x.update(a=[torch.zeros(4, 12, dtype=torch.bfloat16)],
                         b=[torch.zeros(2, 32, 12, dtype=torch.bfloat16)]), r"multiples of 8"),
     (lambda x: x.update(a=[x["a"][0].t().contiguous().t()]), r"last dimension .* contiguous"),
@@ -143,7 +167,7 @@ def _call(a, b, out, start, count, config="coop_128x256_c11"):
 ])
 def test_bad_arguments_raise_clear_errors(cuda_mod, mutate, message):
     a, b, out, start, count = _args()
-    kw = dict(a=a, b=b, out=out, start=start, count=count, config="coop_128x256_c11")
+    kw = dict(a=a, b=b, out=out, start=start, count=count, config="bf16_tn_coop_128x256_c11")
     mutate(kw)
     with pytest.raises(RuntimeError, match=message):
         _call(kw["a"], kw["b"], kw["out"], kw["start"], kw["count"], kw["config"])
@@ -159,117 +183,39 @@ def test_workspace_size_query(cuda_mod):
         torch.ops.grove_cuda.grouped_gemm_workspace_size(8, CONFIGS[0], 0)
 
 
-# -------------------------------------------------------------------------------- GPU tests
-
-def _sm90():
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+def _bf(*shape):
+    return torch.zeros(*shape, dtype=torch.bfloat16)
 
 
-def _routing(T, k, E, gen, skip_experts=()):
-    """topk ids over the experts not in skip_experts (so those get zero rows)."""
-    allowed = torch.tensor([e for e in range(E) if e not in skip_experts])
-    ids = torch.stack([allowed[torch.randperm(len(allowed), generator=gen)[:k]] for _ in range(T)])
-    w = torch.rand(T, k, generator=gen)
-    return ids, w
+@pytest.mark.parametrize("b, out, message", [
+    (_bf(4, 32), _bf(2, 16, 32), r"must be on a CUDA device"),  # well-formed: reaches the device
+    (_bf(5, 32), _bf(2, 16, 32), r"b\[0\] must have the rows of a\[0\] \(4\)"),
+    (_bf(4, 32), _bf(2, 16, 24), r"out\[0\] must be \[P, 16, 32\]"),
+    (_bf(2, 4, 32), _bf(2, 16, 32), r"b\[0\] must be 2-D \[rows, N\]"),
+])
+def test_weight_gradient_layout_shapes(cuda_mod, b, out, message):
+    start = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=message):
+        _call([_bf(4, 16)], [b], [out], start, start.clone(), "bf16_nt_coop_128x256_c11")
 
 
-def _problem(T=96, k=4, E=16, S=4, H=256, N1=384, N2=64, skip=(3, 7), seed=0, device="cuda"):
-    from grove_kernels.plan import build_plan
-
-    gen = torch.Generator().manual_seed(seed)
-    ids, w = _routing(T, k, E, gen, skip)
-    plan = build_plan(ids.to(device), w.to(device), E, group_size=S, adjugate_scale=0.5)
-    G = E // S
-    x = torch.randn(T, H, generator=gen).to(device, torch.bfloat16)
-    w1 = (torch.randn(E, N1, H, generator=gen) / H ** 0.5).to(device, torch.bfloat16)
-    a1 = (torch.randn(G, N2, H, generator=gen) / H ** 0.5).to(device, torch.bfloat16)
-    rows = x[plan.row_token]
-    Re = plan.num_expert_rows
-    return plan, [rows[:Re], rows[Re:]], [w1, a1]
+def _long(*shape):
+    return torch.zeros(*shape, dtype=torch.int64)
 
 
-def _reference(plan, a, b):
-    start, count = (t.cpu() for t in plan.problem_rows())
-    ref = [torch.zeros(t.shape[0], w.shape[1], dtype=torch.float32, device=t.device)
-           for t, w in zip(a, b)]
-    P0 = b[0].shape[0]
-    for p in range(start.numel()):
-        s = 0 if p < P0 else 1
-        j = p if s == 0 else p - P0
-        r0 = int(start[p]) - (0 if s == 0 else a[0].shape[0])
-        m = int(count[p])
-        ref[s][r0:r0 + m] = a[s][r0:r0 + m].float() @ b[s][j].float().t()
-    return ref, start, count
-
-
-def _check(plan, out, ref, start, count, P0):
-    Re = out[0].shape[0]
-    for p in range(start.numel()):
-        s = 0 if p < P0 else 1
-        r0 = int(start[p]) - (0 if s == 0 else Re)
-        m = int(count[p])
-        torch.testing.assert_close(out[s][r0:r0 + m].float(), ref[s][r0:r0 + m],
-                                   atol=2e-2, rtol=2e-2, msg=f"problem {p}")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
-def test_grouped_gemm_matches_torch(cuda_mod, config, index_dtype):
-    plan, a, b = _problem()
-    ref, start, count = _reference(plan, a, b)
-    assert (count[:16] == 0).sum() >= 2  # skipped experts: problems with zero rows
-    sentinel = 7.0
-    out = [torch.full((t.shape[0], w.shape[1]), sentinel, dtype=torch.bfloat16, device="cuda")
-           for t, w in zip(a, b)]
-    s_dev, c_dev = (t.to(index_dtype) for t in plan.problem_rows())
-    cuda_mod.grouped_gemm_bf16(a, b, out, s_dev, c_dev, config)
-    torch.cuda.synchronize()
-    _check(plan, out, ref, start, count, b[0].shape[0])
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU")
-def test_grouped_gemm_experts_only_segment(cuda_mod):
-    plan, a, b = _problem()
-    start, count = plan.problem_rows()
-    E = b[0].shape[0]
-    out = [torch.zeros(a[0].shape[0], b[0].shape[1], dtype=torch.bfloat16, device="cuda")]
-    cuda_mod.grouped_gemm_bf16(a[:1], b[:1], out, start[:E].contiguous(), count[:E].contiguous())
-    ref, s_cpu, c_cpu = _reference(plan, a, b)
-    for p in range(E):
-        r0, m = int(s_cpu[p]), int(c_cpu[p])
-        torch.testing.assert_close(out[0][r0:r0 + m].float(), ref[0][r0:r0 + m],
-                                   atol=2e-2, rtol=2e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("config", CONFIGS)
-def test_grouped_gemm_cuda_graph_replays_new_routing(cuda_mod, config):
-    plan0, a0, b = _problem(seed=1)
-    s0, c0 = plan0.problem_rows()
-    static_a = [t.clone() for t in a0]
-    static_s, static_c = s0.clone(), c0.clone()
-    out = [torch.zeros(t.shape[0], w.shape[1], dtype=torch.bfloat16, device="cuda")
-           for t, w in zip(static_a, b)]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up outside capture (CUTLASS sets smem attributes)
-        cuda_mod.grouped_gemm_bf16(static_a, b, out, static_s, static_c, config)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        cuda_mod.grouped_gemm_bf16(static_a, b, out, static_s, static_c, config)
-    for seed in (2, 3):
-        plan, a, _ = _problem(seed=seed)
-        s, c = plan.problem_rows()
-        for dst, src in zip(static_a, a):
-            dst.copy_(src)
-        static_s.copy_(s)
-        static_c.copy_(c)
-        graph.replay()
-        torch.cuda.synchronize()
-        ref, s_cpu, c_cpu = _reference(plan, a, b)
-        _check(plan, out, ref, s_cpu, c_cpu, b[0].shape[0])
+@pytest.mark.parametrize("call, message", [
+    (lambda: torch.ops.grove_cuda.gather_rows(_bf(3, 16).float(), _long(4), None, 4, None, None,
+                                              _bf(4, 16), 0), r"x must be bfloat16 or float16"),
+    (lambda: torch.ops.grove_cuda.gather_rows(_bf(3, 16), _long(4), None, 4, None, None,
+                                              _bf(4, 16), 0), r"must be on a CUDA device"),
+    (lambda: torch.ops.grove_cuda.swiglu_fwd(_bf(4, 30), 4, None, None, _bf(4, 16), 0),
+     r"must be on a CUDA device"),
+    (lambda: torch.ops.grove_cuda.combine_rows(_bf(4, 16), _long(2, 3), torch.zeros(2, 3),
+                                               None, _bf(2, 16), 0), r"must be on a CUDA device"),
+    (lambda: torch.ops.grove_cuda.rows_dot_scale(_bf(4, 16).half(), _bf(3, 16), _long(4),
+                                                 torch.zeros(4), 4, None, None, None, 0),
+     r"must be on a CUDA device"),
+])
+def test_row_ops_reject_bad_arguments(cuda_mod, call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()

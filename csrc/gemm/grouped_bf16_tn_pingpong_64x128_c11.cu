@@ -1,12 +1,14 @@
-// Grouped bf16 GEMM, ping-pong schedule, tile 64x128x64, cluster 1x1x1: the small-T
-// configuration (DESIGN §4: best up to T~1024).
-#include "grouped_bf16_tn.cuh"
+// Grouped bf16 GEMM, layout tn (see grouped_gemm.cuh):
+// ping-pong, tile 64x128x64, cluster 1x1x1:
+// small T (DESIGN §4: best up to T~1024 for tn).
+#include "grouped_gemm.cuh"
 
 namespace {
-using Config = grove::GroupedBf16Tn<cute::Shape<cute::_64, cute::_128, cute::_64>,
-                                    cute::Shape<cute::_1, cute::_1, cute::_1>,
-                                    cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong,
-                                    cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
+using Config = grove::GroupedGemm<cutlass::bfloat16_t, GROVE_LAYOUT_TN,
+                                  cute::Shape<cute::_64, cute::_128, cute::_64>,
+                                  cute::Shape<cute::_1, cute::_1, cute::_1>,
+                                  cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong,
+                                  cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
 }  // namespace
 
 GROVE_DEFINE_GROUPED_GEMM(grove_grouped_bf16_tn_pingpong_64x128_c11, Config)

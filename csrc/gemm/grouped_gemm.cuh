@@ -1,14 +1,20 @@
-// grouped_bf16_tn.cuh: the CUTLASS 3.x sm_90a persistent ptr-array grouped GEMM behind every
-// csrc/gemm/grouped_bf16_tn_<config>.cu (one configuration per translation unit, so each
-// compiles in about a minute and the build parallelises).
+// grouped_gemm.cuh: the CUTLASS 3.x sm_90a persistent ptr-array grouped GEMM behind every
+// csrc/gemm/grouped_<dtype>_<layout>_<config>.cu (one specialization per translation unit, so
+// each compiles in about a minute and the build parallelises).
 //
-//   D_p[M_p, N_p] (bf16, row-major) = A_p[M_p, K_p] (bf16, row-major) @ B_p[N_p, K_p]^T (bf16, K
-//   contiguous: expert weights as stored, e.g. w1 [E, 2I, H]),  fp32 accumulation.
+//   D_p[M_p, N_p] (row-major) = A_p[M_p, K_p] @ B_p[K_p, N_p],   bf16 or fp16, fp32 accumulate
+//
+//   layout  A_p            B_p                       per-problem size  used for
+//   tn      K-major rows   K-major ([N, K]: w1, w2)  M = rows          GEMM-1, GEMM-2
+//   tt      K-major rows   N-major ([K, N]: w1, w2)  M = rows          dGEMM-2, dGEMM-1
+//   nt      M-major rows   N-major rows              K = rows          dW1 / dW2 (wgrad)
 //
 // Problem shapes, pointers and leading dimensions live only in device memory, written by
 // grove_grouped_args_fill (grouped_args.cu); CUTLASS is initialised with host shapes = nullptr
 // (DESIGN §4: initialising with host shapes of an earlier routing leaves output unwritten), so
-// fill + GEMM are stream-ordered, host-sync free and CUDA-graph capturable.
+// fill + GEMM are stream-ordered, host-sync free and CUDA-graph capturable. In the nt layout a
+// problem with no rows is skipped by CUTLASS (M = 0) and its D zeroed by a separate kernel:
+// CUTLASS leaves a K = 0 accumulator uninitialised.
 // Torch-free: raw pointers, a cudaStream_t and an int error code.
 #pragma once
 
@@ -29,15 +35,50 @@
 
 namespace grove {
 
-template <class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule>
-struct GroupedBf16Tn {
+template <int Layout>
+struct OperandLayouts;
+template <>
+struct OperandLayouts<GROVE_LAYOUT_TN> {
+  using A = cutlass::layout::RowMajor;     // [M, K], K contiguous
+  using B = cutlass::layout::ColumnMajor;  // (K, N) column-major == [N, K] row-major
+};
+template <>
+struct OperandLayouts<GROVE_LAYOUT_TT> {
+  using A = cutlass::layout::RowMajor;  // [M, K], K contiguous
+  using B = cutlass::layout::RowMajor;  // [K, N], N contiguous
+};
+template <>
+struct OperandLayouts<GROVE_LAYOUT_NT> {
+  using A = cutlass::layout::ColumnMajor;  // (M, K) with M contiguous: rows of [K, M]
+  using B = cutlass::layout::RowMajor;     // [K, N], N contiguous: rows of [K, N]
+};
+
+// grouped_args.cu writes plain int32[3] shapes and one int64 per operand for the stride of
+// its non-unit mode: each CUTLASS stride must be exactly one int64 plus static 1 / 0 modes.
+template <class Stride>
+constexpr bool is_one_int64_stride() {
+  using namespace cute;
+  return sizeof(Stride) == sizeof(int64_t) &&
+         (std::is_same<Stride, cute::Stride<int64_t, Int<1>, Int<0>>>::value ||
+          std::is_same<Stride, cute::Stride<Int<1>, int64_t, Int<0>>>::value);
+}
+
+template <class Element_, int Layout, class TileShape, class ClusterShape, class KernelSchedule,
+          class EpilogueSchedule>
+struct GroupedGemm {
   using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // M, N, K
-  using Element = cutlass::bfloat16_t;
+  using Element = Element_;
   using Accumulator = float;
-  using LayoutA = cutlass::layout::RowMajor;     // [M, K], K contiguous
-  using LayoutB = cutlass::layout::ColumnMajor;  // (K, N) column-major == [N, K] row-major
-  using LayoutD = cutlass::layout::RowMajor;     // [M, N], N contiguous
+  using LayoutA = typename OperandLayouts<Layout>::A;
+  using LayoutB = typename OperandLayouts<Layout>::B;
+  using LayoutD = cutlass::layout::RowMajor;  // [M, N], N contiguous
+  static constexpr int kLayout = Layout;
   static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 8 elements
+  static constexpr int kDtype =
+      std::is_same<Element, cutlass::bfloat16_t>::value ? GROVE_DTYPE_BF16 : GROVE_DTYPE_FP16;
+  static_assert(std::is_same<Element, cutlass::bfloat16_t>::value ||
+                    std::is_same<Element, cutlass::half_t>::value,
+                "bf16 or fp16 operands");
 
   // No C operand (ElementC = void): D = acc, nothing is read back.
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
@@ -61,13 +102,10 @@ struct GroupedBf16Tn {
   using StrideD = typename Kernel::InternalStrideD;
   using Shape = typename ProblemShape::UnderlyingProblemShape;
 
-  // grouped_args.cu writes plain int32[3] shapes and one int64 leading dimension per operand:
-  // these must be exactly CUTLASS's types.
-  using PackedStride = cute::Stride<int64_t, cute::Int<1>, cute::Int<0>>;
-  static_assert(std::is_same<StrideA, PackedStride>::value, "A stride must be (ld, 1, 0)");
-  static_assert(std::is_same<StrideB, PackedStride>::value, "B stride must be (ld, 1, 0)");
-  static_assert(std::is_same<StrideD, PackedStride>::value, "D stride must be (ld, 1, 0)");
-  static_assert(sizeof(StrideA) == sizeof(int64_t), "stride must be one int64");
+  static_assert(is_one_int64_stride<StrideA>(), "A stride must be one int64");
+  static_assert(is_one_int64_stride<StrideB>(), "B stride must be one int64");
+  static_assert(std::is_same<StrideD, cute::Stride<int64_t, cute::Int<1>, cute::Int<0>>>::value,
+                "D stride must be (ld, 1, 0)");
   static_assert(sizeof(Shape) == 3 * sizeof(int32_t), "shape must be int32[3]");
 
   static constexpr size_t kWorkspaceAlign = 256;
@@ -123,9 +161,14 @@ struct GroupedBf16Tn {
     if (sm_count <= 0) return GROVE_ERR_CUDA;
     if (!workspace || workspace_bytes < workspace_size(num_problems, sm_count))
       return GROVE_ERR_WORKSPACE_TOO_SMALL;
-    int rc = grove_grouped_args_fill(segments, num_segments, start, count, index_bytes,
+    int rc = grove_grouped_args_fill(kLayout, segments, num_segments, start, count, index_bytes,
                                      num_problems, workspace, stream);
     if (rc != GROVE_OK) return rc;
+    if (kLayout == GROVE_LAYOUT_NT) {
+      rc = grove_grouped_zero_empty(kDtype, segments, num_segments, start, count,
+                                    index_bytes, num_problems, stream);
+      if (rc != GROVE_OK) return rc;
+    }
     auto args = arguments(workspace, num_problems, sm_count);
     void* cutlass_workspace = static_cast<char*>(workspace) + cutlass_workspace_offset(num_problems);
     Gemm gemm;
@@ -142,7 +185,7 @@ struct GroupedBf16Tn {
 
 }  // namespace grove
 
-// The two extern "C" entry points of one configuration (declared in grove_cuda.h).
+// The two extern "C" entry points of one specialization (declared in grove_cuda.h).
 #define GROVE_DEFINE_GROUPED_GEMM(NAME, CONFIG)                                                 \
   extern "C" size_t NAME##_workspace_size(int num_problems, int sm_count) {                     \
     return CONFIG::workspace_size(num_problems, sm_count);                                      \

@@ -1,0 +1,207 @@
+"""The `cuda` backend's dataflow (grove_kernels/_cuda_moe.py) on the CPU, with its kernels
+replaced by torch stand-ins written from the contracts of csrc/include/grove_cuda.h and
+grove_rows.h (not from the backend's code).
+
+What this proves without a GPU: the stages are wired right (operands, layouts tn/tt/nt,
+segments, which row weight is applied where, the plan's real-row ends, d topk_weights), so
+the forward and every gradient match the float64 oracle. What it cannot prove: that the
+CUDA kernels honour those contracts (tests/test_cuda_ops_gpu.py, on an H100). Buffers the
+contracts leave unwritten (padding rows) are filled with NaN by the stand-ins' allocator, so
+reading one shows up as a NaN.
+"""
+import pytest
+import torch
+
+import grove_kernels as gk
+import oracle
+from helpers import make_grove, rel_err, routing, to64
+
+pytest.importorskip("triton")  # the backend builds its plan with the Triton plan kernels
+
+from grove_kernels import _cuda_moe  # noqa: E402
+from grove_kernels import cuda as lib  # noqa: E402
+
+if lib.is_available():  # a real sm_90 device: the GPU tests cover the real kernels
+    pytest.skip("stand-ins only where the kernels cannot run", allow_module_level=True)
+
+
+def _round(t, like):
+    return t.to(like.dtype)
+
+
+def _grouped_gemm(a, b, out, start, count, config):
+    layout = config.split("_")[1]
+    base, P0 = 0, 0
+    bounds = []
+    for s in range(len(a)):
+        P = out[s].shape[0] if layout == "nt" else b[s].shape[0]
+        bounds.append((base, P0, P))
+        base += a[s].shape[0]
+        P0 += P
+    assert start.numel() == P0 == count.numel()
+    for p, (st, c) in enumerate(zip(start.tolist(), count.tolist())):
+        s = max(i for i, (_, first, _) in enumerate(bounds) if p >= first)
+        row_base, first, _ = bounds[s]
+        j, rows = p - first, slice(st - row_base, st - row_base + c)
+        A = a[s][rows].float()
+        if layout == "nt":
+            out[s][j] = _round(A.t() @ b[s][rows].float(), out[s])  # zeros when no rows
+        elif c:
+            B = b[s][j].float()
+            out[s][rows] = _round(A @ (B.t() if layout == "tn" else B), out[s])
+    return out
+
+
+def _real(n_rows, end):
+    return torch.arange(n_rows) < (n_rows if end is None else int(end))
+
+
+def _real2(R, rows_e, end_e, end_a):
+    return torch.cat([_real(rows_e, end_e), _real(R - rows_e, end_a)])
+
+
+def _gather_rows(x, row_token, row_weight, rows_e, end_e, end_a, out):
+    real = _real2(out.shape[0], rows_e, end_e, end_a)
+    v = x[row_token].float()
+    if row_weight is not None:
+        v = v * row_weight[:, None]
+    out[real] = _round(v, out)[real]
+    return out
+
+
+def _swiglu_fwd(h, end, out):
+    N = out.shape[1]
+    real = _real(out.shape[0], end)
+    out[real] = _round(torch.nn.functional.silu(h[:, :N].float()) * h[:, N:].float(), out)[real]
+    return out
+
+
+def _swiglu_bwd(g, h, row_weight, end, dh, d_row_weight):
+    N = g.shape[1]
+    real = _real(g.shape[0], end)
+    gate, up, gv = h[:, :N].float(), h[:, N:].float(), g.float()
+    w = row_weight[:, None] if row_weight is not None else 1.0
+    s = torch.sigmoid(gate)
+    d_gate = w * gv * up * s * (1 + gate * (1 - s))
+    d_up = w * gv * gate * s
+    dh[real] = _round(torch.cat([d_gate, d_up], 1), dh)[real]
+    if d_row_weight is not None:
+        d_row_weight.copy_(torch.where(real, (gv * gate * s * up).sum(1), 0.0))
+    return dh
+
+
+def _combine_rows(rows, token_rows, token_mask, token_weight, out):
+    v = rows.float()[token_rows] * token_mask[..., None]
+    if token_weight is not None:
+        v = v * token_weight[..., None]
+    out.copy_(_round(v.sum(1), out))
+    return out
+
+
+def _rows_dot_scale(rows, x, row_token, row_weight, rows_e, end_e, end_a, dot):
+    real = _real2(rows.shape[0], rows_e, end_e, end_a)
+    if dot is not None:
+        d = (rows.float() * x[row_token].float()).sum(1)
+        dot.copy_(torch.where(real, d, 0.0))
+    rows[real] = _round(rows.float() * row_weight[:, None], rows)[real]
+    return rows
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    for name, fn in [("grouped_gemm", _grouped_gemm), ("gather_rows", _gather_rows),
+                     ("swiglu_fwd", _swiglu_fwd), ("swiglu_bwd", _swiglu_bwd),
+                     ("combine_rows", _combine_rows), ("rows_dot_scale", _rows_dot_scale)]:
+        monkeypatch.setattr(lib, name, fn)
+    real_empty = torch.Tensor.new_empty
+
+    def poisoned(t):  # what a kernel leaves unwritten reads as NaN
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(torch.Tensor, "new_empty",
+                        lambda self, *size, **kw: poisoned(real_empty(self, *size, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: poisoned(real_empty_like(t, **kw)))
+
+
+LAM = 0.5
+SHAPE = dict(T=13, H=32, E=8, I=24, Ia=16, k=4, S=2)
+GRADS = ["x", "w1", "w2", "a1", "a2", "topk_weights"]
+
+
+def _run(p, w, ids, grove, on_input, S):
+    leaves = {n: t.detach().clone().requires_grad_(True)
+              for n, t in dict(p, topk_weights=w).items()}
+    args = [leaves[n] if n in leaves else None for n in ["x", "w1", "w2", "a1", "a2"]]
+    if not grove:
+        args[3] = args[4] = None
+    y = _cuda_moe.experts_forward(args[0].detach(), *[t.detach() if t is not None else None
+                                                      for t in args[1:]],
+                                  w, ids, None, S, LAM, on_input)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
+    grads = _cuda_moe.experts_backward(dy, args[0].detach(),
+                                       *[t.detach() if t is not None else None
+                                         for t in args[1:]],
+                                       w, ids, None, S, LAM, on_input)
+    return y, dy, grads
+
+
+def _reference(p, w, ids, dy, grove, on_input, S):
+    x, w1, w2, a1, a2, wt = (to64(t, True) for t in (p["x"], p["w1"], p["w2"], p["a1"],
+                                                      p["a2"], w))
+    if grove:
+        y = oracle.grove_layer(x, w1, w2, a1, a2, wt, ids, S, LAM)
+        leaves = [x, w1, w2, a1, a2, wt]
+    else:
+        y = oracle.fused_experts(x, w1, w2, wt, ids, apply_router_weight_on_input=on_input)
+        leaves = [x, w1, w2, wt]
+    gs = torch.autograd.grad(y, leaves, to64(dy))
+    if not grove:
+        gs = gs[:3] + (None, None) + gs[3:]
+    return y, gs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", ["grove", "grove_coselected", "grove_sparse", "plain",
+                                  "plain_on_input", "grove_S4"])
+def test_dataflow_matches_oracle(stand_ins, gen, dtype, case):
+    grove = case.startswith("grove")
+    on_input = case == "plain_on_input"
+    S = 4 if case == "grove_S4" else SHAPE["S"]
+    kind = {"grove_coselected": "coselected", "grove_sparse": "sparse"}.get(case, "random")
+    c = SHAPE
+    p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], S, gen, dtype)
+    w, ids = routing(c["T"], c["E"], 1 if on_input else c["k"], gen, kind, S)
+    y, dy, grads = _run(p, w, ids, grove, on_input, S)
+    ref_y, ref_g = _reference(p, w, ids, dy, grove, on_input, S)
+    assert rel_err(y, ref_y) <= 2e-2, "y"
+    for name, got, ref in zip(GRADS, grads, ref_g):
+        if ref is None:
+            assert got is None, name
+            continue
+        assert rel_err(got, ref) <= 2e-2, name
+
+
+def test_empty_experts_get_zero_weight_gradients(stand_ins, gen):
+    c = SHAPE
+    p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
+    w, ids = routing(c["T"], c["E"], 2, gen, "sparse", c["S"])
+    ids = ids.clamp(max=3)  # experts 4.. (and groups 2..) have no rows
+    ids[:, 1] = (ids[:, 0] + 1) % 4
+    _, _, (dx, dw1, dw2, da1, da2, dtw) = _run(p, w, ids, True, False, c["S"])
+    assert (dw1[4:] == 0).all() and (dw2[4:] == 0).all()
+    assert (da1[2:] == 0).all() and (da2[2:] == 0).all()
+    assert torch.isfinite(dx).all() and torch.isfinite(dtw).all()
+
+
+def test_refuses_what_the_kernels_cannot_run():
+    x = torch.zeros(2, 32)
+    w1, w2 = torch.zeros(4, 48, 32), torch.zeros(4, 32, 24)
+    with pytest.raises(TypeError, match="hidden_states: the cuda backend supports"):
+        _cuda_moe.experts_forward(x, w1, w2, None, None, torch.ones(2, 1),
+                                  torch.zeros(2, 1, dtype=torch.int64), None, 1, 0.0, False)
+    x, w1, w2 = (t.bfloat16() for t in (x, torch.zeros(4, 44, 32), torch.zeros(4, 32, 22)))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        _cuda_moe.experts_forward(x, w1, w2, None, None, torch.ones(2, 1),
+                                  torch.zeros(2, 1, dtype=torch.int64), None, 1, 0.0, False)
+    assert gk.available_backends()  # the registry still loads

@@ -1,0 +1,237 @@
+"""The low-level ops of the `cuda` backend (torch.ops.grove_cuda) on an sm_90 GPU, against
+torch computed in fp32 (skipped elsewhere; the CPU checks are in test_cuda_build.py).
+
+    grouped_gemm   every config (bf16/fp16 x tn/tt/nt x tile): experts + adjugates with
+                   different N in one launch, problems with no rows, rows outside every
+                   problem left untouched, nt: empty problems zeroed; CUDA-graph replay with
+                   new routing written in place
+    row kernels    gather (± row weight), SwiGLU forward / backward with d row weight,
+                   combine (± slot weights), rows_dot_scale; padding rows never written, odd
+                   widths and misaligned views (scalar path), bitwise determinism
+"""
+import pytest
+import torch
+
+import grove_kernels.cuda as lib
+from grove_kernels.plan import build_plan
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not lib.is_available(), reason="needs grove_kernels._C and an sm_90 GPU"),
+]
+
+DEV = "cuda"
+SENTINEL = 7.0
+CONFIGS = lib.build_info()["gemm_configs"] if lib.is_built() else []
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _plan(T=96, k=4, E=16, S=4, skip=(3, 7), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([e for e in range(E) if e not in skip])
+    ids = torch.stack([allowed[torch.randperm(len(allowed), generator=gen)[:k]]
+                       for _ in range(T)])
+    w = torch.rand(T, k, generator=gen) + 0.1
+    return build_plan(ids.to(DEV), w.to(DEV), E, group_size=S, adjugate_scale=0.5), gen
+
+
+def _rand(gen, *shape, dtype, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(DEV, dtype)
+
+
+def _problems(plan):
+    """[(segment, j, first local row, rows)] of every problem."""
+    start, count = (t.cpu().tolist() for t in plan.problem_rows())
+    E, Re = plan.num_experts, plan.num_expert_rows
+    return [(0, p, s, c) if p < E else (1, p - E, s - Re, c)
+            for p, (s, c) in enumerate(zip(start, count))]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_grouped_gemm_every_config(config):
+    dt, layout = config.split("_")[:2]
+    dtype = DTYPES[dt]
+    plan, gen = _plan()
+    Re, Ra = plan.num_expert_rows, plan.num_adjugate_rows
+    E, G, H = plan.num_experts, plan.num_groups, 256
+    N, K = (384, 64), (H, H)  # experts / adjugates: different N in one launch
+    start, count = plan.problem_rows()
+    probs = _problems(plan)
+    assert sum(c == 0 for s, _, _, c in probs if s == 0) >= 2  # skipped experts: no rows
+    if layout == "nt":  # weight gradients: out[j] = Σ_rows a^T b over the problem's rows
+        a = [_rand(gen, Re, N[0], dtype=dtype), _rand(gen, Ra, N[1], dtype=dtype)]
+        b = [_rand(gen, Re, H, dtype=dtype), _rand(gen, Ra, H, dtype=dtype)]
+        out = [torch.full((E, N[0], H), SENTINEL, dtype=dtype, device=DEV),
+               torch.full((G, N[1], H), SENTINEL, dtype=dtype, device=DEV)]
+    else:
+        a = [_rand(gen, Re, K[0], dtype=dtype), _rand(gen, Ra, K[1], dtype=dtype)]
+        shape = (lambda P, n, k: (P, n, k)) if layout == "tn" else (lambda P, n, k: (P, k, n))
+        b = [_rand(gen, *shape(E, N[0], K[0]), dtype=dtype, scale=K[0] ** -0.5),
+             _rand(gen, *shape(G, N[1], K[1]), dtype=dtype, scale=K[1] ** -0.5)]
+        out = [torch.full((Re, N[0]), SENTINEL, dtype=dtype, device=DEV),
+               torch.full((Ra, N[1]), SENTINEL, dtype=dtype, device=DEV)]
+    lib.grouped_gemm(a, b, out, start, count, config)
+    torch.cuda.synchronize()
+    covered = [torch.zeros(t.shape[0], dtype=torch.bool) for t in a]
+    for s, j, r0, m in probs:
+        rows = slice(r0, r0 + m)
+        covered[s][rows] = True
+        if layout == "nt":
+            ref = a[s][rows].float().t() @ b[s][rows].float()
+            got = out[s][j].float()
+        else:
+            w = b[s][j].float()
+            ref = a[s][rows].float() @ (w.t() if layout == "tn" else w)
+            got = out[s][rows].float()
+        if m == 0 and layout != "nt":
+            continue
+        err = (got - ref).norm() / max(ref.norm(), 1e-6)
+        assert err < 1e-2 or (m == 0 and got.abs().max() == 0), (config, s, j, m, float(err))
+    if layout != "nt":
+        for s in range(2):  # rows of no problem: never written
+            assert (out[s][~covered[s].to(DEV)] == SENTINEL).all()
+
+
+@pytest.mark.parametrize("layout", ["tn", "nt"])
+def test_grouped_gemm_cuda_graph_replays_new_routing(layout):
+    config = lib.gemm_config(torch.bfloat16, layout, "coop_128x256_c11")
+    plan0, gen = _plan(seed=1)
+    E, H, N = plan0.num_experts, 256, 128
+    Re = plan0.num_expert_rows
+    a = _rand(gen, Re, H, dtype=torch.bfloat16)
+    b = (_rand(gen, E, N, H, dtype=torch.bfloat16, scale=H ** -0.5) if layout == "tn"
+         else _rand(gen, Re, N, dtype=torch.bfloat16))
+    out = torch.zeros((Re, N) if layout == "tn" else (E, H, N), dtype=torch.bfloat16, device=DEV)
+    s0, c0 = (t[:E].contiguous() for t in plan0.problem_rows())
+    static_s, static_c = s0.clone(), c0.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside capture (CUTLASS sets smem attributes)
+        lib.grouped_gemm([a], [b], [out], static_s, static_c, config)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lib.grouped_gemm([a], [b], [out], static_s, static_c, config)
+    for seed in (2, 3):
+        plan, _ = _plan(seed=seed)
+        s, c = (t[:E].contiguous() for t in plan.problem_rows())
+        static_s.copy_(s)
+        static_c.copy_(c)
+        graph.replay()
+        torch.cuda.synchronize()
+        for p, (r0, m) in enumerate(zip(s.tolist(), c.tolist())):
+            rows = slice(r0, r0 + m)
+            if layout == "tn":
+                got, ref = out[rows].float(), a[rows].float() @ b[p].float().t()
+            else:
+                got, ref = out[p].float(), a[rows].float().t() @ b[rows].float()
+            assert (got - ref).norm() <= 1e-2 * max(ref.norm(), 1e-6), (seed, p)
+
+
+def _sections(plan):
+    E, G = plan.num_experts, plan.num_groups
+    return plan.expert_offsets[E:], plan.adjugate_offsets[G:]
+
+
+def _real_rows(plan):
+    e_end, a_end = (int(t) for t in _sections(plan))
+    Re = plan.num_expert_rows
+    real = torch.zeros(plan.num_rows, dtype=torch.bool)
+    real[:e_end] = True
+    real[Re:Re + a_end] = True
+    return real.to(DEV)
+
+
+def _close(got, ref, dtype):
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    err = (got.float() - ref.float()).norm() / max(ref.float().norm(), 1e-6)
+    assert err <= tol, float(err)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("H, offset", [(256, 0), (37, 0), (64, 1)])  # vector / odd / misaligned
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gather_rows(dtype, H, offset, weighted):
+    plan, gen = _plan(skip=(3,))
+    x = _rand(gen, plan.num_tokens, H + offset, dtype=dtype)[:, offset:]
+    out = torch.full((plan.num_rows, H), SENTINEL, dtype=dtype, device=DEV)
+    w = plan.row_weight if weighted else None
+    e_end, a_end = _sections(plan)
+    lib.gather_rows(x, plan.row_token, w, plan.num_expert_rows, e_end, a_end, out)
+    real = _real_rows(plan)
+    ref = x[plan.row_token].float() * (w[:, None] if weighted else 1.0)
+    if weighted:
+        _close(out[real], ref[real], dtype)
+    else:
+        assert torch.equal(out[real], x[plan.row_token][real])  # an exact copy
+    assert (out[~real] == SENTINEL).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("N", [96, 37])
+def test_swiglu_forward_backward(dtype, N):
+    plan, gen = _plan(skip=(3,))
+    Re = plan.num_expert_rows
+    e_end, _ = _sections(plan)
+    h = _rand(gen, Re, 2 * N, dtype=dtype, scale=2.0)
+    g = _rand(gen, Re, N, dtype=dtype)
+    w = plan.row_weight[:Re]
+    real = _real_rows(plan)[:Re]
+    z = torch.full((Re, N), SENTINEL, dtype=dtype, device=DEV)
+    lib.swiglu_fwd(h, e_end, z)
+    hg, hu = h.float()[:, :N], h.float()[:, N:]
+    _close(z[real], (torch.nn.functional.silu(hg) * hu)[real], dtype)
+    assert (z[~real] == SENTINEL).all()
+
+    hg64 = hg.double().requires_grad_()
+    hu64 = hu.double().requires_grad_()
+    zz = torch.nn.functional.silu(hg64) * hu64
+    (zz * g.double() * w.double()[:, None]).sum().backward()
+    dh = torch.full((Re, 2 * N), SENTINEL, dtype=dtype, device=DEV)
+    dw = torch.full((Re,), SENTINEL, dtype=torch.float32, device=DEV)
+    lib.swiglu_bwd(g, h, w, e_end, dh, dw)
+    _close(dh[real, :N], hg64.grad[real], dtype)
+    _close(dh[real, N:], hu64.grad[real], dtype)
+    ref_dw = (zz.detach() * g.double()).sum(1)
+    _close(dw[real], ref_dw[real], torch.float16)  # fp32 sums of rounded inputs
+    assert (dw[~real] == 0).all()
+    dw2 = torch.empty_like(dw)
+    lib.swiglu_bwd(g, h, w, e_end, torch.empty_like(dh), dw2)
+    assert torch.equal(dw, dw2)  # deterministic
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("H", [256, 37])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_combine_rows(dtype, H, weighted):
+    plan, gen = _plan(skip=(3,))
+    rows = _rand(gen, plan.num_rows, H, dtype=dtype)
+    tw = plan.token_weight if weighted else None
+    out = torch.full((plan.num_tokens, H), SENTINEL, dtype=dtype, device=DEV)
+    lib.combine_rows(rows, plan.token_rows, plan.token_mask, tw, out)
+    sel = rows.float()[plan.token_rows] * plan.token_mask[..., None]
+    if weighted:
+        sel = sel * plan.token_weight[..., None]
+    _close(out, sel.sum(1), dtype)
+    again = torch.empty_like(out)
+    lib.combine_rows(rows, plan.token_rows, plan.token_mask, tw, again)
+    assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("H", [256, 37])
+def test_rows_dot_scale(dtype, H):
+    plan, gen = _plan(skip=(3,))
+    x = _rand(gen, plan.num_tokens, H, dtype=dtype)
+    rows = _rand(gen, plan.num_rows, H, dtype=dtype)
+    before = rows.clone()
+    dot = torch.full((plan.num_rows,), SENTINEL, dtype=torch.float32, device=DEV)
+    e_end, a_end = _sections(plan)
+    lib.rows_dot_scale(rows, x, plan.row_token, plan.row_weight, plan.num_expert_rows, e_end,
+                       a_end, dot)
+    real = _real_rows(plan)
+    ref_dot = (before.float() * x[plan.row_token].float()).sum(1)
+    _close(dot[real], ref_dot[real], torch.float16)
+    assert (dot[~real] == 0).all()
+    _close(rows[real], (before.float() * plan.row_weight[:, None])[real], dtype)
+    assert torch.equal(rows[~real], before[~real])

@@ -156,11 +156,14 @@ def compile_objects(build_dir=DEFAULT_BUILD_DIR, jobs=None, log=print):
     nvcc = find_nvcc()
     includes = [os.path.join(CSRC, "include"), os.path.join(CSRC, "gemm")] + cutlass_include_dirs()
     flags = NVCC_FLAGS + [f"-I{d}" for d in includes]
+    # The key is location-free (no include paths, no nvcc path, headers by relative name), so
+    # objects built on one machine are reused on another with the same nvcc and CUTLASS (a GPU
+    # session can carry them instead of spending device minutes on nvcc).
     common = hashlib.sha256()
-    common.update(repr((flags, nvcc, _nvcc_version(nvcc))).encode())
+    common.update(repr((NVCC_FLAGS, _nvcc_version(nvcc))).encode())
     for h in headers():
         with open(h, "rb") as f:
-            common.update(h.encode() + f.read())
+            common.update(os.path.relpath(h, CSRC).encode() + f.read())
     cutlass_h = os.path.join(cutlass_include_dirs()[0], "cutlass", "version.h")
     if os.path.exists(cutlass_h):
         with open(cutlass_h, "rb") as f:

@@ -4,7 +4,9 @@
 #   bash scripts/gpu_check.sh OUT_DIR [all|build|tests|sanitize|tune|bench]   (default: all)
 #   build  grove_kernels._C in place (nvcc + CUTLASS headers: install a carried wheel first,
 #          CUTLASS_WHEEL=path/to/nvidia_cutlass-4.2.0.0-py3-none-any.whl; objects already in
-#          build/grove_cuda with the same nvcc are reused)
+#          build/grove_cuda with the same nvcc are reused). Before the device call, on the CPU
+#          machine: `pip download --no-deps nvidia-cutlass==4.2.0.0 -d build/wheels` and
+#          `python csrc/build_cuda.py`, then carry build/wheels and build/grove_cuda.
 #   tests  the GPU tests (every backend against the float64 reference, graph capture, no syncs)
 #   sanitize  compute-sanitizer memcheck over the cuda backend's op tests and a mid-size layer
 #   tune   the Triton tile tuner at grove-33b shapes (TUNE_BUDGET_S, default 240 s)

@@ -109,8 +109,6 @@ def experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group
     _check(x, w1, w2, a1, a2)
     T, H = x.shape
     y = x.new_empty(T, H)
-    if T == 0:
-        return y
     x = x.contiguous()
     c = _Call(x, w1, a1, topk_weights, topk_ids, expert_map, group_size, adjugate_scale)
     xg = _gather(c, x, c.plan.row_weight if weight_on_input else None)
@@ -126,15 +124,10 @@ def experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group
 def experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,
                      group_size, adjugate_scale, weight_on_input):
     _check(x, w1, w2, a1, a2)
-    T, H = x.shape
+    H = x.shape[1]
     dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
     da1 = torch.empty_like(a1) if a1 is not None else None
     da2 = torch.empty_like(a2) if a2 is not None else None
-    if T == 0:
-        for t in (dw1, dw2, da1, da2):
-            if t is not None:
-                t.zero_()
-        return x.new_zeros(0, H), dw1, dw2, da1, da2, torch.zeros_like(topk_weights)
     x = x.contiguous()
     dy = grad_out.to(x.dtype).contiguous()
     c = _Call(x, w1, a1, topk_weights, topk_ids, expert_map, group_size, adjugate_scale)
@@ -149,7 +142,8 @@ def experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, topk_ids, expert
     ga = x.new_empty(c.R - c.Re, c.Ia) if c.grove else None
     a, b, out = c.segments(c.split(dyg), (w2, a2), (ge, ga))
     lib.grouped_gemm(a, b, out, c.start, c.count, c.config("tt"))
-    d_row_weight = torch.zeros(c.R, dtype=torch.float32, device=x.device)
+    # Every row is written: by SwiGLU' per section, or on the input side by rows_dot_scale.
+    d_row_weight = torch.empty(c.R, dtype=torch.float32, device=x.device)
     dre, dra = c.split(d_row_weight)
     we, wa = c.split(row_w)
     out_w = (None, None) if weight_on_input else (we, wa)

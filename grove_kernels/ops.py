@@ -89,6 +89,8 @@ def experts_forward(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Optional[
                     weight_on_input: bool) -> Tensor:
     _check_groups(w1, a1, group_size)
     _check_ids(topk_ids, w1.shape[0], expert_map)
+    if hidden_states.shape[0] == 0:  # an empty batch: no backend has anything to launch
+        return torch.empty_like(hidden_states)
     return _impl(hidden_states.device, hidden_states.dtype).experts_forward(
         hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
         adjugate_scale, weight_on_input)
@@ -108,6 +110,11 @@ def experts_backward(grad_out: Tensor, hidden_states: Tensor, w1: Tensor, w2: Te
     """[dx, dw1, dw2, da1, da2, d topk_weights]; da1/da2 are empty when a1/a2 are absent."""
     _check_groups(w1, a1, group_size)
     _check_ids(topk_ids, w1.shape[0], expert_map)
+    if hidden_states.shape[0] == 0:  # an empty batch: every gradient is zero
+        return [torch.zeros_like(hidden_states), torch.zeros_like(w1), torch.zeros_like(w2),
+                torch.zeros_like(a1) if a1 is not None else w1.new_empty(0),
+                torch.zeros_like(a2) if a2 is not None else w1.new_empty(0),
+                torch.zeros_like(topk_weights)]
     grads = _impl(hidden_states.device, hidden_states.dtype).experts_backward(
         grad_out, hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,
         group_size, adjugate_scale, weight_on_input)

@@ -82,8 +82,6 @@ def experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group
     plan, conf, I, Ia = _setup(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,
                                group_size, adjugate_scale)
     y = x.new_empty(T, H)
-    if T == 0:
-        return y
     x = x.contiguous()
     sched, z, _ = _gemm1(x, plan, conf, w1, a1, I, Ia, weight_on_input, store_h=False)
     o = x.new_empty(plan.num_rows, H)
@@ -95,7 +93,7 @@ def experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group
 
 def experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,
                      group_size, adjugate_scale, weight_on_input):
-    T, H = x.shape
+    H = x.shape[1]
     plan, conf, I, Ia = _setup(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,
                                group_size, adjugate_scale)
     x = x.contiguous()
@@ -103,11 +101,6 @@ def experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, topk_ids, expert
     dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
     da1 = torch.empty_like(a1) if a1 is not None else None
     da2 = torch.empty_like(a2) if a2 is not None else None
-    if T == 0:
-        for t in (dw1, dw2, da1, da2):
-            if t is not None:
-                t.zero_()
-        return x.new_zeros(0, H), dw1, dw2, da1, da2, torch.zeros_like(topk_weights)
 
     sched, z, h = _gemm1(x, plan, conf, w1, a1, I, Ia, weight_on_input, store_h=True)
     start, count = sched[0], sched[1]

@@ -28,7 +28,7 @@ typedef int (*GroupedGemmFn)(const GroveGemmSegment*, int, const void*, const vo
 struct GemmConfig {
   const char* name;    // "<dtype>_<layout>_<tile config>", e.g. "bf16_tn_coop_128x256_c11"
   const char* dtype;   // "bf16" | "fp16"
-  const char* layout;  // "tn" | "tt" | "nt"
+  const char* layout;  // "tn" | "tn_swiglu" | "tt" | "nt"
   WorkspaceFn workspace_size;
   GroupedGemmFn run;
 };
@@ -74,10 +74,12 @@ at::ScalarType dtype_of(const GemmConfig& c) {
 
 // One segment's GroveGemmSegment from its tensors; see grove_cuda.h for the layouts:
 //   tn: a [R, K], b [P, N, K], out [R, N]      tt: a [R, K], b [P, K, N], out [R, N]
+//   tn_swiglu: a [R, K], b [P, N, K] (gate/up packed), out [R, N / 2]
 //   nt: a [R, M], b [R, N],    out [P, M, N]   (per-problem K = the problem's rows)
 GroveGemmSegment make_segment(const GemmConfig& cfg, size_t s, const at::Tensor& as,
                               const at::Tensor& bs, const at::Tensor& ds, int64_t* problems) {
-  const std::string layout = cfg.layout;
+  const bool swiglu = std::string(cfg.layout) == "tn_swiglu";
+  const std::string layout = swiglu ? "tn" : cfg.layout;
   const bool wgrad = layout == "nt";
   const at::ScalarType dt = dtype_of(cfg);
   TORCH_CHECK(as.scalar_type() == dt && bs.scalar_type() == dt && ds.scalar_type() == dt,
@@ -118,8 +120,12 @@ GroveGemmSegment make_segment(const GemmConfig& cfg, size_t s, const at::Tensor&
     n = layout == "tn" ? bs.size(1) : bs.size(2);
     const int64_t bk = layout == "tn" ? bs.size(2) : bs.size(1);
     TORCH_CHECK(bk == k, "grouped_gemm: b[", s, "] has K = ", bk, " but a[", s, "] has K = ", k);
-    TORCH_CHECK(ds.size(0) == as.size(0) && ds.size(1) == n, "grouped_gemm: out[", s,
-                "] must be [", as.size(0), ", ", n, "], got ", ds.sizes());
+    const int64_t width = swiglu ? n / 2 : n;
+    TORCH_CHECK(ds.size(0) == as.size(0) && ds.size(1) == width, "grouped_gemm: out[", s,
+                "] must be [", as.size(0), ", ", width, "]", swiglu ? " (half of b's N)" : "",
+                ", got ", ds.sizes());
+    TORCH_CHECK(!swiglu || n % 16 == 0, "grouped_gemm: b[", s, "] must have N a multiple of 16 "
+                "for ", cfg.name, " (whole gate/up blocks of 8), got ", n);
     g.ldb = bs.stride(1);
     g.ldd = ds.stride(0);
     g.b_problem_stride = bs.stride(0);

@@ -3,11 +3,20 @@ of csrc/rows.cu, on the plan built by the Triton plan kernels (issue 3; no CUDA 
 
 Forward (x [T, H]; R = R_e + R_a plan rows; N = I for experts, Ia for adjugates):
     gather          x[row_token] (· w when the router weight is applied on the input) -> xg [R, H]
-    GEMM-1   tn     xg rows @ w1[e]^T | a1[g]^T -> h_e [R_e, 2I], h_a [R_a, 2Ia]    one launch
-    SwiGLU          h -> z_e [R_e, I], z_a [R_a, Ia]                     NOT fused into GEMM-1 yet
+    GEMM-1   tn_swiglu  xg rows @ packed(w1[e])^T | packed(a1[g])^T, SwiGLU in the epilogue
+                    -> z_e [R_e, I], z_a [R_a, Ia]                                    one launch
+             (until the weights are packed: GEMM-1 tn -> h [R, 2N], then the SwiGLU kernel)
     GEMM-2   tn     z rows @ w2[e]^T | a2[g]^T -> o [R, H]                          one launch
     combine         y_t = Σ_j token_weight[t, j] · o[token_rows[t, j]]  (fp32, slot order)
-The row weights are applied in the combine (fp32), not in GEMM-2's epilogue.
+The row weights are applied in the combine (fp32), not in GEMM-2's epilogue: same bytes, one
+rounding fewer.
+
+Packed weights (PackedGateUp): the fused GEMM-1 reads w1 / a1 with gate and up rows interleaved
+in blocks of 8 (cuda.pack_gate_up). A weight is packed the second time a forward sees it
+unchanged (same tensor, data and version) and kept while it stays so: packing costs a copy of
+w1 (E·2I·H) while fusing saves ~R·4N elements of traffic per call, so a weight updated every
+step (training) is not worth packing and stays on the unfused path, while inference weights are
+packed once. Never packed during CUDA-graph capture (a captured pack would repeat every replay).
 
 Backward (same plan; nothing kept from the forward: GEMM-1 recomputed, memory [R, 2N] for h):
     gather          xg as above; dY[row_token] -> dyg [R, H]
@@ -21,6 +30,8 @@ Backward (same plan; nothing kept from the forward: GEMM-1 recomputed, memory [R
     on input        d row weight = <dx row, x_t>, then dx row · w    (rows_dot_scale)
     combine         dx_t = Σ_j dx rows;   d topk_weights from d row weight (Plan)
 """
+import weakref
+
 import torch
 
 from . import cuda as lib
@@ -88,13 +99,64 @@ class _Call:
                                else self.tile)
 
 
+def _capturing(t):
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+class PackedGateUp:
+    """cuda.pack_gate_up copies of weights, one per live tensor, valid for one version."""
+
+    def __init__(self):
+        self._entries = {}  # id(w) -> (weakref to w, state of w, packed copy or None)
+
+    @staticmethod
+    def _state(w):
+        return (w._version, w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device)
+
+    def get(self, w):
+        """The packed copy of w, or None while w has not been seen unchanged twice."""
+        key, state = id(w), self._state(w)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is w and entry[1] == state:
+            if entry[2] is None and not _capturing(w):
+                entry = (entry[0], state, lib.pack_gate_up(w))
+                self._entries[key] = entry
+            return entry[2]
+        entries = self._entries
+        self._entries[key] = (weakref.ref(w, lambda _, k=key: entries.pop(k, None)), state, None)
+        return None
+
+    def clear(self):
+        self._entries.clear()
+
+
+packed_gate_up = PackedGateUp()
+
+
 def _gather(c, src, weight):
     out = src.new_empty(c.R, src.shape[1])
     return lib.gather_rows(src, c.plan.row_token, weight, c.Re, c.end_e, c.end_a, out)
 
 
+def _packed_weights(c, w1, a1):
+    """Packed (w1, a1) for the fused GEMM-1, or None (not enabled, or not packed yet)."""
+    if not lib.FUSE_SWIGLU:
+        return None
+    packed = [packed_gate_up.get(w) for w in ((w1, a1) if c.grove else (w1,))]
+    if any(p is None for p in packed):
+        return None
+    return packed[0], (packed[1] if c.grove else None)
+
+
 def _gemm1_swiglu(c, xg, w1, a1, keep_h):
     xe, xa = c.split(xg)
+    packed = None if keep_h else _packed_weights(c, w1, a1)
+    if packed is not None:
+        ze = xg.new_empty(c.Re, c.I)
+        za = xg.new_empty(c.R - c.Re, c.Ia) if c.grove else None
+        a, b, out = c.segments((xe, xa), packed, (ze, za))
+        lib.grouped_gemm(a, b, out, c.start, c.count, c.config("tn_swiglu"))
+        return (ze, za), None
     he = xg.new_empty(c.Re, 2 * c.I)
     ha = xg.new_empty(c.R - c.Re, 2 * c.Ia) if c.grove else None
     a, b, out = c.segments((xe, xa), (w1, a1), (he, ha))

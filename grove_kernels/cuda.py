@@ -1,7 +1,7 @@
 """The `cuda` backend: the CUTLASS/CUDA kernels of csrc/, built as grove_kernels._C.
 
 Loading the extension registers the low-level ops of torch.ops.grove_cuda (grouped GEMMs in
-three layouts and two dtypes, the row kernels of csrc/rows.cu); this module wraps them with
+three layouts and two dtypes, GEMM-1 with SwiGLU fused, the row kernels of csrc/rows.cu); this module wraps them with
 the current CUDA stream and serves the backend entry points of _cuda_moe.py (topk,
 experts_forward, experts_backward) to ops.py.
 
@@ -24,6 +24,9 @@ else:
 
 runs_on_cpu = False
 AUTO = False  # `auto` may pick this backend: only once the GPU tests have passed on it
+# Forward GEMM-1 with SwiGLU in its epilogue (config tn_swiglu) once w1 / a1 have been seen
+# unchanged in two calls; costs one packed copy of w1 and a1 (see _cuda_moe.PackedGateUp).
+FUSE_SWIGLU = True
 DTYPES = (torch.bfloat16, torch.float16)
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 _KNOWN_OPS = ("grouped_gemm", "grouped_gemm_configs", "grouped_gemm_workspace_size",
@@ -84,12 +87,24 @@ def gemm_config(dtype, layout, tile):
     return f"{_DTYPE_NAMES[dtype]}_{layout}_{tile}"
 
 
+def pack_gate_up(w):
+    """w [P, 2N, H] (rows 0..N-1 gate, N..2N-1 up) -> the B operand of the fused GEMM-1:
+    the same rows interleaved in blocks of 8, row 16q + r = gate row 8q + r and row
+    16q + 8 + r = up row 8q + r (csrc/gemm/swiglu_epilogue.cuh says why). One copy."""
+    if w.dim() != 3 or w.shape[1] % 16:
+        raise ValueError(f"w: expected [P, 2N, H] with 2N a multiple of 16, got {tuple(w.shape)}")
+    P, N2, H = w.shape
+    blocks = w.reshape(P, 2, N2 // 16, 8, H)  # (half, block, row in block)
+    return blocks.transpose(1, 2).reshape(P, N2, H)
+
+
 def grouped_gemm(a, b, out, start, count, config):
     """For every plan problem p: D_p = A_p @ B_p (layouts in csrc/include/grove_cuda.h).
 
-    config "<bf16|fp16>_<tn|tt|nt>_<tile>"; a, b, out: lists of 1 or 2 segments (experts,
-    adjugates): tn a [R_s, K], b [P_s, N, K], out [R_s, N]; tt a [R_s, K], b [P_s, K, N],
-    out [R_s, N]; nt (weight gradients) a [R_s, M], b [R_s, N], out [P_s, M, N].
+    config "<bf16|fp16>_<tn|tn_swiglu|tt|nt>_<tile>"; a, b, out: lists of 1 or 2 segments
+    (experts, adjugates): tn a [R_s, K], b [P_s, N, K], out [R_s, N]; tn_swiglu the same with
+    b packed by pack_gate_up and out [R_s, N / 2] = silu(gate) * up; tt a [R_s, K],
+    b [P_s, K, N], out [R_s, N]; nt (weight gradients) a [R_s, M], b [R_s, N], out [P_s, M, N].
     start, count [sum P_s] int32/int64 absolute plan rows (Plan.problem_rows()).
     Runs on torch's current stream; no host synchronisation.
     """

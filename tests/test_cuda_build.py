@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(bool(_missing), reason="; ".join(_missing) or "o
 
 CONFIGS = [f"{dt}_{layout}_{tile}" for dt in ("bf16", "fp16")
            for layout, tiles in (("tn", ("coop_128x256_c11", "pingpong_64x128_c11")),
+                                 ("tn_swiglu", ("coop_128x256_c11", "pingpong_64x128_c11")),
                                  ("tt", ("coop_128x256_c11", "pingpong_64x128_c11")),
                                  ("nt", ("coop_128x256_c11",)))
            for tile in tiles]
@@ -102,11 +103,13 @@ def test_one_extern_c_launcher_per_gemm_file():
     header = open(os.path.join(build_cuda.CSRC, "include", "grove_cuda.h")).read()
     for src in build_cuda.cu_sources():
         if build_cuda.is_gemm_source(src):
-            m = re.match(r"grouped_(bf16|fp16)_(tn|tt|nt)_(\w+)\.cu$", os.path.basename(src))
+            m = re.match(r"grouped_(bf16|fp16)_(tn|tn_swiglu|tt|nt)_((?:coop|pingpong)_\w+)\.cu$",
+                         os.path.basename(src))
             dt, layout, tile = m.groups()
             text = open(src).read()
             assert f"GROVE_DEFINE_GROUPED_GEMM(grove_grouped_{dt}_{layout}_{tile}," in text
-            assert f"GROVE_LAYOUT_{layout.upper()}" in text
+            assert f"GROVE_LAYOUT_{layout.split('_')[0].upper()}" in text
+            assert ("grove::EpilogueSwiglu" in text) == (layout == "tn_swiglu")
             assert ("bfloat16_t" if dt == "bf16" else "half_t") in text
             assert f"X({dt}, {layout}, {tile})" in header
 
@@ -197,6 +200,18 @@ def test_weight_gradient_layout_shapes(cuda_mod, b, out, message):
     start = torch.zeros(2, dtype=torch.int64)
     with pytest.raises(RuntimeError, match=message):
         _call([_bf(4, 16)], [b], [out], start, start.clone(), "bf16_nt_coop_128x256_c11")
+
+
+@pytest.mark.parametrize("n, out_width, message", [
+    (32, 16, r"must be on a CUDA device"),  # well-formed: reaches the device
+    (32, 32, r"out\[0\] must be \[4, 16\] \(half of b's N\)"),
+    (24, 12, r"b\[0\] must have N a multiple of 16"),
+])
+def test_fused_swiglu_layout_shapes(cuda_mod, n, out_width, message):
+    start = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=message):
+        _call([_bf(4, 16)], [_bf(2, n, 16)], [_bf(4, out_width)], start, start.clone(),
+              "bf16_tn_swiglu_coop_128x256_c11")
 
 
 def _long(*shape):

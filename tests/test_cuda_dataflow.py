@@ -29,8 +29,19 @@ def _round(t, like):
     return t.to(like.dtype)
 
 
+CALLS = []  # configs of the grouped GEMMs run by the stand-in, in order
+
+
+def _swiglu_packed(acc):
+    """grove_cuda.h, tn_swiglu: D[m, 8q + r] = silu(acc[m, 16q + r]) * acc[m, 16q + 8 + r]."""
+    blocks = acc.reshape(acc.shape[0], -1, 2, 8)
+    return (torch.nn.functional.silu(blocks[:, :, 0]) * blocks[:, :, 1]).reshape(acc.shape[0], -1)
+
+
 def _grouped_gemm(a, b, out, start, count, config):
+    CALLS.append(config)
     layout = config.split("_")[1]
+    swiglu = "_swiglu_" in config
     base, P0 = 0, 0
     bounds = []
     for s in range(len(a)):
@@ -48,7 +59,8 @@ def _grouped_gemm(a, b, out, start, count, config):
             out[s][j] = _round(A.t() @ b[s][rows].float(), out[s])  # zeros when no rows
         elif c:
             B = b[s][j].float()
-            out[s][rows] = _round(A @ (B.t() if layout == "tn" else B), out[s])
+            acc = A @ (B.t() if layout == "tn" else B)
+            out[s][rows] = _round(_swiglu_packed(acc) if swiglu else acc, out[s])
     return out
 
 
@@ -118,6 +130,8 @@ def stand_ins(monkeypatch):
     def poisoned(t):  # what a kernel leaves unwritten reads as NaN
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
+    CALLS.clear()
+    _cuda_moe.packed_gate_up.clear()
     real_empty_like = torch.empty_like
     monkeypatch.setattr(torch.Tensor, "new_empty",
                         lambda self, *size, **kw: poisoned(real_empty(self, *size, **kw)))
@@ -205,3 +219,90 @@ def test_refuses_what_the_kernels_cannot_run():
         _cuda_moe.experts_forward(x, w1, w2, None, None, torch.ones(2, 1),
                                   torch.zeros(2, 1, dtype=torch.int64), None, 1, 0.0, False)
     assert gk.available_backends()  # the registry still loads
+
+
+def _forward(p, w, ids, grove=True, S=2):
+    return _cuda_moe.experts_forward(p["x"], p["w1"], p["w2"], p["a1"] if grove else None,
+                                     p["a2"] if grove else None, w, ids, None, S, LAM, False)
+
+
+def _forward_reference(p, w, ids, grove=True, S=2):
+    x, w1, w2, a1, a2, wt = (to64(t) for t in (p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w))
+    if grove:
+        return oracle.grove_layer(x, w1, w2, a1, a2, wt, ids, S, LAM)
+    return oracle.fused_experts(x, w1, w2, wt, ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("grove", [True, False], ids=["grove", "plain"])
+def test_fused_swiglu_from_the_second_call(stand_ins, gen, grove, dtype):
+    c = SHAPE
+    p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, dtype)
+    w, ids = routing(c["T"], c["E"], c["k"], gen, "coselected", c["S"])
+    ref = _forward_reference(p, w, ids, grove)
+    ys, gemm1 = [], []
+    for _ in range(3):
+        CALLS.clear()
+        ys.append(_forward(p, w, ids, grove))
+        assert rel_err(ys[-1], ref) <= 2e-2
+        assert sum("_tn_" in cfg for cfg in CALLS) == 2  # GEMM-1 and GEMM-2, one launch each
+        gemm1.append(CALLS[0])
+    dt = "bf16" if dtype == torch.bfloat16 else "fp16"
+    assert gemm1[0].startswith(f"{dt}_tn_") and "swiglu" not in gemm1[0]
+    assert gemm1[1].startswith(f"{dt}_tn_swiglu_") and gemm1[2] == gemm1[1]
+    assert torch.equal(ys[1], ys[2])
+
+
+def test_weights_changed_in_place_are_repacked_not_reused(stand_ins, gen):
+    c = SHAPE
+    p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
+    w, ids = routing(c["T"], c["E"], c["k"], gen, "random", c["S"])
+    _forward(p, w, ids)
+    _forward(p, w, ids)  # packed now
+    with torch.no_grad():
+        p["w1"].mul_(-1.5)
+        p["a1"][:, : c["Ia"]] += 1  # gate rows only
+    for _ in range(2):  # unfused on first sight of the new version, fused (fresh pack) after
+        CALLS.clear()
+        y = _forward(p, w, ids)
+        assert rel_err(y, _forward_reference(p, w, ids)) <= 2e-2
+    assert CALLS[0].startswith("bf16_tn_swiglu_")
+
+
+def test_no_fusion_when_disabled_or_while_capturing(stand_ins, gen, monkeypatch):
+    c = SHAPE
+    p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
+    w, ids = routing(c["T"], c["E"], c["k"], gen, "random", c["S"])
+    monkeypatch.setattr(lib, "FUSE_SWIGLU", False)
+    for _ in range(3):
+        _forward(p, w, ids)
+    assert not any("swiglu" in cfg for cfg in CALLS)
+    monkeypatch.setattr(lib, "FUSE_SWIGLU", True)
+    monkeypatch.setattr(_cuda_moe, "_capturing", lambda t: True)
+    for _ in range(3):
+        _forward(p, w, ids)
+    assert not any("swiglu" in cfg for cfg in CALLS)
+
+
+def test_backward_never_uses_the_fused_gemm(stand_ins, gen):
+    c = SHAPE
+    p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
+    w, ids = routing(c["T"], c["E"], c["k"], gen, "random", c["S"])
+    _forward(p, w, ids)
+    _forward(p, w, ids)
+    CALLS.clear()
+    dy = torch.randn(c["T"], c["H"], generator=gen).bfloat16()
+    _cuda_moe.experts_backward(dy, p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w, ids, None,
+                               c["S"], LAM, False)
+    assert CALLS and not any("swiglu" in cfg for cfg in CALLS)  # it needs h = [gate | up]
+
+
+def test_pack_gate_up_interleaves_blocks_of_8():
+    P, N, H = 3, 24, 5
+    w = torch.randn(P, 2 * N, H)
+    packed = lib.pack_gate_up(w)
+    for q in range(N // 8):
+        assert torch.equal(packed[:, 16 * q: 16 * q + 8], w[:, 8 * q: 8 * q + 8])
+        assert torch.equal(packed[:, 16 * q + 8: 16 * q + 16], w[:, N + 8 * q: N + 8 * q + 8])
+    with pytest.raises(ValueError, match="2N a multiple of 16"):
+        lib.pack_gate_up(torch.zeros(2, 40, 4))

@@ -1,7 +1,7 @@
 """The low-level ops of the `cuda` backend (torch.ops.grove_cuda) on an sm_90 GPU, against
 torch computed in fp32 (skipped elsewhere; the CPU checks are in test_cuda_build.py).
 
-    grouped_gemm   every config (bf16/fp16 x tn/tt/nt x tile): experts + adjugates with
+    grouped_gemm   every config (bf16/fp16 x tn/tn_swiglu/tt/nt x tile): experts + adjugates with
                    different N in one launch, problems with no rows, rows outside every
                    problem left untouched, nt: empty problems zeroed; CUDA-graph replay with
                    new routing written in place
@@ -47,9 +47,16 @@ def _problems(plan):
             for p, (s, c) in enumerate(zip(start, count))]
 
 
+def _swiglu_packed(acc):
+    """grove_cuda.h, tn_swiglu: D[m, 8q + r] = silu(acc[m, 16q + r]) * acc[m, 16q + 8 + r]."""
+    blocks = acc.reshape(acc.shape[0], -1, 2, 8)
+    return (torch.nn.functional.silu(blocks[:, :, 0]) * blocks[:, :, 1]).reshape(acc.shape[0], -1)
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_grouped_gemm_every_config(config):
     dt, layout = config.split("_")[:2]
+    swiglu = "_swiglu_" in config
     dtype = DTYPES[dt]
     plan, gen = _plan()
     Re, Ra = plan.num_expert_rows, plan.num_adjugate_rows
@@ -68,8 +75,9 @@ def test_grouped_gemm_every_config(config):
         shape = (lambda P, n, k: (P, n, k)) if layout == "tn" else (lambda P, n, k: (P, k, n))
         b = [_rand(gen, *shape(E, N[0], K[0]), dtype=dtype, scale=K[0] ** -0.5),
              _rand(gen, *shape(G, N[1], K[1]), dtype=dtype, scale=K[1] ** -0.5)]
-        out = [torch.full((Re, N[0]), SENTINEL, dtype=dtype, device=DEV),
-               torch.full((Ra, N[1]), SENTINEL, dtype=dtype, device=DEV)]
+        width = [n // 2 for n in N] if swiglu else N
+        out = [torch.full((Re, width[0]), SENTINEL, dtype=dtype, device=DEV),
+               torch.full((Ra, width[1]), SENTINEL, dtype=dtype, device=DEV)]
     lib.grouped_gemm(a, b, out, start, count, config)
     torch.cuda.synchronize()
     covered = [torch.zeros(t.shape[0], dtype=torch.bool) for t in a]
@@ -82,6 +90,7 @@ def test_grouped_gemm_every_config(config):
         else:
             w = b[s][j].float()
             ref = a[s][rows].float() @ (w.t() if layout == "tn" else w)
+            ref = _swiglu_packed(ref) if swiglu else ref
             got = out[s][rows].float()
         if m == 0 and layout != "nt":
             continue
@@ -92,16 +101,19 @@ def test_grouped_gemm_every_config(config):
             assert (out[s][~covered[s].to(DEV)] == SENTINEL).all()
 
 
-@pytest.mark.parametrize("layout", ["tn", "nt"])
+@pytest.mark.parametrize("layout", ["tn", "tn_swiglu", "nt"])
 def test_grouped_gemm_cuda_graph_replays_new_routing(layout):
     config = lib.gemm_config(torch.bfloat16, layout, "coop_128x256_c11")
     plan0, gen = _plan(seed=1)
     E, H, N = plan0.num_experts, 256, 128
     Re = plan0.num_expert_rows
     a = _rand(gen, Re, H, dtype=torch.bfloat16)
-    b = (_rand(gen, E, N, H, dtype=torch.bfloat16, scale=H ** -0.5) if layout == "tn"
+    rows_layout = layout.startswith("tn")
+    b = (_rand(gen, E, N, H, dtype=torch.bfloat16, scale=H ** -0.5) if rows_layout
          else _rand(gen, Re, N, dtype=torch.bfloat16))
-    out = torch.zeros((Re, N) if layout == "tn" else (E, H, N), dtype=torch.bfloat16, device=DEV)
+    width = N // 2 if layout == "tn_swiglu" else N
+    out = torch.zeros((Re, width) if rows_layout else (E, H, N), dtype=torch.bfloat16,
+                      device=DEV)
     s0, c0 = (t[:E].contiguous() for t in plan0.problem_rows())
     static_s, static_c = s0.clone(), c0.clone()
     stream = torch.cuda.Stream()
@@ -121,8 +133,9 @@ def test_grouped_gemm_cuda_graph_replays_new_routing(layout):
         torch.cuda.synchronize()
         for p, (r0, m) in enumerate(zip(s.tolist(), c.tolist())):
             rows = slice(r0, r0 + m)
-            if layout == "tn":
+            if rows_layout:
                 got, ref = out[rows].float(), a[rows].float() @ b[p].float().t()
+                ref = _swiglu_packed(ref) if layout == "tn_swiglu" else ref
             else:
                 got, ref = out[p].float(), a[rows].float().t() @ b[rows].float()
             assert (got - ref).norm() <= 1e-2 * max(ref.norm(), 1e-6), (seed, p)

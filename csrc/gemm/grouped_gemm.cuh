@@ -9,6 +9,10 @@
 //   tt      K-major rows   N-major ([K, N]: w1, w2)  M = rows          dGEMM-2, dGEMM-1
 //   nt      M-major rows   N-major rows              K = rows          dW1 / dW2 (wgrad)
 //
+// Epilogue: D = acc (EpilogueSchedule = a CUTLASS ptr-array schedule, TMA store), or with
+// EpilogueSchedule = grove::EpilogueSwiglu (tn only) SwiGLU fused: D_p [M_p, N_p / 2] =
+// silu(gate) * up of B rows packed by pack_gate_up (swiglu_epilogue.cuh).
+//
 // Problem shapes, pointers and leading dimensions live only in device memory, written by
 // grove_grouped_args_fill (grouped_args.cu); CUTLASS is initialised with host shapes = nullptr
 // (DESIGN §4: initialising with host shapes of an earlier routing leaves output unwritten), so
@@ -32,6 +36,7 @@
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "grove_cuda.h"
+#include "swiglu_epilogue.cuh"
 
 namespace grove {
 
@@ -63,6 +68,27 @@ constexpr bool is_one_int64_stride() {
           std::is_same<Stride, cute::Stride<Int<1>, int64_t, Int<0>>>::value);
 }
 
+// Tag for GroupedGemm's EpilogueSchedule: GEMM-1 with SwiGLU fused (swiglu_epilogue.cuh).
+struct EpilogueSwiglu {};
+
+template <class Element, class Accumulator, class LayoutD, int Alignment, class TileShape,
+          class ClusterShape, class EpilogueSchedule>
+struct EpilogueFor {
+  // No C operand (ElementC = void): D = acc, nothing is read back.
+  using type = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, Accumulator,
+      void, LayoutD*, Alignment, Element, LayoutD*, Alignment, EpilogueSchedule,
+      cutlass::epilogue::fusion::LinearCombination<Element, Accumulator, void>>::CollectiveOp;
+};
+template <class Element, class Accumulator, class LayoutD, int Alignment, class TileShape,
+          class ClusterShape>
+struct EpilogueFor<Element, Accumulator, LayoutD, Alignment, TileShape, ClusterShape,
+                   EpilogueSwiglu> {
+  using type = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
+      SwigluEpilogueArray<Element>>;
+};
+
 template <class Element_, int Layout, class TileShape, class ClusterShape, class KernelSchedule,
           class EpilogueSchedule>
 struct GroupedGemm {
@@ -80,12 +106,10 @@ struct GroupedGemm {
                     std::is_same<Element, cutlass::half_t>::value,
                 "bf16 or fp16 operands");
 
-  // No C operand (ElementC = void): D = acc, nothing is read back.
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, Accumulator,
-      void, LayoutD*, kAlignment, Element, LayoutD*, kAlignment, EpilogueSchedule,
-      cutlass::epilogue::fusion::LinearCombination<Element, Accumulator, void>>::CollectiveOp;
+  static constexpr bool kSwiglu = std::is_same<EpilogueSchedule, EpilogueSwiglu>::value;
+  static_assert(!kSwiglu || Layout == GROVE_LAYOUT_TN, "SwiGLU is fused into GEMM-1 (tn) only");
+  using Epilogue = typename EpilogueFor<Element, Accumulator, LayoutD, kAlignment, TileShape,
+                                        ClusterShape, EpilogueSchedule>::type;
 
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element,
@@ -123,15 +147,17 @@ struct GroupedGemm {
     args.mainloop.dA = reinterpret_cast<StrideA*>(v.ld_a);
     args.mainloop.ptr_B = reinterpret_cast<Element const**>(v.ptr_b);
     args.mainloop.dB = reinterpret_cast<StrideB*>(v.ld_b);
-    auto& fusion = args.epilogue.thread;
-    fusion.alpha = Accumulator(1);
-    fusion.beta = Accumulator(0);
-    fusion.alpha_ptr = nullptr;
-    fusion.beta_ptr = nullptr;
-    fusion.alpha_ptr_array = nullptr;
-    fusion.beta_ptr_array = nullptr;
-    args.epilogue.ptr_C = nullptr;
-    args.epilogue.dC = nullptr;
+    if constexpr (!kSwiglu) {
+      auto& fusion = args.epilogue.thread;
+      fusion.alpha = Accumulator(1);
+      fusion.beta = Accumulator(0);
+      fusion.alpha_ptr = nullptr;
+      fusion.beta_ptr = nullptr;
+      fusion.alpha_ptr_array = nullptr;
+      fusion.beta_ptr_array = nullptr;
+      args.epilogue.ptr_C = nullptr;
+      args.epilogue.dC = nullptr;
+    }
     args.epilogue.ptr_D = reinterpret_cast<Element**>(v.ptr_d);
     args.epilogue.dD = reinterpret_cast<StrideD*>(v.ld_d);
     args.hw_info = hw_info;

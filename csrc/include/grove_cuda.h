@@ -44,6 +44,9 @@ const char* grove_cuda_error_string(int code);
 //         tn: [N, K] K-major, row stride ldb_s (w1 / w2 as stored: GEMM-1, GEMM-2)
 //         tt: [K, N] N-major, row stride ldb_s (the same weights transposed: dGEMM-2, dGEMM-1)
 //   D_p = d_s + local_row * ldd_s     [M, N] row-major
+// tn_swiglu (GEMM-1 with SwiGLU fused): as tn, with B_p holding gate and up rows interleaved in
+//   blocks of 8 (grove_kernels.cuda.pack_gate_up) and N = n_s = 2 x the output width: D_p is
+//   [M, N / 2], D[m, 8q + r] = silu(acc[m, 16q + r]) * acc[m, 16q + 8 + r]; n_s % 16 == 0.
 // Weight-gradient layout (nt): a problem's K is its row count; M = m_s, N = n_s.
 //   A_p = a_s + local_row * lda_s     (M, K) M-major: the problem's rows of a [rows_s, M] buffer
 //   B_p = b_s + local_row * ldb_s     [K, N] N-major: the problem's rows of a [rows_s, N] buffer
@@ -121,11 +124,15 @@ GroveGroupedArgsView grove_grouped_args_view(void* args, int num_problems);
 #define GROVE_FOR_EACH_GROUPED_GEMM(X)                                                          \
   X(bf16, tn, coop_128x256_c11)                                                               \
   X(bf16, tn, pingpong_64x128_c11)                                                            \
+  X(bf16, tn_swiglu, coop_128x256_c11)                                                        \
+  X(bf16, tn_swiglu, pingpong_64x128_c11)                                                     \
   X(bf16, tt, coop_128x256_c11)                                                               \
   X(bf16, tt, pingpong_64x128_c11)                                                            \
   X(bf16, nt, coop_128x256_c11)                                                               \
   X(fp16, tn, coop_128x256_c11)                                                               \
   X(fp16, tn, pingpong_64x128_c11)                                                            \
+  X(fp16, tn_swiglu, coop_128x256_c11)                                                        \
+  X(fp16, tn_swiglu, pingpong_64x128_c11)                                                     \
   X(fp16, tt, coop_128x256_c11)                                                               \
   X(fp16, tt, pingpong_64x128_c11)                                                            \
   X(fp16, nt, coop_128x256_c11)

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -68,6 +69,13 @@ void check_fits_int32(int64_t v, const char* what, size_t s) {
               s, "] must fit in int32, got ", v);
 }
 
+// Row stride of a 2-D tensor as the kernels read it. torch calls a one-row tensor contiguous
+// whatever its stride(0) (e.g. a [1, H] view of [H, 1] has strides (1, 1)), but the kernels
+// check ld >= width, so a single row reports its width instead.
+int64_t leading_dim(const at::Tensor& t) {
+  return t.size(0) <= 1 ? std::max<int64_t>(t.stride(0), t.size(1)) : t.stride(0);
+}
+
 at::ScalarType dtype_of(const GemmConfig& c) {
   return std::string(c.dtype) == "bf16" ? at::kBFloat16 : at::kHalf;
 }
@@ -101,7 +109,7 @@ GroveGemmSegment make_segment(const GemmConfig& cfg, size_t s, const at::Tensor&
   g.a = as.data_ptr();
   g.b = bs.data_ptr();
   g.d = ds.data_ptr();
-  g.lda = as.stride(0);
+  g.lda = leading_dim(as);
   g.rows = as.size(0);
   int64_t m = 0, n, k = 0;
   if (wgrad) {
@@ -111,7 +119,7 @@ GroveGemmSegment make_segment(const GemmConfig& cfg, size_t s, const at::Tensor&
                 s, "] (", as.size(0), "), got ", bs.size(0));
     TORCH_CHECK(ds.size(1) == m && ds.size(2) == n, "grouped_gemm: out[", s, "] must be [P, ",
                 m, ", ", n, "], got ", ds.sizes());
-    g.ldb = bs.stride(0);
+    g.ldb = leading_dim(bs);
     g.ldd = ds.stride(1);
     g.d_problem_stride = ds.stride(0);
     *problems = ds.size(0);
@@ -127,7 +135,7 @@ GroveGemmSegment make_segment(const GemmConfig& cfg, size_t s, const at::Tensor&
     TORCH_CHECK(!swiglu || n % 16 == 0, "grouped_gemm: b[", s, "] must have N a multiple of 16 "
                 "for ", cfg.name, " (whole gate/up blocks of 8), got ", n);
     g.ldb = bs.stride(1);
-    g.ldd = ds.stride(0);
+    g.ldd = leading_dim(ds);
     g.b_problem_stride = bs.stride(0);
     *problems = bs.size(0);
   }
@@ -300,10 +308,10 @@ void gather_rows(const at::Tensor& x, const at::Tensor& row_token,
   if (row_weight.has_value()) check_vector(*row_weight, op, "row_weight", at::kFloat, R, dev);
   GroveRowSections sec = sections(R, rows_e, end_e, end_a, op, dev);
   c10::DeviceGuard guard(dev);
-  check_rc(grove_gather_rows(dtype, x.data_ptr(), x.stride(0), x.size(0), x.size(1),
+  check_rc(grove_gather_rows(dtype, x.data_ptr(), leading_dim(x), x.size(0), x.size(1),
                              row_token.data_ptr<int64_t>(),
                              row_weight.has_value() ? row_weight->data_ptr<float>() : nullptr,
-                             sec, out.data_ptr(), out.stride(0), as_stream(stream)),
+                             sec, out.data_ptr(), leading_dim(out), as_stream(stream)),
            op);
 }
 
@@ -321,8 +329,8 @@ void swiglu_fwd(const at::Tensor& h, int64_t rows_e, const c10::optional<at::Ten
               "] for out [", R, ", ", N, "], got ", h.sizes());
   GroveRowSections sec = sections(R, rows_e, end_e, end_a, op, dev);
   c10::DeviceGuard guard(dev);
-  check_rc(grove_swiglu_fwd(dtype, h.data_ptr(), h.stride(0), N, sec, out.data_ptr(),
-                            out.stride(0), as_stream(stream)),
+  check_rc(grove_swiglu_fwd(dtype, h.data_ptr(), leading_dim(h), N, sec, out.data_ptr(),
+                            leading_dim(out), as_stream(stream)),
            op);
 }
 
@@ -348,9 +356,10 @@ void swiglu_bwd(const at::Tensor& g, const at::Tensor& h,
     check_vector(*d_row_weight, op, "d_row_weight", at::kFloat, R, dev);
   GroveRowSections sec = sections(R, rows_e, end_e, end_a, op, dev);
   c10::DeviceGuard guard(dev);
-  check_rc(grove_swiglu_bwd(dtype, g.data_ptr(), g.stride(0), h.data_ptr(), h.stride(0), N,
+  check_rc(grove_swiglu_bwd(dtype, g.data_ptr(), leading_dim(g), h.data_ptr(), leading_dim(h),
+                            N,
                             row_weight.has_value() ? row_weight->data_ptr<float>() : nullptr,
-                            sec, dh.data_ptr(), dh.stride(0),
+                            sec, dh.data_ptr(), leading_dim(dh),
                             d_row_weight.has_value() ? d_row_weight->data_ptr<float>() : nullptr,
                             as_stream(stream)),
            op);
@@ -376,11 +385,11 @@ void combine_rows(const at::Tensor& rows, const at::Tensor& token_rows,
   if (token_weight.has_value())
     check_vector(*token_weight, op, "token_weight", at::kFloat, T * C, dev);
   c10::DeviceGuard guard(dev);
-  check_rc(grove_combine_rows(dtype, rows.data_ptr(), rows.stride(0), rows.size(0),
+  check_rc(grove_combine_rows(dtype, rows.data_ptr(), leading_dim(rows), rows.size(0),
                               token_rows.data_ptr<int64_t>(),
                               reinterpret_cast<const uint8_t*>(token_mask.data_ptr<bool>()),
                               token_weight.has_value() ? token_weight->data_ptr<float>() : nullptr,
-                              T, C, rows.size(1), out.data_ptr(), out.stride(0),
+                              T, C, rows.size(1), out.data_ptr(), leading_dim(out),
                               as_stream(stream)),
            op);
 }
@@ -404,8 +413,8 @@ void rows_dot_scale(const at::Tensor& rows, const at::Tensor& x, const at::Tenso
   if (dot.has_value()) check_vector(*dot, op, "dot", at::kFloat, R, dev);
   GroveRowSections sec = sections(R, rows_e, end_e, end_a, op, dev);
   c10::DeviceGuard guard(dev);
-  check_rc(grove_rows_dot_scale(dtype, rows.data_ptr(), rows.stride(0), x.data_ptr(),
-                                x.stride(0), x.size(0), rows.size(1),
+  check_rc(grove_rows_dot_scale(dtype, rows.data_ptr(), leading_dim(rows), x.data_ptr(),
+                                leading_dim(x), x.size(0), rows.size(1),
                                 row_token.data_ptr<int64_t>(), row_weight.data_ptr<float>(), sec,
                                 dot.has_value() ? dot->data_ptr<float>() : nullptr,
                                 as_stream(stream)),

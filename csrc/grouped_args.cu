@@ -20,7 +20,7 @@ struct Segments {
 // Segment-local first row and row count of problem p, clamped so that a corrupt plan shrinks
 // the problem instead of addressing out of bounds.
 template <typename Index>
-__device__ void local_rows(const GroveGemmSegment& seg, const Index* start, const Index* count,
+__host__ __device__ void local_rows(const GroveGemmSegment& seg, const Index* start, const Index* count,
                            int p, int64_t* row, int64_t* m) {
   int64_t r = static_cast<int64_t>(start[p]) - seg.row_base;
   int64_t c = static_cast<int64_t>(count[p]);
@@ -31,7 +31,7 @@ __device__ void local_rows(const GroveGemmSegment& seg, const Index* start, cons
   *m = c;
 }
 
-__device__ int segment_of(const Segments& segs, int p) {
+__host__ __device__ int segment_of(const Segments& segs, int p) {
   int si = 0;
 #pragma unroll
   for (int i = 1; i < GROVE_MAX_SEGMENTS; ++i) {
@@ -40,12 +40,10 @@ __device__ int segment_of(const Segments& segs, int p) {
   return si;
 }
 
+// The arguments of problem p (host-callable: tests/cuda/grouped_args_check.cu runs it on the CPU).
 template <typename Index>
-__global__ void fill_grouped_args(int layout, Segments segs, const Index* __restrict__ start,
-                                  const Index* __restrict__ count, int num_problems,
-                                  GroveGroupedArgsView out) {
-  const int p = blockIdx.x * blockDim.x + threadIdx.x;
-  if (p >= num_problems) return;
+__host__ __device__ void fill_problem(int layout, const Segments& segs, const Index* start,
+                                      const Index* count, int p, GroveGroupedArgsView out) {
   const GroveGemmSegment& seg = segs.s[segment_of(segs, p)];
   const int64_t j = p - seg.first_problem;
   int64_t row, rows;
@@ -77,6 +75,14 @@ __global__ void fill_grouped_args(int layout, Segments segs, const Index* __rest
   out.ld_d[p] = seg.ldd;
 }
 
+template <typename Index>
+__global__ void fill_grouped_args(int layout, Segments segs, const Index* __restrict__ start,
+                                  const Index* __restrict__ count, int num_problems,
+                                  GroveGroupedArgsView out) {
+  const int p = blockIdx.x * blockDim.x + threadIdx.x;
+  if (p < num_problems) fill_problem(layout, segs, start, count, p, out);
+}
+
 // grid (problems, chunks): each block zeroes a strided part of D_p when problem p has no rows.
 template <typename Index>
 __global__ void zero_empty_problems(Segments segs, const Index* __restrict__ start,
@@ -102,8 +108,11 @@ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15)
 int check_segments(int layout, const GroveGemmSegment* segments, int num_segments,
                           int num_problems, Segments* segs) {
   if (!segments || num_segments < 1 || num_segments > GROVE_MAX_SEGMENTS || num_problems < 0 ||
-      (layout != GROVE_LAYOUT_TN && layout != GROVE_LAYOUT_TT && layout != GROVE_LAYOUT_NT))
+      (layout != GROVE_LAYOUT_TN && layout != GROVE_LAYOUT_TT && layout != GROVE_LAYOUT_NT &&
+       layout != GROVE_LAYOUT_TN_SWIGLU))
     return GROVE_ERR_INVALID_ARGUMENT;
+  // tn_swiglu: N counts packed gate + up columns, D holds N / 2 (whole blocks of 8 pairs).
+  const bool swiglu = layout == GROVE_LAYOUT_TN_SWIGLU;
   *segs = Segments{};
   segs->count = num_segments;
   int next = 0;
@@ -114,13 +123,14 @@ int check_segments(int layout, const GroveGemmSegment* segments, int num_segment
     bool ok = s.first_problem == next && s.num_problems >= 0 && s.n > 0 && s.rows >= 0 &&
               (s.rows == 0 || (s.a && s.d)) && (s.num_problems == 0 || (s.b && s.d)) &&
               aligned16(s.a) && aligned16(s.b) && aligned16(s.d) && s.lda % 8 == 0 &&
-              s.ldb % 8 == 0 && s.ldd % 8 == 0 && s.n % 8 == 0 && s.ldd >= s.n;
+              s.ldb % 8 == 0 && s.ldd % 8 == 0 && s.n % (swiglu ? 16 : 8) == 0 &&
+              s.ldd >= (swiglu ? s.n / 2 : s.n);
     if (layout == GROVE_LAYOUT_NT) {
       // A rows hold M values, B rows N values; D_j = d + j * d_problem_stride.
       ok = ok && s.m > 0 && s.m % 8 == 0 && s.lda >= s.m && s.ldb >= s.n &&
            s.d_problem_stride % 8 == 0 && s.d_problem_stride >= s.ldd * (s.m - 1) + s.n;
     } else {
-      const int64_t b_row = layout == GROVE_LAYOUT_TN ? s.k : s.n;  // B's contiguous extent
+      const int64_t b_row = layout == GROVE_LAYOUT_TT ? s.n : s.k;  // B's contiguous extent
       ok = ok && s.k > 0 && s.k % 8 == 0 && s.lda >= s.k && s.ldb >= b_row &&
            s.b_problem_stride % 8 == 0;
     }

@@ -5,18 +5,17 @@ Forward (x [T, H]; R = R_e + R_a plan rows; N = I for experts, Ia for adjugates)
     gather          x[row_token] (· w when the router weight is applied on the input) -> xg [R, H]
     GEMM-1   tn_swiglu  xg rows @ packed(w1[e])^T | packed(a1[g])^T, SwiGLU in the epilogue
                     -> z_e [R_e, I], z_a [R_a, Ia]                                    one launch
-             (until the weights are packed: GEMM-1 tn -> h [R, 2N], then the SwiGLU kernel)
+             (FUSE_SWIGLU off, the default: GEMM-1 tn -> h [R, 2N], then the SwiGLU kernel)
     GEMM-2   tn     z rows @ w2[e]^T | a2[g]^T -> o [R, H]                          one launch
     combine         y_t = Σ_j token_weight[t, j] · o[token_rows[t, j]]  (fp32, slot order)
 The row weights are applied in the combine (fp32), not in GEMM-2's epilogue: same bytes, one
 rounding fewer.
 
-Packed weights (PackedGateUp): the fused GEMM-1 reads w1 / a1 with gate and up rows interleaved
-in blocks of 8 (cuda.pack_gate_up). A weight is packed the second time a forward sees it
-unchanged (same tensor, data and version) and kept while it stays so: packing costs a copy of
-w1 (E·2I·H) while fusing saves ~R·4N elements of traffic per call, so a weight updated every
-step (training) is not worth packing and stays on the unfused path, while inference weights are
-packed once. Never packed during CUDA-graph capture (a captured pack would repeat every replay).
+Packed weights (PackedGateUp, opt-in with cuda.FUSE_SWIGLU = True): the fused GEMM-1 reads
+w1 / a1 with gate and up rows interleaved in blocks of 8 (cuda.pack_gate_up), a copy kept per
+weight tensor while its version is unchanged. For frozen (inference) weights: packing costs a
+copy of w1 (E·2I·H elements) while fusing saves ~R·4N per call, so weights updated every step
+(training) are better left unfused, and a packed copy cannot see writes torch does not version.
 
 Backward (same plan; nothing kept from the forward: GEMM-1 recomputed, memory [R, 2N] for h):
     gather          xg as above; dY[row_token] -> dyg [R, H]
@@ -78,6 +77,8 @@ class _Call:
         self.Re, self.R = p.num_expert_rows, p.num_rows
         self.I = w1.shape[1] // 2
         self.Ia = a1.shape[1] // 2 if self.grove else 0
+        # The row kernels take fp32 weights; the plan's follow topk_weights (fp64 possible).
+        self.row_weight, self.token_weight = p.row_weight.float(), p.token_weight.float()
         self.start, self.count = p.problem_rows()
         self.end_e = p.expert_offsets[self.E:]
         self.end_a = p.adjugate_offsets[self.G:] if self.grove else None
@@ -104,30 +105,47 @@ def _capturing(t):
 
 
 class PackedGateUp:
-    """cuda.pack_gate_up copies of weights, one per live tensor, valid for one version."""
+    """cuda.pack_gate_up copies of w1 / a1 for the fused GEMM-1 (opt-in: cuda.FUSE_SWIGLU).
+
+    One copy per live weight tensor, made on its first eager forward and replaced when the
+    tensor's version changes (an in-place update made through torch). Writes torch does not
+    version (w.data.copy_, collectives or kernels writing through data_ptr) are NOT seen: with
+    FUSE_SWIGLU on, weights must stay frozen, or release_packed_weights() be called after
+    changing them. Never packs while a CUDA graph is being captured; a graph captured with a
+    packed copy keeps reading that copy, so it is pinned (kept alive) until release.
+    """
 
     def __init__(self):
-        self._entries = {}  # id(w) -> (weakref to w, state of w, packed copy or None)
+        self._entries = {}  # id(w) -> (weakref to w, state of w, packed copy)
+        self._pinned = []  # packed copies that captured graphs may read
 
     @staticmethod
     def _state(w):
-        return (w._version, w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device)
+        # Inference tensors have no version counter: their values count as frozen.
+        version = None if w.is_inference() else w._version
+        return (version, w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device)
 
     def get(self, w):
-        """The packed copy of w, or None while w has not been seen unchanged twice."""
+        """The packed copy of w, or None while capturing a graph without one."""
         key, state = id(w), self._state(w)
         entry = self._entries.get(key)
-        if entry is not None and entry[0]() is w and entry[1] == state:
-            if entry[2] is None and not _capturing(w):
-                entry = (entry[0], state, lib.pack_gate_up(w))
-                self._entries[key] = entry
+        valid = entry is not None and entry[0]() is w and entry[1] == state
+        if _capturing(w):
+            if not valid:
+                return None
+            if not any(p is entry[2] for p in self._pinned):
+                self._pinned.append(entry[2])
             return entry[2]
-        entries = self._entries
-        self._entries[key] = (weakref.ref(w, lambda _, k=key: entries.pop(k, None)), state, None)
-        return None
+        if not valid:
+            entries = self._entries
+            ref = weakref.ref(w, lambda _, k=key: entries.pop(k, None))
+            entry = (ref, state, lib.pack_gate_up(w))
+            self._entries[key] = entry
+        return entry[2]
 
     def clear(self):
         self._entries.clear()
+        self._pinned.clear()
 
 
 packed_gate_up = PackedGateUp()
@@ -173,14 +191,14 @@ def experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group
     y = x.new_empty(T, H)
     x = x.contiguous()
     c = _Call(x, w1, a1, topk_weights, topk_ids, expert_map, group_size, adjugate_scale)
-    xg = _gather(c, x, c.plan.row_weight if weight_on_input else None)
+    xg = _gather(c, x, c.row_weight if weight_on_input else None)
     (ze, za), _ = _gemm1_swiglu(c, xg, w1, a1, keep_h=False)
     o = x.new_empty(c.R, H)
     a, b, out = c.segments((ze, za), (w2, a2), c.split(o))
     lib.grouped_gemm(a, b, out, c.start, c.count, c.config("tn"))
     p = c.plan
     return lib.combine_rows(o, p.token_rows, p.token_mask,
-                            None if weight_on_input else p.token_weight, y)
+                            None if weight_on_input else c.token_weight, y)
 
 
 def experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,
@@ -194,7 +212,7 @@ def experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, topk_ids, expert
     dy = grad_out.to(x.dtype).contiguous()
     c = _Call(x, w1, a1, topk_weights, topk_ids, expert_map, group_size, adjugate_scale)
     p = c.plan
-    row_w = p.row_weight
+    row_w = c.row_weight
     xg = _gather(c, x, row_w if weight_on_input else None)
     dyg = _gather(c, dy, None)
     (ze, za), (he, ha) = _gemm1_swiglu(c, xg, w1, a1, keep_h=True)
@@ -230,6 +248,6 @@ def experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, topk_ids, expert
     lib.grouped_gemm(a, b, out, c.start, c.count, c.config("tt"))
     if weight_on_input:
         lib.rows_dot_scale(dx_rows, x, p.row_token, row_w, c.Re, c.end_e, c.end_a, d_row_weight)
-    dx = lib.combine_rows(dx_rows, p.token_rows, p.token_mask, None, torch.empty_like(x))
+    dx = lib.combine_rows(dx_rows, p.token_rows, p.token_mask, None, x.new_empty(x.shape))
     d_topk = p.topk_weight_grad(d_row_weight, adjugate_scale)
     return dx, dw1, dw2, da1, da2, d_topk.to(topk_weights.dtype)

@@ -24,9 +24,10 @@ else:
 
 runs_on_cpu = False
 AUTO = False  # `auto` may pick this backend: only once the GPU tests have passed on it
-# Forward GEMM-1 with SwiGLU in its epilogue (config tn_swiglu) once w1 / a1 have been seen
-# unchanged in two calls; costs one packed copy of w1 and a1 (see _cuda_moe.PackedGateUp).
-FUSE_SWIGLU = True
+# Opt-in: forward GEMM-1 with SwiGLU in its epilogue (config tn_swiglu), reading a packed copy
+# of w1 / a1 kept per weight tensor (_cuda_moe.PackedGateUp): for frozen weights only, since a
+# write torch does not version (w.data.copy_) is not seen; release_packed_weights() after one.
+FUSE_SWIGLU = False
 DTYPES = (torch.bfloat16, torch.float16)
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 _KNOWN_OPS = ("grouped_gemm", "grouped_gemm_configs", "grouped_gemm_workspace_size",
@@ -150,6 +151,15 @@ def rows_dot_scale(rows, x, row_token, row_weight, rows_e, end_e, end_a, dot):
     torch.ops.grove_cuda.rows_dot_scale(rows, x, row_token, row_weight, rows_e, end_e, end_a,
                                         dot, _stream(rows))
     return rows
+
+
+def release_packed_weights():
+    """Drop the packed copies of w1 / a1 kept for the fused GEMM-1 (FUSE_SWIGLU), including
+    those pinned for captured CUDA graphs: call it after changing weights in a way torch does
+    not version, and only once no graph captured with the old copies will replay."""
+    from ._cuda_moe import packed_gate_up
+
+    packed_gate_up.clear()
 
 
 def is_available():

@@ -6,6 +6,9 @@
     no host sync       forward under torch.cuda.set_sync_debug_mode("error"), value checks off
     CUDA graph         capture fused_grove_experts (bf16) once, rewrite topk_ids/topk_weights
                        in place, replay: equals eager on the new routing
+    cuda, opt-in       FUSE_SWIGLU: GEMM-1 with SwiGLU fused (packed w1/a1) against the oracle,
+                       repacked after an in-place update, graph replay on pinned packs; a
+                       one-row input with strides (1, 1)
 
 Before each checked call the caching allocator is filled with NaN, so an output element a
 kernel forgets to write shows up as NaN (which never passes).
@@ -87,11 +90,9 @@ def test_fused_grove_experts_gpu(backend, gen, kind, dtype):
         return gk.fused_grove_experts(p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w, ids,
                                       group_size=SMALL["S"], adjugate_scale=LAM)
 
-    ref, torch_out = _grove_oracle(p, w, ids), on_torch(backend, call)
-    for _ in range(2):  # cuda: the second call fuses SwiGLU into GEMM-1 (weights now packed)
-        y = call()
-        assert y.device.type == "cuda" and y.dtype == dtype and y.shape == p["x"].shape
-        assert_close(y, ref, "y", torch_out=torch_out)
+    y = call()
+    assert y.device.type == "cuda" and y.dtype == dtype and y.shape == p["x"].shape
+    assert_close(y, _grove_oracle(p, w, ids), "y", torch_out=on_torch(backend, call))
 
 
 @ALL_DTYPES
@@ -167,9 +168,9 @@ def test_full_grove33b_bf16(backend):
         poison()
         return gk.fused_grove_experts(p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w, ids)
 
-    ref, torch_out = _grove_oracle(p, w, ids, 2, 0.05), on_torch(backend, call)
-    for _ in range(2):  # cuda: the second call fuses SwiGLU into GEMM-1 (weights now packed)
-        assert_close(call(), ref, "y", torch_out=torch_out)
+    y = call()
+    ref = _grove_oracle(p, w, ids, 2, 0.05)
+    assert_close(y, ref, "y", torch_out=on_torch(backend, call))
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -340,3 +341,88 @@ def test_device_mismatch(backend, gen, arg):
     with pytest.raises(ValueError, match=arg):
         gk.fused_grove_experts(a["x"], a["w1"], a["w2"], a["a1"], a["a2"], a["topk_weights"],
                                a["topk_ids"])
+
+
+# ------------------------------------------------------------- cuda: opt-in fused SwiGLU
+
+
+@pytest.fixture
+def cuda_fused(monkeypatch):
+    if not cuda_backend.is_available():
+        pytest.skip("needs grove_kernels._C and an sm_90 GPU")
+    monkeypatch.setattr(cuda_backend, "FUSE_SWIGLU", True)
+    cuda_backend.release_packed_weights()
+    configs = []
+    real = cuda_backend.grouped_gemm
+
+    def spy(a, b, out, start, count, config):
+        configs.append(config)
+        return real(a, b, out, start, count, config)
+
+    monkeypatch.setattr(cuda_backend, "grouped_gemm", spy)
+    with gk.use_backend("cuda"):
+        yield configs
+    cuda_backend.release_packed_weights()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("c", [SMALL, dict(SMALL, T=1), dict(SMALL, I=24, Ia=8, T=33)],
+                         ids=["small", "T1", "narrow"])
+def test_cuda_fused_swiglu_forward(cuda_fused, gen, dtype, c):
+    p, w, ids = _grove(gen, dtype, c=c)
+    for attempt in range(2):
+        poison()
+        cuda_fused.clear()
+        y = gk.fused_grove_experts(p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w, ids,
+                                   group_size=c["S"], adjugate_scale=LAM)
+        assert "_tn_swiglu_" in cuda_fused[0], cuda_fused
+        assert_close(y, _grove_oracle(p, w, ids, c["S"]), f"y (call {attempt})")
+    with torch.no_grad():
+        p["w1"].mul_(-1)  # versioned in-place update: repacked, never stale
+    y = gk.fused_grove_experts(p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w, ids,
+                               group_size=c["S"], adjugate_scale=LAM)
+    assert_close(y, _grove_oracle(p, w, ids, c["S"]), "y after w1 changed")
+
+
+def test_cuda_fused_swiglu_graph_replay(cuda_fused, gen):
+    c = dict(SMALL, T=64)
+    p, w, ids = _grove(gen, torch.bfloat16, c=c)
+    static_w, static_ids = w.clone(), ids.clone()
+
+    def call():
+        return gk.fused_grove_experts(p["x"], p["w1"], p["w2"], p["a1"], p["a2"], static_w,
+                                      static_ids, group_size=c["S"], adjugate_scale=LAM)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()  # packs w1 / a1 eagerly
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    cuda_fused.clear()
+    with torch.cuda.graph(graph):
+        y = call()
+    assert "_tn_swiglu_" in cuda_fused[0]
+    with torch.no_grad():
+        p["w1"].add_(0)  # new version: the eager call repacks, the graph keeps its pinned copy
+    call()
+    for kind in ("random", "one_expert"):
+        new_w, new_ids = routing(c["T"], c["E"], c["k"], gen, kind, c["S"], device=DEV)
+        static_w.copy_(new_w)
+        static_ids.copy_(new_ids)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(y, _grove_oracle(p, static_w, static_ids, c["S"]), f"y ({kind})")
+
+
+def test_cuda_one_row_with_odd_strides(gen):
+    if not cuda_backend.is_available():
+        pytest.skip("needs grove_kernels._C and an sm_90 GPU")
+    c = dict(SMALL, T=1)
+    p, w, ids = _grove(gen, torch.bfloat16, c=c)
+    x = p["x"].reshape(-1, 1).t()  # [1, H] with strides (1, 1): "contiguous" to torch
+    assert x.stride() == (1, 1)
+    with gk.use_backend("cuda"):
+        y = gk.fused_grove_experts(x, p["w1"], p["w2"], p["a1"], p["a2"], w, ids,
+                                   group_size=c["S"], adjugate_scale=LAM)
+    assert_close(y, _grove_oracle(p, w, ids, c["S"]), "y")

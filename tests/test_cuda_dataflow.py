@@ -73,6 +73,7 @@ def _real2(R, rows_e, end_e, end_a):
 
 
 def _gather_rows(x, row_token, row_weight, rows_e, end_e, end_a, out):
+    assert row_weight is None or row_weight.dtype == torch.float32
     real = _real2(out.shape[0], rows_e, end_e, end_a)
     v = x[row_token].float()
     if row_weight is not None:
@@ -89,6 +90,7 @@ def _swiglu_fwd(h, end, out):
 
 
 def _swiglu_bwd(g, h, row_weight, end, dh, d_row_weight):
+    assert row_weight is None or row_weight.dtype == torch.float32
     N = g.shape[1]
     real = _real(g.shape[0], end)
     gate, up, gv = h[:, :N].float(), h[:, N:].float(), g.float()
@@ -103,6 +105,7 @@ def _swiglu_bwd(g, h, row_weight, end, dh, d_row_weight):
 
 
 def _combine_rows(rows, token_rows, token_mask, token_weight, out):
+    assert token_weight is None or token_weight.dtype == torch.float32
     v = rows.float()[token_rows] * token_mask[..., None]
     if token_weight is not None:
         v = v * token_weight[..., None]
@@ -111,6 +114,7 @@ def _combine_rows(rows, token_rows, token_mask, token_weight, out):
 
 
 def _rows_dot_scale(rows, x, row_token, row_weight, rows_e, end_e, end_a, dot):
+    assert row_weight.dtype == torch.float32
     real = _real2(rows.shape[0], rows_e, end_e, end_a)
     if dot is not None:
         d = (rows.float() * x[row_token].float()).sum(1)
@@ -233,58 +237,99 @@ def _forward_reference(p, w, ids, grove=True, S=2):
     return oracle.fused_experts(x, w1, w2, wt, ids)
 
 
+@pytest.fixture
+def fused(monkeypatch):
+    monkeypatch.setattr(lib, "FUSE_SWIGLU", True)
+
+
+def _gemm1_configs(p, w, ids, calls, grove=True):
+    """The GEMM-1 config of each of `calls` forwards, each checked against the oracle."""
+    configs = []
+    for _ in range(calls):
+        CALLS.clear()
+        y = _forward(p, w, ids, grove)
+        assert rel_err(y, _forward_reference(p, w, ids, grove)) <= 2e-2
+        assert sum("_tn_" in cfg for cfg in CALLS) == 2  # GEMM-1 and GEMM-2, one launch each
+        configs.append(CALLS[0])
+    return configs
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("grove", [True, False], ids=["grove", "plain"])
-def test_fused_swiglu_from_the_second_call(stand_ins, gen, grove, dtype):
+def test_fused_swiglu_when_enabled(stand_ins, gen, monkeypatch, grove, dtype):
     c = SHAPE
     p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, dtype)
     w, ids = routing(c["T"], c["E"], c["k"], gen, "coselected", c["S"])
-    ref = _forward_reference(p, w, ids, grove)
-    ys, gemm1 = [], []
-    for _ in range(3):
-        CALLS.clear()
-        ys.append(_forward(p, w, ids, grove))
-        assert rel_err(ys[-1], ref) <= 2e-2
-        assert sum("_tn_" in cfg for cfg in CALLS) == 2  # GEMM-1 and GEMM-2, one launch each
-        gemm1.append(CALLS[0])
     dt = "bf16" if dtype == torch.bfloat16 else "fp16"
-    assert gemm1[0].startswith(f"{dt}_tn_") and "swiglu" not in gemm1[0]
-    assert gemm1[1].startswith(f"{dt}_tn_swiglu_") and gemm1[2] == gemm1[1]
-    assert torch.equal(ys[1], ys[2])
+    assert lib.FUSE_SWIGLU is False  # opt-in
+    assert all(cfg.startswith(f"{dt}_tn_") and "swiglu" not in cfg
+               for cfg in _gemm1_configs(p, w, ids, 2, grove))
+    monkeypatch.setattr(lib, "FUSE_SWIGLU", True)
+    assert all(cfg.startswith(f"{dt}_tn_swiglu_") for cfg in _gemm1_configs(p, w, ids, 2, grove))
 
 
-def test_weights_changed_in_place_are_repacked_not_reused(stand_ins, gen):
+def test_weights_changed_in_place_are_repacked_not_reused(stand_ins, fused, gen):
     c = SHAPE
     p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
     w, ids = routing(c["T"], c["E"], c["k"], gen, "random", c["S"])
-    _forward(p, w, ids)
-    _forward(p, w, ids)  # packed now
+    _gemm1_configs(p, w, ids, 1)
     with torch.no_grad():
         p["w1"].mul_(-1.5)
         p["a1"][:, : c["Ia"]] += 1  # gate rows only
-    for _ in range(2):  # unfused on first sight of the new version, fused (fresh pack) after
-        CALLS.clear()
-        y = _forward(p, w, ids)
-        assert rel_err(y, _forward_reference(p, w, ids)) <= 2e-2
-    assert CALLS[0].startswith("bf16_tn_swiglu_")
+    assert all("swiglu" in cfg for cfg in _gemm1_configs(p, w, ids, 2))
 
 
-def test_no_fusion_when_disabled_or_while_capturing(stand_ins, gen, monkeypatch):
+def test_inference_tensors_can_be_packed(stand_ins, fused, gen):
+    c = SHAPE
+    p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
+    with torch.inference_mode():  # no version counter: treated as frozen
+        p = {n: t.clone() for n, t in p.items()}
+    w, ids = routing(c["T"], c["E"], c["k"], gen, "random", c["S"])
+    assert all("swiglu" in cfg for cfg in _gemm1_configs(p, w, ids, 2))
+
+
+def test_capture_uses_only_existing_packs_and_pins_them(stand_ins, fused, gen, monkeypatch):
     c = SHAPE
     p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
     w, ids = routing(c["T"], c["E"], c["k"], gen, "random", c["S"])
-    monkeypatch.setattr(lib, "FUSE_SWIGLU", False)
-    for _ in range(3):
-        _forward(p, w, ids)
-    assert not any("swiglu" in cfg for cfg in CALLS)
-    monkeypatch.setattr(lib, "FUSE_SWIGLU", True)
     monkeypatch.setattr(_cuda_moe, "_capturing", lambda t: True)
-    for _ in range(3):
-        _forward(p, w, ids)
-    assert not any("swiglu" in cfg for cfg in CALLS)
+    assert "swiglu" not in _gemm1_configs(p, w, ids, 1)[0]  # never packs inside a capture
+    monkeypatch.setattr(_cuda_moe, "_capturing", lambda t: False)
+    _gemm1_configs(p, w, ids, 1)  # eager: packs
+    monkeypatch.setattr(_cuda_moe, "_capturing", lambda t: True)
+    assert "swiglu" in _gemm1_configs(p, w, ids, 1)[0]
+    pinned = list(_cuda_moe.packed_gate_up._pinned)
+    assert len(pinned) == 2  # w1 and a1, alive for the graph even if the weights change
+    monkeypatch.setattr(_cuda_moe, "_capturing", lambda t: False)
+    with torch.no_grad():
+        p["w1"].add_(1)
+    _gemm1_configs(p, w, ids, 1)  # repacked eagerly; the captured copies stay pinned
+    assert all(any(q is x for x in _cuda_moe.packed_gate_up._pinned) for q in pinned)
+    lib.release_packed_weights()
+    assert not _cuda_moe.packed_gate_up._pinned
 
 
-def test_backward_never_uses_the_fused_gemm(stand_ins, gen):
+def test_released_packs_are_rebuilt(stand_ins, fused, gen):
+    c = SHAPE
+    p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
+    w, ids = routing(c["T"], c["E"], c["k"], gen, "random", c["S"])
+    _gemm1_configs(p, w, ids, 1)
+    lib.release_packed_weights()
+    assert not _cuda_moe.packed_gate_up._entries
+    assert "swiglu" in _gemm1_configs(p, w, ids, 1)[0]
+
+
+def test_float64_router_weights(stand_ins, gen):
+    c = SHAPE
+    p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
+    w, ids = routing(c["T"], c["E"], c["k"], gen, "random", c["S"])
+    y, dy, grads = _run(p, w.double(), ids, True, False, c["S"])  # kernels get fp32 weights
+    ref_y, ref_g = _reference(p, w.double(), ids, dy, True, False, c["S"])
+    assert rel_err(y, ref_y) <= 2e-2
+    assert grads[-1].dtype == torch.float64 and rel_err(grads[-1], ref_g[-1]) <= 2e-2
+
+
+def test_backward_never_uses_the_fused_gemm(stand_ins, fused, gen):
     c = SHAPE
     p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
     w, ids = routing(c["T"], c["E"], c["k"], gen, "random", c["S"])

@@ -187,7 +187,7 @@ struct GroupedGemm {
     if (sm_count <= 0) return GROVE_ERR_CUDA;
     if (!workspace || workspace_bytes < workspace_size(num_problems, sm_count))
       return GROVE_ERR_WORKSPACE_TOO_SMALL;
-    int rc = grove_grouped_args_fill(kLayout, segments, num_segments, start, count, index_bytes,
+    int rc = grove_grouped_args_fill(kSwiglu ? GROVE_LAYOUT_TN_SWIGLU : kLayout, segments, num_segments, start, count, index_bytes,
                                      num_problems, workspace, stream);
     if (rc != GROVE_OK) return rc;
     if (kLayout == GROVE_LAYOUT_NT) {

@@ -56,7 +56,7 @@ const char* grove_cuda_error_string(int code);
 // ---------------------------------------------------------------------------------------------
 #define GROVE_MAX_SEGMENTS 2
 
-enum { GROVE_LAYOUT_TN = 0, GROVE_LAYOUT_TT = 1, GROVE_LAYOUT_NT = 2 };
+enum { GROVE_LAYOUT_TN = 0, GROVE_LAYOUT_TT = 1, GROVE_LAYOUT_NT = 2, GROVE_LAYOUT_TN_SWIGLU = 3 };
 
 typedef struct GroveGemmSegment {
   const void* a;

@@ -1,0 +1,49 @@
+"""CUDA code of csrc/ that runs on the host too, checked on the CPU machine (nvcc, no GPU).
+
+    cuda/swiglu_epilogue_check.cu   GEMM-1's fused SwiGLU epilogue (gemm/swiglu_epilogue.cuh):
+                                    every fused configuration's CUTLASS kernel types, the
+                                    per-tile operator run for every MMA thread of every tile:
+                                    the gate/up pairing it assumes of the wgmma fragment, every
+                                    output bit for bit, nothing written outside D
+    cuda/grouped_args_check.cu      grouped_args.cu: the argument checks of every layout and the
+                                    per-problem shapes / addresses / leading dims the fill kernel
+                                    writes (same function, run on the host), clamping included
+
+The GPU runs of the same code are in tests/test_cuda_ops_gpu.py.
+"""
+import os
+import subprocess
+
+import pytest
+
+from test_cuda_build import ROOT, build_cuda
+
+pytestmark = pytest.mark.skipif(bool(build_cuda.missing_prerequisites()),
+                                reason="; ".join(build_cuda.missing_prerequisites()) or "ok")
+
+FUSED = ["bf16_tn_swiglu_coop_128x256_c11", "bf16_tn_swiglu_pingpong_64x128_c11",
+         "fp16_tn_swiglu_coop_128x256_c11", "fp16_tn_swiglu_pingpong_64x128_c11"]
+
+
+def _build_and_run(name, tmp_path):
+    src = os.path.join(ROOT, "tests", "cuda", name + ".cu")
+    exe = str(tmp_path / name)
+    includes = [os.path.join(build_cuda.CSRC, "include"), os.path.join(build_cuda.CSRC, "gemm")]
+    flags = [f for f in build_cuda.NVCC_FLAGS if f not in ("-Xcompiler", "-fPIC")]
+    cmd = ([build_cuda.find_nvcc()] + flags
+           + [f"-I{d}" for d in includes + build_cuda.cutlass_include_dirs()] + [src, "-o", exe])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stdout[-4000:]
+    return run.stdout
+
+
+def test_swiglu_epilogue_on_the_host(tmp_path):
+    out = _build_and_run("swiglu_epilogue_check", tmp_path)
+    for config in FUSED:
+        assert f"{config}: " in out
+
+
+def test_grouped_args_on_the_host(tmp_path):
+    _build_and_run("grouped_args_check", tmp_path)

@@ -12,6 +12,8 @@ until the GPU tests pass, so `auto` keeps picking `triton` (backends.resolve).
 The extension is linked without libtorch_cuda (DESIGN §4), so it imports under a CPU torch
 too; its ops take the CUDA stream as an int (`current_stream_handle()`).
 """
+import os
+
 import torch
 
 try:
@@ -27,7 +29,7 @@ AUTO = False  # `auto` may pick this backend: only once the GPU tests have passe
 # Opt-in: forward GEMM-1 with SwiGLU in its epilogue (config tn_swiglu), reading a packed copy
 # of w1 / a1 kept per weight tensor (_cuda_moe.PackedGateUp): for frozen weights only, since a
 # write torch does not version (w.data.copy_) is not seen; release_packed_weights() after one.
-FUSE_SWIGLU = False
+FUSE_SWIGLU = os.environ.get("GROVE_CUDA_FUSE_SWIGLU", "0") == "1"
 DTYPES = (torch.bfloat16, torch.float16)
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 _KNOWN_OPS = ("grouped_gemm", "grouped_gemm_configs", "grouped_gemm_workspace_size",

@@ -8,6 +8,9 @@
     cuda/grouped_args_check.cu      grouped_args.cu: the argument checks of every layout and the
                                     per-problem shapes / addresses / leading dims the fill kernel
                                     writes (same function, run on the host), clamping included
+    cuda/grouped_layouts_check.cu   the stride types CUTLASS derives for A, B and D of every
+                                    layout, filled from one int64 as the device does: every
+                                    element's offset matches the torch tensors of the contract
 
 The GPU runs of the same code are in tests/test_cuda_ops_gpu.py.
 """
@@ -47,3 +50,10 @@ def test_swiglu_epilogue_on_the_host(tmp_path):
 
 def test_grouped_args_on_the_host(tmp_path):
     _build_and_run("grouped_args_check", tmp_path)
+
+
+def test_grouped_layouts_on_the_host(tmp_path):
+    out = _build_and_run("grouped_layouts_check", tmp_path)
+    for name in ("bf16 tn", "bf16 tn_swiglu", "bf16 tt", "bf16 nt", "fp16 tn", "fp16 tt",
+                 "fp16 nt"):
+        assert f"{name}: checked" in out

@@ -17,9 +17,14 @@ weight tensor while its version is unchanged. For frozen (inference) weights: pa
 copy of w1 (E·2I·H elements) while fusing saves ~R·4N per call, so weights updated every step
 (training) are better left unfused, and a packed copy cannot see writes torch does not version.
 
-Backward (same plan; nothing kept from the forward: GEMM-1 recomputed, memory [R, 2N] for h):
+Training forward (ops.experts_forward_train, saved given): GEMM-1 unfused, its h = [gate | up]
+written into `saved` (saved_numel elements: [R_e, 2I] then [R_a, 2Ia]) for the backward.
+
+Backward (same plan):
     gather          xg as above; dY[row_token] -> dyg [R, H]
-    GEMM-1 + SwiGLU -> h, z
+    h               from `saved` (no GEMM-1: by FLOPs forward + backward = 3x forward instead of
+                    3.67x), or GEMM-1 recomputed when called without it
+    SwiGLU          h -> z
     dGEMM-2  tt     dyg rows @ w2[e] | a2[g] -> g [R, N]
     SwiGLU'         dh [R, 2N] = f(g, h, w) (w = 1 on input); d row weight = Σ_n g·z
     z · w           in place (output-side weights only)
@@ -166,33 +171,52 @@ def _packed_weights(c, w1, a1):
     return packed[0], (packed[1] if c.grove else None)
 
 
-def _gemm1_swiglu(c, xg, w1, a1, keep_h):
+def saved_numel(T, k, E, G, I, Ia):
+    """Elements of a training forward's `saved`: GEMM-1's pre-activations of every plan row
+    (R_e = T·k rows of 2I, R_a = T·min(k, G) rows of 2Ia; the plan's fixed upper bounds)."""
+    return T * k * 2 * I + (T * min(k, G) * 2 * Ia if G else 0)
+
+
+def _saved_h(c, saved):
+    he = saved[:c.Re * 2 * c.I].view(c.Re, 2 * c.I)
+    ha = saved[c.Re * 2 * c.I:].view(c.R - c.Re, 2 * c.Ia) if c.grove else None
+    return he, ha
+
+
+def _swiglu(c, he, ha):
+    ze = lib.swiglu_fwd(he, c.end_e, he.new_empty(c.Re, c.I))
+    za = lib.swiglu_fwd(ha, c.end_a, ha.new_empty(c.R - c.Re, c.Ia)) if c.grove else None
+    return ze, za
+
+
+def _gemm1_swiglu(c, xg, w1, a1, keep_h, saved=None):
     xe, xa = c.split(xg)
-    packed = None if keep_h else _packed_weights(c, w1, a1)
+    packed = None if keep_h or saved is not None else _packed_weights(c, w1, a1)
     if packed is not None:
         ze = xg.new_empty(c.Re, c.I)
         za = xg.new_empty(c.R - c.Re, c.Ia) if c.grove else None
         a, b, out = c.segments((xe, xa), packed, (ze, za))
         lib.grouped_gemm(a, b, out, c.start, c.count, c.config("tn_swiglu"))
         return (ze, za), None
-    he = xg.new_empty(c.Re, 2 * c.I)
-    ha = xg.new_empty(c.R - c.Re, 2 * c.Ia) if c.grove else None
+    if saved is not None:
+        he, ha = _saved_h(c, saved)
+    else:
+        he = xg.new_empty(c.Re, 2 * c.I)
+        ha = xg.new_empty(c.R - c.Re, 2 * c.Ia) if c.grove else None
     a, b, out = c.segments((xe, xa), (w1, a1), (he, ha))
     lib.grouped_gemm(a, b, out, c.start, c.count, c.config("tn"))
-    ze = lib.swiglu_fwd(he, c.end_e, xg.new_empty(c.Re, c.I))
-    za = lib.swiglu_fwd(ha, c.end_a, xg.new_empty(c.R - c.Re, c.Ia)) if c.grove else None
-    return (ze, za), ((he, ha) if keep_h else None)
+    return _swiglu(c, he, ha), ((he, ha) if keep_h else None)
 
 
 def experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
-                    adjugate_scale, weight_on_input):
+                    adjugate_scale, weight_on_input, saved=None):
     _check(x, w1, w2, a1, a2)
     T, H = x.shape
     y = x.new_empty(T, H)
     x = x.contiguous()
     c = _Call(x, w1, a1, topk_weights, topk_ids, expert_map, group_size, adjugate_scale)
     xg = _gather(c, x, c.row_weight if weight_on_input else None)
-    (ze, za), _ = _gemm1_swiglu(c, xg, w1, a1, keep_h=False)
+    (ze, za), _ = _gemm1_swiglu(c, xg, w1, a1, keep_h=False, saved=saved)
     o = x.new_empty(c.R, H)
     a, b, out = c.segments((ze, za), (w2, a2), c.split(o))
     lib.grouped_gemm(a, b, out, c.start, c.count, c.config("tn"))
@@ -202,7 +226,7 @@ def experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group
 
 
 def experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,
-                     group_size, adjugate_scale, weight_on_input):
+                     group_size, adjugate_scale, weight_on_input, saved=None):
     _check(x, w1, w2, a1, a2)
     H = x.shape[1]
     dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
@@ -215,7 +239,11 @@ def experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, topk_ids, expert
     row_w = c.row_weight
     xg = _gather(c, x, row_w if weight_on_input else None)
     dyg = _gather(c, dy, None)
-    (ze, za), (he, ha) = _gemm1_swiglu(c, xg, w1, a1, keep_h=True)
+    if saved is not None:
+        he, ha = _saved_h(c, saved)
+        ze, za = _swiglu(c, he, ha)
+    else:
+        (ze, za), (he, ha) = _gemm1_swiglu(c, xg, w1, a1, keep_h=True)
 
     # dGEMM-2: g = dY·W2 per row, then SwiGLU' with the output-side row weight.
     ge = x.new_empty(c.Re, c.I)

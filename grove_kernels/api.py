@@ -92,13 +92,22 @@ def grove_topk(router_logits, top_k, *, renormalize=True, selection_bias=None):
     return ops.topk(router_logits, top_k, bool(renormalize), selection_bias)
 
 
+def _experts(x, w1, w2, a1, a2, topk_weights, topk_ids, *args):
+    """The experts op; when autograd will need a backward, the variant that keeps what the
+    backend saves for it (grove::experts_forward_train)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, w1, w2, a1, a2, topk_weights)):
+        return ops.experts_forward_train(x, w1, w2, a1, a2, topk_weights, topk_ids, *args)[0]
+    return ops.experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, *args)
+
+
 def fused_grove_experts(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, *, group_size=2,
                         adjugate_scale=0.05):
     """The Grove MoE layer given its routing: experts plus each selected group's adjugate once."""
     T, H, E, I = _check_experts(hidden_states, w1, w2, topk_weights, topk_ids)
     _check_adjugates(hidden_states, a1, a2, E, group_size, adjugate_scale, topk_ids.shape[1])
-    return ops.experts_forward(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, None,
-                               group_size, float(adjugate_scale), False)
+    return _experts(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, None,
+                    group_size, float(adjugate_scale), False)
 
 
 def grove_moe(hidden_states, router_logits, w1, w2, a1, a2, *, top_k, group_size=2,
@@ -150,8 +159,8 @@ def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, inplace=False, 
     n_ids = E if expert_map is None else expert_map.shape[0]
     if topk_ids.shape[1] > n_ids:
         raise ValueError(f"topk_ids: top_k = {topk_ids.shape[1]} exceeds the {n_ids} experts")
-    y = ops.experts_forward(hidden_states, w1, w2, None, None, topk_weights, topk_ids, expert_map,
-                            1, 0.0, bool(apply_router_weight_on_input))
+    y = _experts(hidden_states, w1, w2, None, None, topk_weights, topk_ids, expert_map,
+                 1, 0.0, bool(apply_router_weight_on_input))
     if inplace:
         return hidden_states.copy_(y)
     return y

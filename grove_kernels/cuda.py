@@ -172,4 +172,4 @@ def is_available():
     return torch.cuda.get_device_capability()[0] == 9
 
 
-from ._cuda_moe import experts_backward, experts_forward, topk  # noqa: E402,F401
+from ._cuda_moe import experts_backward, experts_forward, saved_numel, topk  # noqa: E402,F401

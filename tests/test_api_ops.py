@@ -78,6 +78,32 @@ def test_opcheck_experts_forward(backend, gen, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_opcheck_experts_forward_train(backend, gen, variant):
+    _opcheck(torch.ops.grove.experts_forward_train.default, _experts_args(gen, variant, True))
+
+
+def test_training_calls_keep_what_the_backward_needs(backend, gen, monkeypatch):
+    from grove_kernels import ops
+
+    calls = []
+    for name in ("experts_forward", "experts_forward_train"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    x, w1, w2, a1, a2, w, ids = _experts_args(gen, "grove", True)[:7]
+    y = gk.fused_grove_experts(x, w1, w2, a1, a2, w, ids, group_size=S, adjugate_scale=LAM)
+    y.sum().backward()
+    assert calls == ["experts_forward_train"] and x.grad is not None
+    with torch.no_grad():
+        gk.fused_grove_experts(x, w1, w2, a1, a2, w, ids, group_size=S, adjugate_scale=LAM)
+    gk.fused_experts(x.detach(), w1.detach(), w2.detach(), w.detach(), ids)
+    assert calls[1:] == ["experts_forward", "experts_forward"]
+    # The CPU backends recompute: nothing is saved.
+    _, saved = torch.ops.grove.experts_forward_train(x, w1, w2, a1, a2, w, ids, None, S, LAM,
+                                                     False)
+    assert saved.numel() == 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_opcheck_experts_backward(backend, gen, variant):
     args = _experts_args(gen, variant, False)
     dy = randn(T, H, gen=gen)

@@ -351,3 +351,34 @@ def test_pack_gate_up_interleaves_blocks_of_8():
         assert torch.equal(packed[:, 16 * q + 8: 16 * q + 16], w[:, N + 8 * q: N + 8 * q + 8])
     with pytest.raises(ValueError, match="2N a multiple of 16"):
         lib.pack_gate_up(torch.zeros(2, 40, 4))
+
+
+@pytest.mark.parametrize("case", ["grove", "plain", "plain_on_input"])
+def test_backward_from_saved_preactivations(stand_ins, gen, case):
+    grove, on_input = case == "grove", case == "plain_on_input"
+    c = SHAPE
+    p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
+    w, ids = routing(c["T"], c["E"], 1 if on_input else c["k"], gen,
+                     "random" if on_input else "coselected", c["S"])
+    a1, a2 = (p["a1"], p["a2"]) if grove else (None, None)
+    k, G = ids.shape[1], (c["E"] // c["S"] if grove else 0)
+    n = _cuda_moe.saved_numel(c["T"], k, c["E"], G, c["I"], c["Ia"] if grove else 0)
+    saved = torch.full((n,), float("nan"), dtype=torch.bfloat16)  # rows GEMM-1 skips stay NaN
+    CALLS.clear()
+    y = _cuda_moe.experts_forward(p["x"], p["w1"], p["w2"], a1, a2, w, ids, None, c["S"], LAM,
+                                  on_input, saved=saved)
+    assert not any("swiglu" in cfg for cfg in CALLS)  # the backward needs h: unfused
+    kept = saved.clone()
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
+    CALLS.clear()
+    grads = _cuda_moe.experts_backward(dy, p["x"], p["w1"], p["w2"], a1, a2, w, ids, None,
+                                       c["S"], LAM, on_input, saved=saved)
+    assert not any("_tn_" in cfg for cfg in CALLS)  # GEMM-1 is not recomputed
+    assert torch.equal(saved.nan_to_num(7), kept.nan_to_num(7))  # saved is read only
+    ref_y, ref_g = _reference(p, w, ids, dy, grove, on_input, c["S"])
+    assert rel_err(y, ref_y) <= 2e-2
+    for name, got, ref in zip(GRADS, grads, ref_g):
+        if ref is None:
+            assert got is None, name
+            continue
+        assert rel_err(got, ref) <= 2e-2, name

@@ -131,7 +131,9 @@ def experts_forward_train(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Opt
     (the cuda backend: GEMM-1's pre-activations, so the backward does not recompute GEMM-1)."""
     _check_groups(w1, a1, group_size)
     _check_ids(topk_ids, w1.shape[0], expert_map)
-    saved = hidden_states.new_empty(_saved_numel(hidden_states, w1, a1, topk_ids))
+    # Zeroed: the plan's padding rows are never written by the kernels, and an op's output
+    # must not depend on what the allocator held (one memset of the buffer).
+    saved = hidden_states.new_zeros(_saved_numel(hidden_states, w1, a1, topk_ids))
     if hidden_states.shape[0] == 0:
         return torch.empty_like(hidden_states), saved
     kw = {"saved": saved} if saved.numel() else {}

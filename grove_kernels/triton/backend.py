@@ -6,10 +6,12 @@ Forward (launches: plan, GEMM-1, GEMM-2, combine):
     GEMM-2            z @ w2|a2 · row weight -> o [R, H]
     combine           y_t = Σ_j o[token_rows[t, j]]          -> y [T, H]
 
-Backward (nothing saved from the forward but its inputs; GEMM-1 is recomputed, storing
-h = (hg, hu) [R, 2N] for SwiGLU': memory of one GEMM-1 output instead of keeping it alive
-between forward and backward):
-    GEMM-1 again      -> z, h
+Training forward (ops.experts_forward_train, `saved` given): GEMM-1 also stores h = (hg, hu)
+[R, 2N], and z and h are written into `saved` ([R_e, I], [R_a, Ia], [R_e, 2I], [R_a, 2Ia]).
+
+Backward (z and h from `saved`, or GEMM-1 recomputed when called without it: by FLOPs,
+recomputing makes forward + backward 3.67x the forward instead of 3x):
+    GEMM-1 again      -> z, h              (only without `saved`)
     dGEMM-2 + SwiGLU' dY[token] @ w2|a2 -> dh [R, 2N], d row weight partials
     dW2 / dA2         Σ_rows (w·dY[token])^T z
     dW1 / dA1         Σ_rows dh^T x[token]
@@ -56,13 +58,34 @@ def _setup(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size, ad
     return plan, conf, I, Ia
 
 
-def _gemm1(x, plan, conf, w1, a1, I, Ia, weight_on_input, store_h):
+def saved_numel(T, k, E, G, I, Ia):
+    """Elements of a training forward's `saved`: z and h = (hg, hu) of every plan row
+    (R_e = T·k rows of 3I, R_a = T·min(k, G) rows of 3Ia; the plan's fixed upper bounds)."""
+    return T * k * 3 * I + (T * min(k, G) * 3 * Ia if G else 0)
+
+
+def _saved_views(saved, plan, I, Ia, grove):
+    """(ze, za), (he, ha): views of `saved` in saved_numel's order."""
+    Re, Ra = plan.num_expert_rows, plan.num_adjugate_rows
+    shapes = [(Re, I), (Ra, Ia), (Re, 2 * I), (Ra, 2 * Ia)]
+    views, offset = [], 0
+    for rows, cols in shapes:
+        views.append(saved[offset:offset + rows * cols].view(rows, cols) if cols else None)
+        offset += rows * cols
+    ze, za, he, ha = views
+    return (ze, za if grove else None), (he, ha if grove else None)
+
+
+def _gemm1(x, plan, conf, w1, a1, I, Ia, weight_on_input, store_h, saved=None):
     sched = block_schedule(plan, conf.block_m)
     Re, Ra = plan.num_expert_rows, plan.num_adjugate_rows
-    ze = x.new_empty(Re, I)
-    za = x.new_empty(Ra, Ia) if a1 is not None else None
-    he = x.new_empty(Re, 2 * I) if store_h else None
-    ha = x.new_empty(Ra, 2 * Ia) if store_h and a1 is not None else None
+    if saved is not None:
+        (ze, za), (he, ha) = _saved_views(saved, plan, I, Ia, a1 is not None)
+    else:
+        ze = x.new_empty(Re, I)
+        za = x.new_empty(Ra, Ia) if a1 is not None else None
+        he = x.new_empty(Re, 2 * I) if store_h else None
+        ha = x.new_empty(Ra, 2 * Ia) if store_h and a1 is not None else None
     gemm1_swiglu(x, plan, sched + (conf.block_m,), w1, a1, ze, za, he, ha,
                  scale_input=weight_on_input, config=conf.gemm1, upcast=INTERPRET)
     return sched + (conf.block_m,), (ze, za), (he, ha)
@@ -77,13 +100,14 @@ def _b(w, transpose):
 
 
 def experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
-                    adjugate_scale, weight_on_input):
+                    adjugate_scale, weight_on_input, saved=None):
     T, H = x.shape
     plan, conf, I, Ia = _setup(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,
                                group_size, adjugate_scale)
     y = x.new_empty(T, H)
     x = x.contiguous()
-    sched, z, _ = _gemm1(x, plan, conf, w1, a1, I, Ia, weight_on_input, store_h=False)
+    sched, z, _ = _gemm1(x, plan, conf, w1, a1, I, Ia, weight_on_input,
+                         store_h=saved is not None, saved=saved)
     o = x.new_empty(plan.num_rows, H)
     b_e = _b(w2, True)
     grouped_rows(plan, sched, z, (b_e, _b(a2, True) or b_e), (H, H), o,
@@ -92,7 +116,7 @@ def experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group
 
 
 def experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,
-                     group_size, adjugate_scale, weight_on_input):
+                     group_size, adjugate_scale, weight_on_input, saved=None):
     H = x.shape[1]
     plan, conf, I, Ia = _setup(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,
                                group_size, adjugate_scale)
@@ -102,7 +126,11 @@ def experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, topk_ids, expert
     da1 = torch.empty_like(a1) if a1 is not None else None
     da2 = torch.empty_like(a2) if a2 is not None else None
 
-    sched, z, h = _gemm1(x, plan, conf, w1, a1, I, Ia, weight_on_input, store_h=True)
+    if saved is not None:
+        sched = block_schedule(plan, conf.block_m) + (conf.block_m,)
+        z, h = _saved_views(saved, plan, I, Ia, a1 is not None)
+    else:
+        sched, z, h = _gemm1(x, plan, conf, w1, a1, I, Ia, weight_on_input, store_h=True)
     start, count = sched[0], sched[1]
     R = plan.num_rows
     dh = (torch.empty_like(h[0]), torch.empty_like(h[1]) if h[1] is not None else None)

@@ -426,3 +426,23 @@ def test_cuda_one_row_with_odd_strides(gen):
         y = gk.fused_grove_experts(x, p["w1"], p["w2"], p["a1"], p["a2"], w, ids,
                                    group_size=c["S"], adjugate_scale=LAM)
     assert_close(y, _grove_oracle(p, w, ids, c["S"]), "y")
+
+
+def test_cuda_training_backward_reads_saved_preactivations(gen, monkeypatch):
+    if not cuda_backend.is_available():
+        pytest.skip("needs grove_kernels._C and an sm_90 GPU")
+    configs = []
+    real = cuda_backend.grouped_gemm
+    monkeypatch.setattr(cuda_backend, "grouped_gemm",
+                        lambda *a: configs.append(a[-1]) or real(*a))
+    p, w, ids = _grove(gen, torch.bfloat16)
+    x, w1, w2, a1, a2, wt = (leaf(t) for t in (p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w))
+    with gk.use_backend("cuda"):
+        y = gk.fused_grove_experts(x, w1, w2, a1, a2, wt, ids, group_size=SMALL["S"],
+                                   adjugate_scale=LAM)
+        forward = len(configs)
+        y.backward(torch.randn_like(y))
+    assert sum("_tn_" in c for c in configs[:forward]) == 2  # GEMM-1 (h kept) and GEMM-2
+    assert not any("_tn_" in c for c in configs[forward:]), configs[forward:]
+    ref = _grove_oracle(p, w, ids)
+    assert_close(y, ref, "y")

@@ -75,6 +75,7 @@ class _Call:
         from .triton.plan import build_plan
 
         self.grove = a1 is not None
+        self.skips = expert_map is not None  # slots mapped to -1: expert rows of no problem
         self.plan = build_plan(topk_ids, topk_weights, w1.shape[0],
                                group_size if self.grove else 0, adjugate_scale, expert_map)
         p = self.plan
@@ -183,6 +184,16 @@ def _saved_h(c, saved):
     return he, ha
 
 
+def _zero_unwritten(c, he, ha):
+    """Zero the saved sections holding rows of no problem, which GEMM-1 never writes (an op
+    output must not hold allocator leftovers): the adjugate section's tail, and expert rows of
+    skipped slots. Without an expert_map every expert row is real: no memset there."""
+    if c.skips:
+        he.zero_()
+    if ha is not None:
+        ha.zero_()
+
+
 def _swiglu(c, he, ha):
     ze = lib.swiglu_fwd(he, c.end_e, he.new_empty(c.Re, c.I))
     za = lib.swiglu_fwd(ha, c.end_a, ha.new_empty(c.R - c.Re, c.Ia)) if c.grove else None
@@ -200,6 +211,7 @@ def _gemm1_swiglu(c, xg, w1, a1, keep_h, saved=None):
         return (ze, za), None
     if saved is not None:
         he, ha = _saved_h(c, saved)
+        _zero_unwritten(c, he, ha)
     else:
         he = xg.new_empty(c.Re, 2 * c.I)
         ha = xg.new_empty(c.R - c.Re, 2 * c.Ia) if c.grove else None

@@ -1,9 +1,9 @@
 """The `cuda` backend: the CUTLASS/CUDA kernels of csrc/, built as grove_kernels._C.
 
 Loading the extension registers the low-level ops of torch.ops.grove_cuda (grouped GEMMs in
-three layouts and two dtypes, GEMM-1 with SwiGLU fused, the row kernels of csrc/rows.cu); this module wraps them with
-the current CUDA stream and serves the backend entry points of _cuda_moe.py (topk,
-experts_forward, experts_backward) to ops.py.
+three layouts and two dtypes, GEMM-1 with SwiGLU fused, the row kernels of csrc/rows.cu);
+this module wraps them with the current CUDA stream and serves the backend entry points of
+_cuda_moe.py (topk, experts_forward, experts_backward, saved_numel) to ops.py.
 
 Status: written and compiled for sm_90a, never run on a GPU. `is_available()` says whether
 the backend can be chosen by name (extension built, an sm_90 GPU present); `AUTO` stays False

@@ -131,9 +131,8 @@ def experts_forward_train(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Opt
     (the cuda backend: GEMM-1's pre-activations, so the backward does not recompute GEMM-1)."""
     _check_groups(w1, a1, group_size)
     _check_ids(topk_ids, w1.shape[0], expert_map)
-    # Zeroed: the plan's padding rows are never written by the kernels, and an op's output
-    # must not depend on what the allocator held (one memset of the buffer).
-    saved = hidden_states.new_zeros(_saved_numel(hidden_states, w1, a1, topk_ids))
+    # Backends write every element (rows of no problem zeroed), so no memset here.
+    saved = hidden_states.new_empty(_saved_numel(hidden_states, w1, a1, topk_ids))
     if hidden_states.shape[0] == 0:
         return torch.empty_like(hidden_states), saved
     kw = {"saved": saved} if saved.numel() else {}
@@ -185,16 +184,15 @@ def _(grad_out, hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_ma
 _DIFFERENTIABLE = (0, 1, 2, 3, 4, 5)  # hidden_states, w1, w2, a1, a2, topk_weights
 
 
-def _experts_setup(ctx, inputs, output):
+def _experts_setup(ctx, inputs, output, saved=None):
     (x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size, adjugate_scale,
      weight_on_input) = inputs
-    ctx.save_for_backward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map)
+    ctx.save_for_backward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, saved)
     ctx.config = (group_size, adjugate_scale, weight_on_input)
 
 
 def _experts_backward(ctx, grad_out):
-    x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map = ctx.saved_tensors[:8]
-    saved = ctx.saved_tensors[8] if len(ctx.saved_tensors) > 8 else None
+    x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, saved = ctx.saved_tensors
     grads = experts_backward(grad_out.contiguous(), x, w1, w2, a1, a2, topk_weights, topk_ids,
                              expert_map, *ctx.config, saved)
     needs = ctx.needs_input_grad
@@ -208,11 +206,8 @@ experts_forward.register_autograd(_experts_backward, setup_context=_experts_setu
 
 
 def _experts_train_setup(ctx, inputs, output):
-    (x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size, adjugate_scale,
-     weight_on_input) = inputs
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, output[1])
-    ctx.config = (group_size, adjugate_scale, weight_on_input)
+    _experts_setup(ctx, inputs, output[0], saved=output[1])
 
 
 def _experts_train_backward(ctx, grad_out, grad_saved):

@@ -302,35 +302,47 @@ def test_no_host_sync(backend, gen):
         assert torch.isfinite(y).all()
 
 
+class _Captured:
+    """fused_grove_experts (bf16, T=64) warmed up on a side stream and captured in a graph
+    whose topk_weights / topk_ids are rewritten before each replay."""
+
+    def __init__(self, gen, warmups):
+        self.c = c = dict(SMALL, T=64)
+        self.p, w, ids = _grove(gen, torch.bfloat16, c=c)
+        self.w, self.ids = w.clone(), ids.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmups):
+                self.call()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.y = self.call()
+
+    def call(self):
+        p = self.p
+        return gk.fused_grove_experts(p["x"], p["w1"], p["w2"], p["a1"], p["a2"], self.w,
+                                      self.ids, group_size=self.c["S"], adjugate_scale=LAM)
+
+    def replay(self, gen, kind):
+        c = self.c
+        new_w, new_ids = routing(c["T"], c["E"], c["k"], gen, kind, c["S"], device=DEV)
+        self.w.copy_(new_w)
+        self.ids.copy_(new_ids)
+        self.graph.replay()
+        torch.cuda.synchronize()
+        return self.y
+
+
 def test_cuda_graph_replay(backend, gen):
     """Capture once (value checks on: skipped automatically while capturing), then replay
     with new routing written into the captured topk_ids / topk_weights."""
-    c = dict(SMALL, T=64)
-    p, w, ids = _grove(gen, torch.bfloat16, c=c)
-    static_w, static_ids = w.clone(), ids.clone()
-
-    def call():
-        return gk.fused_grove_experts(p["x"], p["w1"], p["w2"], p["a1"], p["a2"], static_w,
-                                      static_ids, group_size=c["S"], adjugate_scale=LAM)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = call()
+    cap = _Captured(gen, warmups=2)
     for kind in ("random", "coselected", "one_expert", "sparse"):
-        new_w, new_ids = routing(c["T"], c["E"], c["k"], gen, kind, c["S"], device=DEV)
-        static_w.copy_(new_w)
-        static_ids.copy_(new_ids)
-        graph.replay()
-        torch.cuda.synchronize()
-        eager = call()
-        assert rel_err(y, eager) <= 1e-6, kind
-        assert_close(y, _grove_oracle(p, static_w, static_ids, c["S"]), f"y ({kind})")
+        y = cap.replay(gen, kind)
+        assert rel_err(y, cap.call()) <= 1e-6, kind
+        assert_close(y, _grove_oracle(cap.p, cap.w, cap.ids, cap.c["S"]), f"y ({kind})")
 
 
 @pytest.mark.parametrize("arg", ["w1", "a2", "topk_ids", "topk_weights"])
@@ -385,34 +397,14 @@ def test_cuda_fused_swiglu_forward(cuda_fused, gen, dtype, c):
 
 
 def test_cuda_fused_swiglu_graph_replay(cuda_fused, gen):
-    c = dict(SMALL, T=64)
-    p, w, ids = _grove(gen, torch.bfloat16, c=c)
-    static_w, static_ids = w.clone(), ids.clone()
-
-    def call():
-        return gk.fused_grove_experts(p["x"], p["w1"], p["w2"], p["a1"], p["a2"], static_w,
-                                      static_ids, group_size=c["S"], adjugate_scale=LAM)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call()  # packs w1 / a1 eagerly
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    cuda_fused.clear()
-    with torch.cuda.graph(graph):
-        y = call()
-    assert "_tn_swiglu_" in cuda_fused[0]
+    cap = _Captured(gen, warmups=1)  # the warm-up packs w1 / a1 eagerly
+    assert all("_tn_swiglu_" in cfg for cfg in cuda_fused[::2])  # each call's GEMM-1
     with torch.no_grad():
-        p["w1"].add_(0)  # new version: the eager call repacks, the graph keeps its pinned copy
-    call()
+        cap.p["w1"].add_(0)  # new version: the eager call repacks, the graph keeps its pinned copy
+    cap.call()
     for kind in ("random", "one_expert"):
-        new_w, new_ids = routing(c["T"], c["E"], c["k"], gen, kind, c["S"], device=DEV)
-        static_w.copy_(new_w)
-        static_ids.copy_(new_ids)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert_close(y, _grove_oracle(p, static_w, static_ids, c["S"]), f"y ({kind})")
+        y = cap.replay(gen, kind)
+        assert_close(y, _grove_oracle(cap.p, cap.w, cap.ids, cap.c["S"]), f"y ({kind})")
 
 
 def test_cuda_one_row_with_odd_strides(gen):

@@ -353,29 +353,40 @@ def test_pack_gate_up_interleaves_blocks_of_8():
         lib.pack_gate_up(torch.zeros(2, 40, 4))
 
 
-@pytest.mark.parametrize("case", ["grove", "plain", "plain_on_input"])
+@pytest.mark.parametrize("case", ["grove", "plain", "plain_on_input", "expert_map"])
 def test_backward_from_saved_preactivations(stand_ins, gen, case):
     grove, on_input = case == "grove", case == "plain_on_input"
     c = SHAPE
     p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
     w, ids = routing(c["T"], c["E"], 1 if on_input else c["k"], gen,
                      "random" if on_input else "coselected", c["S"])
+    emap = None
+    if case == "expert_map":  # global experts 0..7 -> local 0..5, two skipped
+        emap = torch.tensor([0, -1, 1, 2, -1, 3, 4, 5], dtype=torch.int32)
+        p = dict(p, w1=p["w1"][:6].contiguous(), w2=p["w2"][:6].contiguous())
     a1, a2 = (p["a1"], p["a2"]) if grove else (None, None)
-    k, G = ids.shape[1], (c["E"] // c["S"] if grove else 0)
-    n = _cuda_moe.saved_numel(c["T"], k, c["E"], G, c["I"], c["Ia"] if grove else 0)
-    saved = torch.full((n,), float("nan"), dtype=torch.bfloat16)  # rows GEMM-1 skips stay NaN
+    E, k, G = p["w1"].shape[0], ids.shape[1], (c["E"] // c["S"] if grove else 0)
+    n = _cuda_moe.saved_numel(c["T"], k, E, G, c["I"], c["Ia"] if grove else 0)
+    saved = torch.full((n,), float("nan"), dtype=torch.bfloat16)  # what the allocator held
     CALLS.clear()
-    y = _cuda_moe.experts_forward(p["x"], p["w1"], p["w2"], a1, a2, w, ids, None, c["S"], LAM,
+    y = _cuda_moe.experts_forward(p["x"], p["w1"], p["w2"], a1, a2, w, ids, emap, c["S"], LAM,
                                   on_input, saved=saved)
     assert not any("swiglu" in cfg for cfg in CALLS)  # the backward needs h: unfused
+    assert not saved.isnan().any()  # every element written (rows of no problem zeroed)
     kept = saved.clone()
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
     CALLS.clear()
-    grads = _cuda_moe.experts_backward(dy, p["x"], p["w1"], p["w2"], a1, a2, w, ids, None,
+    grads = _cuda_moe.experts_backward(dy, p["x"], p["w1"], p["w2"], a1, a2, w, ids, emap,
                                        c["S"], LAM, on_input, saved=saved)
     assert not any("_tn_" in cfg for cfg in CALLS)  # GEMM-1 is not recomputed
-    assert torch.equal(saved.nan_to_num(7), kept.nan_to_num(7))  # saved is read only
-    ref_y, ref_g = _reference(p, w, ids, dy, grove, on_input, c["S"])
+    assert torch.equal(saved, kept)  # saved is read only
+    if emap is None:
+        ref_y, ref_g = _reference(p, w, ids, dy, grove, on_input, c["S"])
+    else:
+        leaves = [to64(t, True) for t in (p["x"], p["w1"], p["w2"], w)]
+        ref_y = oracle.fused_experts(*leaves[:3], leaves[3], ids, expert_map=emap)
+        ref_g = torch.autograd.grad(ref_y, leaves, to64(dy))
+        ref_g = ref_g[:3] + (None, None) + ref_g[3:]
     assert rel_err(y, ref_y) <= 2e-2
     for name, got, ref in zip(GRADS, grads, ref_g):
         if ref is None:

@@ -76,11 +76,16 @@ def _saved_views(saved, plan, I, Ia, grove):
     return (ze, za if grove else None), (he, ha if grove else None)
 
 
-def _gemm1(x, plan, conf, w1, a1, I, Ia, weight_on_input, store_h, saved=None):
+def _gemm1(x, plan, conf, w1, a1, I, Ia, weight_on_input, store_h, saved=None, skips=False):
     sched = block_schedule(plan, conf.block_m)
     Re, Ra = plan.num_expert_rows, plan.num_adjugate_rows
     if saved is not None:
         (ze, za), (he, ha) = _saved_views(saved, plan, I, Ia, a1 is not None)
+        # GEMM-1 never writes rows of no problem (the adjugate section's tail; expert rows of
+        # slots an expert_map skips): zero them, an op output must not hold allocator leftovers.
+        for t in ((ze, he) if skips else ()) + (za, ha):
+            if t is not None:
+                t.zero_()
     else:
         ze = x.new_empty(Re, I)
         za = x.new_empty(Ra, Ia) if a1 is not None else None
@@ -107,7 +112,7 @@ def experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group
     y = x.new_empty(T, H)
     x = x.contiguous()
     sched, z, _ = _gemm1(x, plan, conf, w1, a1, I, Ia, weight_on_input,
-                         store_h=saved is not None, saved=saved)
+                         store_h=saved is not None, saved=saved, skips=expert_map is not None)
     o = x.new_empty(plan.num_rows, H)
     b_e = _b(w2, True)
     grouped_rows(plan, sched, z, (b_e, _b(a2, True) or b_e), (H, H), o,

@@ -82,3 +82,19 @@ def ids_in_range(name, ids, low, high):
     lo, hi = int(lo), int(hi)
     if lo < low or hi >= high:
         raise IndexError(f"{name}: values must lie in [{low}, {high}), found min {lo}, max {hi}")
+
+
+def groups_whole(expert_map, group_size):
+    """Raise ValueError unless every global group of expert_map is wholly on this rank, in one
+    local group, or wholly off it (an adjugate is computed once, by the rank of its group)."""
+    if not _value_checks or expert_map.numel() == 0 or _capturing(expert_map):
+        return
+    local = expert_map.long().view(-1, group_size)
+    on = local >= 0
+    group = torch.where(on, local // group_size, -1)
+    mixed = (on.any(1) & ~on.all(1)) | (group.amax(1) != group.amin(1))
+    if bool(mixed.any()):
+        g = int(mixed.nonzero()[0, 0])
+        raise ValueError(f"expert_map: global group {g} (experts {g * group_size}.."
+                         f"{(g + 1) * group_size - 1}) maps to {local[g].tolist()}; a group's "
+                         f"experts must all lie in one local group or all be off this rank (-1)")

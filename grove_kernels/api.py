@@ -53,7 +53,7 @@ def _check_experts(x, w1, w2, topk_weights, topk_ids):
     return T, H, E, I
 
 
-def _check_adjugates(x, a1, a2, E, group_size, adjugate_scale, top_k):
+def _check_adjugates(x, a1, a2, E, group_size, adjugate_scale, top_k, n_ids=None):
     H = x.shape[1]
     v.positive_int("group_size", group_size)
     if E % group_size:
@@ -69,8 +69,9 @@ def _check_adjugates(x, a1, a2, E, group_size, adjugate_scale, top_k):
     v.same_device("hidden_states", x, a1=a1, a2=a2)
     if not isinstance(adjugate_scale, (int, float)) or isinstance(adjugate_scale, bool):
         raise TypeError(f"adjugate_scale: expected a float, got {type(adjugate_scale).__name__}")
-    if top_k > E:
-        raise ValueError(f"top_k: expected <= {E} experts, got {top_k}")
+    n_ids = E if n_ids is None else n_ids
+    if top_k > n_ids:
+        raise ValueError(f"topk_ids: top_k = {top_k} exceeds the {n_ids} experts")
 
 
 def _check_bias(bias, logits):
@@ -102,11 +103,23 @@ def _experts(x, w1, w2, a1, a2, topk_weights, topk_ids, *args):
 
 
 def fused_grove_experts(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, *, group_size=2,
-                        adjugate_scale=0.05):
-    """The Grove MoE layer given its routing: experts plus each selected group's adjugate once."""
+                        adjugate_scale=0.05, expert_map=None):
+    """The Grove MoE layer given its routing: experts plus each selected group's adjugate once.
+
+    expert_map (vLLM semantics, expert parallel): global expert id -> local index into w1/w2,
+    -1 for experts not on this rank; topk_ids are then global ids. A group's experts must all
+    be local (in one local group) or all off this rank; the adjugates of local groups only are
+    computed (a1/a2 hold the local groups).
+    """
     T, H, E, I = _check_experts(hidden_states, w1, w2, topk_weights, topk_ids)
-    _check_adjugates(hidden_states, a1, a2, E, group_size, adjugate_scale, topk_ids.shape[1])
-    return _experts(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, None,
+    _check_expert_map(expert_map, -1, E, hidden_states)
+    n_ids = E if expert_map is None else expert_map.shape[0]
+    _check_adjugates(hidden_states, a1, a2, E, group_size, adjugate_scale, topk_ids.shape[1],
+                     n_ids)
+    if expert_map is not None and expert_map.shape[0] % group_size:
+        raise ValueError(f"expert_map: its {expert_map.shape[0]} global experts do not split "
+                         f"into groups of group_size={group_size}")
+    return _experts(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,
                     group_size, float(adjugate_scale), False)
 
 

@@ -17,7 +17,7 @@ BACKEND_NAMES = ("torch", "triton", "cuda")
 _MODULES = {
     "torch": "grove_kernels.reference",
     "triton": "grove_kernels.triton.backend",
-    "cuda": "grove_kernels.cuda",
+    "cuda": "grove_kernels.cuda.backend",
 }
 
 _state = threading.local()

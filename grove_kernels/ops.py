@@ -34,12 +34,14 @@ def _check_groups(w1, a1, group_size):
                          f"the {a1.shape[0]} groups of a1")
 
 
-def _check_ids(topk_ids, num_experts, expert_map):
+def _check_ids(topk_ids, num_experts, expert_map, group_size=1, grove=False):
     if expert_map is None:
         _validate.ids_in_range("topk_ids", topk_ids, 0, num_experts)
     else:
         _validate.ids_in_range("topk_ids", topk_ids, 0, expert_map.shape[0])
         _validate.ids_in_range("expert_map", expert_map, -1, num_experts)
+        if grove:
+            _validate.groups_whole(expert_map, group_size)
 
 
 # ---- routing -------------------------------------------------------------------------------
@@ -108,7 +110,7 @@ def experts_forward(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Optional[
                     expert_map: Optional[Tensor], group_size: int, adjugate_scale: float,
                     weight_on_input: bool) -> Tensor:
     _check_groups(w1, a1, group_size)
-    _check_ids(topk_ids, w1.shape[0], expert_map)
+    _check_ids(topk_ids, w1.shape[0], expert_map, group_size, a1 is not None)
     if hidden_states.shape[0] == 0:  # an empty batch: no backend has anything to launch
         return torch.empty_like(hidden_states)
     return _impl(hidden_states.device, hidden_states.dtype).experts_forward(
@@ -130,7 +132,7 @@ def experts_forward_train(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Opt
     """experts_forward for autograd: also returns what the backend saves for its backward
     (the cuda backend: GEMM-1's pre-activations, so the backward does not recompute GEMM-1)."""
     _check_groups(w1, a1, group_size)
-    _check_ids(topk_ids, w1.shape[0], expert_map)
+    _check_ids(topk_ids, w1.shape[0], expert_map, group_size, a1 is not None)
     # Backends write every element (rows of no problem zeroed), so no memset here.
     saved = hidden_states.new_empty(_saved_numel(hidden_states, w1, a1, topk_ids))
     if hidden_states.shape[0] == 0:
@@ -158,7 +160,7 @@ def experts_backward(grad_out: Tensor, hidden_states: Tensor, w1: Tensor, w2: Te
     """[dx, dw1, dw2, da1, da2, d topk_weights]; da1/da2 are empty when a1/a2 are absent.
     saved: experts_forward_train's second output (used when the same backend wrote it)."""
     _check_groups(w1, a1, group_size)
-    _check_ids(topk_ids, w1.shape[0], expert_map)
+    _check_ids(topk_ids, w1.shape[0], expert_map, group_size, a1 is not None)
     if hidden_states.shape[0] == 0:  # an empty batch: every gradient is zero
         return [torch.zeros_like(hidden_states), torch.zeros_like(w1), torch.zeros_like(w2),
                 torch.zeros_like(a1) if a1 is not None else w1.new_empty(0),

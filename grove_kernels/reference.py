@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .plan import build_plan
+from .routing import topk  # noqa: F401  (the backend registry reads it)
 
 runs_on_cpu = True
 # Tests flip this to exercise the per-problem loop where _grouped_mm would be taken.
@@ -133,20 +134,6 @@ def _gather_sum(plan, rows, weight):
         part = rows[plan.token_rows[:, j]].to(acc.dtype) * weight[:, j, None]
         acc += torch.where(plan.token_mask[:, j, None], part, 0.0)
     return acc
-
-
-def topk(router_logits, top_k, renormalize, selection_bias):
-    logits = router_logits.to(_acc(router_logits.dtype))
-    if selection_bias is None:
-        # sigmoid is monotone: ranking the logits themselves avoids its saturation ties.
-        scores = logits
-    else:
-        scores = torch.sigmoid(logits) + selection_bias.to(logits.dtype)
-    ids = torch.topk(scores, top_k, dim=-1).indices
-    weights = torch.softmax(logits, dim=-1).gather(1, ids)
-    if renormalize:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return weights.float(), ids.to(torch.int32)
 
 
 def experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,

@@ -18,6 +18,7 @@ import torch
 
 import grove_kernels as gk
 import grove_kernels.cuda as cuda_backend
+from grove_kernels.cuda import ext as cuda_ext
 import oracle
 from helpers import (
     BACKENDS,
@@ -365,13 +366,13 @@ def cuda_fused(monkeypatch):
     monkeypatch.setattr(cuda_backend, "FUSE_SWIGLU", True)
     cuda_backend.release_packed_weights()
     configs = []
-    real = cuda_backend.grouped_gemm
+    real = cuda_ext.grouped_gemm
 
     def spy(a, b, out, start, count, config):
         configs.append(config)
         return real(a, b, out, start, count, config)
 
-    monkeypatch.setattr(cuda_backend, "grouped_gemm", spy)
+    monkeypatch.setattr(cuda_ext, "grouped_gemm", spy)
     with gk.use_backend("cuda"):
         yield configs
     cuda_backend.release_packed_weights()
@@ -424,8 +425,8 @@ def test_cuda_training_backward_reads_saved_preactivations(gen, monkeypatch):
     if not cuda_backend.is_available():
         pytest.skip("needs grove_kernels._C and an sm_90 GPU")
     configs = []
-    real = cuda_backend.grouped_gemm
-    monkeypatch.setattr(cuda_backend, "grouped_gemm",
+    real = cuda_ext.grouped_gemm
+    monkeypatch.setattr(cuda_ext, "grouped_gemm",
                         lambda *a: configs.append(a[-1]) or real(*a))
     p, w, ids = _grove(gen, torch.bfloat16)
     x, w1, w2, a1, a2, wt = (leaf(t) for t in (p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w))

@@ -1,4 +1,4 @@
-"""The `cuda` backend's dataflow (grove_kernels/_cuda_moe.py) on the CPU, with its kernels
+"""The `cuda` backend's dataflow (grove_kernels/cuda/backend.py) on the CPU, with its kernels
 replaced by torch stand-ins written from the contracts of csrc/include/grove_cuda.h and
 grove_rows.h (not from the backend's code).
 
@@ -18,8 +18,9 @@ from helpers import make_grove, rel_err, routing, to64
 
 pytest.importorskip("triton")  # the backend builds its plan with the Triton plan kernels
 
-from grove_kernels import _cuda_moe  # noqa: E402
-from grove_kernels import cuda as lib  # noqa: E402
+import grove_kernels.cuda as cuda_pkg  # noqa: E402
+from grove_kernels.cuda import backend as _cuda_moe  # noqa: E402
+from grove_kernels.cuda import ext as lib  # noqa: E402
 
 if lib.is_available():  # a real sm_90 device: the GPU tests cover the real kernels
     pytest.skip("stand-ins only where the kernels cannot run", allow_module_level=True)
@@ -239,7 +240,7 @@ def _forward_reference(p, w, ids, grove=True, S=2):
 
 @pytest.fixture
 def fused(monkeypatch):
-    monkeypatch.setattr(lib, "FUSE_SWIGLU", True)
+    monkeypatch.setattr(cuda_pkg, "FUSE_SWIGLU", True)
 
 
 def _gemm1_configs(p, w, ids, calls, grove=True):
@@ -261,10 +262,10 @@ def test_fused_swiglu_when_enabled(stand_ins, gen, monkeypatch, grove, dtype):
     p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, dtype)
     w, ids = routing(c["T"], c["E"], c["k"], gen, "coselected", c["S"])
     dt = "bf16" if dtype == torch.bfloat16 else "fp16"
-    assert lib.FUSE_SWIGLU is False  # opt-in
+    assert cuda_pkg.FUSE_SWIGLU is False  # opt-in
     assert all(cfg.startswith(f"{dt}_tn_") and "swiglu" not in cfg
                for cfg in _gemm1_configs(p, w, ids, 2, grove))
-    monkeypatch.setattr(lib, "FUSE_SWIGLU", True)
+    monkeypatch.setattr(cuda_pkg, "FUSE_SWIGLU", True)
     assert all(cfg.startswith(f"{dt}_tn_swiglu_") for cfg in _gemm1_configs(p, w, ids, 2, grove))
 
 
@@ -305,7 +306,7 @@ def test_capture_uses_only_existing_packs_and_pins_them(stand_ins, fused, gen, m
         p["w1"].add_(1)
     _gemm1_configs(p, w, ids, 1)  # repacked eagerly; the captured copies stay pinned
     assert all(any(q is x for x in _cuda_moe.packed_gate_up._pinned) for q in pinned)
-    lib.release_packed_weights()
+    cuda_pkg.release_packed_weights()
     assert not _cuda_moe.packed_gate_up._pinned
 
 
@@ -314,7 +315,7 @@ def test_released_packs_are_rebuilt(stand_ins, fused, gen):
     p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
     w, ids = routing(c["T"], c["E"], c["k"], gen, "random", c["S"])
     _gemm1_configs(p, w, ids, 1)
-    lib.release_packed_weights()
+    cuda_pkg.release_packed_weights()
     assert not _cuda_moe.packed_gate_up._entries
     assert "swiglu" in _gemm1_configs(p, w, ids, 1)[0]
 

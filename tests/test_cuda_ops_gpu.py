@@ -12,7 +12,7 @@ torch computed in fp32 (skipped elsewhere; the CPU checks are in test_cuda_build
 import pytest
 import torch
 
-import grove_kernels.cuda as lib
+import grove_kernels.cuda.ext as lib
 from grove_kernels.plan import build_plan
 
 pytestmark = [

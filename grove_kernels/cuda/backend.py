@@ -38,14 +38,19 @@ import weakref
 
 import torch
 
-from . import cuda as lib
+from .. import cuda as pkg
+from . import ext as lib
+from .ext import DTYPES, is_available  # noqa: F401  (the backend registry reads them)
+
+runs_on_cpu = False
+AUTO = False
 
 # Rows per expert up to which the ping-pong 64x128 tile wins (DESIGN §4, GEMM-1, H100).
 _PINGPONG_MAX_ROWS_PER_EXPERT = 64
 
 
 def topk(router_logits, top_k, renormalize, selection_bias):
-    from .triton.routing import topk as triton_topk
+    from ..triton.routing import topk as triton_topk
 
     return triton_topk(router_logits, top_k, renormalize, selection_bias)
 
@@ -72,7 +77,7 @@ class _Call:
 
     def __init__(self, x, w1, a1, topk_weights, topk_ids, expert_map, group_size,
                  adjugate_scale):
-        from .triton.plan import build_plan
+        from ..triton.plan import build_plan
 
         self.grove = a1 is not None
         self.skips = expert_map is not None  # slots mapped to -1: expert rows of no problem
@@ -164,7 +169,7 @@ def _gather(c, src, weight):
 
 def _packed_weights(c, w1, a1):
     """Packed (w1, a1) for the fused GEMM-1, or None (not enabled, or not packed yet)."""
-    if not lib.FUSE_SWIGLU:
+    if not pkg.FUSE_SWIGLU:
         return None
     packed = [packed_gate_up.get(w) for w in ((w1, a1) if c.grove else (w1,))]
     if any(p is None for p in packed):

@@ -1,35 +1,20 @@
-"""The `cuda` backend: the CUTLASS/CUDA kernels of csrc/, built as grove_kernels._C.
+"""The CUTLASS/CUDA extension grove_kernels._C (built from csrc/) and thin wrappers of its ops.
 
-Loading the extension registers the low-level ops of torch.ops.grove_cuda (grouped GEMMs in
-three layouts and two dtypes, GEMM-1 with SwiGLU fused, the row kernels of csrc/rows.cu);
-this module wraps them with the current CUDA stream and serves the backend entry points of
-_cuda_moe.py (topk, experts_forward, experts_backward, saved_numel) to ops.py.
-
-Status: written and compiled for sm_90a, never run on a GPU. `is_available()` says whether
-the backend can be chosen by name (extension built, an sm_90 GPU present); `AUTO` stays False
-until the GPU tests pass, so `auto` keeps picking `triton` (backends.resolve).
-
-The extension is linked without libtorch_cuda (DESIGN §4), so it imports under a CPU torch
-too; its ops take the CUDA stream as an int (`current_stream_handle()`).
+Loading the extension registers the low-level ops of torch.ops.grove_cuda (grouped GEMMs,
+GEMM-1 with SwiGLU fused, the row kernels: gather, SwiGLU, combine); the wrappers here pass
+torch's current CUDA stream. The extension is linked without libtorch_cuda (DESIGN §4), so it
+imports under a CPU torch too; its ops take the CUDA stream as an int (`current_stream_handle()`).
 """
-import os
-
 import torch
 
 try:
-    from . import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
+    from .. import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
 except ImportError as exc:  # not built here, or built against another torch/toolkit
     _C = None
     _import_error = exc
 else:
     _import_error = None
 
-runs_on_cpu = False
-AUTO = False  # `auto` may pick this backend: only once the GPU tests have passed on it
-# Opt-in: forward GEMM-1 with SwiGLU in its epilogue (config tn_swiglu), reading a packed copy
-# of w1 / a1 kept per weight tensor (_cuda_moe.PackedGateUp): for frozen weights only, since a
-# write torch does not version (w.data.copy_) is not seen; release_packed_weights() after one.
-FUSE_SWIGLU = os.environ.get("GROVE_CUDA_FUSE_SWIGLU", "0") == "1"
 DTYPES = (torch.bfloat16, torch.float16)
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 _KNOWN_OPS = ("grouped_gemm", "grouped_gemm_configs", "grouped_gemm_workspace_size",
@@ -68,7 +53,6 @@ def build_info():
         "ops": registered_ops(),
         "gemm_configs": [],
         "backend_available": is_available(),
-        "auto": AUTO,
     }
     if "grouped_gemm_configs" in info["ops"]:
         info["gemm_configs"] = list(torch.ops.grove_cuda.grouped_gemm_configs())
@@ -155,15 +139,6 @@ def rows_dot_scale(rows, x, row_token, row_weight, rows_e, end_e, end_a, dot):
     return rows
 
 
-def release_packed_weights():
-    """Drop the packed copies of w1 / a1 kept for the fused GEMM-1 (FUSE_SWIGLU), including
-    those pinned for captured CUDA graphs: call it after changing weights in a way torch does
-    not version, and only once no graph captured with the old copies will replay."""
-    from ._cuda_moe import packed_gate_up
-
-    packed_gate_up.clear()
-
-
 def is_available():
     """True when the backend can run here: extension built, a CUDA GPU of compute capability
     9.x (the objects are sm_90a only)."""
@@ -171,5 +146,3 @@ def is_available():
         return False
     return torch.cuda.get_device_capability()[0] == 9
 
-
-from ._cuda_moe import experts_backward, experts_forward, saved_numel, topk  # noqa: E402,F401

@@ -1,66 +1,95 @@
-"""The custom ops of grove-kernels: schemas, fake kernels and autograd, in one place.
+"""The custom ops of grove-kernels: schemas, fake kernels, autograd and value checks, in one place.
 
-    grove::topk              logits [T, E] -> weights fp32 [T, k], ids int32 [T, k]
-    grove::experts_forward   x [T, H], w1 [E, 2I, H], w2 [E, H, I], a1 [G, 2Ia, H]?, a2 [G, H, Ia]?,
-                             topk_weights [T, k], topk_ids [T, k], expert_map [E_global]? -> y [T, H]
-    grove::experts_forward_train   the same -> (y [T, H], saved [n]): what the backend keeps for
-                             its backward (n = backend.saved_numel(...), 0 when it recomputes)
-    grove::experts_backward  dy [T, H] + the forward's inputs (+ saved) -> dx, dw1, dw2, da1, da2,
-                             d topk_weights
+    grove::topk              logits [T, E], top_k, renormalize, bias [E]?, backend
+                             -> weights fp32 [T, k], ids int32 [T, k]
+    grove::experts_forward   x [T, H], w1 [E, 2I, H], w2 [E, H, I], a1 [G, 2Ia, H]?,
+                             a2 [G, H, Ia]?, topk_weights [T, k], topk_ids [T, k],
+                             expert_map [E_global]?, group_size, adjugate_scale, weight_on_input,
+                             save, backend -> (y [T, H], saved)
+    grove::experts_backward  dy [T, H], x, w1, w2, a1?, a2?, topk_weights, saved, group_size,
+                             adjugate_scale, weight_on_input, backend
+                             -> [dx, dw1, dw2, da1, da2, d topk_weights]
 
-a1/a2 absent means a plain MoE (the vLLM drop-ins). The backend is chosen here, when an op
-runs, from the configured name and the device of its inputs (backends.resolve); backends only
-implement. Value checks (ids in range) run here too: inside the op they are invisible to
-torch.compile, so a compiled graph needs no break for them.
+a1/a2 absent means a plain MoE (the vLLM drop-ins). `saved` is empty unless `save`: then it
+holds the plan's tensors and the activations of experts.py (the same layout on every
+backend), so the backward never rebuilds the plan nor recomputes GEMM-1.
+
+`backend` names the backend that runs the op. topk() and experts() below (what api.py calls)
+resolve it from the configured one before the op runs (backends.resolve), so the choice is a
+visible argument: the backward runs on the backend that wrote `saved`, and under
+torch.compile the choice is made at trace time. An op called directly with "auto" resolves
+it when it runs. The op then picks the routing / plan implementation (backends.stage).
+
+Metadata checks (shapes, dtypes, devices) happen once, in api.py; the ops repeat only the group
+count, for callers of torch.ops.grove (the kernels' memory safety rests on it). Value checks
+(ids in range, expert_map entries) happen here, inside the ops, where torch.compile sees no
+data-dependent Python.
 """
 from typing import List, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import _validate, backends
+from . import experts as experts_stage
+from .experts import Weights
 
 
-def _impl(device, dtype=None):
-    return backends.module(backends.resolve(device, dtype))
+def _check_autodiff(op, *tensors):
+    """Reverse-mode autograd is what the ops implement. torch.func transforms and forward-mode
+    AD would reach no formula and silently give zero tangents: refuse them by name."""
+    if torch.compiler.is_compiling():  # dynamo traces no functorch transform in here
+        return
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise NotImplementedError(
+            f"{op}: torch.func transforms (grad, vjp, jvp, vmap, ...) are not supported; use "
+            f"torch.autograd (loss.backward() or torch.autograd.grad)")
+    if fwAD._current_level >= 0 and any(
+            t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            f"{op}: forward-mode AD (torch.autograd.forward_ad) is not supported; use reverse "
+            f"mode (loss.backward() or torch.autograd.grad)")
 
 
 def _check_groups(w1, a1, group_size):
-    # Metadata only, repeated here because the ops are public too: a group count that does not
-    # match would index rows past the plan's adjugate section.
+    # Adjugate rows index a1 by expert id // group_size: a group count that does not match
+    # would read past a1 (api.py checks it too, with the other shapes).
     E = w1.shape[0]
     if a1 is not None and (group_size < 1 or E % group_size or a1.shape[0] != E // group_size):
         raise ValueError(f"group_size: {group_size} does not split the {E} experts of w1 into "
-                         f"the {a1.shape[0]} groups of a1")
+                         f"the {a1.shape[0]} groups of a1 (a1: expected [G = E / group_size, "
+                         f"2Ia, H])")
 
 
-def _check_ids(topk_ids, num_experts, expert_map, group_size=1, grove=False):
+def _check_values(topk_ids, num_experts, expert_map, group_size, grove):
     if expert_map is None:
         _validate.ids_in_range("topk_ids", topk_ids, 0, num_experts)
-    else:
-        _validate.ids_in_range("topk_ids", topk_ids, 0, expert_map.shape[0])
-        _validate.ids_in_range("expert_map", expert_map, -1, num_experts)
-        if grove:
-            _validate.groups_whole(expert_map, group_size)
+        return
+    _validate.ids_in_range("topk_ids", topk_ids, 0, expert_map.shape[0])
+    _validate.ids_in_range("expert_map", expert_map, -1, num_experts)
+    if grove:
+        _validate.groups_whole(expert_map, group_size)
 
 
 # ---- routing -------------------------------------------------------------------------------
 
 @torch.library.custom_op("grove::topk", mutates_args=())
-def topk(router_logits: Tensor, top_k: int, renormalize: bool,
-         selection_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    return _impl(router_logits.device).topk(router_logits, top_k, renormalize, selection_bias)
+def _topk(router_logits: Tensor, top_k: int, renormalize: bool, selection_bias: Optional[Tensor],
+          backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    routing, _ = backends.stage(backend, router_logits.device)
+    return routing.topk(router_logits, top_k, renormalize, selection_bias)
 
 
-@topk.register_fake
-def _(router_logits, top_k, renormalize, selection_bias):
+@_topk.register_fake
+def _(router_logits, top_k, renormalize, selection_bias, backend="auto"):
     T = router_logits.shape[0]
     return (router_logits.new_empty(T, top_k, dtype=torch.float32),
             router_logits.new_empty(T, top_k, dtype=torch.int32))
 
 
 def _topk_setup(ctx, inputs, output):
-    router_logits, _, renormalize, _ = inputs
+    router_logits, _, renormalize, _, _ = inputs
     weights, ids = output
     ctx.renormalize = renormalize
     ctx.logits_dtype = router_logits.dtype
@@ -70,151 +99,114 @@ def _topk_setup(ctx, inputs, output):
 
 def _topk_backward(ctx, grad_weights, grad_ids):
     router_logits, weights, ids = ctx.saved_tensors
-    p = torch.softmax(router_logits.float(), dim=-1)
-    dw = grad_weights.float()
+    p = torch.softmax(router_logits.to(torch.promote_types(router_logits.dtype, torch.float32)),
+                      dim=-1)
+    dw = grad_weights.to(p.dtype)
     idx = ids.long()
     if ctx.renormalize:
         # w = p_sel / s, s = Σ p_sel  =>  d p_sel = (dw - Σ dw·w) / s
         s = p.gather(1, idx).sum(-1, keepdim=True)
-        dw = (dw - (dw * weights).sum(-1, keepdim=True)) / s
+        dw = (dw - (dw * weights.to(p.dtype)).sum(-1, keepdim=True)) / s
     dp = torch.zeros_like(p).scatter(1, idx, dw)
     d_logits = p * (dp - (dp * p).sum(-1, keepdim=True))
-    return d_logits.to(ctx.logits_dtype), None, None, None
+    return d_logits.to(ctx.logits_dtype), None, None, None, None
 
 
-topk.register_autograd(_topk_backward, setup_context=_topk_setup)
+_topk.register_autograd(_topk_backward, setup_context=_topk_setup)
+
+
+def topk(router_logits, top_k, renormalize, selection_bias):
+    """grove::topk on the backend configured for this thread."""
+    _check_autodiff("grove::topk", router_logits, selection_bias)
+    return _topk(router_logits, top_k, renormalize, selection_bias,
+                 backends.resolve_routing(router_logits.device))
 
 
 # ---- experts (+ adjugates) -----------------------------------------------------------------
-
-def _saved_numel(x, w1, a1, topk_ids):
-    """Elements the backend keeps from a training forward for its backward (0: recomputes)."""
-    fn = getattr(_impl(x.device, x.dtype), "saved_numel", None)
-    if fn is None or x.shape[0] == 0:
-        return 0
-    T, k = topk_ids.shape
-    G, Ia = (a1.shape[0], a1.shape[1] // 2) if a1 is not None else (0, 0)
-    return fn(T, k, w1.shape[0], G, w1.shape[1] // 2, Ia)
-
-
-def _matching_saved(x, w1, a1, topk_ids, saved):
-    """saved, when the backend running the backward is the one that wrote it."""
-    if saved is None or saved.numel() == 0 or saved.numel() != _saved_numel(x, w1, a1, topk_ids):
-        return None
-    return saved
-
 
 @torch.library.custom_op("grove::experts_forward", mutates_args=())
 def experts_forward(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Optional[Tensor],
                     a2: Optional[Tensor], topk_weights: Tensor, topk_ids: Tensor,
                     expert_map: Optional[Tensor], group_size: int, adjugate_scale: float,
-                    weight_on_input: bool) -> Tensor:
+                    weight_on_input: bool, save: bool = False,
+                    backend: str = "auto") -> Tuple[Tensor, List[Tensor]]:
+    weights = Weights(w1, w2, a1, a2)
     _check_groups(w1, a1, group_size)
-    _check_ids(topk_ids, w1.shape[0], expert_map, group_size, a1 is not None)
-    if hidden_states.shape[0] == 0:  # an empty batch: no backend has anything to launch
-        return torch.empty_like(hidden_states)
-    return _impl(hidden_states.device, hidden_states.dtype).experts_forward(
-        hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
-        adjugate_scale, weight_on_input)
+    _check_values(topk_ids, w1.shape[0], expert_map, group_size, weights.grove)
+    backend = backends.resolve(hidden_states, weights, backend)
+    _, plan_stage = backends.stage(backend, hidden_states.device)
+    plan = plan_stage.build_plan(topk_ids, topk_weights, w1.shape[0],
+                                 group_size if weights.grove else 0, adjugate_scale, expert_map)
+    return experts_stage.forward(backends.implementation(backend), hidden_states, weights,
+                                 plan, weight_on_input, save, skips=expert_map is not None)
 
 
 @experts_forward.register_fake
 def _(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
-      adjugate_scale, weight_on_input):
-    return torch.empty_like(hidden_states)
-
-
-@torch.library.custom_op("grove::experts_forward_train", mutates_args=())
-def experts_forward_train(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Optional[Tensor],
-                          a2: Optional[Tensor], topk_weights: Tensor, topk_ids: Tensor,
-                          expert_map: Optional[Tensor], group_size: int, adjugate_scale: float,
-                          weight_on_input: bool) -> Tuple[Tensor, Tensor]:
-    """experts_forward for autograd: also returns what the backend saves for its backward
-    (the cuda backend: GEMM-1's pre-activations, so the backward does not recompute GEMM-1)."""
-    _check_groups(w1, a1, group_size)
-    _check_ids(topk_ids, w1.shape[0], expert_map, group_size, a1 is not None)
-    # Backends write every element (rows of no problem zeroed), so no memset here.
-    saved = hidden_states.new_empty(_saved_numel(hidden_states, w1, a1, topk_ids))
-    if hidden_states.shape[0] == 0:
-        return torch.empty_like(hidden_states), saved
-    kw = {"saved": saved} if saved.numel() else {}
-    y = _impl(hidden_states.device, hidden_states.dtype).experts_forward(
-        hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
-        adjugate_scale, weight_on_input, **kw)
-    return y, saved
-
-
-@experts_forward_train.register_fake
-def _(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
-      adjugate_scale, weight_on_input):
-    return (torch.empty_like(hidden_states),
-            hidden_states.new_empty(_saved_numel(hidden_states, w1, a1, topk_ids)))
+      adjugate_scale, weight_on_input, save=False, backend="auto"):
+    saved = []
+    if save:
+        saved = experts_stage.saved_tensors(hidden_states.shape[0], topk_ids.shape[1],
+                                      Weights(w1, w2, a1, a2), topk_weights.dtype,
+                                      hidden_states.dtype, hidden_states.device)
+    return torch.empty_like(hidden_states), saved
 
 
 @torch.library.custom_op("grove::experts_backward", mutates_args=())
 def experts_backward(grad_out: Tensor, hidden_states: Tensor, w1: Tensor, w2: Tensor,
                      a1: Optional[Tensor], a2: Optional[Tensor], topk_weights: Tensor,
-                     topk_ids: Tensor, expert_map: Optional[Tensor], group_size: int,
-                     adjugate_scale: float, weight_on_input: bool,
-                     saved: Optional[Tensor] = None) -> List[Tensor]:
+                     saved: List[Tensor], group_size: int, adjugate_scale: float,
+                     weight_on_input: bool, backend: str) -> List[Tensor]:
     """[dx, dw1, dw2, da1, da2, d topk_weights]; da1/da2 are empty when a1/a2 are absent.
-    saved: experts_forward_train's second output (used when the same backend wrote it)."""
-    _check_groups(w1, a1, group_size)
-    _check_ids(topk_ids, w1.shape[0], expert_map, group_size, a1 is not None)
-    if hidden_states.shape[0] == 0:  # an empty batch: every gradient is zero
-        return [torch.zeros_like(hidden_states), torch.zeros_like(w1), torch.zeros_like(w2),
-                torch.zeros_like(a1) if a1 is not None else w1.new_empty(0),
-                torch.zeros_like(a2) if a2 is not None else w1.new_empty(0),
-                torch.zeros_like(topk_weights)]
-    saved = _matching_saved(hidden_states, w1, a1, topk_ids, saved)
-    kw = {"saved": saved} if saved is not None else {}
-    grads = _impl(hidden_states.device, hidden_states.dtype).experts_backward(
-        grad_out, hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,
-        group_size, adjugate_scale, weight_on_input, **kw)
-    return [g if g is not None else w1.new_empty(0) for g in grads]
+    saved: the `saved` of an experts_forward run with save=True on the same backend."""
+    weights = Weights(w1, w2, a1, a2)
+    T, k = topk_weights.shape
+    plan, act = experts_stage.split_saved(saved, T, k, weights)
+    return experts_stage.backward(backends.implementation(backend), grad_out, hidden_states,
+                                  weights, plan, act, weight_on_input, adjugate_scale,
+                                  topk_weights.dtype)
 
 
 @experts_backward.register_fake
-def _(grad_out, hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
-      adjugate_scale, weight_on_input, saved=None):
+def _(grad_out, hidden_states, w1, w2, a1, a2, topk_weights, saved, group_size, adjugate_scale,
+      weight_on_input, backend):
     return [torch.empty_like(hidden_states), torch.empty_like(w1), torch.empty_like(w2),
             torch.empty_like(a1) if a1 is not None else w1.new_empty(0),
             torch.empty_like(a2) if a2 is not None else w1.new_empty(0),
             torch.empty_like(topk_weights)]
 
 
-_DIFFERENTIABLE = (0, 1, 2, 3, 4, 5)  # hidden_states, w1, w2, a1, a2, topk_weights
+def _experts_setup(ctx, inputs, output):
+    (x, w1, w2, a1, a2, topk_weights, _, _, group_size, adjugate_scale, weight_on_input, save,
+     backend) = inputs
+    _, saved = output
+    if not save:
+        raise RuntimeError("grove::experts_forward: gradients need the activations; call it "
+                           "with save=True (grove_kernels.ops.experts does)")
+    ctx.mark_non_differentiable(*saved)
+    ctx.save_for_backward(x, w1, w2, a1, a2, topk_weights, *saved)
+    ctx.config = (group_size, adjugate_scale, weight_on_input, backend)
 
 
-def _experts_setup(ctx, inputs, output, saved=None):
-    (x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size, adjugate_scale,
-     weight_on_input) = inputs
-    ctx.save_for_backward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, saved)
-    ctx.config = (group_size, adjugate_scale, weight_on_input)
-
-
-def _experts_backward(ctx, grad_out):
-    x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, saved = ctx.saved_tensors
-    grads = experts_backward(grad_out.contiguous(), x, w1, w2, a1, a2, topk_weights, topk_ids,
-                             expert_map, *ctx.config, saved)
-    needs = ctx.needs_input_grad
-    out = [g if needs[i] else None for i, g in zip(_DIFFERENTIABLE, grads)]
+def _experts_backward(ctx, grad_out, grad_saved):
+    x, w1, w2, a1, a2, topk_weights, *saved = ctx.saved_tensors
+    grads = experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, saved, *ctx.config)
+    out = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)]
     if a1 is None:
         out[3] = out[4] = None
-    return (*out, None, None, None, None, None)
+    return (*out,) + (None,) * 7  # topk_ids, expert_map, and the five non-tensor arguments
 
 
 experts_forward.register_autograd(_experts_backward, setup_context=_experts_setup)
 
 
-def _experts_train_setup(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[1])
-    _experts_setup(ctx, inputs, output[0], saved=output[1])
-
-
-def _experts_train_backward(ctx, grad_out, grad_saved):
-    return _experts_backward(ctx, grad_out)
-
-
-experts_forward_train.register_autograd(_experts_train_backward,
-                                        setup_context=_experts_train_setup)
+def experts(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size, adjugate_scale,
+            weight_on_input):
+    """grove::experts_forward on the backend resolved for this call; it keeps what the
+    backward needs when autograd will ask for one."""
+    _check_autodiff("grove::experts_forward", x, w1, w2, a1, a2, topk_weights)
+    backend = backends.resolve(x, (w1, w2, a1, a2))
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w1, w2, a1, a2, topk_weights))
+    return experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
+                           adjugate_scale, weight_on_input, save, backend)[0]

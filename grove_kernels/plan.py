@@ -1,7 +1,12 @@
-"""The dispatch plan: routing (topk_ids, topk_weights) -> per-problem row lists (DESIGN §3).
+"""The dispatch plan, the torch reference: routing (topk_ids, topk_weights) -> per-problem row
+lists (DESIGN §3). grove_kernels/triton/plan.py builds the same Plan on the device; the op layer
+(ops.py) picks one, and every backend receives the result. A training forward returns the
+plan's tensors (Plan.tensors()) with what it saved, so the backward never rebuilds it.
+
 
 Problems are the E experts followed by the G = E // S adjugate experts. A *row* is one
-(token, problem) pair that a GEMM computes. The rows live in two sections with static bases,
+(token, problem) pair that a GEMM computes. The rows live in two *sections*, experts then
+adjugates, with static bases,
 so every buffer has a fixed size and nothing is read back to the host:
 
     expert section    rows [0, T*k)            sorted by expert; the slots of skipped ids
@@ -39,6 +44,48 @@ class Plan:
     token_weight: torch.Tensor  # [T, c] fp32: the row weight seen by that token (0 if masked)
     token_mask: torch.Tensor  # [T, c] bool: entry is a real row
     group_match: Optional[torch.Tensor]  # [T, k, k] bool: slots j and m select the same group
+
+    _FIELDS = ("row_token", "row_weight", "expert_offsets", "token_rows", "token_weight",
+               "token_mask")
+    _GROVE_FIELDS = ("adjugate_offsets", "group_match")
+
+    @classmethod
+    def empty(cls, T, k, E, G, weight_dtype, device):
+        """A plan of uninitialised tensors with the fixed shapes of (T, k, E, G); weight_dtype:
+        that of the row weights (fp32, or fp64 for fp64 routing weights)."""
+        ka, C = min(k, G), (2 * k if G else k)
+        new = dict(dtype=torch.int64, device=device)
+        return cls(
+            num_tokens=T, top_k=k, num_experts=E, num_groups=G,
+            row_token=torch.empty(T * (k + ka), **new),
+            row_weight=torch.empty(T * (k + ka), dtype=weight_dtype, device=device),
+            expert_offsets=torch.empty(E + 1, **new),
+            adjugate_offsets=torch.empty(G + 1, **new) if G else None,
+            token_rows=torch.empty(T, C, **new),
+            token_weight=torch.empty(T, C, dtype=weight_dtype, device=device),
+            token_mask=torch.empty(T, C, dtype=torch.bool, device=device),
+            group_match=torch.empty(T, k, k, dtype=torch.bool, device=device) if G else None,
+        )
+
+    def tensors(self):
+        """The plan's tensors in a fixed order (from_tensors inverts it)."""
+        names = self._FIELDS + (self._GROVE_FIELDS if self.num_groups else ())
+        return [getattr(self, n) for n in names]
+
+    @classmethod
+    def from_tensors(cls, T, k, E, G, tensors):
+        names = cls._FIELDS + (cls._GROVE_FIELDS if G else ())
+        if len(tensors) != len(names):
+            raise ValueError(f"saved: expected the {len(names)} tensors of a plan, got "
+                             f"{len(tensors)}")
+        fields = dict(adjugate_offsets=None, group_match=None)
+        fields.update(zip(names, tensors))
+        return cls(num_tokens=T, top_k=k, num_experts=E, num_groups=G, **fields)
+
+    @staticmethod
+    def weight_dtype(topk_weights_dtype):
+        """Row weights are fp32 (fp64 for fp64 routing weights, the reference runs)."""
+        return torch.promote_types(topk_weights_dtype, torch.float32)
 
     @property
     def num_expert_rows(self):  # T*k
@@ -115,8 +162,7 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
         n = expert_map.shape[0]
         ids = torch.where((ids >= 0) & (ids < n), expert_map.long()[ids.clamp(0, n - 1)], -1)
     valid = (ids >= 0) & (ids < num_experts)
-    acc = torch.promote_types(topk_weights.dtype, torch.float32)
-    w = torch.where(valid, topk_weights.to(acc), 0.0)
+    w = torch.where(valid, topk_weights.to(Plan.weight_dtype(topk_weights.dtype)), 0.0)
     E = num_experts
     G = E // group_size if group_size else 0
 

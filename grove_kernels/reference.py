@@ -1,6 +1,7 @@
-"""The `torch` backend: the readable semantics of every op, vectorized, on any device.
+"""The `torch` backend: the readable semantics of the experts stage, vectorized, on any device
+(protocol in experts.py; this module is also the backend's descriptor for backends.py).
 
-Forward, with the plan of plan.py (rows sorted by problem, R_e = T*k, R_a = T*ka):
+Forward, with a Plan (rows sorted by problem, R_e = T*k, R_a = T*ka):
 
     x [T, H] --gather rows--> xe [R_e, H], xa [R_a, H]
     GEMM-1   he = xe @ w1[e]^T  [R_e, 2I]    ha = xa @ a1[g]^T  [R_a, 2Ia]   (grouped by problem)
@@ -8,9 +9,9 @@ Forward, with the plan of plan.py (rows sorted by problem, R_e = T*k, R_a = T*ka
     GEMM-2   oe = ze @ w2[e]^T  [R_e, H]     oa = za @ a2[g]^T  [R_a, H]
     combine  y_t = Σ_j token_weight[t, j] · o[token_rows[t, j]]   (fp32, fixed slot order)
 
-Backward recomputes the forward rows (nothing is saved but the inputs) and runs
-dY -> d row weights, dO -> dZ (dgrad) and dW2 (wgrad, K = rows) -> SwiGLU backward -> dH
--> dX rows (dgrad) and dW1 (wgrad) -> dX_t = Σ_j dX rows (fixed order).
+A training forward keeps h and z of every row. Backward: dY -> d row weights, dO -> dZ
+(dgrad) and dW2 (wgrad, K = rows) -> SwiGLU backward (saved h) -> dH -> dX rows (dgrad) and
+dW1 (wgrad) -> dX_t = Σ_j dX rows (fixed order).
 
 Each grouped matmul uses torch._grouped_mm where it is a native kernel (bf16 on sm_90+, no
 host sync); elsewhere it loops over the problems with their offsets read on the host, which is
@@ -19,16 +20,18 @@ a sync on a GPU (fp16/fp32 there) and free on the CPU.
 import torch
 import torch.nn.functional as F
 
-from .plan import build_plan
-from .routing import topk  # noqa: F401  (the backend registry reads it)
-
 runs_on_cpu = True
+IMPLEMENTATION = __name__
 # Tests flip this to exercise the per-problem loop where _grouped_mm would be taken.
 use_grouped_mm = True
 
 
 def is_available():
     return True
+
+
+def supports(x, weights):
+    return None
 
 
 def _native_grouped_mm(a, b):
@@ -47,8 +50,7 @@ def _host_bounds(offsets):
 def gmm(a, b, offsets, trans_b):
     """out[r] = a[r] @ (b[p]^T if trans_b else b[p]) for rows r of problem p; [R, N].
 
-    a [R, K]; b [P, N, K] (trans_b) or [P, K, N]; offsets [P+1]. Rows past offsets[P] are
-    unspecified (zero on the loop path).
+    a [R, K]; b [P, N, K] (trans_b) or [P, K, N]; offsets [P+1]. Rows past offsets[P]: zeros.
     """
     R = a.shape[0]
     N = b.shape[-2] if trans_b else b.shape[-1]
@@ -56,7 +58,10 @@ def gmm(a, b, offsets, trans_b):
         return a.new_zeros(0, N)
     if _native_grouped_mm(a, b):
         mat_b = b.transpose(-2, -1) if trans_b else b
-        return torch._grouped_mm(a, mat_b, offs=offsets[1:].to(torch.int32))
+        out = torch._grouped_mm(a, mat_b, offs=offsets[1:].to(torch.int32))
+        # Rows past the last problem are left unwritten; saved activations must not hold them.
+        real = torch.arange(R, device=a.device) < offsets[-1]
+        return torch.where(real[:, None], out, 0)
     out = a.new_zeros(R, N)
     bounds = _host_bounds(offsets)
     upcast = a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16)
@@ -112,12 +117,13 @@ def swiglu_backward(h, dz):
     return torch.cat([d_gate, dz * silu], dim=-1).to(h.dtype)
 
 
-def _sections(plan, w1, w2, a1, a2):
-    """(token rows, row weights, offsets, W1, W2) of each non-empty section."""
-    out = [(plan.expert_token, plan.expert_weight, plan.expert_offsets, w1, w2)]
+def _sections(plan, weights, act):
+    """(token rows, row weights, offsets, W1, W2, h, z) of each section present."""
+    rows = [(plan.expert_token, plan.expert_weight, plan.expert_offsets)]
     if plan.num_groups:
-        out.append((plan.adjugate_token, plan.adjugate_weight, plan.adjugate_offsets, a1, a2))
-    return out
+        rows.append((plan.adjugate_token, plan.adjugate_weight, plan.adjugate_offsets))
+    saved = zip(act.h, act.z) if act is not None else [(None, None)] * 2
+    return [r + w + a for r, w, a in zip(rows, weights.sections(), saved)]
 
 
 def _input_rows(x, token, weight, weight_on_input):
@@ -136,48 +142,41 @@ def _gather_sum(plan, rows, weight):
     return acc
 
 
-def experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
-                    adjugate_scale, weight_on_input):
-    plan = build_plan(topk_ids, topk_weights, w1.shape[0], group_size if a1 is not None else 0,
-                      adjugate_scale, expert_map)
+def forward(x, weights, plan, weight_on_input, y, act):
     outs = []
-    for token, weight, offsets, wa, wb in _sections(plan, w1, w2, a1, a2):
-        z = swiglu(gmm(_input_rows(x, token, weight, weight_on_input), wa, offsets, True))
+    for token, weight, offsets, wa, wb, h_out, z_out in _sections(plan, weights, act):
+        h = gmm(_input_rows(x, token, weight, weight_on_input), wa, offsets, True)
+        z = swiglu(h)
+        if act is not None:
+            h_out.copy_(h)
+            z_out.copy_(z)
         outs.append(gmm(z, wb, offsets, True))
     rows = torch.cat(outs)
-    token_weight = plan.token_mask.to(plan.token_weight.dtype) if weight_on_input else plan.token_weight
-    return _gather_sum(plan, rows, token_weight).to(x.dtype)
+    token_weight = plan.token_weight
+    if weight_on_input:  # the weights were applied to the input rows
+        token_weight = plan.token_mask.to(token_weight.dtype)
+    y.copy_(_gather_sum(plan, rows, token_weight))
 
 
-def experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map,
-                     group_size, adjugate_scale, weight_on_input):
-    plan = build_plan(topk_ids, topk_weights, w1.shape[0], group_size if a1 is not None else 0,
-                      adjugate_scale, expert_map)
-    dy = grad_out.to(_acc(x.dtype))
-    d_row_weight, dx_rows, d_weights = [], [], []
-    for token, weight, offsets, wa, wb in _sections(plan, w1, w2, a1, a2):
+def backward(dy, x, weights, plan, weight_on_input, act, grads):
+    dy = dy.to(_acc(x.dtype))
+    d_row_weight, dx_rows = [], []
+    for i, (token, weight, offsets, wa, wb, h, z) in enumerate(_sections(plan, weights, act)):
         P = wa.shape[0]
-        xr = _input_rows(x, token, weight, weight_on_input)
-        h = gmm(xr, wa, offsets, True)
-        z = swiglu(h)
         dyr = dy[token]
         if weight_on_input:
             d_o = dyr.to(x.dtype)
         else:
             d_row_weight.append((dyr * gmm(z, wb, offsets, True).to(dy.dtype)).sum(-1))
             d_o = (dyr * weight[:, None]).to(x.dtype)
-        d_wb = gmm_wgrad(d_o, z, offsets, P)
+        grads[2 + 2 * i].copy_(gmm_wgrad(d_o, z, offsets, P))  # dW2 | dA2
         dh = swiglu_backward(h, gmm(d_o, wb, offsets, False))
-        d_wa = gmm_wgrad(dh, xr, offsets, P)
+        xr = _input_rows(x, token, weight, weight_on_input)
+        grads[1 + 2 * i].copy_(gmm_wgrad(dh, xr, offsets, P))  # dW1 | dA1
         dxr = gmm(dh, wa, offsets, False)
         if weight_on_input:
             d_row_weight.append((dxr.to(dy.dtype) * x[token].to(dy.dtype)).sum(-1))
             dxr = (dxr.to(dy.dtype) * weight[:, None]).to(x.dtype)
         dx_rows.append(dxr)
-        d_weights.append((d_wa, d_wb))
-
-    dx = _gather_sum(plan, torch.cat(dx_rows), plan.token_mask.to(dy.dtype)).to(x.dtype)
-    d_topk = plan.topk_weight_grad(torch.cat(d_row_weight), adjugate_scale)
-    (dw1, dw2) = d_weights[0]
-    da1, da2 = d_weights[1] if plan.num_groups else (None, None)
-    return dx, dw1, dw2, da1, da2, d_topk.to(topk_weights.dtype)
+    grads[0].copy_(_gather_sum(plan, torch.cat(dx_rows), plan.token_mask.to(dy.dtype)))
+    return torch.cat(d_row_weight)

@@ -30,8 +30,8 @@ if [[ $stage == all || $stage == build ]]; then
   "$PY" -c "import grove_kernels.cuda as c; print(c.build_info())"
 fi
 if [[ $stage == all || $stage == tests ]]; then
-  # The cuda backend has never run on a GPU before: its tests get their own processes, so a
-  # CUDA error there (which poisons the context) cannot fail the torch/triton tests.
+  # The cuda backend's tests get their own processes, so a CUDA error there (which poisons
+  # the context) cannot fail the torch/triton tests.
   GROVE_TEST_BACKENDS=torch,triton "$PY" -m pytest -q -m gpu tests \
     --ignore=tests/test_cuda_ops_gpu.py 2>&1 | tee "$out/gpu_tests.log" | tail -15
   "$PY" -m pytest -q -m gpu tests/test_cuda_ops_gpu.py 2>&1 | tee "$out/gpu_cuda_ops.log" | tail -15
@@ -52,6 +52,6 @@ if [[ $stage == all || $stage == tune ]]; then
 fi
 if [[ $stage == all || $stage == bench ]]; then
   "$PY" -m bench --pass both --routing uniform,coactive,skewed --results-dir "$out" \
-    --backends "${BENCH_BACKENDS:-torch,triton}" 2>&1 \
+    --backends "${BENCH_BACKENDS:-triton,cuda}" 2>&1 \
     | tee "$out/bench.log" | tail -60
 fi

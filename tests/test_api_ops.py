@@ -1,8 +1,10 @@
 """The custom ops as torch sees them: opcheck, torch.compile, determinism.
 
     torch.ops.grove.topk              logits [T,E] -> (w fp32 [T,k], ids int32 [T,k])
-    torch.ops.grove.experts_forward   x, w1, w2, a1?, a2?, w, ids, expert_map? -> y [T,H]
-    torch.ops.grove.experts_backward  dy + the forward's inputs -> [dx, dw1, dw2, da1, da2, dw]
+    torch.ops.grove.experts_forward   x, w1, w2, a1?, a2?, w, ids, expert_map?, ..., save, backend
+                                      -> (y [T,H], saved)
+    torch.ops.grove.experts_backward  dy + the forward's inputs + saved -> [dx, dw1, dw2, da1,
+                                      da2, dw]
 
 opcheck runs schema, fake-tensor, autograd-registration and aot-dispatch checks; the compile
 tests trace gk.grove_moe / gk.fused_experts with fullgraph=True (no graph breaks allowed, so
@@ -48,10 +50,10 @@ def _opcheck(op, args):
 def test_opcheck_topk(backend, gen, renormalize, bias):
     logits = leaf(router_logits(T, E, gen))
     b = torch.randn(E, generator=gen) * 0.3 if bias else None
-    _opcheck(torch.ops.grove.topk.default, (logits, K, renormalize, b))
+    _opcheck(torch.ops.grove.topk.default, (logits, K, renormalize, b, backend))
 
 
-def _experts_args(gen, variant, requires_grad):
+def _experts_args(gen, variant, requires_grad, backend):
     p, w, ids = _inputs(gen)
     x, w1, w2, a1, a2 = p["x"], p["w1"], p["w2"], p["a1"], p["a2"]
     emap, group_size, lam, on_input = None, S, LAM, False
@@ -66,56 +68,83 @@ def _experts_args(gen, variant, requires_grad):
     if requires_grad:
         x, w1, w2, w = leaf(x), leaf(w1), leaf(w2), leaf(w)
         a1, a2 = (leaf(a1), leaf(a2)) if a1 is not None else (None, None)
-    return [x, w1, w2, a1, a2, w, ids, emap, group_size, lam, on_input]
+    return [x, w1, w2, a1, a2, w, ids, emap, group_size, lam, on_input, requires_grad, backend]
 
 
 VARIANTS = ["grove", "plain", "expert_map", "weight_on_input"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_opcheck_experts_forward(backend, gen, variant):
-    _opcheck(torch.ops.grove.experts_forward.default, _experts_args(gen, variant, True))
+@pytest.mark.parametrize("save", [False, True], ids=["inference", "training"])
+def test_opcheck_experts_forward(backend, gen, variant, save):
+    _opcheck(torch.ops.grove.experts_forward.default, _experts_args(gen, variant, save, backend))
+
+
+def _saved_shapes(T, k, E, G, I, Ia):
+    ka, c = min(k, G), (2 * k if G else k)
+    plan = [(T * (k + ka),), (T * (k + ka),), (E + 1,), (T, c), (T, c), (T, c)]
+    plan += [(G + 1,), (T, k, k)] if G else []
+    act = [(T * k, 2 * I), (T * k, I)] + ([(T * ka, 2 * Ia), (T * ka, Ia)] if G else [])
+    return plan + act
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_opcheck_experts_forward_train(backend, gen, variant):
-    _opcheck(torch.ops.grove.experts_forward_train.default, _experts_args(gen, variant, True))
+def test_training_forward_keeps_plan_and_activations(backend, gen, variant):
+    """What a training forward saves has one backend-independent layout: the plan's tensors,
+    then h and z of every row of each section; the autograd path asks for it."""
+    args = _experts_args(gen, variant, True, backend)
+    x, w1, a1, ids = args[0], args[1], args[3], args[6]
+    y, saved = torch.ops.grove.experts_forward(*args)
+    T, k, E, I = x.shape[0], ids.shape[1], w1.shape[0], w1.shape[1] // 2
+    G, Ia = (a1.shape[0], a1.shape[1] // 2) if a1 is not None else (0, 0)
+    assert [tuple(t.shape) for t in saved] == _saved_shapes(T, k, E, G, I, Ia)
+    again = torch.ops.grove.experts_forward(*args)[1]
+    assert all(torch.equal(a, b) for a, b in zip(saved, again))  # nothing left unwritten
+    with torch.no_grad():
+        _, no_saved = torch.ops.grove.experts_forward(*args[:-2], False, backend)
+    assert no_saved == []
 
 
 def test_training_calls_keep_what_the_backward_needs(backend, gen, monkeypatch):
     from grove_kernels import ops
 
-    calls = []
-    for name in ("experts_forward", "experts_forward_train"):
-        real = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
-    x, w1, w2, a1, a2, w, ids = _experts_args(gen, "grove", True)[:7]
+    saves = []
+    real = ops.experts_forward
+    monkeypatch.setattr(ops, "experts_forward",
+                        lambda *a: saves.append((a[-2], a[-1])) or real(*a))
+    x, w1, w2, a1, a2, w, ids = _experts_args(gen, "grove", True, backend)[:7]
     y = gk.fused_grove_experts(x, w1, w2, a1, a2, w, ids, group_size=S, adjugate_scale=LAM)
     y.sum().backward()
-    assert calls == ["experts_forward_train"] and x.grad is not None
+    assert saves == [(True, backend)] and x.grad is not None
     with torch.no_grad():
         gk.fused_grove_experts(x, w1, w2, a1, a2, w, ids, group_size=S, adjugate_scale=LAM)
     gk.fused_experts(x.detach(), w1.detach(), w2.detach(), w.detach(), ids)
-    assert calls[1:] == ["experts_forward", "experts_forward"]
-    # torch recomputes (nothing saved); triton keeps z and h: [T·k, 3I] + [T·min(k, G), 3Ia].
-    _, saved = torch.ops.grove.experts_forward_train(x, w1, w2, a1, a2, w, ids, None, S, LAM,
-                                                     False)
-    T, k, I, Ia, G = x.shape[0], ids.shape[1], w1.shape[1] // 2, a1.shape[1] // 2, a1.shape[0]
-    assert saved.numel() == (0 if backend == "torch" else T * k * 3 * I + T * min(k, G) * 3 * Ia)
+    assert saves[1:] == [(False, backend), (False, backend)]
+
+
+def test_gradients_need_the_saved_activations(backend, gen):
+    args = _experts_args(gen, "grove", True, backend)
+    with pytest.raises(RuntimeError, match="save=True"):
+        torch.ops.grove.experts_forward(*args[:-2], False, backend)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_opcheck_experts_backward(backend, gen, variant):
-    args = _experts_args(gen, variant, False)
+    args = _experts_args(gen, variant, False, backend)
+    args[-2] = True
+    _, saved = torch.ops.grove.experts_forward(*args)
     dy = randn(T, H, gen=gen)
-    _opcheck(torch.ops.grove.experts_backward.default, [dy] + args)
+    x, w1, w2, a1, a2, w, _, _, group_size, lam, on_input, _, name = args
+    _opcheck(torch.ops.grove.experts_backward.default,
+             [dy, x, w1, w2, a1, a2, w, saved, group_size, lam, on_input, name])
 
 
 def test_opcheck_empty_batch(backend, gen):
     p, w, ids = _inputs(gen, T=0)
-    args = [leaf(p["x"]), leaf(p["w1"]), leaf(p["w2"]), leaf(p["a1"]), leaf(p["a2"]), leaf(w),
-            ids, None, S, LAM, False]
-    _opcheck(torch.ops.grove.experts_forward.default, args)
+    for save in (False, True):
+        leaves = [leaf(t) if save else t for t in (p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w)]
+        args = leaves + [ids, None, S, LAM, False, save, backend]
+        _opcheck(torch.ops.grove.experts_forward.default, args)
 
 
 # ----------------------------------------------------------------------------- torch.compile

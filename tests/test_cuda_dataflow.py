@@ -1,11 +1,11 @@
-"""The `cuda` backend's dataflow (grove_kernels/cuda/backend.py) on the CPU, with its kernels
-replaced by torch stand-ins written from the contracts of csrc/include/grove_cuda.h and
-grove_rows.h (not from the backend's code).
+"""The `cuda` backend's dataflow (grove_kernels/cuda/backend.py, run through the shared
+experts stage of grove_kernels/experts.py) on the CPU, with its kernels replaced by torch
+stand-ins written from the contracts of the csrc/include headers (not from the backend's code).
 
 What this proves without a GPU: the stages are wired right (operands, layouts tn/tt/nt,
 segments, which row weight is applied where, the plan's real-row ends, d topk_weights), so
 the forward and every gradient match the float64 oracle. What it cannot prove: that the
-CUDA kernels honour those contracts (tests/test_cuda_ops_gpu.py, on an H100). Buffers the
+CUDA kernels honour those contracts (tests/test_cuda_ops_gpu.py, on an sm_90 GPU). Buffers the
 contracts leave unwritten (padding rows) are filled with NaN by the stand-ins' allocator, so
 reading one shows up as a NaN.
 """
@@ -16,11 +16,13 @@ import grove_kernels as gk
 import oracle
 from helpers import make_grove, rel_err, routing, to64
 
-pytest.importorskip("triton")  # the backend builds its plan with the Triton plan kernels
-
 import grove_kernels.cuda as cuda_pkg  # noqa: E402
-from grove_kernels.cuda import backend as _cuda_moe  # noqa: E402
+from grove_kernels import experts as experts_stage  # noqa: E402
+from grove_kernels.cuda import backend as cuda_backend  # noqa: E402
 from grove_kernels.cuda import ext as lib  # noqa: E402
+from grove_kernels.cuda import packed  # noqa: E402
+from grove_kernels.experts import Weights  # noqa: E402
+from grove_kernels.plan import build_plan  # noqa: E402
 
 if lib.is_available():  # a real sm_90 device: the GPU tests cover the real kernels
     pytest.skip("stand-ins only where the kernels cannot run", allow_module_level=True)
@@ -30,7 +32,13 @@ def _round(t, like):
     return t.to(like.dtype)
 
 
-CALLS = []  # configs of the grouped GEMMs run by the stand-in, in order
+CALLS = []  # kernels of the grouped GEMMs run by the stand-in, in order
+
+
+def _kind(kernel):
+    """(grouped, majors, swiglu) of a kernel name sm90_<dt>_<m|k>_grouped_<majors>[_swiglu]_..."""
+    parts = kernel.split("_")
+    return parts[2], parts[4], parts[5] == "swiglu"
 
 
 def _swiglu_packed(acc):
@@ -39,10 +47,10 @@ def _swiglu_packed(acc):
     return (torch.nn.functional.silu(blocks[:, :, 0]) * blocks[:, :, 1]).reshape(acc.shape[0], -1)
 
 
-def _grouped_gemm(a, b, out, start, count, config):
-    CALLS.append(config)
-    layout = config.split("_")[1]
-    swiglu = "_swiglu_" in config
+def _grouped_gemm(a, b, out, start, count, kernel):
+    CALLS.append(kernel)
+    grouped, majors, swiglu = _kind(kernel)
+    layout = {("m", "nt"): "tn", ("m", "nn"): "tt", ("k", "tn"): "nt"}[(grouped, majors)]
     base, P0 = 0, 0
     bounds = []
     for s in range(len(a)):
@@ -136,11 +144,12 @@ def stand_ins(monkeypatch):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     CALLS.clear()
-    _cuda_moe.packed_gate_up.clear()
-    real_empty_like = torch.empty_like
+    packed.packed_gate_up.clear()
+    real_empty_like, real_torch_empty = torch.empty_like, torch.empty
     monkeypatch.setattr(torch.Tensor, "new_empty",
                         lambda self, *size, **kw: poisoned(real_empty(self, *size, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda t, **kw: poisoned(real_empty_like(t, **kw)))
+    monkeypatch.setattr(torch, "empty", lambda *size, **kw: poisoned(real_torch_empty(*size, **kw)))
 
 
 LAM = 0.5
@@ -148,21 +157,24 @@ SHAPE = dict(T=13, H=32, E=8, I=24, Ia=16, k=4, S=2)
 GRADS = ["x", "w1", "w2", "a1", "a2", "topk_weights"]
 
 
-def _run(p, w, ids, grove, on_input, S):
-    leaves = {n: t.detach().clone().requires_grad_(True)
-              for n, t in dict(p, topk_weights=w).items()}
-    args = [leaves[n] if n in leaves else None for n in ["x", "w1", "w2", "a1", "a2"]]
-    if not grove:
-        args[3] = args[4] = None
-    y = _cuda_moe.experts_forward(args[0].detach(), *[t.detach() if t is not None else None
-                                                      for t in args[1:]],
-                                  w, ids, None, S, LAM, on_input)
+def _forward_op(x, w1, w2, a1, a2, w, ids, emap, S, on_input, save=False):
+    """What grove::experts_forward runs for the cuda backend: torch plan, shared skeleton."""
+    weights = Weights(w1, w2, a1, a2)
+    plan = build_plan(ids, w, w1.shape[0], S if a1 is not None else 0, LAM, emap)
+    return experts_stage.forward(cuda_backend, x, weights, plan, on_input, save, emap is not None)
+
+
+def _backward_op(dy, x, w1, w2, a1, a2, w, saved, on_input):
+    weights = Weights(w1, w2, a1, a2)
+    plan, act = experts_stage.split_saved(saved, x.shape[0], w.shape[1], weights)
+    return experts_stage.backward(cuda_backend, dy, x, weights, plan, act, on_input, LAM, w.dtype)
+
+
+def _run(p, w, ids, grove, on_input, S, emap=None):
+    args = [p[n] for n in ("x", "w1", "w2")] + ([p["a1"], p["a2"]] if grove else [None, None])
+    y, saved = _forward_op(*args, w, ids, emap, S, on_input, save=True)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
-    grads = _cuda_moe.experts_backward(dy, args[0].detach(),
-                                       *[t.detach() if t is not None else None
-                                         for t in args[1:]],
-                                       w, ids, None, S, LAM, on_input)
-    return y, dy, grads
+    return y, dy, _backward_op(dy, *args, w, saved, on_input)
 
 
 def _reference(p, w, ids, dy, grove, on_input, S):
@@ -196,7 +208,7 @@ def test_dataflow_matches_oracle(stand_ins, gen, dtype, case):
     assert rel_err(y, ref_y) <= 2e-2, "y"
     for name, got, ref in zip(GRADS, grads, ref_g):
         if ref is None:
-            assert got is None, name
+            assert got.numel() == 0, name
             continue
         assert rel_err(got, ref) <= 2e-2, name
 
@@ -214,21 +226,22 @@ def test_empty_experts_get_zero_weight_gradients(stand_ins, gen):
 
 
 def test_refuses_what_the_kernels_cannot_run():
+    from grove_kernels.cuda import supports
+
     x = torch.zeros(2, 32)
-    w1, w2 = torch.zeros(4, 48, 32), torch.zeros(4, 32, 24)
-    with pytest.raises(TypeError, match="hidden_states: the cuda backend supports"):
-        _cuda_moe.experts_forward(x, w1, w2, None, None, torch.ones(2, 1),
-                                  torch.zeros(2, 1, dtype=torch.int64), None, 1, 0.0, False)
+    w = (torch.zeros(4, 48, 32), torch.zeros(4, 32, 24), None, None)
+    assert "sm_90" in supports(x, w)  # no GPU here
     x, w1, w2 = (t.bfloat16() for t in (x, torch.zeros(4, 44, 32), torch.zeros(4, 32, 22)))
-    with pytest.raises(ValueError, match="multiples of 8"):
-        _cuda_moe.experts_forward(x, w1, w2, None, None, torch.ones(2, 1),
-                                  torch.zeros(2, 1, dtype=torch.int64), None, 1, 0.0, False)
+    from grove_kernels.experts import unsupported
+
+    assert "multiples of 8" in unsupported("cuda", x, (w1, w2, None, None), lib.DTYPES, 8)
+    assert "supports" in unsupported("cuda", x.float(), (w1, w2, None, None), lib.DTYPES, 8)
     assert gk.available_backends()  # the registry still loads
 
 
 def _forward(p, w, ids, grove=True, S=2):
-    return _cuda_moe.experts_forward(p["x"], p["w1"], p["w2"], p["a1"] if grove else None,
-                                     p["a2"] if grove else None, w, ids, None, S, LAM, False)
+    return _forward_op(p["x"], p["w1"], p["w2"], p["a1"] if grove else None,
+                       p["a2"] if grove else None, w, ids, None, S, False)[0]
 
 
 def _forward_reference(p, w, ids, grove=True, S=2):
@@ -244,13 +257,14 @@ def fused(monkeypatch):
 
 
 def _gemm1_configs(p, w, ids, calls, grove=True):
-    """The GEMM-1 config of each of `calls` forwards, each checked against the oracle."""
+    """The GEMM-1 kernel of each of `calls` forwards, each checked against the oracle."""
     configs = []
     for _ in range(calls):
         CALLS.clear()
         y = _forward(p, w, ids, grove)
         assert rel_err(y, _forward_reference(p, w, ids, grove)) <= 2e-2
-        assert sum("_tn_" in cfg for cfg in CALLS) == 2  # GEMM-1 and GEMM-2, one launch each
+        # GEMM-1 and GEMM-2, one launch each
+        assert [_kind(k)[:2] for k in CALLS] == [("m", "nt")] * 2
         configs.append(CALLS[0])
     return configs
 
@@ -263,10 +277,11 @@ def test_fused_swiglu_when_enabled(stand_ins, gen, monkeypatch, grove, dtype):
     w, ids = routing(c["T"], c["E"], c["k"], gen, "coselected", c["S"])
     dt = "bf16" if dtype == torch.bfloat16 else "fp16"
     assert cuda_pkg.FUSE_SWIGLU is False  # opt-in
-    assert all(cfg.startswith(f"{dt}_tn_") and "swiglu" not in cfg
+    assert all(cfg.startswith(f"sm90_{dt}_m_grouped_nt_") and "swiglu" not in cfg
                for cfg in _gemm1_configs(p, w, ids, 2, grove))
     monkeypatch.setattr(cuda_pkg, "FUSE_SWIGLU", True)
-    assert all(cfg.startswith(f"{dt}_tn_swiglu_") for cfg in _gemm1_configs(p, w, ids, 2, grove))
+    assert all(cfg.startswith(f"sm90_{dt}_m_grouped_nt_swiglu_")
+               for cfg in _gemm1_configs(p, w, ids, 2, grove))
 
 
 def test_weights_changed_in_place_are_repacked_not_reused(stand_ins, fused, gen):
@@ -293,21 +308,21 @@ def test_capture_uses_only_existing_packs_and_pins_them(stand_ins, fused, gen, m
     c = SHAPE
     p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
     w, ids = routing(c["T"], c["E"], c["k"], gen, "random", c["S"])
-    monkeypatch.setattr(_cuda_moe, "_capturing", lambda t: True)
+    monkeypatch.setattr(packed, "_capturing", lambda t: True)
     assert "swiglu" not in _gemm1_configs(p, w, ids, 1)[0]  # never packs inside a capture
-    monkeypatch.setattr(_cuda_moe, "_capturing", lambda t: False)
+    monkeypatch.setattr(packed, "_capturing", lambda t: False)
     _gemm1_configs(p, w, ids, 1)  # eager: packs
-    monkeypatch.setattr(_cuda_moe, "_capturing", lambda t: True)
+    monkeypatch.setattr(packed, "_capturing", lambda t: True)
     assert "swiglu" in _gemm1_configs(p, w, ids, 1)[0]
-    pinned = list(_cuda_moe.packed_gate_up._pinned)
+    pinned = list(packed.packed_gate_up._pinned)
     assert len(pinned) == 2  # w1 and a1, alive for the graph even if the weights change
-    monkeypatch.setattr(_cuda_moe, "_capturing", lambda t: False)
+    monkeypatch.setattr(packed, "_capturing", lambda t: False)
     with torch.no_grad():
         p["w1"].add_(1)
     _gemm1_configs(p, w, ids, 1)  # repacked eagerly; the captured copies stay pinned
-    assert all(any(q is x for x in _cuda_moe.packed_gate_up._pinned) for q in pinned)
+    assert all(any(q is x for x in packed.packed_gate_up._pinned) for q in pinned)
     cuda_pkg.release_packed_weights()
-    assert not _cuda_moe.packed_gate_up._pinned
+    assert not packed.packed_gate_up._pinned
 
 
 def test_released_packs_are_rebuilt(stand_ins, fused, gen):
@@ -316,7 +331,7 @@ def test_released_packs_are_rebuilt(stand_ins, fused, gen):
     w, ids = routing(c["T"], c["E"], c["k"], gen, "random", c["S"])
     _gemm1_configs(p, w, ids, 1)
     cuda_pkg.release_packed_weights()
-    assert not _cuda_moe.packed_gate_up._entries
+    assert not packed.packed_gate_up._entries
     assert "swiglu" in _gemm1_configs(p, w, ids, 1)[0]
 
 
@@ -330,17 +345,15 @@ def test_float64_router_weights(stand_ins, gen):
     assert grads[-1].dtype == torch.float64 and rel_err(grads[-1], ref_g[-1]) <= 2e-2
 
 
-def test_backward_never_uses_the_fused_gemm(stand_ins, fused, gen):
+def test_training_never_uses_the_fused_gemm(stand_ins, fused, gen):
     c = SHAPE
     p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
     w, ids = routing(c["T"], c["E"], c["k"], gen, "random", c["S"])
     _forward(p, w, ids)
     _forward(p, w, ids)
     CALLS.clear()
-    dy = torch.randn(c["T"], c["H"], generator=gen).bfloat16()
-    _cuda_moe.experts_backward(dy, p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w, ids, None,
-                               c["S"], LAM, False)
-    assert CALLS and not any("swiglu" in cfg for cfg in CALLS)  # it needs h = [gate | up]
+    _run(p, w, ids, True, False, c["S"])
+    assert CALLS and not any("swiglu" in k for k in CALLS)  # the backward needs h = [gate | up]
 
 
 def test_pack_gate_up_interleaves_blocks_of_8():
@@ -355,7 +368,7 @@ def test_pack_gate_up_interleaves_blocks_of_8():
 
 
 @pytest.mark.parametrize("case", ["grove", "plain", "plain_on_input", "expert_map"])
-def test_backward_from_saved_preactivations(stand_ins, gen, case):
+def test_backward_from_saved_activations(stand_ins, gen, case):
     grove, on_input = case == "grove", case == "plain_on_input"
     c = SHAPE
     p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
@@ -365,22 +378,20 @@ def test_backward_from_saved_preactivations(stand_ins, gen, case):
     if case == "expert_map":  # global experts 0..7 -> local 0..5, two skipped
         emap = torch.tensor([0, -1, 1, 2, -1, 3, 4, 5], dtype=torch.int32)
         p = dict(p, w1=p["w1"][:6].contiguous(), w2=p["w2"][:6].contiguous())
-    a1, a2 = (p["a1"], p["a2"]) if grove else (None, None)
-    E, k, G = p["w1"].shape[0], ids.shape[1], (c["E"] // c["S"] if grove else 0)
-    n = _cuda_moe.saved_numel(c["T"], k, E, G, c["I"], c["Ia"] if grove else 0)
-    saved = torch.full((n,), float("nan"), dtype=torch.bfloat16)  # what the allocator held
+    args = [p["x"], p["w1"], p["w2"]] + ([p["a1"], p["a2"]] if grove else [None, None])
     CALLS.clear()
-    y = _cuda_moe.experts_forward(p["x"], p["w1"], p["w2"], a1, a2, w, ids, emap, c["S"], LAM,
-                                  on_input, saved=saved)
-    assert not any("swiglu" in cfg for cfg in CALLS)  # the backward needs h: unfused
-    assert not saved.isnan().any()  # every element written (rows of no problem zeroed)
-    kept = saved.clone()
+    y, saved = _forward_op(*args, w, ids, emap, c["S"], on_input, save=True)
+    assert not any("swiglu" in k for k in CALLS)  # the backward needs h: unfused
+    # Every element written (rows of no problem zeroed), though the allocator held NaN.
+    assert not any(t.isnan().any() for t in saved if t.is_floating_point())
+    kept = [t.clone() for t in saved]
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
     CALLS.clear()
-    grads = _cuda_moe.experts_backward(dy, p["x"], p["w1"], p["w2"], a1, a2, w, ids, emap,
-                                       c["S"], LAM, on_input, saved=saved)
-    assert not any("_tn_" in cfg for cfg in CALLS)  # GEMM-1 is not recomputed
-    assert torch.equal(saved, kept)  # saved is read only
+    grads = _backward_op(dy, *args, w, saved, on_input)
+    # GEMM-1 is not recomputed: only dGEMM-2, the weight gradients and dGEMM-1 run.
+    assert [_kind(k)[:2] for k in CALLS] == [("m", "nn"), ("k", "tn"), ("k", "tn"),
+                                             ("m", "nn")]
+    assert all(torch.equal(a, b) for a, b in zip(saved, kept))  # saved is read only
     if emap is None:
         ref_y, ref_g = _reference(p, w, ids, dy, grove, on_input, c["S"])
     else:
@@ -391,6 +402,6 @@ def test_backward_from_saved_preactivations(stand_ins, gen, case):
     assert rel_err(y, ref_y) <= 2e-2
     for name, got, ref in zip(GRADS, grads, ref_g):
         if ref is None:
-            assert got is None, name
+            assert got.numel() == 0, name
             continue
         assert rel_err(got, ref) <= 2e-2, name

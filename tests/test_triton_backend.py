@@ -52,7 +52,7 @@ def test_forward_launches(launches):
     with gk.use_backend("triton"):
         gk.grove_moe(x, logits, w1, w2, a1, a2, top_k=3)
     assert launches == ["_topk_softmax_kernel"] + PLAN + [
-        "_gemm1_swiglu_kernel", "_grouped_rows_kernel", "_combine_rows_kernel"]
+        "_gemm1_swiglu_kernel", "_gemm_m_grouped_kernel", "_combine_rows_kernel"]
 
 
 def test_backward_launches(launches):
@@ -62,27 +62,13 @@ def test_backward_launches(launches):
         y = gk.grove_moe(leaves[0], leaves[5], *leaves[1:5], top_k=3)
         del launches[:]
         y.backward(torch.randn_like(y))
-    # GEMM-1 is not recomputed: the training forward kept z and h.
-    assert launches == PLAN + [
-        "_grouped_rows_kernel",  # dY @ W2 with the SwiGLU-backward epilogue
-        "_grouped_wgrad_kernel", "_grouped_wgrad_kernel",  # dW2/dA2, dW1/dA1
-        "_grouped_rows_kernel", "_combine_rows_kernel",  # dX rows, dX
+    # Neither the plan nor GEMM-1 is rebuilt: the training forward handed both over.
+    assert launches == [
+        "_gemm_m_grouped_kernel",  # dY @ W2 with the SwiGLU-backward epilogue
+        "_gemm_k_grouped_kernel", "_gemm_k_grouped_kernel",  # dW2/dA2, dW1/dA1
+        "_gemm_m_grouped_kernel", "_combine_rows_kernel",  # dX rows, dX
     ]
     assert all(t.grad is not None for t in leaves)
-
-
-def test_backward_without_saved_recomputes_gemm1(launches):
-    x, w1, w2, a1, a2, logits = _layer()
-    with gk.use_backend("triton"):
-        w, ids = gk.grove_topk(logits, 3)
-        del launches[:]
-        torch.ops.grove.experts_backward(torch.randn_like(x), x, w1, w2, a1, a2, w, ids, None,
-                                         2, 0.05, False)
-    assert launches == PLAN + [
-        "_gemm1_swiglu_kernel",  # recomputed, keeping h for SwiGLU'
-        "_grouped_rows_kernel", "_grouped_wgrad_kernel", "_grouped_wgrad_kernel",
-        "_grouped_rows_kernel", "_combine_rows_kernel",
-    ]
 
 
 def test_plain_moe_uses_the_same_kernels(launches):
@@ -91,13 +77,15 @@ def test_plain_moe_uses_the_same_kernels(launches):
     del launches[:]
     with gk.use_backend("triton"):
         gk.fused_experts(x, w1, w2, w, ids, apply_router_weight_on_input=True)
-    assert launches == PLAN + ["_gemm1_swiglu_kernel", "_grouped_rows_kernel",
+    assert launches == PLAN + ["_gemm1_swiglu_kernel", "_gemm_m_grouped_kernel",
                                "_combine_rows_kernel"]
 
 
 def test_resolved_backend_is_triton_when_selected():
+    x, w1, w2, a1, a2, _ = _layer()
     with gk.use_backend("triton"):
-        assert backends.resolve(torch.device(_device())) == "triton"
+        assert backends.resolve(x, (w1, w2, a1, a2)) == "triton"
+        assert backends.resolve_routing(x.device) == "triton"
 
 
 def test_config_buckets_follow_rows_per_problem():

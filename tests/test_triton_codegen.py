@@ -1,6 +1,7 @@
 """The Triton GEMMs compile for sm_90 on a CPU machine, use Hopper tensor cores (wgmma) and
-16-byte pipelined loads, fit in an H100's shared memory and in its register file (grove_kernels.triton.codegen_check,
-run in a subprocess because it needs real JIT functions, not the interpreter's)."""
+16-byte pipelined loads, fit in an H100's shared memory and in its register file
+(grove_kernels.triton.codegen_check, run in a subprocess because it needs real JIT functions,
+not the interpreter's)."""
 import json
 import os
 import subprocess

@@ -1,6 +1,6 @@
 """The Triton routing and plan kernels (grove_kernels/triton/routing.py, plan.py) against the
 torch versions: every Plan field identical (torch.equal, same dtype and shape) to
-grove_kernels.plan.build_plan's; topk ids equal to reference.topk's, weights within 1e-6.
+grove_kernels.plan.build_plan's; topk ids equal to reference_routing.topk's, weights within 1e-6.
 
 Plan weights here are multiples of 1/256, so λ·Σw is exact in any summation order: the torch
 plan's .sum(-1) runs in torch's own order (not slot order for k = 5..7 on the CPU, another one
@@ -11,7 +11,7 @@ on the CPU (conftest.py).
 import pytest
 import torch
 
-from grove_kernels import reference
+from grove_kernels import routing as reference_routing
 from grove_kernels.plan import build_plan as torch_plan
 from grove_kernels.triton.plan import build_plan as triton_plan
 from grove_kernels.triton.routing import topk as triton_topk
@@ -143,7 +143,7 @@ def test_topk_matches_reference(T, E, k, renormalize, bias, dtype, gen):
     logits = router_logits(T, E, gen, dtype, DEVICE)
     selection_bias = (torch.randn(E, generator=gen) * 0.1).to(DEVICE) if bias else None
     w, ids = triton_topk(logits, k, renormalize, selection_bias)
-    w_ref, ids_ref = reference.topk(logits, k, renormalize, selection_bias)
+    w_ref, ids_ref = reference_routing.topk(logits, k, renormalize, selection_bias)
     assert (w.dtype, ids.dtype, w.shape) == (torch.float32, torch.int32, (T, k))
     assert torch.equal(ids, ids_ref)
     assert (w - w_ref).abs().max() <= 1e-6
@@ -154,7 +154,7 @@ def test_topk_empty_and_strided(gen):
     assert w.shape == ids.shape == (0, 2)
     logits = router_logits(20, 24, gen, device=DEVICE).t().contiguous().t()  # column-major
     w, ids = triton_topk(logits, 4, True, None)
-    w_ref, ids_ref = reference.topk(logits, 4, True, None)
+    w_ref, ids_ref = reference_routing.topk(logits, 4, True, None)
     assert torch.equal(ids, ids_ref) and (w - w_ref).abs().max() <= 1e-6
 
 

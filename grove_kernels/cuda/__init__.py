@@ -1,7 +1,8 @@
 """The `cuda` backend: CUTLASS 3.x grouped GEMMs for Hopper (sm_90a) and CUDA row kernels.
 
     ext.py          the extension grove_kernels._C (built from csrc/) and thin op wrappers
-    backend.py      the layer's forward and backward dataflow over those ops
+    backend.py      the experts stage: forward and backward dataflow over those ops
+    packed.py       the packed copies of w1 / a1 the fused GEMM-1 reads
 
 FUSE_SWIGLU (opt-in, `GROVE_CUDA_FUSE_SWIGLU=1`): the forward's GEMM-1 runs with SwiGLU in its
 epilogue, reading a copy of w1 / a1 with gate and up rows interleaved (pack_gate_up), kept per
@@ -10,15 +11,27 @@ version (w.data.copy_) is not seen; call release_packed_weights() after one.
 """
 import os
 
+import torch
+
+from ..experts import unsupported
 from .ext import DTYPES, build_info, is_available, is_built, pack_gate_up  # noqa: F401
 
 FUSE_SWIGLU = os.environ.get("GROVE_CUDA_FUSE_SWIGLU", "0") == "1"
+runs_on_cpu = False
+IMPLEMENTATION = "grove_kernels.cuda.backend"
+
+
+def supports(x, weights):
+    if x.device.type != "cuda" or torch.cuda.get_device_properties(x.device).major != 9:
+        return f"hidden_states: the cuda backend runs on sm_90 GPUs (Hopper), got {x.device}"
+    # 16-byte TMA rows: H, I and Ia multiples of 8 elements.
+    return unsupported("cuda", x, weights, DTYPES, multiple_of=8)
 
 
 def release_packed_weights():
     """Drop the packed copies of w1 / a1 kept for the fused GEMM-1 (FUSE_SWIGLU), including
     those pinned for captured CUDA graphs: call it after changing weights in a way torch does
     not version, and only once no graph captured with the old copies will replay."""
-    from .backend import packed_gate_up
+    from .packed import packed_gate_up
 
     packed_gate_up.clear()

@@ -69,9 +69,13 @@ def current_stream_handle(device=None):
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def gemm_config(dtype, layout, tile):
-    """The grouped-GEMM config name, e.g. gemm_config(torch.bfloat16, "tn", "coop_128x256_c11")."""
-    return f"{_DTYPE_NAMES[dtype]}_{layout}_{tile}"
+def gemm_kernel(dtype, grouped, majors, *, epilogue=None, schedule):
+    """The name of the grouped-GEMM kernel for operands of `dtype`, grouped along "m" (rows
+    are M: GEMM-1, GEMM-2, data gradients) or "k" (rows are K: weight gradients), operand
+    majors "nt" | "nn" | "tn", epilogue None | "swiglu", schedule "coop" | "pingpong"."""
+    tile = {"coop": "coop_128x256x64", "pingpong": "pingpong_64x128x64"}[schedule]
+    suffix = "_swiglu" if epilogue == "swiglu" else ""
+    return f"sm90_{_DTYPE_NAMES[dtype]}_{grouped}_grouped_{majors}{suffix}_{tile}_c1x1"
 
 
 def pack_gate_up(w):

@@ -22,7 +22,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from . import gemm_fwd, gemm_rows, gemm_wgrad  # noqa: E402
+from . import gemm1_swiglu, gemm_k_grouped, gemm_m_grouped  # noqa: E402
 
 # Integer arguments that are multiples of 16 at grove-33b shapes (H=2048, I=768, Ia=128).
 _ALIGNED_INTS = {"stride_xt", "s_w1_p", "s_w1_n", "s_a1_p", "s_a1_n", "K", "N_E", "N_A", "K_E",
@@ -53,32 +53,33 @@ def config_jobs(conf, dtype="bf16"):
     from . import config as cfg
 
     bm = conf.block_m
-    g1 = dict(P_POW2=256, BM=bm, BN=conf.gemm1[0], BK=conf.gemm1[1], SCALE_INPUT=False,
-              UPCAST=False)
+    # fp32 operands: IEEE dots, torch's default (gemm_common.dot_flags).
+    dot = dict(UPCAST=False, IEEE=dtype == "fp32")
+    g1 = dict(P_POW2=256, BM=bm, BN=conf.gemm1[0], BK=conf.gemm1[1], SCALE_INPUT=False, **dot)
 
     def rows(r, **kw):
-        return dict(P_POW2=256, BM=bm, BN=r[0], BK=r[1], ROW_SCALE=True, UPCAST=False, **kw)
+        return dict(P_POW2=256, BM=bm, BN=r[0], BK=r[1], ROW_SCALE=True, **dot, **kw)
 
     bwd = cfg.swiglu_bwd_rows(conf)
-    wg = dict(BM=conf.wgrad[0], BN=conf.wgrad[1], BK=conf.wgrad[2], UPCAST=False)
+    wg = dict(BM=conf.wgrad[0], BN=conf.wgrad[1], BK=conf.wgrad[2], **dot)
     gw, gs = conf.gemm1[2], conf.gemm1[3]
     rw, rs = conf.rows[2], conf.rows[3]
     ww, ws = conf.wgrad[3], conf.wgrad[4]
     return [
-        ("gemm1_swiglu", gemm_fwd._gemm1_swiglu_kernel, dict(g1, STORE_H=False), gw, gs),
-        ("gemm1_swiglu+h", gemm_fwd._gemm1_swiglu_kernel, dict(g1, STORE_H=True), gw, gs),
-        ("gemm2", gemm_rows._grouped_rows_kernel,
+        ("gemm1_swiglu", gemm1_swiglu._gemm1_swiglu_kernel, dict(g1, STORE_H=False), gw, gs),
+        ("gemm1_swiglu+h", gemm1_swiglu._gemm1_swiglu_kernel, dict(g1, STORE_H=True), gw, gs),
+        ("gemm2", gemm_m_grouped._gemm_m_grouped_kernel,
          rows(conf.rows, B_K_CONTIG=True, GATHER_A=False, OUT_SHARED=True, EPILOGUE=0), rw, rs),
-        ("dgemm2_swiglu_bwd", gemm_rows._grouped_rows_kernel,
+        ("dgemm2_swiglu_bwd", gemm_m_grouped._gemm_m_grouped_kernel,
          rows(bwd, B_K_CONTIG=False, GATHER_A=True, OUT_SHARED=False, EPILOGUE=1), bwd[2],
          bwd[3]),
-        ("dgemm1", gemm_rows._grouped_rows_kernel,
+        ("dgemm1", gemm_m_grouped._gemm_m_grouped_kernel,
          rows(conf.rows, B_K_CONTIG=False, GATHER_A=False, OUT_SHARED=True, EPILOGUE=0), rw, rs),
-        ("dgemm1_dot_x", gemm_rows._grouped_rows_kernel,
+        ("dgemm1_dot_x", gemm_m_grouped._gemm_m_grouped_kernel,
          rows(conf.rows, B_K_CONTIG=False, GATHER_A=False, OUT_SHARED=True, EPILOGUE=2), rw, rs),
-        ("wgrad_dw2", gemm_wgrad._grouped_wgrad_kernel,
+        ("wgrad_dw2", gemm_k_grouped._gemm_k_grouped_kernel,
          dict(wg, GATHER_A=True, GATHER_B=False, SCALE_A=True, SCALE_B=False), ww, ws),
-        ("wgrad_dw1", gemm_wgrad._grouped_wgrad_kernel,
+        ("wgrad_dw1", gemm_k_grouped._gemm_k_grouped_kernel,
          dict(wg, GATHER_A=False, GATHER_B=True, SCALE_A=False, SCALE_B=False), ww, ws),
     ]
 

@@ -8,7 +8,7 @@ deterministic, no atomics. The same kernel sums dX rows into dX in the backward.
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, round_to
+from .gemm_common import INTERPRET, round_to
 
 
 @triton.jit

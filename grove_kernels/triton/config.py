@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ._common import INTERPRET
+from .gemm_common import INTERPRET
 
 _PATH = os.path.join(os.path.dirname(__file__), "configs.json")
 

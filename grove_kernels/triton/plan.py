@@ -203,21 +203,11 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
     E = num_experts
     G = E // group_size if group_size else 0
     ka = min(k, G)
-    C = 2 * k if G else k
-    acc = torch.promote_types(topk_weights.dtype, torch.float32)
-
-    row_token = torch.empty(T * (k + ka), dtype=torch.int64, device=device)
-    row_weight = torch.empty(T * (k + ka), dtype=acc, device=device)
-    expert_offsets = torch.empty(E + 1, dtype=torch.int64, device=device)
-    adjugate_offsets = torch.empty(G + 1, dtype=torch.int64, device=device) if G else None
-    token_rows = torch.empty(T, C, dtype=torch.int64, device=device)
-    token_weight = torch.empty(T, C, dtype=acc, device=device)
-    token_mask = torch.empty(T, C, dtype=torch.bool, device=device)
-    group_match = torch.empty(T, k, k, dtype=torch.bool, device=device) if G else None
-    plan = Plan(num_tokens=T, top_k=k, num_experts=E, num_groups=G, row_token=row_token,
-                row_weight=row_weight, expert_offsets=expert_offsets,
-                adjugate_offsets=adjugate_offsets, token_rows=token_rows,
-                token_weight=token_weight, token_mask=token_mask, group_match=group_match)
+    acc = Plan.weight_dtype(topk_weights.dtype)
+    plan = Plan.empty(T, k, E, G, acc, device)
+    row_token, row_weight, token_rows = plan.row_token, plan.row_weight, plan.token_rows
+    token_weight, token_mask, group_match = plan.token_weight, plan.token_mask, plan.group_match
+    expert_offsets, adjugate_offsets = plan.expert_offsets, plan.adjugate_offsets
     if T * k == 0:
         expert_offsets.zero_()
         if G:

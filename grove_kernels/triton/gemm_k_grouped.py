@@ -1,5 +1,5 @@
-"""Weight gradients: per-problem GEMMs whose reduction runs over the problem's rows
-(variable K = rows), experts and adjugates in one launch.
+"""The k-grouped GEMM of the weight gradients: per-problem GEMMs whose reduction runs over the
+problem's rows (variable K = rows), experts and adjugates in one launch.
 
     dW_p[m, n] = Σ_{r in p} (sa_r · A[ra(r), m]) · (sb_r · B[rb(r), n])
 
@@ -13,15 +13,15 @@ no atomics, and problems with no rows write zeros (nothing is left uninitialized
 import triton
 import triton.language as tl
 
-from ._common import mma, operand, round_to
+from .gemm_common import dot_flags, mma, operand, round_to
 
 
 @triton.jit
-def _wgrad_tile(a_ptr, stride_a_gather, b_ptr, stride_b_gather, row_token_ptr, row_weight_ptr,
-                start, end, row0, o_ptr, M, N, pid_m, pid_n,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr,
-                SCALE_B: tl.constexpr, UPCAST: tl.constexpr):
+def _k_grouped_tile(a_ptr, stride_a_gather, b_ptr, stride_b_gather, row_token_ptr,
+                    row_weight_ptr, start, end, row0, o_ptr, M, N, pid_m, pid_n,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr,
+                    SCALE_B: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     if (pid_m * BM < M) & (pid_n * BN < N):
         m_idx = pid_m * BM + tl.arange(0, BM)
         n_idx = pid_n * BN + tl.arange(0, BN)
@@ -51,22 +51,22 @@ def _wgrad_tile(a_ptr, stride_a_gather, b_ptr, stride_b_gather, row_token_ptr, r
                     a = round_to(a.to(tl.float32) * w[None, :], a.dtype, UPCAST)
                 if SCALE_B:
                     b = round_to(b.to(tl.float32) * w[:, None], b.dtype, UPCAST)
-            acc = mma(acc, a, b, UPCAST)
+            acc = mma(acc, a, b, UPCAST, IEEE)
         o_ptrs = o_ptr + m_idx[:, None].to(tl.int64) * N + n_idx[None, :]
         tl.store(o_ptrs, round_to(acc, o_ptr.dtype.element_ty, UPCAST),
                  mask=m_ok[:, None] & n_ok[None, :])
 
 
-# Each branch inlines the whole tile (see gemm_fwd.py): strides keep their specializations.
+# Each branch inlines the whole tile (see gemm1_swiglu.py): strides keep their specializations.
 @triton.jit
-def _grouped_wgrad_kernel(
+def _gemm_k_grouped_kernel(
     ae_ptr, aa_ptr, stride_a_gather, be_ptr, ba_ptr, stride_b_gather,
     row_token_ptr, row_weight_ptr, prob_start, prob_count, E,
     oe_ptr, s_oe_p, M_E, N_E,
     oa_ptr, s_oa_p, M_A, N_A, ROWS_E,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr,
-    SCALE_B: tl.constexpr, UPCAST: tl.constexpr,
+    SCALE_B: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     p = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -74,20 +74,21 @@ def _grouped_wgrad_kernel(
     start = tl.load(prob_start + p)
     end = start + tl.load(prob_count + p)
     if p < E:
-        _wgrad_tile(ae_ptr, stride_a_gather, be_ptr, stride_b_gather, row_token_ptr,
-                    row_weight_ptr, start, end, 0, oe_ptr + p.to(tl.int64) * s_oe_p, M_E, N_E,
-                    pid_m, pid_n, BM, BN, BK, GATHER_A, GATHER_B, SCALE_A, SCALE_B, UPCAST)
+        _k_grouped_tile(ae_ptr, stride_a_gather, be_ptr, stride_b_gather, row_token_ptr,
+                        row_weight_ptr, start, end, 0, oe_ptr + p.to(tl.int64) * s_oe_p, M_E,
+                        N_E, pid_m, pid_n, BM, BN, BK, GATHER_A, GATHER_B, SCALE_A, SCALE_B,
+                        UPCAST, IEEE)
     else:
-        _wgrad_tile(aa_ptr, stride_a_gather, ba_ptr, stride_b_gather, row_token_ptr,
-                    row_weight_ptr, start, end, ROWS_E, oa_ptr + (p - E).to(tl.int64) * s_oa_p,
-                    M_A, N_A, pid_m, pid_n, BM, BN, BK, GATHER_A, GATHER_B, SCALE_A, SCALE_B,
-                    UPCAST)
+        _k_grouped_tile(aa_ptr, stride_a_gather, ba_ptr, stride_b_gather, row_token_ptr,
+                        row_weight_ptr, start, end, ROWS_E,
+                        oa_ptr + (p - E).to(tl.int64) * s_oa_p, M_A, N_A, pid_m, pid_n, BM, BN,
+                        BK, GATHER_A, GATHER_B, SCALE_A, SCALE_B, UPCAST, IEEE)
 
 
-def grouped_wgrad(plan, start, count, a, b, out, *, gather_a=False, gather_b=False,
-                  scale_a=False, scale_b=False, config=None, upcast=False):
-    """a, b: per-kind row buffers (x_e, x_a) or one gathered [T, D] tensor; out: (dW_e, dW_a)
-    with dW [P_kind, M, N] contiguous."""
+def gemm_k_grouped(plan, start, count, a, b, out, *, gather_a=False, gather_b=False,
+                   scale_a=False, scale_b=False, config=None):
+    """a, b: per-section row buffers (x_e, x_a) or one gathered [T, D] tensor; out: (dW_e, dW_a)
+    with dW [P_section, M, N] contiguous."""
     BM, BN, BK, warps, stages = config
     oe, oa = out
     oa = oa if oa is not None else oe
@@ -96,11 +97,11 @@ def grouped_wgrad(plan, start, count, a, b, out, *, gather_a=False, gather_b=Fal
     P = start.numel()
     m_tiles = triton.cdiv(max(oe.shape[1], oa.shape[1]), BM)
     n_tiles = triton.cdiv(max(oe.shape[2], oa.shape[2]), BN)
-    _grouped_wgrad_kernel[(P, m_tiles, n_tiles)](
+    _gemm_k_grouped_kernel[(P, m_tiles, n_tiles)](
         ae, aa, sa, be, ba, sb, plan.row_token, plan.row_weight, start, count,
         plan.num_experts,
         oe, oe.stride(0), oe.shape[1], oe.shape[2],
         oa, oa.stride(0), oa.shape[1], oa.shape[2], plan.num_expert_rows,
         BM=BM, BN=BN, BK=BK, GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a,
-        SCALE_B=scale_b, UPCAST=upcast, num_warps=warps, num_stages=stages,
+        SCALE_B=scale_b, **dot_flags(ae.dtype), num_warps=warps, num_stages=stages,
     )

@@ -12,14 +12,15 @@ pass. Rows are gathered from x by token (no permuted copy of x). fp32 accumulati
 import triton
 import triton.language as tl
 
-from ._common import locate_block, mma, round_to
+from .gemm_common import dot_flags, mma, round_to, row_block
 
 
 @triton.jit
 def _gemm1_tile(x_ptr, stride_xt, row_token_ptr, row_weight_ptr, rows, row_ok, w_ptr, s_n, N,
                 z_ptr, h_ptr, row0, K, pid_n,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                SCALE_INPUT: tl.constexpr, STORE_H: tl.constexpr, UPCAST: tl.constexpr):
+                SCALE_INPUT: tl.constexpr, STORE_H: tl.constexpr, UPCAST: tl.constexpr,
+                IEEE: tl.constexpr):
     n0 = pid_n * BN
     if n0 < N:
         token = tl.load(row_token_ptr + rows, mask=row_ok, other=0)
@@ -36,8 +37,8 @@ def _gemm1_tile(x_ptr, stride_xt, row_token_ptr, row_weight_ptr, rows, row_ok, w
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             bg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             bu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc_g = mma(acc_g, a, bg, UPCAST)
-            acc_u = mma(acc_u, a, bu, UPCAST)
+            acc_g = mma(acc_g, a, bg, UPCAST, IEEE)
+            acc_u = mma(acc_u, a, bu, UPCAST, IEEE)
             a_ptrs += BK
             g_ptrs += BK
             u_ptrs += BK
@@ -71,24 +72,22 @@ def _gemm1_swiglu_kernel(
     K,
     P_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     SCALE_INPUT: tl.constexpr, STORE_H: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    p, m0, m_end = locate_block(pid_m, block_offsets, prob_start, prob_count, P, P_POW2, BM)
-    rows = m0 + tl.arange(0, BM)
-    row_ok = rows < m_end
+    p, rows, row_ok = row_block(block_offsets, prob_start, prob_count, P, P_POW2, BM)
     if p < E:
         _gemm1_tile(x_ptr, stride_xt, row_token_ptr, row_weight_ptr, rows, row_ok,
                     w1_ptr + p.to(tl.int64) * s_w1_p, s_w1_n, N_E, ze_ptr, he_ptr, 0, K, pid_n,
-                    BM, BN, BK, SCALE_INPUT, STORE_H, UPCAST)
+                    BM, BN, BK, SCALE_INPUT, STORE_H, UPCAST, IEEE)
     elif p < P:
         _gemm1_tile(x_ptr, stride_xt, row_token_ptr, row_weight_ptr, rows, row_ok,
                     a1_ptr + (p - E).to(tl.int64) * s_a1_p, s_a1_n, N_A, za_ptr, ha_ptr, ROWS_E,
-                    K, pid_n, BM, BN, BK, SCALE_INPUT, STORE_H, UPCAST)
+                    K, pid_n, BM, BN, BK, SCALE_INPUT, STORE_H, UPCAST, IEEE)
 
 
 def gemm1_swiglu(x, plan, sched, w1, a1, ze, za, he=None, ha=None, scale_input=False,
-                 config=None, upcast=False):
+                 config=None):
     """Launch GEMM-1 + SwiGLU over every problem of `plan` (sched from block_schedule)."""
     start, count, block_offsets, bound, BM = sched
     BN, BK, warps, stages = config
@@ -107,6 +106,6 @@ def gemm1_swiglu(x, plan, sched, w1, a1, ze, za, he=None, ha=None, scale_input=F
         (ha if ha is not None else he) if store_h else ze,
         plan.num_expert_rows, x.shape[1],
         P_POW2=max(16, triton.next_power_of_2(P)), BM=BM, BN=BN, BK=BK,
-        SCALE_INPUT=scale_input, STORE_H=store_h, UPCAST=upcast,
+        SCALE_INPUT=scale_input, STORE_H=store_h, **dot_flags(x.dtype),
         num_warps=warps, num_stages=stages,
     )

@@ -11,13 +11,11 @@ A program finds its problem by counting the block_offsets <= its id (P is small)
 when it lies past the last real block: the grid never depends on a device value, so launches
 capture in CUDA graphs.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from . import INTERPRET
 
 
 def block_schedule(plan, block_m):
@@ -46,16 +44,35 @@ def locate_block(pid_m, block_offsets, prob_start, prob_count, P, P_POW2: tl.con
 
 
 @triton.jit
-def mma(acc, a, b, UPCAST: tl.constexpr):
-    # The interpreter treats bf16 as raw uint16 bits in tl.dot: compute in fp32 there.
+def row_block(block_offsets, prob_start, prob_count, P, P_POW2: tl.constexpr, BM: tl.constexpr):
+    """(problem, rows [BM], row_ok [BM]) of this program's row block (grid axis 0)."""
+    p, m0, m_end = locate_block(tl.program_id(0), block_offsets, prob_start, prob_count, P,
+                                P_POW2, BM)
+    rows = m0 + tl.arange(0, BM)
+    return p, rows, rows < m_end
+
+
+@triton.jit
+def mma(acc, a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # The interpreter treats bf16 as raw uint16 bits in tl.dot: compute in fp32 there. fp32
+    # operands run in IEEE fp32 unless torch allows tf32 (torch.backends.cuda.matmul.allow_tf32),
+    # where tl.dot's default would silently use tf32.
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
+
+
+def dot_flags(dtype):
+    """The numerics constexprs of a GEMM launch with operands of `dtype` (see mma)."""
+    return dict(UPCAST=INTERPRET,
+                IEEE=dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
 
 
 def operand(t, gather):
     """(expert buffer, adjugate buffer, gather row stride) of a kernel operand: one [T, D]
-    tensor read by token (gather), or a pair of per-kind row buffers (adjugate may be None)."""
+    tensor read by token (gather), or a pair of per-section row buffers (adjugate may be None)."""
     if gather:
         return t, t, t.stride(0)
     return t[0], t[1] if t[1] is not None else t[0], 0

@@ -1,22 +1,22 @@
-"""Row-wise grouped GEMM over all expert and adjugate problems in one launch, with the
-epilogues of GEMM-2 and of the two backward data-gradient GEMMs.
+"""The m-grouped GEMM (a problem's rows are its M) over all expert and adjugate problems in
+one launch, with the epilogues of GEMM-2 and of the two backward data-gradient GEMMs.
 
     out[r, :] = epilogue( A[r] @ B_p )      r a row of problem p (expert p < E, else adjugate)
 
     use                 A (K)                         B_p                  out
     GEMM-2 forward      z rows (I | Ia)               w2[p]^T / a2[g]^T    o [R, H] · row weight
-    dGEMM-2 + SwiGLU'   dY[token] (H)                 w2[p]   / a2[g]      dh [R_kind, 2N], Σ g·z
+    dGEMM-2 + SwiGLU'   dY[token] (H)                 w2[p]   / a2[g]      dh [R_s, 2N], Σ g·z
     dGEMM-1             dh rows (2I | 2Ia)            w1[p]   / a1[g]      dx rows [R, H]
 
-The SwiGLU-backward epilogue takes g = dY·W2 (unweighted), h = (hg, hu) saved by the
-recomputed GEMM-1, and writes dh = (w·g·hu·silu'(hg), w·g·silu(hg)); it also writes the
+The SwiGLU-backward epilogue takes g = dY·W2 (unweighted), h = (hg, hu) kept by the training
+forward, and writes dh = (w·g·hu·silu'(hg), w·g·silu(hg)); it also writes the
 per-tile partial Σ_n g·z, whose sum over tiles is d(row weight) = <dY_t, o_r / w_r>.
 Partials instead of atomics keep that sum deterministic.
 """
 import triton
 import triton.language as tl
 
-from ._common import locate_block, mma, operand, round_to
+from .gemm_common import dot_flags, mma, operand, round_to, row_block
 
 # Epilogues.
 STORE = 0
@@ -25,11 +25,12 @@ DOT_X = 2  # partial Σ_n acc·x[token] (router weight applied on the input), th
 
 
 @triton.jit
-def _rows_tile(a_ptr, K, stride_a_gather, row_token_ptr, row_weight_ptr, rows, row_ok, row0,
-               b_ptr, s_b, N, o_ptr, stride_o, h_ptr, x_ptr, stride_xt, part_ptr, R, pid_n,
-               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, B_K_CONTIG: tl.constexpr,
-               GATHER_A: tl.constexpr, OUT_SHARED: tl.constexpr, ROW_SCALE: tl.constexpr,
-               EPILOGUE: tl.constexpr, UPCAST: tl.constexpr):
+def _m_grouped_tile(a_ptr, K, stride_a_gather, row_token_ptr, row_weight_ptr, rows, row_ok,
+                    row0, b_ptr, s_b, N, o_ptr, stride_o, h_ptr, x_ptr, stride_xt, part_ptr, R,
+                    pid_n, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    B_K_CONTIG: tl.constexpr, GATHER_A: tl.constexpr, OUT_SHARED: tl.constexpr,
+                    ROW_SCALE: tl.constexpr, EPILOGUE: tl.constexpr, UPCAST: tl.constexpr,
+                    IEEE: tl.constexpr):
     n0 = pid_n * BN
     if n0 < N:
         token = tl.load(row_token_ptr + rows, mask=row_ok, other=0).to(tl.int64)
@@ -52,7 +53,7 @@ def _rows_tile(a_ptr, K, stride_a_gather, row_token_ptr, row_weight_ptr, rows, r
             k_ok = (k0 + ks) < K
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = mma(acc, a, b, UPCAST)
+            acc = mma(acc, a, b, UPCAST, IEEE)
             a_ptrs += BK
             b_ptrs += b_step
 
@@ -89,9 +90,9 @@ def _rows_tile(a_ptr, K, stride_a_gather, row_token_ptr, row_weight_ptr, rows, r
             tl.store(out_ptrs, round_to(acc, o_ptr.dtype.element_ty, UPCAST), mask=mask)
 
 
-# Each branch inlines the whole tile (see gemm_fwd.py): strides keep their specializations.
+# Each branch inlines the whole tile (see gemm1_swiglu.py): strides keep their specializations.
 @triton.jit
-def _grouped_rows_kernel(
+def _gemm_m_grouped_kernel(
     ae_ptr, aa_ptr, K_E, K_A, stride_a_gather,
     row_token_ptr, row_weight_ptr,
     block_offsets, prob_start, prob_count, P, E,
@@ -102,31 +103,30 @@ def _grouped_rows_kernel(
     P_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     B_K_CONTIG: tl.constexpr, GATHER_A: tl.constexpr, OUT_SHARED: tl.constexpr,
     ROW_SCALE: tl.constexpr, EPILOGUE: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    p, m0, m_end = locate_block(pid_m, block_offsets, prob_start, prob_count, P, P_POW2, BM)
-    rows = m0 + tl.arange(0, BM)
-    row_ok = rows < m_end
+    p, rows, row_ok = row_block(block_offsets, prob_start, prob_count, P, P_POW2, BM)
     if p < E:
-        _rows_tile(ae_ptr, K_E, stride_a_gather, row_token_ptr, row_weight_ptr, rows, row_ok, 0,
-                   be_ptr + p.to(tl.int64) * s_be_p, s_be, N_E, oute_ptr, stride_out_shared,
-                   he_ptr, x_ptr, stride_xt, part_ptr, R, pid_n, BM, BN, BK, B_K_CONTIG,
-                   GATHER_A, OUT_SHARED, ROW_SCALE, EPILOGUE, UPCAST)
+        _m_grouped_tile(ae_ptr, K_E, stride_a_gather, row_token_ptr, row_weight_ptr, rows,
+                        row_ok, 0, be_ptr + p.to(tl.int64) * s_be_p, s_be, N_E, oute_ptr,
+                        stride_out_shared, he_ptr, x_ptr, stride_xt, part_ptr, R, pid_n, BM, BN,
+                        BK, B_K_CONTIG, GATHER_A, OUT_SHARED, ROW_SCALE, EPILOGUE, UPCAST, IEEE)
     elif p < P:
-        _rows_tile(aa_ptr, K_A, stride_a_gather, row_token_ptr, row_weight_ptr, rows, row_ok,
-                   ROWS_E, ba_ptr + (p - E).to(tl.int64) * s_ba_p, s_ba, N_A, outa_ptr,
-                   stride_out_shared, ha_ptr, x_ptr, stride_xt, part_ptr, R, pid_n, BM, BN, BK,
-                   B_K_CONTIG, GATHER_A, OUT_SHARED, ROW_SCALE, EPILOGUE, UPCAST)
+        _m_grouped_tile(aa_ptr, K_A, stride_a_gather, row_token_ptr, row_weight_ptr, rows,
+                        row_ok, ROWS_E, ba_ptr + (p - E).to(tl.int64) * s_ba_p, s_ba, N_A,
+                        outa_ptr, stride_out_shared, ha_ptr, x_ptr, stride_xt, part_ptr, R,
+                        pid_n, BM, BN, BK, B_K_CONTIG, GATHER_A, OUT_SHARED, ROW_SCALE,
+                        EPILOGUE, UPCAST, IEEE)
 
 
-def grouped_rows(plan, sched, a, b, n, out, *, a_gather=False, row_scale=False,
-                 epilogue=STORE, h=None, x=None, part=None, config=None, upcast=False):
-    """Launch the row-wise grouped GEMM.
+def gemm_m_grouped(plan, sched, a, b, n, out, *, a_gather=False, row_scale=False,
+                   epilogue=STORE, h=None, x=None, part=None, config=None):
+    """Launch the m-grouped GEMM.
 
-    a: (a_e, a_a) per-kind row buffers, or one [T, K] tensor with a_gather (rows by token).
+    a: (a_e, a_a) per-section row buffers, or one [T, K] tensor with a_gather (rows by token).
     b: ((w_e, s_p, s_k, s_n), (w_a, s_p, s_k, s_n)), the per-problem B_p [K, N] as strided views.
-    n: (N_e, N_a) output columns per kind; out: one [R, N] tensor or (out_e, out_a).
+    n: (N_e, N_a) output columns per section; out: one [R, N] tensor or (out_e, out_a).
     """
     start, count, block_offsets, bound, BM = sched
     BN, BK, warps, stages = config
@@ -144,7 +144,7 @@ def grouped_rows(plan, sched, a, b, n, out, *, a_gather=False, row_scale=False,
     x_arg = x if x is not None else oute
     part_arg = part if part is not None else oute
     n_tiles = triton.cdiv(max(n), BN)
-    _grouped_rows_kernel[(bound, n_tiles)](
+    _gemm_m_grouped_kernel[(bound, n_tiles)](
         ae, aa, K_E, K_A, stride_gather, plan.row_token, plan.row_weight,
         block_offsets, start, count, P, plan.num_experts,
         be, sbe_p, s_be, n[0], ba, sba_p, s_ba, n[1],
@@ -152,6 +152,6 @@ def grouped_rows(plan, sched, a, b, n, out, *, a_gather=False, row_scale=False,
         he, ha, x_arg, x_arg.stride(0), part_arg, plan.num_rows,
         P_POW2=max(16, triton.next_power_of_2(P)), BM=BM, BN=BN, BK=BK, B_K_CONTIG=k_contig,
         GATHER_A=a_gather, OUT_SHARED=shared, ROW_SCALE=row_scale, EPILOGUE=epilogue,
-        UPCAST=upcast, num_warps=warps, num_stages=stages,
+        **dot_flags(ae.dtype), num_warps=warps, num_stages=stages,
     )
     return n_tiles

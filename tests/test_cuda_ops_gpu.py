@@ -48,9 +48,11 @@ def _problems(plan):
 
 
 def _swiglu_packed(acc):
-    """grove_cuda.h, tn_swiglu: D[m, 8q + r] = silu(acc[m, 16q + r]) * acc[m, 16q + 8 + r]."""
-    blocks = acc.reshape(acc.shape[0], -1, 2, 8)
-    return (torch.nn.functional.silu(blocks[:, :, 0]) * blocks[:, :, 1]).reshape(acc.shape[0], -1)
+    """grove_cuda.h, tn_swiglu: D[m, 8q + r] = silu(acc[m, 16q + r]) * acc[m, 16q + 8 + r].
+    Widths explicit: a problem without rows has acc [0, N], where a -1 cannot be inferred."""
+    M, N = acc.shape
+    blocks = acc.reshape(M, N // 16, 2, 8)
+    return (torch.nn.functional.silu(blocks[:, :, 0]) * blocks[:, :, 1]).reshape(M, N // 2)
 
 
 @pytest.mark.parametrize("config", CONFIGS)

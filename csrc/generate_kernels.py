@@ -13,10 +13,8 @@ tile (m, n, k), cluster (m, n)) per CUTLASS kernel, written as:
     grove_kernels/cuda/gemm_kernels.py    GEMM_KERNELS for the package and the tests
 Each generated file says so in its first line. Names follow DeepGEMM and say what varies:
     sm90_<bf16|fp16>_<m|k>_grouped_<majors>[_swiglu]_<coop|pingpong>_<BM>x<BN>x<BK>_c<CM>x<CN>
-majors: DeepGEMM's letters for how A and B are stored (csrc/include/grove_cuda.h):
-    nt  A [M, K] K-major, B [N, K] K-major   m-grouped: GEMM-1, GEMM-2
-    nn  A [M, K] K-major, B [K, N] N-major   m-grouped: dGEMM-2, dGEMM-1
-    tn  A [K, M] M-major, B [K, N] N-major   k-grouped: dW1, dW2 (K = a problem's rows)
+(m-grouped: GEMM-1, GEMM-2 (nt) and the data gradients (nn); k-grouped: the weight gradients
+(tn); the majors letters are defined in csrc/include/grove_cuda.h and csrc/README.md).
 Standard library only: it runs before anything is built.
 """
 import argparse
@@ -39,8 +37,8 @@ PINGPONG_TILE, PINGPONG_CLUSTER = (64, 128, 64), (1, 1)
 
 # (grouped, majors, epilogue, schedule, tile, cluster), built for every dtype. Tiles from
 # DESIGN §4 (GEMM-1 on an H100): ping-pong 64x128x64 is best up to T~1024, cooperative
-# 128x256x64 from T~4096 and within 6% of the best everywhere (so the weight gradients,
-# whose K is the rows, have only that one).
+# 128x256x64 from T~4096 and within 6% of the best everywhere; the weight gradients have
+# the cooperative one only.
 TABLE = (
     ("m", "nt", None, "coop", COOP_TILE, COOP_CLUSTER),  # GEMM-1, GEMM-2
     ("m", "nt", None, "pingpong", PINGPONG_TILE, PINGPONG_CLUSTER),
@@ -145,6 +143,7 @@ def _py(value):
 
 
 def python_table(kernels=KERNELS):
+    constants = "".join(f'{e.upper()} = "{e}"  # epilogue: {doc}\n' for e, doc in EPILOGUES.items())
     rows = ""
     for k in kernels:
         fields = [_py(v) for v in k]
@@ -159,7 +158,7 @@ rows, "k": K is), majors (DeepGEMM's letters: nt, nn, tn; csrc/include/grove_cud
 """
 import collections
 
-{"".join(f'{e.upper()} = "{e}"  # epilogue: {doc}' + chr(10) for e, doc in EPILOGUES.items())}
+{constants}
 GemmKernel = collections.namedtuple(
     "GemmKernel", "{FIELDS}")
 

@@ -310,27 +310,18 @@ def _bf(*shape):
 
 
 @needs_toolkit
-@pytest.mark.parametrize("b, out, message", [
-    (_bf(4, 32), _bf(2, 16, 32), r"must be on a CUDA device"),  # well-formed: reaches the device
-    (_bf(5, 32), _bf(2, 16, 32), r"b\[0\] must have the rows of a\[0\] \(4\)"),
-    (_bf(4, 32), _bf(2, 16, 24), r"out\[0\] must be \[P, 16, 32\]"),
-    (_bf(2, 4, 32), _bf(2, 16, 32), r"b\[0\] must be 2-D \[rows, N\]"),
+@pytest.mark.parametrize("layout, b, out, message", [
+    (("k", "tn"), _bf(4, 32), _bf(2, 16, 32), r"must be on a CUDA device"),  # well-formed
+    (("k", "tn"), _bf(5, 32), _bf(2, 16, 32), r"b\[0\] must have the rows of a\[0\] \(4\)"),
+    (("k", "tn"), _bf(4, 32), _bf(2, 16, 24), r"out\[0\] must be \[P, 16, 32\]"),
+    (("k", "tn"), _bf(2, 4, 32), _bf(2, 16, 32), r"b\[0\] must be 2-D \[rows, N\]"),
+    (("m", "nn"), _bf(2, 16, 32), _bf(4, 32), r"must be on a CUDA device"),  # b [P, K, N]
+    (("m", "nn"), _bf(2, 32, 16), _bf(4, 16), r"b\[0\] has K = 32 but a\[0\] has K = 16"),
 ])
-def test_k_grouped_shapes(cuda_mod, b, out, message):
+def test_operand_shapes_of_each_layout(cuda_mod, layout, b, out, message):
     start = torch.zeros(2, dtype=torch.int64)
     with pytest.raises(RuntimeError, match=message):
-        _call([_bf(4, 16)], [b], [out], start, start.clone(), _kernel("k", "tn"))
-
-
-@needs_toolkit
-@pytest.mark.parametrize("b, out, message", [
-    (_bf(2, 16, 32), _bf(4, 32), r"must be on a CUDA device"),  # b [P, K, N]: well-formed
-    (_bf(2, 32, 16), _bf(4, 16), r"b\[0\] has K = 32 but a\[0\] has K = 16"),  # [P, N, K]
-])
-def test_m_grouped_nn_reads_b_as_k_by_n(cuda_mod, b, out, message):
-    start = torch.zeros(2, dtype=torch.int64)
-    with pytest.raises(RuntimeError, match=message):
-        _call([_bf(4, 16)], [b], [out], start, start.clone(), _kernel("m", "nn"))
+        _call([_bf(4, 16)], [b], [out], start, start.clone(), _kernel(*layout))
 
 
 @needs_toolkit

@@ -226,7 +226,8 @@ def count_hgmma(obj, cuobjdump=None):
 
 
 def is_gemm_source(src):
-    return os.path.relpath(src, CSRC).startswith("gemm" + os.sep)
+    """True for a grouped-GEMM kernel (csrc/gemm/instantiations/, from generate_kernels.py)."""
+    return os.path.relpath(src, CSRC).startswith(os.path.join("gemm", "instantiations") + os.sep)
 
 
 def main(argv=None):
@@ -234,7 +235,7 @@ def main(argv=None):
     parser.add_argument("--build-dir", default=DEFAULT_BUILD_DIR)
     parser.add_argument("--jobs", type=int, default=None)
     parser.add_argument("--check-sass", action="store_true",
-                        help="fail unless every csrc/gemm object's SASS contains HGMMA")
+                        help="fail unless every GEMM kernel object's SASS contains HGMMA")
     args = parser.parse_args(argv)
     t0 = time.time()
     objects = compile_objects(args.build_dir, args.jobs)

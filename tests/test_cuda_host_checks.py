@@ -1,16 +1,20 @@
 """CUDA code of csrc/ that runs on the host too, checked on the CPU machine (nvcc, no GPU).
 
-    cuda/swiglu_epilogue_check.cu   GEMM-1's fused SwiGLU epilogue (gemm/swiglu_epilogue.cuh):
-                                    every fused configuration's CUTLASS kernel types, the
-                                    per-tile operator run for every MMA thread of every tile:
-                                    the gate/up pairing it assumes of the wgmma fragment, every
-                                    output bit for bit, nothing written outside D
-    cuda/grouped_args_check.cu      grouped_args.cu: the argument checks of every layout and the
-                                    per-problem shapes / addresses / leading dims the fill kernel
-                                    writes (same function, run on the host), clamping included
-    cuda/grouped_layouts_check.cu   the stride types CUTLASS derives for A, B and D of every
-                                    layout, filled from one int64 as the device does: every
-                                    element's offset matches the torch tensors of the contract
+    cuda/swiglu_epilogue_check.cu     GEMM-1's fused SwiGLU epilogue (gemm/swiglu_epilogue.cuh):
+                                      every fused kernel of the table, its CUTLASS types, the
+                                      per-tile operator run for every MMA thread of every tile:
+                                      the gate/up pairing it assumes of the wgmma fragment,
+                                      every output bit for bit, nothing written outside D
+    cuda/grouped_gemm_args_check.cu   gemm/grouped_gemm_args.cu: the argument checks of every
+                                      layout and the per-problem shapes / addresses / leading
+                                      dims the fill kernel writes (same function, run on the
+                                      host), clamping included
+    cuda/grouped_layouts_check.cu     the stride types CUTLASS derives for A, B and D of every
+                                      kernel of the table, filled from one int64 as the device
+                                      does: every element's offset matches the torch tensors of
+                                      the contract
+The kernels come from GROVE_FOR_EACH_GEMM_KERNEL (csrc/generate_kernels.py's table), so the
+checks cover exactly what is built.
 
 The GPU runs of the same code are in tests/test_cuda_ops_gpu.py.
 """
@@ -19,13 +23,11 @@ import subprocess
 
 import pytest
 
+from grove_kernels.cuda.gemm_kernels import GEMM_KERNELS, SWIGLU
 from test_cuda_build import ROOT, build_cuda
 
 pytestmark = pytest.mark.skipif(bool(build_cuda.missing_prerequisites()),
                                 reason="; ".join(build_cuda.missing_prerequisites()) or "ok")
-
-FUSED = ["bf16_tn_swiglu_coop_128x256_c11", "bf16_tn_swiglu_pingpong_64x128_c11",
-         "fp16_tn_swiglu_coop_128x256_c11", "fp16_tn_swiglu_pingpong_64x128_c11"]
 
 
 def _build_and_run(name, tmp_path):
@@ -42,18 +44,21 @@ def _build_and_run(name, tmp_path):
     return run.stdout
 
 
+def _checked(out):
+    """Names of the kernels a check program reports, in order."""
+    return [line.split(":", 1)[0] for line in out.splitlines() if line.startswith("sm90_")]
+
+
 def test_swiglu_epilogue_on_the_host(tmp_path):
     out = _build_and_run("swiglu_epilogue_check", tmp_path)
-    for config in FUSED:
-        assert f"{config}: " in out
+    fused = [k.name for k in GEMM_KERNELS if k.epilogue == SWIGLU]
+    assert fused and _checked(out) == fused
 
 
-def test_grouped_args_on_the_host(tmp_path):
-    _build_and_run("grouped_args_check", tmp_path)
+def test_grouped_gemm_args_on_the_host(tmp_path):
+    _build_and_run("grouped_gemm_args_check", tmp_path)
 
 
 def test_grouped_layouts_on_the_host(tmp_path):
     out = _build_and_run("grouped_layouts_check", tmp_path)
-    for name in ("bf16 tn", "bf16 tn_swiglu", "bf16 tt", "bf16 nt", "fp16 tn", "fp16 tt",
-                 "fp16 nt"):
-        assert f"{name}: checked" in out
+    assert _checked(out) == [k.name for k in GEMM_KERNELS]

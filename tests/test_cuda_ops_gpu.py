@@ -1,10 +1,10 @@
 """The low-level ops of the `cuda` backend (torch.ops.grove_cuda) on an sm_90 GPU, against
 torch computed in fp32 (skipped elsewhere; the CPU checks are in test_cuda_build.py).
 
-    grouped_gemm   every config (bf16/fp16 x tn/tn_swiglu/tt/nt x tile): experts + adjugates with
-                   different N in one launch, problems with no rows, rows outside every
-                   problem left untouched, nt: empty problems zeroed; CUDA-graph replay with
-                   new routing written in place
+    grouped_gemm   every kernel of the table (grove_kernels/cuda/gemm_kernels.py): experts +
+                   adjugates with different N in one launch, problems with no rows, rows
+                   outside every problem left untouched, k-grouped: empty problems zeroed;
+                   CUDA-graph replay with new routing written in place
     row kernels    gather (± row weight), SwiGLU forward / backward with d row weight,
                    combine (± slot weights), rows_dot_scale; padding rows never written, odd
                    widths and misaligned views (scalar path), bitwise determinism
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import grove_kernels.cuda.ext as lib
+from grove_kernels.cuda.gemm_kernels import GEMM_KERNELS, SWIGLU
 from grove_kernels.plan import build_plan
 
 pytestmark = [
@@ -22,7 +23,6 @@ pytestmark = [
 
 DEV = "cuda"
 SENTINEL = 7.0
-CONFIGS = lib.build_info()["gemm_configs"] if lib.is_built() else []
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -40,7 +40,7 @@ def _rand(gen, *shape, dtype, scale=1.0):
 
 
 def _problems(plan):
-    """[(segment, j, first local row, rows)] of every problem."""
+    """[(section, j, first local row, rows)] of every problem."""
     start, count = (t.cpu().tolist() for t in plan.problem_rows())
     E, Re = plan.num_experts, plan.num_expert_rows
     return [(0, p, s, c) if p < E else (1, p - E, s - Re, c)
@@ -48,16 +48,20 @@ def _problems(plan):
 
 
 def _swiglu_packed(acc):
-    """grove_cuda.h, tn_swiglu: D[m, 8q + r] = silu(acc[m, 16q + r]) * acc[m, 16q + 8 + r]."""
-    blocks = acc.reshape(acc.shape[0], -1, 2, 8)
-    return (torch.nn.functional.silu(blocks[:, :, 0]) * blocks[:, :, 1]).reshape(acc.shape[0], -1)
+    """grove_cuda.h, M_GROUPED_NT_SWIGLU: D[m, 8q + r] = silu(acc[m, 16q + r]) *
+    acc[m, 16q + 8 + r]. Widths explicit: a problem without rows has acc [0, N], where a -1
+    cannot be inferred."""
+    M, N = acc.shape
+    blocks = acc.reshape(M, N // 16, 2, 8)
+    return (torch.nn.functional.silu(blocks[:, :, 0]) * blocks[:, :, 1]).reshape(M, N // 2)
 
 
-@pytest.mark.parametrize("config", CONFIGS)
-def test_grouped_gemm_every_config(config):
-    dt, layout = config.split("_")[:2]
-    swiglu = "_swiglu_" in config
-    dtype = DTYPES[dt]
+@pytest.mark.parametrize("kernel", GEMM_KERNELS, ids=[k.name for k in GEMM_KERNELS])
+def test_grouped_gemm_every_kernel(kernel):
+    k_grouped = kernel.grouped == "k"
+    b_nk = kernel.majors == "nt"  # B stored [N, K] (w as stored); nn: [K, N]
+    swiglu = kernel.epilogue == SWIGLU
+    dtype = DTYPES[kernel.dtype]
     plan, gen = _plan()
     Re, Ra = plan.num_expert_rows, plan.num_adjugate_rows
     E, G, H = plan.num_experts, plan.num_groups, 256
@@ -65,53 +69,54 @@ def test_grouped_gemm_every_config(config):
     start, count = plan.problem_rows()
     probs = _problems(plan)
     assert sum(c == 0 for s, _, _, c in probs if s == 0) >= 2  # skipped experts: no rows
-    if layout == "nt":  # weight gradients: out[j] = Σ_rows a^T b over the problem's rows
+    if k_grouped:  # weight gradients: out[j] = Σ_rows a^T b over the problem's rows
         a = [_rand(gen, Re, N[0], dtype=dtype), _rand(gen, Ra, N[1], dtype=dtype)]
         b = [_rand(gen, Re, H, dtype=dtype), _rand(gen, Ra, H, dtype=dtype)]
         out = [torch.full((E, N[0], H), SENTINEL, dtype=dtype, device=DEV),
                torch.full((G, N[1], H), SENTINEL, dtype=dtype, device=DEV)]
     else:
         a = [_rand(gen, Re, K[0], dtype=dtype), _rand(gen, Ra, K[1], dtype=dtype)]
-        shape = (lambda P, n, k: (P, n, k)) if layout == "tn" else (lambda P, n, k: (P, k, n))
+        shape = (lambda P, n, k: (P, n, k)) if b_nk else (lambda P, n, k: (P, k, n))
         b = [_rand(gen, *shape(E, N[0], K[0]), dtype=dtype, scale=K[0] ** -0.5),
              _rand(gen, *shape(G, N[1], K[1]), dtype=dtype, scale=K[1] ** -0.5)]
         width = [n // 2 for n in N] if swiglu else N
         out = [torch.full((Re, width[0]), SENTINEL, dtype=dtype, device=DEV),
                torch.full((Ra, width[1]), SENTINEL, dtype=dtype, device=DEV)]
-    lib.grouped_gemm(a, b, out, start, count, config)
+    lib.grouped_gemm(a, b, out, start, count, kernel.name)
     torch.cuda.synchronize()
     covered = [torch.zeros(t.shape[0], dtype=torch.bool) for t in a]
     for s, j, r0, m in probs:
         rows = slice(r0, r0 + m)
         covered[s][rows] = True
-        if layout == "nt":
+        if k_grouped:
             ref = a[s][rows].float().t() @ b[s][rows].float()
             got = out[s][j].float()
         else:
             w = b[s][j].float()
-            ref = a[s][rows].float() @ (w.t() if layout == "tn" else w)
+            ref = a[s][rows].float() @ (w.t() if b_nk else w)
             ref = _swiglu_packed(ref) if swiglu else ref
             got = out[s][rows].float()
-        if m == 0 and layout != "nt":
+        if m == 0 and not k_grouped:
             continue
         err = (got - ref).norm() / max(ref.norm(), 1e-6)
-        assert err < 1e-2 or (m == 0 and got.abs().max() == 0), (config, s, j, m, float(err))
-    if layout != "nt":
+        assert err < 1e-2 or (m == 0 and got.abs().max() == 0), (kernel.name, s, j, m, float(err))
+    if not k_grouped:
         for s in range(2):  # rows of no problem: never written
             assert (out[s][~covered[s].to(DEV)] == SENTINEL).all()
 
 
-@pytest.mark.parametrize("layout", ["tn", "tn_swiglu", "nt"])
-def test_grouped_gemm_cuda_graph_replays_new_routing(layout):
-    config = lib.gemm_config(torch.bfloat16, layout, "coop_128x256_c11")
+@pytest.mark.parametrize("grouped, majors, epilogue",
+                         [("m", "nt", None), ("m", "nt", SWIGLU), ("k", "tn", None)])
+def test_grouped_gemm_cuda_graph_replays_new_routing(grouped, majors, epilogue):
+    kernel = lib.gemm_kernel(torch.bfloat16, grouped, majors, epilogue=epilogue, schedule="coop")
     plan0, gen = _plan(seed=1)
     E, H, N = plan0.num_experts, 256, 128
     Re = plan0.num_expert_rows
     a = _rand(gen, Re, H, dtype=torch.bfloat16)
-    rows_layout = layout.startswith("tn")
+    rows_layout = grouped == "m"
     b = (_rand(gen, E, N, H, dtype=torch.bfloat16, scale=H ** -0.5) if rows_layout
          else _rand(gen, Re, N, dtype=torch.bfloat16))
-    width = N // 2 if layout == "tn_swiglu" else N
+    width = N // 2 if epilogue == SWIGLU else N
     out = torch.zeros((Re, width) if rows_layout else (E, H, N), dtype=torch.bfloat16,
                       device=DEV)
     s0, c0 = (t[:E].contiguous() for t in plan0.problem_rows())
@@ -119,11 +124,11 @@ def test_grouped_gemm_cuda_graph_replays_new_routing(layout):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up outside capture (CUTLASS sets smem attributes)
-        lib.grouped_gemm([a], [b], [out], static_s, static_c, config)
+        lib.grouped_gemm([a], [b], [out], static_s, static_c, kernel)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        lib.grouped_gemm([a], [b], [out], static_s, static_c, config)
+        lib.grouped_gemm([a], [b], [out], static_s, static_c, kernel)
     for seed in (2, 3):
         plan, _ = _plan(seed=seed)
         s, c = (t[:E].contiguous() for t in plan.problem_rows())
@@ -135,7 +140,7 @@ def test_grouped_gemm_cuda_graph_replays_new_routing(layout):
             rows = slice(r0, r0 + m)
             if rows_layout:
                 got, ref = out[rows].float(), a[rows].float() @ b[p].float().t()
-                ref = _swiglu_packed(ref) if layout == "tn_swiglu" else ref
+                ref = _swiglu_packed(ref) if epilogue == SWIGLU else ref
             else:
                 got, ref = out[p].float(), a[rows].float().t() @ b[rows].float()
             assert (got - ref).norm() <= 1e-2 * max(ref.norm(), 1e-6), (seed, p)

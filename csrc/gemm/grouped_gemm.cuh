@@ -1,24 +1,23 @@
 // grouped_gemm.cuh: the CUTLASS 3.x sm_90a persistent ptr-array grouped GEMM behind every
-// csrc/gemm/grouped_<dtype>_<layout>_<config>.cu (one specialization per translation unit, so
-// each compiles in about a minute and the build parallelises).
+// kernel of csrc/gemm/instantiations/ (one specialization per translation unit, so each
+// compiles in about a minute and the build parallelises; the list is csrc/generate_kernels.py).
 //
 //   D_p[M_p, N_p] (row-major) = A_p[M_p, K_p] @ B_p[K_p, N_p],   bf16 or fp16, fp32 accumulate
 //
-//   layout  A_p            B_p                       per-problem size  used for
-//   tn      K-major rows   K-major ([N, K]: w1, w2)  M = rows          GEMM-1, GEMM-2
-//   tt      K-major rows   N-major ([K, N]: w1, w2)  M = rows          dGEMM-2, dGEMM-1
-//   nt      M-major rows   N-major rows              K = rows          dW1 / dW2 (wgrad)
-//
-// Epilogue: D = acc (EpilogueSchedule = a CUTLASS ptr-array schedule, TMA store), or with
-// EpilogueSchedule = grove::EpilogueSwiglu (tn only) SwiGLU fused: D_p [M_p, N_p / 2] =
-// silu(gate) * up of B rows packed by pack_gate_up (swiglu_epilogue.cuh).
+//   layout (GROVE_GEMM_*)  A_p          B_p                       grouped  used for
+//   M_GROUPED_NT           K-major      K-major ([N, K]: w1, w2)  M=rows   GEMM-1, GEMM-2
+//   M_GROUPED_NN           K-major      N-major ([K, N]: w1, w2)  M=rows   dGEMM-2, dGEMM-1
+//   K_GROUPED_TN           M-major      N-major (rows of [K, N])  K=rows   dW1 / dW2
+//   M_GROUPED_NT_SWIGLU    as M_GROUPED_NT, SwiGLU in the epilogue: D_p [M_p, N_p / 2] =
+//                          silu(gate) * up of B rows packed by pack_gate_up (swiglu_epilogue.cuh)
+// Other epilogues: D = acc through CUTLASS's ptr-array TMA store of the schedule.
 //
 // Problem shapes, pointers and leading dimensions live only in device memory, written by
-// grove_grouped_args_fill (grouped_args.cu); CUTLASS is initialised with host shapes = nullptr
-// (DESIGN §4: initialising with host shapes of an earlier routing leaves output unwritten), so
-// fill + GEMM are stream-ordered, host-sync free and CUDA-graph capturable. In the nt layout a
-// problem with no rows is skipped by CUTLASS (M = 0) and its D zeroed by a separate kernel:
-// CUTLASS leaves a K = 0 accumulator uninitialised.
+// grove_grouped_args_fill (grouped_gemm_args.cu); CUTLASS is initialised with host shapes =
+// nullptr (DESIGN §4: initialising with host shapes of an earlier routing leaves output
+// unwritten), so fill + GEMM are stream-ordered, host-sync free and CUDA-graph capturable. In
+// the k-grouped layout a problem with no rows is skipped by CUTLASS (M = 0) and its D zeroed
+// by a separate kernel: CUTLASS leaves a K = 0 accumulator uninitialised.
 // Torch-free: raw pointers, a cudaStream_t and an int error code.
 #pragma once
 
@@ -43,22 +42,49 @@ namespace grove {
 template <int Layout>
 struct OperandLayouts;
 template <>
-struct OperandLayouts<GROVE_LAYOUT_TN> {
+struct OperandLayouts<GROVE_GEMM_M_GROUPED_NT> {
   using A = cutlass::layout::RowMajor;     // [M, K], K contiguous
   using B = cutlass::layout::ColumnMajor;  // (K, N) column-major == [N, K] row-major
 };
 template <>
-struct OperandLayouts<GROVE_LAYOUT_TT> {
+struct OperandLayouts<GROVE_GEMM_M_GROUPED_NT_SWIGLU> : OperandLayouts<GROVE_GEMM_M_GROUPED_NT> {};
+template <>
+struct OperandLayouts<GROVE_GEMM_M_GROUPED_NN> {
   using A = cutlass::layout::RowMajor;  // [M, K], K contiguous
   using B = cutlass::layout::RowMajor;  // [K, N], N contiguous
 };
 template <>
-struct OperandLayouts<GROVE_LAYOUT_NT> {
+struct OperandLayouts<GROVE_GEMM_K_GROUPED_TN> {
   using A = cutlass::layout::ColumnMajor;  // (M, K) with M contiguous: rows of [K, M]
   using B = cutlass::layout::RowMajor;     // [K, N], N contiguous: rows of [K, N]
 };
 
-// grouped_args.cu writes plain int32[3] shapes and one int64 per operand for the stride of
+template <int Dtype>
+struct ElementOf;
+template <>
+struct ElementOf<GROVE_DTYPE_BF16> {
+  using type = cutlass::bfloat16_t;
+};
+template <>
+struct ElementOf<GROVE_DTYPE_FP16> {
+  using type = cutlass::half_t;
+};
+
+// The mainloop and TMA-store epilogue schedules of a GROVE_SCHEDULE_*.
+template <int Schedule>
+struct SchedulesOf;
+template <>
+struct SchedulesOf<GROVE_SCHEDULE_COOP> {
+  using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+};
+template <>
+struct SchedulesOf<GROVE_SCHEDULE_PINGPONG> {
+  using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+  using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+};
+
+// grouped_gemm_args.cu writes plain int32[3] shapes and one int64 per operand for the stride of
 // its non-unit mode: each CUTLASS stride must be exactly one int64 plus static 1 / 0 modes.
 template <class Stride>
 constexpr bool is_one_int64_stride() {
@@ -68,7 +94,7 @@ constexpr bool is_one_int64_stride() {
           std::is_same<Stride, cute::Stride<Int<1>, int64_t, Int<0>>>::value);
 }
 
-// Tag for GroupedGemm's EpilogueSchedule: GEMM-1 with SwiGLU fused (swiglu_epilogue.cuh).
+// Epilogue tag of the M_GROUPED_NT_SWIGLU layout: GEMM-1 with SwiGLU fused (swiglu_epilogue.cuh).
 struct EpilogueSwiglu {};
 
 template <class Element, class Accumulator, class LayoutD, int Alignment, class TileShape,
@@ -89,25 +115,25 @@ struct EpilogueFor<Element, Accumulator, LayoutD, Alignment, TileShape, ClusterS
       SwigluEpilogueArray<Element>>;
 };
 
-template <class Element_, int Layout, class TileShape, class ClusterShape, class KernelSchedule,
-          class EpilogueSchedule>
+// One kernel of the table: the arguments of GROVE_FOR_EACH_GEMM_KERNEL (grove_gemm_kernels.h).
+template <int Dtype, int Layout, int Schedule, int BM, int BN, int BK, int CM, int CN>
 struct GroupedGemm {
   using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // M, N, K
-  using Element = Element_;
+  using Element = typename ElementOf<Dtype>::type;
   using Accumulator = float;
+  using TileShape = cute::Shape<cute::Int<BM>, cute::Int<BN>, cute::Int<BK>>;
+  using ClusterShape = cute::Shape<cute::Int<CM>, cute::Int<CN>, cute::_1>;
   using LayoutA = typename OperandLayouts<Layout>::A;
   using LayoutB = typename OperandLayouts<Layout>::B;
   using LayoutD = cutlass::layout::RowMajor;  // [M, N], N contiguous
   static constexpr int kLayout = Layout;
+  static constexpr int kDtype = Dtype;
   static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 8 elements
-  static constexpr int kDtype =
-      std::is_same<Element, cutlass::bfloat16_t>::value ? GROVE_DTYPE_BF16 : GROVE_DTYPE_FP16;
-  static_assert(std::is_same<Element, cutlass::bfloat16_t>::value ||
-                    std::is_same<Element, cutlass::half_t>::value,
-                "bf16 or fp16 operands");
 
-  static constexpr bool kSwiglu = std::is_same<EpilogueSchedule, EpilogueSwiglu>::value;
-  static_assert(!kSwiglu || Layout == GROVE_LAYOUT_TN, "SwiGLU is fused into GEMM-1 (tn) only");
+  static constexpr bool kSwiglu = Layout == GROVE_GEMM_M_GROUPED_NT_SWIGLU;
+  using KernelSchedule = typename SchedulesOf<Schedule>::Kernel;
+  using EpilogueSchedule =
+      std::conditional_t<kSwiglu, EpilogueSwiglu, typename SchedulesOf<Schedule>::Epilogue>;
   using Epilogue = typename EpilogueFor<Element, Accumulator, LayoutD, kAlignment, TileShape,
                                         ClusterShape, EpilogueSchedule>::type;
 
@@ -177,7 +203,7 @@ struct GroupedGemm {
     return cutlass_workspace_offset(num_problems) + Gemm::get_workspace_size(args);
   }
 
-  static int run(const GroveGemmSegment* segments, int num_segments, const void* start,
+  static int run(const GroveGemmSection* sections, int num_sections, const void* start,
                  const void* count, int index_bytes, int num_problems, int sm_count,
                  void* workspace, size_t workspace_bytes, cudaStream_t stream) {
 #if defined(CUTLASS_ARCH_MMA_MODIFIABLE_TMA_SM90_SUPPORTED)
@@ -187,16 +213,17 @@ struct GroupedGemm {
     if (sm_count <= 0) return GROVE_ERR_CUDA;
     if (!workspace || workspace_bytes < workspace_size(num_problems, sm_count))
       return GROVE_ERR_WORKSPACE_TOO_SMALL;
-    int rc = grove_grouped_args_fill(kSwiglu ? GROVE_LAYOUT_TN_SWIGLU : kLayout, segments, num_segments, start, count, index_bytes,
+    int rc = grove_grouped_args_fill(kLayout, sections, num_sections, start, count, index_bytes,
                                      num_problems, workspace, stream);
     if (rc != GROVE_OK) return rc;
-    if (kLayout == GROVE_LAYOUT_NT) {
-      rc = grove_grouped_zero_empty(kDtype, segments, num_segments, start, count,
-                                    index_bytes, num_problems, stream);
+    if (kLayout == GROVE_GEMM_K_GROUPED_TN) {
+      rc = grove_grouped_zero_empty(kDtype, sections, num_sections, start, count, index_bytes,
+                                    num_problems, stream);
       if (rc != GROVE_OK) return rc;
     }
     auto args = arguments(workspace, num_problems, sm_count);
-    void* cutlass_workspace = static_cast<char*>(workspace) + cutlass_workspace_offset(num_problems);
+    void* cutlass_workspace =
+        static_cast<char*>(workspace) + cutlass_workspace_offset(num_problems);
     Gemm gemm;
     if (gemm.can_implement(args) != cutlass::Status::kSuccess) return GROVE_ERR_CUTLASS;
     if (gemm.initialize(args, cutlass_workspace, stream) != cutlass::Status::kSuccess)
@@ -211,14 +238,17 @@ struct GroupedGemm {
 
 }  // namespace grove
 
-// The two extern "C" entry points of one specialization (declared in grove_cuda.h).
-#define GROVE_DEFINE_GROUPED_GEMM(NAME, CONFIG)                                                 \
-  extern "C" size_t NAME##_workspace_size(int num_problems, int sm_count) {                     \
-    return CONFIG::workspace_size(num_problems, sm_count);                                      \
+// The two extern "C" launchers grove_<NAME> and grove_<NAME>_workspace_size of one kernel
+// (declared in grove_cuda.h); the arguments are those of GROVE_FOR_EACH_GEMM_KERNEL.
+#define GROVE_DEFINE_GEMM_KERNEL(NAME, DTYPE, LAYOUT, SCHEDULE, BM, BN, BK, CM, CN)              \
+  using grove_##NAME##_t = grove::GroupedGemm<DTYPE, LAYOUT, SCHEDULE, BM, BN, BK, CM, CN>;     \
+  extern "C" size_t grove_##NAME##_workspace_size(int num_problems, int sm_count) {             \
+    return grove_##NAME##_t::workspace_size(num_problems, sm_count);                            \
   }                                                                                             \
-  extern "C" int NAME(const GroveGemmSegment* segments, int num_segments, const void* start,    \
-                      const void* count, int index_bytes, int num_problems, int sm_count,       \
-                      void* workspace, size_t workspace_bytes, cudaStream_t stream) {           \
-    return CONFIG::run(segments, num_segments, start, count, index_bytes, num_problems,         \
-                       sm_count, workspace, workspace_bytes, stream);                           \
+  extern "C" int grove_##NAME(const GroveGemmSection* sections, int num_sections,               \
+                              const void* start, const void* count, int index_bytes,            \
+                              int num_problems, int sm_count, void* workspace,                  \
+                              size_t workspace_bytes, cudaStream_t stream) {                    \
+    return grove_##NAME##_t::run(sections, num_sections, start, count, index_bytes,             \
+                                 num_problems, sm_count, workspace, workspace_bytes, stream);   \
   }

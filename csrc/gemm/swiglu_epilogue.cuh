@@ -1,19 +1,21 @@
 // swiglu_epilogue.cuh: GEMM-1's epilogue with SwiGLU fused, for the ptr-array grouped GEMM of
-// grouped_gemm.cuh (tn layout, B = w1 / a1 packed by grove_kernels.cuda.pack_gate_up).
+// grouped_gemm.cuh (layout M_GROUPED_NT_SWIGLU, B = w1 / a1 packed by
+// grove_kernels.cuda.pack_gate_up).
 //
 //   acc [M, 2N] = x rows @ packed(w1)^T      packed row 16q + r     = gate row 8q + r  (r < 8)
 //                                            packed row 16q + 8 + r = up   row 8q + r
-//   D   [M, N]  D[m, 8q + r] = silu(acc[m, 16q + r]) * acc[m, 16q + 8 + r]     (fp32, then D's type)
+//   D   [M, N]  D[m, 8q + r] = silu(acc[m, 16q + r]) * acc[m, 16q + 8 + r]  (fp32, then D's type)
 //
 // Why interleave by 8: in a wgmma accumulator fragment a thread holds, for each of its rows, the
 // column pairs 8j + 2(lane % 4) + {0, 1} for every j of the atom's N, so with blocks of 8 the
 // gate and up values of one output sit in the same thread (fragment index i and i + 4): the
 // epilogue needs no shared memory and no exchange between threads, and any tile N that is a
 // multiple of 16 works. tests/cuda/swiglu_epilogue_check.cu runs this epilogue on the host for
-// every thread of every fused configuration and checks that pairing and the bounds.
+// every thread of every fused kernel and checks that pairing and the bounds.
 //
-// The h = [gate | up] pre-activations are never stored (the backward recomputes them), which
-// saves writing and re-reading [R, 2N] and one launch per forward (DESIGN §3).
+// The h = [gate | up] pre-activations are never stored, which saves writing and re-reading
+// [R, 2N] and one launch per forward (DESIGN §3): it serves forwards that keep nothing for a
+// backward; a training forward stores h with the plain GEMM-1 and runs SwiGLU after it.
 #pragma once
 
 #include "cute/tensor.hpp"
@@ -84,7 +86,7 @@ class SwigluEpilogueArray {
   }
 
   // Problem shapes live on the device only: N % 16 == 0 is checked by the launcher's caller
-  // (bindings.cpp) on the segment sizes, which bound every problem's N.
+  // (bindings.cpp) on the section sizes, which bound every problem's N.
   template <class ProblemShape>
   static bool can_implement(ProblemShape const&, Arguments const& args) {
     return args.ptr_D != nullptr && args.dD != nullptr;
@@ -96,7 +98,7 @@ class SwigluEpilogueArray {
 
   CUTLASS_HOST_DEVICE static float silu_mul(float gate, float up) {
 #if defined(__CUDA_ARCH__)
-    return gate / (1.f + expf(-gate)) * up;  // the formula of rows.cu's unfused SwiGLU
+    return gate / (1.f + expf(-gate)) * up;  // the formula of swiglu.cu's unfused SwiGLU
 #else
     return gate / (1.f + std::exp(-gate)) * up;
 #endif
@@ -114,7 +116,7 @@ class SwigluEpilogueArray {
     static_assert(size<1>(BlockShapeMNK{}) % 16 == 0, "tile N must hold whole gate/up blocks");
     // The wgmma value mode is (2 columns, 2 rows 8 apart, N/8 column blocks): groups of 8
     // consecutive fragment entries are one gate block then its up block (checked on the host
-    // by tests/cuda/swiglu_epilogue_check.cu for every fused configuration).
+    // by tests/cuda/swiglu_epilogue_check.cu for every fused kernel).
     static_assert(size<0>(FrgLayout{}) % 8 == 0, "fragment value mode must hold gate/up pairs");
 
     const int M = get<0>(problem_shape_mnkl);

@@ -13,7 +13,8 @@
 // Same declaration as the CUDA runtime's (driver_types.h); repeating an identical typedef is legal.
 typedef struct CUstream_st* cudaStream_t;
 
-#include "grove_rows.h"  // GROVE_DTYPE_*, the row kernels (gather, SwiGLU, combine)
+#include "grove_elementwise.h"  // GROVE_DTYPE_*, the element-wise kernels (gather, SwiGLU, combine)
+#include "grove_gemm_kernels.h"  // GROVE_FOR_EACH_GEMM_KERNEL (generated)
 
 #ifdef __cplusplus
 extern "C" {
@@ -21,7 +22,7 @@ extern "C" {
 
 enum {
   GROVE_OK = 0,
-  GROVE_ERR_INVALID_ARGUMENT = 1,  // bad sizes, null pointer, misalignment, unknown config
+  GROVE_ERR_INVALID_ARGUMENT = 1,  // bad sizes, null pointer, misalignment, unknown layout
   GROVE_ERR_WORKSPACE_TOO_SMALL = 2,
   GROVE_ERR_CUDA = 3,              // a CUDA runtime call failed (launch, attribute query)
   GROVE_ERR_CUTLASS = 4,           // CUTLASS can_implement / initialize / run refused
@@ -33,43 +34,64 @@ const char* grove_cuda_error_string(int code);
 // ---------------------------------------------------------------------------------------------
 // Grouped GEMM over the problems of a Plan:  D_p = A_p @ B_p  (bf16 or fp16, fp32 accumulation)
 //
-// Problems are split into at most GROVE_MAX_SEGMENTS segments (experts, then adjugates), each
-// with its own sizes and operand tensors. Problem p (global index) belongs to the segment s with
-// first_problem_s <= p < first_problem_s + num_problems_s; j = p - first_problem_s; its plan
-// rows are [start[p], start[p] + count[p]) (absolute; segment-local row = r - row_base_s).
+// A plan's rows form two sections, experts then adjugates, each with its own sizes and operand
+// tensors (GroveGemmSection; at most GROVE_MAX_SECTIONS). Problem p (global index) belongs to
+// the section s with first_problem_s <= p < first_problem_s + num_problems_s; j = p -
+// first_problem_s; its plan rows are [start[p], start[p] + count[p]) (absolute;
+// section-local row = r - row_base_s).
 //
-// Rows layouts (tn, tt): a problem's M is its row count; N = n_s, K = k_s.
-//   A_p = a_s + local_row * lda_s     [M, K] K-major (rows of the segment's [rows_s, K] buffer)
+// A layout (GROVE_GEMM_*) says which axis is grouped (m: a problem's M is its row count; k:
+// its K is) and the operand majors in DeepGEMM's letters, A's then B's, for D = A @ B with
+// A (M, K) and B (K, N): n = stored as such, t = stored transposed.
+//   nt  A [M, K] K-major   B [N, K] K-major
+//   nn  A [M, K] K-major   B [K, N] N-major
+//   tn  A [K, M] M-major   B [K, N] N-major
+// Kernel names say the same (csrc/README.md): sm90_bf16_m_grouped_nt_coop_128x256x64_c1x1.
+//
+// M_GROUPED_NT (GEMM-1, GEMM-2), M_GROUPED_NN (dGEMM-2, dGEMM-1): M = the problem's rows,
+//   N = n_s, K = k_s.
+//   A_p = a_s + local_row * lda_s     [M, K] K-major (rows of the section's [rows_s, K] buffer)
 //   B_p = b_s + j * b_problem_stride_s
-//         tn: [N, K] K-major, row stride ldb_s (w1 / w2 as stored: GEMM-1, GEMM-2)
-//         tt: [K, N] N-major, row stride ldb_s (the same weights transposed: dGEMM-2, dGEMM-1)
+//         nt: [N, K] K-major, row stride ldb_s (w1 / w2 as stored)
+//         nn: [K, N] N-major, row stride ldb_s (w2 / w1 as stored, read as [K, N])
 //   D_p = d_s + local_row * ldd_s     [M, N] row-major
-// tn_swiglu (GEMM-1 with SwiGLU fused): as tn, with B_p holding gate and up rows interleaved in
-//   blocks of 8 (grove_kernels.cuda.pack_gate_up) and N = n_s = 2 x the output width: D_p is
-//   [M, N / 2], D[m, 8q + r] = silu(acc[m, 16q + r]) * acc[m, 16q + 8 + r]; n_s % 16 == 0.
-// Weight-gradient layout (nt): a problem's K is its row count; M = m_s, N = n_s.
-//   A_p = a_s + local_row * lda_s     (M, K) M-major: the problem's rows of a [rows_s, M] buffer
+// M_GROUPED_NT_SWIGLU (GEMM-1 with SwiGLU fused): as M_GROUPED_NT, with B_p holding gate and
+//   up rows interleaved in blocks of 8 (grove_kernels.cuda.pack_gate_up) and N = n_s = 2 x the
+//   output width: D_p is [M, N / 2], D[m, 8q + r] = silu(acc[m, 16q + r]) * acc[m, 16q + 8 + r];
+//   n_s % 16 == 0.
+// K_GROUPED_TN (dW1, dW2): K = the problem's rows; M = m_s, N = n_s.
+//   A_p = a_s + local_row * lda_s     [K, M] M-major: the problem's rows of a [rows_s, M] buffer
 //   B_p = b_s + local_row * ldb_s     [K, N] N-major: the problem's rows of a [rows_s, N] buffer
 //   D_p = d_s + j * d_problem_stride_s   [M, N] row-major, row stride ldd_s (dW_j)
 //   Problems without rows are zeroed (grove_grouped_zero_empty), not left to CUTLASS.
 // Rows outside [row_base_s, row_base_s + rows_s) are clamped away (never out of bounds).
 // ---------------------------------------------------------------------------------------------
-#define GROVE_MAX_SEGMENTS 2
+#define GROVE_MAX_SECTIONS 2
 
-enum { GROVE_LAYOUT_TN = 0, GROVE_LAYOUT_TT = 1, GROVE_LAYOUT_NT = 2, GROVE_LAYOUT_TN_SWIGLU = 3 };
+enum {
+  GROVE_GEMM_M_GROUPED_NT = 0,
+  GROVE_GEMM_M_GROUPED_NN = 1,
+  GROVE_GEMM_K_GROUPED_TN = 2,
+  GROVE_GEMM_M_GROUPED_NT_SWIGLU = 3,
+};
 
-typedef struct GroveGemmSegment {
+// CUTLASS kernel schedules (warp-specialized, persistent): cooperative (two consumer warp
+// groups on one tile) or ping-pong (each on its own tile, epilogue overlapped).
+enum { GROVE_SCHEDULE_COOP = 0, GROVE_SCHEDULE_PINGPONG = 1 };
+
+// One section's operands and sizes.
+typedef struct GroveGemmSection {
   const void* a;
   const void* b;
   void* d;
   int64_t lda, ldb, ldd;        // in elements: the stride of each operand's non-unit mode
-  int64_t b_problem_stride;     // rows layouts: elements between problems' B
-  int64_t d_problem_stride;     // nt: elements between problems' D
-  int64_t row_base;             // absolute plan row of this segment's row 0
-  int64_t rows;                 // rows of the segment's row buffers
-  int32_t m, n, k;              // m: nt only; k: rows layouts only
+  int64_t b_problem_stride;     // m-grouped: elements between problems' B
+  int64_t d_problem_stride;     // k-grouped: elements between problems' D
+  int64_t row_base;             // absolute plan row of this section's row 0
+  int64_t rows;                 // rows of the section's row buffers
+  int32_t m, n, k;              // m: k-grouped only; k: m-grouped only
   int32_t first_problem, num_problems;
-} GroveGemmSegment;
+} GroveGemmSection;
 
 // The device arguments of a CUTLASS ptr-array grouped GEMM, laid out in one buffer:
 //   int32 shapes[P][3] (M, N, K) | ptr A[P] | ptr B[P] | ptr D[P] | int64 ldA[P] | ldB[P] | ldD[P]
@@ -77,15 +99,15 @@ typedef struct GroveGemmSegment {
 size_t grove_grouped_args_bytes(int num_problems);
 
 // Fill the argument buffer on the device from start[P] / count[P] (int32 when index_bytes == 4,
-// int64 when 8) for `layout` (GROVE_LAYOUT_*). One kernel launch on `stream`; no host
+// int64 when 8) for `layout` (GROVE_GEMM_*). One kernel launch on `stream`; no host
 // synchronisation (CUDA-graph safe).
-int grove_grouped_args_fill(int layout, const GroveGemmSegment* segments, int num_segments,
+int grove_grouped_args_fill(int layout, const GroveGemmSection* sections, int num_sections,
                             const void* start, const void* count, int index_bytes,
                             int num_problems, void* args, cudaStream_t stream);
 
-// nt layout: zero D_p (m_s x n_s, row stride ldd_s) of every problem with count[p] == 0.
-// dtype: GROVE_DTYPE_BF16 or GROVE_DTYPE_FP16 (grove_rows.h). One launch; no host sync.
-int grove_grouped_zero_empty(int dtype, const GroveGemmSegment* segments, int num_segments,
+// K_GROUPED_TN: zero D_p (m_s x n_s, row stride ldd_s) of every problem with count[p] == 0.
+// dtype: GROVE_DTYPE_BF16 or GROVE_DTYPE_FP16. One launch; no host sync.
+int grove_grouped_zero_empty(int dtype, const GroveGemmSection* sections, int num_sections,
                              const void* start, const void* count, int index_bytes,
                              int num_problems, cudaStream_t stream);
 
@@ -102,45 +124,24 @@ typedef struct GroveGroupedArgsView {
 GroveGroupedArgsView grove_grouped_args_view(void* args, int num_problems);
 
 // ---------------------------------------------------------------------------------------------
-// CUTLASS 3.x sm_90a persistent ptr-array grouped GEMMs, one specialization per object
-// (csrc/gemm/grouped_<dtype>_<layout>_<config>.cu). Each exposes
-//   size_t grove_grouped_<dtype>_<layout>_<config>_workspace_size(int num_problems,
-//                                                                 int sm_count);
-//   int    grove_grouped_<dtype>_<layout>_<config>(segments, num_segments, start, count,
-//                                         index_bytes, num_problems, sm_count, workspace,
-//                                         workspace_bytes, stream);
+// CUTLASS 3.x sm_90a persistent ptr-array grouped GEMMs, one kernel per object
+// (csrc/gemm/instantiations/<NAME>.cu), listed by GROVE_FOR_EACH_GEMM_KERNEL
+// (grove_gemm_kernels.h, generated from csrc/generate_kernels.py). Each exposes
+//   size_t grove_<NAME>_workspace_size(int num_problems, int sm_count);
+//   int    grove_<NAME>(sections, num_sections, start, count, index_bytes, num_problems,
+//                       sm_count, workspace, workspace_bytes, stream);
 // The workspace holds the argument buffer followed by CUTLASS's own workspace; the launcher
 // fills the arguments on the device (grove_grouped_args_fill), initialises CUTLASS with
 // device-side problem shapes only (host shapes stay null) and launches on `stream`.
 // sm_count: multiprocessors of the current device (0: query it with cudaDeviceGetAttribute).
 // ---------------------------------------------------------------------------------------------
-#define GROVE_DECLARE_GROUPED_GEMM(NAME)                                                      \
-  size_t NAME##_workspace_size(int num_problems, int sm_count);                               \
-  int NAME(const GroveGemmSegment* segments, int num_segments, const void* start,             \
-           const void* count, int index_bytes, int num_problems, int sm_count,                \
-           void* workspace, size_t workspace_bytes, cudaStream_t stream);
-
-// The specializations built (keep in step with csrc/gemm/ and bindings.cpp's table).
-#define GROVE_FOR_EACH_GROUPED_GEMM(X)                                                          \
-  X(bf16, tn, coop_128x256_c11)                                                               \
-  X(bf16, tn, pingpong_64x128_c11)                                                            \
-  X(bf16, tn_swiglu, coop_128x256_c11)                                                        \
-  X(bf16, tn_swiglu, pingpong_64x128_c11)                                                     \
-  X(bf16, tt, coop_128x256_c11)                                                               \
-  X(bf16, tt, pingpong_64x128_c11)                                                            \
-  X(bf16, nt, coop_128x256_c11)                                                               \
-  X(fp16, tn, coop_128x256_c11)                                                               \
-  X(fp16, tn, pingpong_64x128_c11)                                                            \
-  X(fp16, tn_swiglu, coop_128x256_c11)                                                        \
-  X(fp16, tn_swiglu, pingpong_64x128_c11)                                                     \
-  X(fp16, tt, coop_128x256_c11)                                                               \
-  X(fp16, tt, pingpong_64x128_c11)                                                            \
-  X(fp16, nt, coop_128x256_c11)
-
-#define GROVE_DECLARE_ONE(DT, LAYOUT, CONFIG) \
-  GROVE_DECLARE_GROUPED_GEMM(grove_grouped_##DT##_##LAYOUT##_##CONFIG)
-GROVE_FOR_EACH_GROUPED_GEMM(GROVE_DECLARE_ONE)
-#undef GROVE_DECLARE_ONE
+#define GROVE_DECLARE_GEMM_KERNEL(NAME, DTYPE, LAYOUT, SCHEDULE, BM, BN, BK, CM, CN)          \
+  size_t grove_##NAME##_workspace_size(int num_problems, int sm_count);                       \
+  int grove_##NAME(const GroveGemmSection* sections, int num_sections, const void* start,     \
+                   const void* count, int index_bytes, int num_problems, int sm_count,        \
+                   void* workspace, size_t workspace_bytes, cudaStream_t stream);
+GROVE_FOR_EACH_GEMM_KERNEL(GROVE_DECLARE_GEMM_KERNEL)
+#undef GROVE_DECLARE_GEMM_KERNEL
 
 // Multiprocessor count of the current device, or -1 on error.
 int grove_device_sm_count(void);

@@ -1,11 +1,14 @@
 """The CUTLASS/CUDA extension grove_kernels._C (built from csrc/) and thin wrappers of its ops.
 
-Loading the extension registers the low-level ops of torch.ops.grove_cuda (grouped GEMMs,
-GEMM-1 with SwiGLU fused, the row kernels: gather, SwiGLU, combine); the wrappers here pass
+Loading the extension registers the low-level ops of torch.ops.grove_cuda: the grouped GEMMs
+of gemm_kernels.GEMM_KERNELS (generated from csrc/generate_kernels.py; GEMM-1 with SwiGLU fused
+among them) and the element-wise kernels (gather, SwiGLU, combine); the wrappers here pass
 torch's current CUDA stream. The extension is linked without libtorch_cuda (DESIGN §4), so it
 imports under a CPU torch too; its ops take the CUDA stream as an int (`current_stream_handle()`).
 """
 import torch
+
+from .gemm_kernels import GEMM_KERNELS
 
 try:
     from .. import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
@@ -15,9 +18,9 @@ except ImportError as exc:  # not built here, or built against another torch/too
 else:
     _import_error = None
 
-DTYPES = (torch.bfloat16, torch.float16)
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-_KNOWN_OPS = ("grouped_gemm", "grouped_gemm_configs", "grouped_gemm_workspace_size",
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = tuple(dict.fromkeys(_TORCH_DTYPES[k.dtype] for k in GEMM_KERNELS))
+_KNOWN_OPS = ("grouped_gemm", "grouped_gemm_kernels", "grouped_gemm_workspace_size",
               "gather_rows", "swiglu_fwd", "swiglu_bwd", "combine_rows", "rows_dot_scale")
 
 
@@ -46,16 +49,16 @@ def op_schemas():
 
 
 def build_info():
-    """What the extension provides here: built?, import error, ops and GEMM configurations."""
+    """What the extension provides here: built?, import error, ops and GEMM kernel names."""
     info = {
         "built": is_built(),
         "import_error": None if _import_error is None else str(_import_error),
         "ops": registered_ops(),
-        "gemm_configs": [],
+        "gemm_kernels": [],
         "backend_available": is_available(),
     }
-    if "grouped_gemm_configs" in info["ops"]:
-        info["gemm_configs"] = list(torch.ops.grove_cuda.grouped_gemm_configs())
+    if "grouped_gemm_kernels" in info["ops"]:
+        info["gemm_kernels"] = list(torch.ops.grove_cuda.grouped_gemm_kernels())
     return info
 
 
@@ -70,12 +73,32 @@ def current_stream_handle(device=None):
 
 
 def gemm_kernel(dtype, grouped, majors, *, epilogue=None, schedule):
-    """The name of the grouped-GEMM kernel for operands of `dtype`, grouped along "m" (rows
-    are M: GEMM-1, GEMM-2, data gradients) or "k" (rows are K: weight gradients), operand
-    majors "nt" | "nn" | "tn", epilogue None | "swiglu", schedule "coop" | "pingpong"."""
-    tile = {"coop": "coop_128x256x64", "pingpong": "pingpong_64x128x64"}[schedule]
-    suffix = "_swiglu" if epilogue == "swiglu" else ""
-    return f"sm90_{_DTYPE_NAMES[dtype]}_{grouped}_grouped_{majors}{suffix}_{tile}_c1x1"
+    """The name of the grouped-GEMM kernel of GEMM_KERNELS with these fields, e.g.
+    gemm_kernel(torch.bfloat16, "m", "nt", schedule="coop") ->
+    "sm90_bf16_m_grouped_nt_coop_128x256x64_c1x1".
+
+    grouped "m" | "k"; majors "nt" | "nn" | "tn" (csrc/include/grove_cuda.h); epilogue None |
+    "swiglu"; schedule "coop" | "pingpong". ValueError names what the table lacks.
+    """
+    names = {v: k for k, v in _TORCH_DTYPES.items()}
+    if dtype not in names:
+        raise ValueError(f"dtype: no grouped-GEMM kernel for {dtype}; the table has "
+                         f"{list(DTYPES)}")
+    want = {"dtype": names[dtype], "grouped": grouped, "majors": majors, "epilogue": epilogue,
+            "schedule": schedule}
+    found, matched = GEMM_KERNELS, []
+    for field, value in want.items():  # narrow field by field: the error names the first miss
+        narrowed = [k for k in found if getattr(k, field) == value]
+        if not narrowed:
+            have = sorted({repr(getattr(k, field)) for k in found})
+            among = f" among those with {', '.join(matched)}" if matched else ""
+            raise ValueError(f"{field}: no grouped-GEMM kernel has {field}={value!r}{among} "
+                             f"(they have {', '.join(have)}; csrc/generate_kernels.py)")
+        found, matched = narrowed, matched + [f"{field}={value!r}"]
+    if len(found) > 1:  # several tiles of these fields: the caller must choose one by name
+        raise ValueError(f"several grouped-GEMM kernels have {', '.join(matched)}: "
+                         f"{[k.name for k in found]}")
+    return found[0].name
 
 
 def pack_gate_up(w):
@@ -89,18 +112,21 @@ def pack_gate_up(w):
     return blocks.transpose(1, 2).reshape(P, N2, H)
 
 
-def grouped_gemm(a, b, out, start, count, config):
+def grouped_gemm(a, b, out, start, count, kernel):
     """For every plan problem p: D_p = A_p @ B_p (layouts in csrc/include/grove_cuda.h).
 
-    config "<bf16|fp16>_<tn|tn_swiglu|tt|nt>_<tile>"; a, b, out: lists of 1 or 2 segments
-    (experts, adjugates): tn a [R_s, K], b [P_s, N, K], out [R_s, N]; tn_swiglu the same with
-    b packed by pack_gate_up and out [R_s, N / 2] = silu(gate) * up; tt a [R_s, K],
-    b [P_s, K, N], out [R_s, N]; nt (weight gradients) a [R_s, M], b [R_s, N], out [P_s, M, N].
+    kernel: a name of GEMM_KERNELS (gemm_kernel()); a, b, out: lists of 1 or 2 sections
+    (experts, adjugates), by the kernel's grouped axis and majors:
+        m_grouped_nt         a [R_s, K], b [P_s, N, K], out [R_s, N]
+        m_grouped_nt_swiglu  the same with b packed by pack_gate_up, out [R_s, N / 2] =
+                             silu(gate) * up
+        m_grouped_nn         a [R_s, K], b [P_s, K, N], out [R_s, N]
+        k_grouped_tn         a [R_s, M], b [R_s, N], out [P_s, M, N]   (weight gradients)
     start, count [sum P_s] int32/int64 absolute plan rows (Plan.problem_rows()).
     Runs on torch's current stream; no host synchronisation.
     """
     _require()
-    torch.ops.grove_cuda.grouped_gemm(list(a), list(b), list(out), start, count, config,
+    torch.ops.grove_cuda.grouped_gemm(list(a), list(b), list(out), start, count, kernel,
                                       current_stream_handle(a[0].device))
     return out
 

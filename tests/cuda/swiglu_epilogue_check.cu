@@ -1,8 +1,9 @@
-// Host-side check of csrc/gemm/swiglu_epilogue.cuh (run by tests/test_cuda_epilogue.py; needs
-// nvcc, no GPU). For each fused GEMM-1 configuration built in csrc/gemm/ (same template
-// arguments as grouped_<dtype>_tn_swiglu_<tile>.cu) it runs the epilogue's per-tile operator on
-// the host for every MMA thread of every tile of several problems, with each thread's
-// accumulator fragment filled from the coordinates the kernel's TiledMma gives it, and checks:
+// Host-side check of csrc/gemm/swiglu_epilogue.cuh (run by tests/test_cuda_host_checks.py;
+// needs nvcc, no GPU). For each fused GEMM-1 kernel of the table (GROVE_FOR_EACH_GEMM_KERNEL,
+// layout M_GROUPED_NT_SWIGLU: the template arguments of its instantiation) it runs the
+// epilogue's per-tile operator on the host for every MMA thread of every tile of several
+// problems, with each thread's accumulator fragment filled from the coordinates the kernel's
+// TiledMma gives it, and checks:
 //   - the pairing the epilogue assumes (fragment entry i + 4 is column + 8 of entry i, i + 1 is
 //     column + 1, gate columns have (n / 8) even),
 //   - D[m, 8q + r] == silu(acc[m, 16q + r]) * acc[m, 16q + 8 + r] for every m < M, every output
@@ -116,25 +117,19 @@ void check_config(const char* name) {
   std::printf("%s: %d threads, %d outputs checked\n", name, threads, checked);
 }
 
-using Tile128x256 = Shape<_128, _256, _64>;
-using Tile64x128 = Shape<_64, _128, _64>;
-using Cluster11 = Shape<_1, _1, _1>;
-template <class Element>
-using Coop = grove::GroupedGemm<Element, GROVE_LAYOUT_TN, Tile128x256, Cluster11,
-                                cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative,
-                                grove::EpilogueSwiglu>;
-template <class Element>
-using Pingpong = grove::GroupedGemm<Element, GROVE_LAYOUT_TN, Tile64x128, Cluster11,
-                                    cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong,
-                                    grove::EpilogueSwiglu>;
+// Instantiates the check only for the fused kernels of the table.
+template <int Layout, class Cfg>
+void check_if_fused(const char* name) {
+  if constexpr (Layout == GROVE_GEMM_M_GROUPED_NT_SWIGLU) check_config<Cfg>(name);
+}
 
 }  // namespace
 
 int main() {
-  check_config<Coop<cutlass::bfloat16_t>>("bf16_tn_swiglu_coop_128x256_c11");
-  check_config<Pingpong<cutlass::bfloat16_t>>("bf16_tn_swiglu_pingpong_64x128_c11");
-  check_config<Coop<cutlass::half_t>>("fp16_tn_swiglu_coop_128x256_c11");
-  check_config<Pingpong<cutlass::half_t>>("fp16_tn_swiglu_pingpong_64x128_c11");
+#define GROVE_CHECK_FUSED(NAME, DTYPE, LAYOUT, SCHEDULE, BM, BN, BK, CM, CN) \
+  check_if_fused<LAYOUT, grove::GroupedGemm<DTYPE, LAYOUT, SCHEDULE, BM, BN, BK, CM, CN>>(#NAME);
+  GROVE_FOR_EACH_GEMM_KERNEL(GROVE_CHECK_FUSED)
+#undef GROVE_CHECK_FUSED
   if (failures) std::printf("%d failures\n", failures);
   else std::printf("OK\n");
   return failures ? 1 : 0;

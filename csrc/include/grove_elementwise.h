@@ -1,21 +1,25 @@
-// grove_rows.h: the C interface of the row-wise kernels of grove-kernels (csrc/rows.cu):
-// gather tokens into plan rows, SwiGLU forward/backward, combine rows back into tokens, and
-// the in-place row-weight scale with its dot product.
+// grove_elementwise.h: the C interface of the element-wise kernels around the grouped GEMMs,
+// by stage:
+//   gather.cu    gather tokens into plan rows (± row weight); rows_dot_scale: a row weight
+//                applied in place with the dot product its gradient needs
+//   swiglu.cu    SwiGLU forward and backward (with d row weight)
+//   combine.cu   combine rows back into tokens, in slot order
 //
 // Same conventions as grove_cuda.h: raw device pointers, sizes, a cudaStream_t; no allocation,
 // no host synchronisation; returns GROVE_OK (0) or a GROVE_ERR_* code of grove_cuda.h.
 // Plain C/C++ with no CUDA or torch include, so the g++-compiled binding can include it.
 //
-// Rows are (token, problem) pairs in two sections: expert rows [0, R_e), adjugate rows
-// [R_e, R_e + R_a). Only the first *end rows of a section are real; the rest is padding whose
-// outputs are never read, so the kernels skip it (the ends are read on the device only).
+// Rows are (token, problem) pairs in two sections (GroveSections): expert rows [0, R_e),
+// adjugate rows [R_e, R_e + R_a). Only the first *end rows of a section are real; the rest is
+// padding whose outputs are never read, so the kernels skip it (the ends are read on the
+// device only).
 // Leading dimensions (ld*) are in elements. Arithmetic is fp32; results are rounded once to
 // the element type (round to nearest even). Reductions are deterministic (fixed order, no
 // atomics). 16-byte vector accesses are used when every pointer is 16-byte aligned and every
 // leading dimension and width is a multiple of 8; otherwise a scalar path with the same
 // results (the reduction order depends only on the widths, never on alignment).
-#ifndef GROVE_ROWS_H_
-#define GROVE_ROWS_H_
+#ifndef GROVE_ELEMENTWISE_H_
+#define GROVE_ELEMENTWISE_H_
 
 #include <stddef.h>
 #include <stdint.h>
@@ -35,23 +39,34 @@ enum { GROVE_DTYPE_BF16 = 0, GROVE_DTYPE_FP16 = 1 };
 //   r < rows_e            and (end_e == NULL or r < *end_e), or
 //   rows_e <= r < R       and (end_a == NULL or r - rows_e < *end_a).
 // The device scalars are clamped to [0, rows] when read.
-typedef struct GroveRowSections {
-  int64_t rows_e;            // R_e: rows of the expert section
-  const int64_t* end_e;      // device scalar: real rows of the expert section (<= rows_e), or NULL = all
-  int64_t rows_a;            // R_a: rows of the adjugate section (0 when none)
-  const int64_t* end_a;      // device scalar for the adjugate section, or NULL = all
-} GroveRowSections;
+typedef struct GroveSections {
+  int64_t rows_e;        // R_e: rows of the expert section
+  const int64_t* end_e;  // device scalar: real rows of the expert section (<= rows_e); NULL: all
+  int64_t rows_a;        // R_a: rows of the adjugate section (0 when none)
+  const int64_t* end_a;  // device scalar for the adjugate section; NULL: all
+} GroveSections;
 
 // out[r, 0:H] = x[row_token[r], 0:H] * (row_weight ? row_weight[r] : 1) for every real row
 // (an exact copy without row_weight). A token outside [0, T) gives a zero row. Padding rows are
 // not written. x [T, ldx], out [R, ldo].
 int grove_gather_rows(int dtype, const void* x, int64_t ldx, int64_t T, int64_t H,
-                      const int64_t* row_token, const float* row_weight, GroveRowSections sec,
+                      const int64_t* row_token, const float* row_weight, GroveSections sec,
                       void* out, int64_t ldo, cudaStream_t stream);
+
+// For every real row r, t = row_token[r]:
+//   dot[r] = sum_h rows[r, h] * x[t, h]   (fp32, from the unscaled rows; 0 when t is outside
+//                                          [0, T)), when dot is non-NULL;
+//   rows[r, 0:H] *= row_weight[r]         (in place, rounded once).
+// When dot is non-NULL it is written for EVERY row in [0, R) (0 for padding rows). row_weight
+// is required; x and row_token are only read (and required) when dot is non-NULL.
+int grove_rows_dot_scale(int dtype, void* rows, int64_t ldr, const void* x, int64_t ldx,
+                         int64_t T, int64_t H, const int64_t* row_token,
+                         const float* row_weight, GroveSections sec, float* dot,
+                         cudaStream_t stream);
 
 // h [R, 2N] per row = [gate | up]; out[r, n] = silu(gate) * up, silu(g) = g / (1 + expf(-g)),
 // for every real row. out [R, ldo].
-int grove_swiglu_fwd(int dtype, const void* h, int64_t ldh, int64_t N, GroveRowSections sec,
+int grove_swiglu_fwd(int dtype, const void* h, int64_t ldh, int64_t N, GroveSections sec,
                      void* out, int64_t ldo, cudaStream_t stream);
 
 // g [R, N] = dY.W2 of the row (before its weight), h [R, 2N] as in grove_swiglu_fwd,
@@ -61,7 +76,7 @@ int grove_swiglu_fwd(int dtype, const void* h, int64_t ldh, int64_t N, GroveRowS
 // and, when d_row_weight is non-NULL, for EVERY row r in [0, R):
 //   d_row_weight[r] = sum_n g * silu * up   (fp32; 0 for padding rows).
 int grove_swiglu_bwd(int dtype, const void* g, int64_t ldg, const void* h, int64_t ldh,
-                     int64_t N, const float* row_weight, GroveRowSections sec, void* dh,
+                     int64_t N, const float* row_weight, GroveSections sec, void* dh,
                      int64_t lddh, float* d_row_weight, cudaStream_t stream);
 
 // out[t, 0:H] = sum over j = 0..C-1 with token_mask[t*C + j] != 0 of
@@ -74,19 +89,8 @@ int grove_combine_rows(int dtype, const void* rows, int64_t ldr, int64_t R,
                        const float* token_weight, int64_t T, int64_t C, int64_t H, void* out,
                        int64_t ldo, cudaStream_t stream);
 
-// For every real row r, t = row_token[r]:
-//   dot[r] = sum_h rows[r, h] * x[t, h]   (fp32, from the unscaled rows; 0 when t is outside
-//                                          [0, T)), when dot is non-NULL;
-//   rows[r, 0:H] *= row_weight[r]         (in place, rounded once).
-// When dot is non-NULL it is written for EVERY row in [0, R) (0 for padding rows). row_weight
-// is required; x and row_token are only read (and required) when dot is non-NULL.
-int grove_rows_dot_scale(int dtype, void* rows, int64_t ldr, const void* x, int64_t ldx,
-                         int64_t T, int64_t H, const int64_t* row_token,
-                         const float* row_weight, GroveRowSections sec, float* dot,
-                         cudaStream_t stream);
-
 #ifdef __cplusplus
 }  // extern "C"
 #endif
 
-#endif  // GROVE_ROWS_H_
+#endif  // GROVE_ELEMENTWISE_H_

@@ -49,6 +49,7 @@ def _check_ids(topk_ids, num_experts, expert_map, group_size=1, grove=False):
 @torch.library.custom_op("grove::topk", mutates_args=())
 def topk(router_logits: Tensor, top_k: int, renormalize: bool,
          selection_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    _validate.all_finite("selection_bias", selection_bias)
     return _impl(router_logits.device).topk(router_logits, top_k, renormalize, selection_bias)
 
 

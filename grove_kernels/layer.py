@@ -5,7 +5,9 @@
                -> y [..., H]
 
 `expert_bias` is a buffer (auxiliary-loss-free balancing): it steers selection only and is
-updated outside autograd by `update_selection_bias`.
+updated outside autograd by `update_selection_bias`; it stays fp32 through dtype conversions.
+Deferred init: `GroveMoE(..., device="meta").to_empty(device=d)`, then `reset_parameters()` or
+a weight load.
 """
 import math
 

@@ -5,7 +5,7 @@
       score  = l, or sigmoid(l) + b with a bias
       ids    = the k best by (score, then l, then the lower id); NaN ranks as -inf
                                                 -> int32 [T, k], best first
-      w      = p[ids], / Σ_k w when renormalizing -> fp32 [T, k]
+      w      = p[ids], / Σ_k w when renormalizing -> [T, k], fp64 for fp64 logits, else fp32
 
 The ranking rule (README "Routing semantics") is the one the Triton kernel follows, so every
 backend selects the same experts: ties are common (a zero-initialised router, bf16 logits,
@@ -17,6 +17,11 @@ import torch
 
 def _acc(dtype):
     return torch.promote_types(dtype, torch.float32)
+
+
+def weights_dtype(logits_dtype):
+    """Dtype of the routing weights: fp64 keeps the fp64 reference runs exact (gradcheck)."""
+    return torch.float64 if logits_dtype == torch.float64 else torch.float32
 
 
 def _rank_key(t):
@@ -48,4 +53,4 @@ def topk(router_logits, top_k, renormalize, selection_bias):
     weights = torch.softmax(logits, dim=-1).gather(1, ids)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
-    return weights.float(), ids.to(torch.int32)
+    return weights.to(weights_dtype(router_logits.dtype)), ids.to(torch.int32)

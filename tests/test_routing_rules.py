@@ -1,5 +1,5 @@
 """The ranking rule of grove_topk (README "Routing semantics") on every backend, against a
-plain float64 computation written here: issue 15, items 1-3.
+plain float64 computation written here: issue 15, items 1-3 and the fp64 weights of item 6.
 
     rule_topk(l [T, E], k, bias [E]?) -> w fp64 [T, k], ids [T, k]
         score = l, or sigmoid(l) + bias, in float64
@@ -8,8 +8,8 @@ plain float64 computation written here: issue 15, items 1-3.
 
 Cases: ties (zero router, bf16 logits), sigmoid saturating to 1.0 in fp32 (logits >~ 17), NaN
 and -inf tokens, a NaN inside a token, NaN / inf selection bias (refused with value checks on,
-ranked as -inf with them off), grove_moe with a NaN token. The `gpu` variants run the same
-reproducers on CUDA against the same float64 rule.
+ranked as -inf with them off), grove_moe with a NaN token, fp64 logits -> fp64 weights and
+gradcheck. The `gpu` variants run the same reproducers on CUDA against the same float64 rule.
 """
 import math
 
@@ -205,6 +205,51 @@ def test_nan_bias_without_checks_ranks_as_minus_inf(backend, gen, which):
         assert torch.equal(ids.long(), logits.argsort(dim=1, descending=True, stable=True)[:, :3])
 
 
+# ----------------------------------------------------------------------------- fp64 (item 6)
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+def test_weights_dtype_follows_logits(backend, gen, dtype):
+    logits = torch.randn(9, 8, generator=gen).to(dtype)
+    bias = 0.1 * torch.randn(8, generator=gen)
+    w, ids = gk.grove_topk(logits, 3, selection_bias=bias)
+    assert w.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    check_routing(w, ids, logits, 3, True, bias, tol=1e-13 if dtype == torch.float64 else 1e-6)
+
+
+_NEEDS_OPS_BACKWARD = pytest.mark.xfail(
+    strict=True, raises=RuntimeError,
+    reason="grove::topk's backward (ops.py, the lead's file) still computes in fp32 and "
+           "scatters fp32 into fp64: scatter(): Expected self.dtype to be equal to src.dtype")
+
+
+@pytest.mark.parametrize("renormalize", [pytest.param(True, marks=_NEEDS_OPS_BACKWARD), False],
+                         ids=["renorm", "raw"])
+def test_grove_topk_gradcheck_fp64(backend, gen, renormalize):
+    logits = torch.randn(4, 8, generator=gen, dtype=torch.float64).requires_grad_()
+    bias = 0.1 * torch.randn(8, generator=gen, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda l: gk.grove_topk(l, 3, renormalize=renormalize, selection_bias=bias)[0],
+        (logits,), fast_mode=True)
+
+
+@pytest.mark.parametrize("renormalize", [pytest.param(True, marks=_NEEDS_OPS_BACKWARD), False],
+                         ids=["renorm", "raw"])
+def test_grove_moe_gradcheck_fp64(gen, renormalize):
+    """gradcheck at its default eps (1e-6) and tolerances: fp32 weights fail it. fast_mode
+    (a random projection of the Jacobian, same eps) keeps the test to a second."""
+    T, H, E, I, Ia, S, k = 3, 4, 4, 2, 2, 2, 2
+    p = make_grove(T, H, E, I, Ia, S, gen, dtype=torch.float64)
+    logits = torch.randn(T, E, generator=gen, dtype=torch.float64)
+    bias = 0.1 * torch.randn(E, generator=gen, dtype=torch.float64)
+    args = [t.clone().requires_grad_() for t in
+            (p["x"], logits, p["w1"], p["w2"], p["a1"], p["a2"])]
+    with gk.use_backend("torch"):  # the fused backends refuse fp64 activations
+        assert torch.autograd.gradcheck(
+            lambda *a: gk.grove_moe(*a, top_k=k, group_size=S, renormalize=renormalize,
+                                    selection_bias=bias), args, fast_mode=True)
+
+
 # ----------------------------------------------------------------------------- on a GPU
 
 @pytest.mark.gpu
@@ -239,3 +284,7 @@ def test_rules_on_gpu(name, gen):
             w, ids = gk.grove_topk(bf.to(dev), 8,
                                    selection_bias=None if b is None else b.to(dev))
             check_routing(w, ids, bf, 8, True, b)
+        l64 = torch.randn(9, 8, generator=gen, dtype=torch.float64)
+        w, ids = gk.grove_topk(l64.to(dev), 3)
+        assert w.dtype == torch.float64
+        check_routing(w, ids, l64, 3, tol=1e-13)

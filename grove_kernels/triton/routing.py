@@ -9,11 +9,13 @@ grove_kernels/routing.py (DESIGN §1; its ranking rule, README "Routing semantic
         ids    = k rounds of argmax over the experts not yet taken, by (score, then l, then
                  the lower id), NaN ranking as -inf: best first, as routing.rank orders them
         w      = p[ids], / Σ_k w when renormalizing
-      -> weights fp32 [T, k], ids int32 [T, k]
+      -> weights [T, k] (fp64 for fp64 logits, else fp32), ids int32 [T, k]
 """
 import torch
 import triton
 import triton.language as tl
+
+from ..routing import weights_dtype
 
 # Logits per program: enough to fill a block of warps with few tokens when E is large.
 _BLOCK_LOGITS = 2048
@@ -68,15 +70,17 @@ def _topk_softmax_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, T, E, strid
         w = w / tl.sum(w, 1)[:, None]
 
     out = (t < T) & (slot < K)
-    tl.store(weights_ptr + t * K + slot, w.to(tl.float32), mask=out)
+    tl.store(weights_ptr + t * K + slot, w.to(weights_ptr.dtype.element_ty), mask=out)
     tl.store(ids_ptr + t * K + slot, ids, mask=out)
 
 
 def topk(router_logits, top_k, renormalize, selection_bias):
-    """(weights fp32 [T, k], ids int32 [T, k]) on the device of router_logits, no host sync."""
+    """(weights [T, k], ids int32 [T, k]) on the device of router_logits, no host sync; the
+    weights are fp64 for fp64 logits, else fp32."""
     T, E = router_logits.shape
     k = int(top_k)
-    weights = torch.empty(T, k, dtype=torch.float32, device=router_logits.device)
+    weights = torch.empty(T, k, dtype=weights_dtype(router_logits.dtype),
+                          device=router_logits.device)
     ids = torch.empty(T, k, dtype=torch.int32, device=router_logits.device)
     if T == 0 or k == 0:
         return weights, ids

@@ -2,8 +2,9 @@
 check of update_selection_bias (issue 15, items 4 and 6).
 
     GroveMoE(..., device="meta") -> to_empty(device) -> reset_parameters() -> a usable layer,
-    equal to one built on the device and reset from the same seed; expert_bias stays fp32
-    through every conversion (a bf16 one would lose the 1e-3 updates).
+    equal to one built on the device and reset from the same seed (usable on CUDA too:
+    `gpu`); expert_bias stays fp32 through every conversion (a bf16 one would lose the 1e-3
+    updates).
 """
 import pytest
 import torch
@@ -61,3 +62,15 @@ def test_update_selection_bias_out_of_range_names_topk_ids(bad):
     with pytest.raises(IndexError, match="topk_ids"):
         layer.update_selection_bias(ids)
     assert torch.equal(layer.expert_bias, torch.zeros(E))
+
+
+@pytest.mark.gpu
+def test_meta_to_cuda():
+    layer = _meta(torch.bfloat16).to_empty(device="cuda")
+    layer.reset_parameters()
+    assert layer.w1.is_cuda and layer.expert_bias.is_cuda
+    assert layer.expert_bias.dtype == torch.float32
+    y = layer(torch.randn(9, H, device="cuda", dtype=torch.bfloat16))
+    assert y.shape == (9, H) and torch.isfinite(y).all()
+    with pytest.raises(IndexError, match="topk_ids"):
+        layer.update_selection_bias(torch.tensor([[0, E]], device="cuda"))

@@ -75,7 +75,8 @@ if [ -z "$build" ]; then
   if [ "${cuda_ext:-auto}" = gpu ] && [ "$has_gpu" = 0 ]; then build=0; else build=auto; fi
 fi
 if [ "$build" = 0 ]; then
-  step "no CUDA extension for this run (GROVE_BUILD_CUDA=0$([ "$has_gpu" = 0 ] && echo ', no GPU here'))"
+  why=$([ "$has_gpu" = 0 ] && echo ", no GPU here" || true)
+  step "no CUDA extension for this run (GROVE_BUILD_CUDA=0$why)"
 else
   # CUTLASS 4.2 C++ headers for the CUDA extension (6 MB, headers only, so --no-deps). Not
   # fatal: without them (e.g. no network) setup.py just skips grove_kernels._C.

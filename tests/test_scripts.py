@@ -106,8 +106,10 @@ def test_failed_cuda_build(tmp_path):
     assert not any(c.endswith("-e .") for c in calls)
 
 
-def test_user_choice_overrides(tmp_path):
-    proc, calls = run(tmp_path, "test.sh", GROVE_BUILD_CUDA="0")
+@pytest.mark.parametrize("gpu", ["0", "1"])
+def test_user_choice_overrides(tmp_path, gpu):
+    proc, calls = run(tmp_path, "test.sh", GROVE_BUILD_CUDA="0", FAKE_GPU=gpu)
+    assert proc.returncode == 0, proc.stderr
     assert "build_cuda" not in calls
     assert editable_install(calls).startswith("pip GROVE_BUILD_CUDA=0 ")
 

@@ -98,3 +98,16 @@ def groups_whole(expert_map, group_size):
         raise ValueError(f"expert_map: global group {g} (experts {g * group_size}.."
                          f"{(g + 1) * group_size - 1}) maps to {local[g].tolist()}; a group's "
                          f"experts must all lie in one local group or all be off this rank (-1)")
+
+
+def all_finite(name, t):
+    """Raise ValueError unless every value of t is finite (no NaN, no inf); host read, skipped
+    when value checks are off or a CUDA graph is being captured."""
+    if t is None or not _value_checks or t.numel() == 0 or _capturing(t):
+        return
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"{name}: expected finite values, found {t[tuple(bad)].item()} at "
+                         f"index {tuple(bad) if len(bad) > 1 else bad[0]} "
+                         f"({int((~finite).sum())} non-finite of {t.numel()})")

@@ -5,14 +5,16 @@
                -> y [..., H]
 
 `expert_bias` is a buffer (auxiliary-loss-free balancing): it steers selection only and is
-updated outside autograd by `update_selection_bias`.
+updated outside autograd by `update_selection_bias`; it stays fp32 through dtype conversions.
+Deferred init: `GroveMoE(..., device="meta").to_empty(device=d)`, then `reset_parameters()` or
+a weight load.
 """
 import math
 
 import torch
 from torch import nn
 
-from . import api
+from . import _validate, api
 
 
 def _stack(name, tensors, shape):
@@ -77,7 +79,11 @@ class GroveMoE(nn.Module):
         # .to(bf16) must not round the selection bias: its 1e-3 updates would vanish.
         bias = self.expert_bias
         result = super()._apply(fn, *args, **kwargs)
-        self.expert_bias = bias.to(device=self.expert_bias.device)
+        new = self.expert_bias
+        if new.dtype != torch.float32:
+            # A meta bias has no values to keep (and cannot be copied out of): any will do.
+            new = new.float() if bias.is_meta else bias.to(device=new.device)
+        self.expert_bias = new
         return result
 
     def extra_repr(self):
@@ -113,6 +119,7 @@ class GroveMoE(nn.Module):
         ids = topk_ids.reshape(-1).long().to(self.expert_bias.device)
         if ids.numel() == 0:
             return
+        _validate.ids_in_range("topk_ids", ids, 0, self.num_experts)
         counts = torch.zeros(self.num_experts, device=ids.device).index_add_(
             0, ids, torch.ones_like(ids, dtype=torch.float32))
         delta = counts / ids.numel() - 1.0 / self.num_experts

@@ -1,7 +1,7 @@
 """The custom ops of grove-kernels: schemas, fake kernels, autograd and value checks, in one place.
 
     grove::topk              logits [T, E], top_k, renormalize, bias [E]?, backend
-                             -> weights fp32 [T, k], ids int32 [T, k]
+                             -> weights [T, k] (fp64 for fp64 logits, else fp32), ids int32 [T, k]
     grove::experts_forward   x [T, H], w1 [E, 2I, H], w2 [E, H, I], a1 [G, 2Ia, H]?,
                              a2 [G, H, Ia]?, topk_weights [T, k], topk_ids [T, k],
                              expert_map [E_global]?, group_size, adjugate_scale, weight_on_input,
@@ -34,6 +34,7 @@ from torch import Tensor
 from . import _validate, backends
 from . import experts as experts_stage
 from .experts import Weights
+from .routing import weights_dtype
 
 
 def _check_autodiff(op, *tensors):
@@ -77,6 +78,7 @@ def _check_values(topk_ids, num_experts, expert_map, group_size, grove):
 @torch.library.custom_op("grove::topk", mutates_args=())
 def _topk(router_logits: Tensor, top_k: int, renormalize: bool, selection_bias: Optional[Tensor],
           backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    _validate.all_finite("selection_bias", selection_bias)
     routing, _ = backends.stage(backend, router_logits.device)
     return routing.topk(router_logits, top_k, renormalize, selection_bias)
 
@@ -84,7 +86,7 @@ def _topk(router_logits: Tensor, top_k: int, renormalize: bool, selection_bias: 
 @_topk.register_fake
 def _(router_logits, top_k, renormalize, selection_bias, backend="auto"):
     T = router_logits.shape[0]
-    return (router_logits.new_empty(T, top_k, dtype=torch.float32),
+    return (router_logits.new_empty(T, top_k, dtype=weights_dtype(router_logits.dtype)),
             router_logits.new_empty(T, top_k, dtype=torch.int32))
 
 

@@ -3,14 +3,43 @@
     router_logits [T, E], selection_bias [E] or None
       p      = softmax(l)                      fp32 (fp64 for fp64 logits)
       score  = l, or sigmoid(l) + b with a bias
-      ids    = the k best scores                -> int32 [T, k]
-      w      = p[ids], / Σ_k w when renormalizing -> fp32 [T, k]
+      ids    = the k best by (score, then l, then the lower id); NaN ranks as -inf
+                                                -> int32 [T, k], best first
+      w      = p[ids], / Σ_k w when renormalizing -> [T, k], fp64 for fp64 logits, else fp32
+
+The ranking rule (README "Routing semantics") is the one the Triton kernel follows, so every
+backend selects the same experts: ties are common (a zero-initialised router, bf16 logits,
+sigmoid(l) rounding to 1.0 for l >~ 17 in fp32), and an order left to torch.topk differs from
+an argmax loop's. A NaN logit leaves its own token's weights NaN (softmax) and its ids in range.
 """
 import torch
 
 
 def _acc(dtype):
     return torch.promote_types(dtype, torch.float32)
+
+
+def weights_dtype(logits_dtype):
+    """Dtype of the routing weights: fp64 keeps the fp64 reference runs exact (gradcheck)."""
+    return torch.float64 if logits_dtype == torch.float64 else torch.float32
+
+
+def _rank_key(t):
+    # NaN would sort above +inf (and poison an argmax); as -inf it loses to every number and
+    # an all-NaN token still gets k distinct, in-range ids: 0..k-1.
+    return torch.where(torch.isnan(t), float("-inf"), t)
+
+
+def rank(logits, scores):
+    """Expert ids [T, E] ordered best first by (score, logit, lower id), NaN as -inf."""
+    # Stable sorts from the last key to the first: equal keys keep the previous order, and the
+    # initial order is the id order.
+    order = torch.sort(_rank_key(logits), dim=-1, descending=True, stable=True).indices
+    if scores is not logits:
+        by_score = torch.sort(_rank_key(scores).gather(1, order), dim=-1, descending=True,
+                              stable=True).indices
+        order = order.gather(1, by_score)
+    return order
 
 
 def topk(router_logits, top_k, renormalize, selection_bias):
@@ -20,8 +49,8 @@ def topk(router_logits, top_k, renormalize, selection_bias):
         scores = logits
     else:
         scores = torch.sigmoid(logits) + selection_bias.to(logits.dtype)
-    ids = torch.topk(scores, top_k, dim=-1).indices
+    ids = rank(logits, scores)[:, :top_k]
     weights = torch.softmax(logits, dim=-1).gather(1, ids)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
-    return weights.float(), ids.to(torch.int32)
+    return weights.to(weights_dtype(router_logits.dtype)), ids.to(torch.int32)

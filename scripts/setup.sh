@@ -1,12 +1,54 @@
 # Sourced by scripts/demo.sh and scripts/test.sh: install what a fresh machine lacks, then the
 # package itself (editable, against the torch already present; never a CUDA torch download).
+#
+# The CUDA extension grove_kernels._C (csrc/, minutes of nvcc on a fresh machine) is built
+# according to the caller's `cuda_ext` (a shell variable, set before sourcing):
+#   auto  wherever nvcc and the CUTLASS headers are (test.sh, CI: the build and its SASS are
+#         tested even without a GPU)
+#   gpu   only where a CUDA GPU is present (demo.sh: on a CPU machine its kernels cannot run)
+# GROVE_BUILD_CUDA=0|1|auto in the environment overrides both. Every run reinstalls with the
+# caller's choice, so an install without the extension (a demo) never stops a later test.sh
+# from building it; compiled objects are cached in build/grove_cuda/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
-pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+export PYTHONUNBUFFERED=1
+_setup_t0=$SECONDS
+
+step() { echo "[setup +$((SECONDS - _setup_t0))s] $*"; }
+# pip without -q: its download lines and progress bars are the progress shown.
+pip_install() { "$PY" -m pip install --disable-pip-version-check "$@"; }
+# with_heartbeat LABEL CMD...: run CMD, printing a line every 30 s while it works silently.
+with_heartbeat() {
+  local label=$1 beat rc=0
+  shift
+  (
+    s=
+    trap 'kill "$s" 2>/dev/null; exit 0' TERM
+    t=0
+    while :; do
+      sleep 30 </dev/null >/dev/null 2>&1 &
+      s=$!
+      wait "$s"
+      t=$((t + 30))
+      echo "[setup]   ... $label: still running (${t} s)"
+    done
+  ) &
+  beat=$!
+  "$@" || rc=$?
+  kill "$beat" 2>/dev/null || true
+  wait "$beat" 2>/dev/null || true
+  return "$rc"
+}
+
 if ! "$PY" -c "import torch" 2>/dev/null; then
   # The CPU wheel of this exact version is what CPU machines here carry locally.
+  step "installing torch 2.13.0 (CPU wheel)"
   pip_install torch==2.13.0
+fi
+has_gpu=0
+if "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  has_gpu=1
 fi
 missing=()
 "$PY" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" \
@@ -15,7 +57,7 @@ for mod_pkg in wheel:wheel numpy:numpy safetensors:safetensors pytest:pytest \
                pytest_benchmark:pytest-benchmark; do
   "$PY" -c "import ${mod_pkg%%:*}" 2>/dev/null || missing+=("${mod_pkg#*:}")
 done
-if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+if [ "$has_gpu" = 0 ]; then
   # No GPU: the Triton backend runs (and is tested) under Triton's interpreter, pinned to the
   # GPU machines' Triton. Its interpreter calls int() on 1-element arrays, which numpy 2.4
   # rejects, so numpy stays below 2.4 here.
@@ -23,11 +65,40 @@ if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/de
   "$PY" -c "import numpy, sys; sys.exit(tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 4))" \
     2>/dev/null || missing+=("numpy<2.4")
 fi
-if [ ${#missing[@]} -gt 0 ]; then pip_install "${missing[@]}"; fi
-# CUTLASS 4.2 C++ headers for the CUDA extension (csrc/; 6 MB, headers only, so --no-deps).
-# Not fatal: without them (e.g. no network) setup.py just skips grove_kernels._C.
-if ! "$PY" -c "import cutlass_library" 2>/dev/null; then
-  pip_install --no-deps nvidia-cutlass==4.2.0.0 \
-    || echo "setup.sh: could not install nvidia-cutlass; the CUDA extension will not be built" >&2
+if [ ${#missing[@]} -gt 0 ]; then
+  step "installing ${missing[*]}"
+  pip_install "${missing[@]}"
 fi
-pip_install --no-build-isolation -e .
+
+build=${GROVE_BUILD_CUDA:-}
+if [ -z "$build" ]; then
+  if [ "${cuda_ext:-auto}" = gpu ] && [ "$has_gpu" = 0 ]; then build=0; else build=auto; fi
+fi
+if [ "$build" = 0 ]; then
+  why=$([ "$has_gpu" = 0 ] && echo ", no GPU here" || true)
+  step "no CUDA extension for this run (GROVE_BUILD_CUDA=0$why)"
+else
+  # CUTLASS 4.2 C++ headers for the CUDA extension (6 MB, headers only, so --no-deps). Not
+  # fatal: without them (e.g. no network) setup.py just skips grove_kernels._C.
+  if ! "$PY" -c "import cutlass_library" 2>/dev/null; then
+    step "installing the CUTLASS 4.2 headers (nvidia-cutlass)"
+    pip_install --no-deps nvidia-cutlass==4.2.0.0 \
+      || echo "setup.sh: could not install nvidia-cutlass; the CUDA extension will not be built" >&2
+  fi
+  # The objects are compiled here, where their progress shows (one line per .cu), rather
+  # than inside pip, which hides a build's output; pip then finds them cached.
+  if "$PY" -c "import sys; sys.path.insert(0, 'csrc'); import build_cuda; \
+               sys.exit(bool(build_cuda.missing_prerequisites()))" 2>/dev/null; then
+    step "compiling the CUDA kernels (csrc/ for sm_90a; minutes the first time, then cached)"
+    if ! with_heartbeat "nvcc" "$PY" csrc/build_cuda.py; then
+      if [ "$build" = 1 ]; then exit 1; fi
+      # Not fatal under auto (as setup.py): tests/test_cuda_build.py reports the failure.
+      echo "setup.sh: the CUDA objects failed to compile; installing without grove_kernels._C" >&2
+      build=0
+    fi
+  fi
+fi
+step "installing grove-kernels (editable, GROVE_BUILD_CUDA=$build)"
+GROVE_BUILD_CUDA=$build with_heartbeat "pip install -e ." \
+  pip_install --no-build-isolation -e .
+step "ready"

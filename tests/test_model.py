@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import grove_kernels as gk
-from grove_model import (CheckpointError, GroveMoeConfig, GroveMoeForCausalLM, read_checkpoint,
-                         released_tensors, write_random_checkpoint, write_tensors)
+from grove_model import (CheckpointError, GroveMoeConfig, GroveMoeForCausalLM, load_weights,
+                         read_checkpoint, released_tensors, write_random_checkpoint,
+                         write_tensors)
 
 FP32_TOL, LOW_TOL = 1e-4, 2e-2
 BATCH, SEQ = 2, 7
@@ -296,6 +297,54 @@ def test_round_trip(tmp_path, variant, shard):
     ids, _ = inputs(cfg)
     with torch.no_grad():
         assert torch.equal(model(ids), again(ids))
+
+
+@pytest.mark.parametrize("dirname", ["run[1]", "a*b?", "[ab]"])
+def test_directory_names_are_not_glob_patterns(tmp_path, dirname):
+    """Saved sharded, then unsharded into the same directory: the stale shards must go, and
+    the loader must find the files of a path with glob metacharacters. A sibling the pattern
+    would match (run1, a-b-, a) must be neither read nor emptied."""
+    cfg, _ = make_checkpoint(tmp_path / "src", "mlp_only")
+    model = GroveMoeForCausalLM.from_pretrained(tmp_path / "src")
+    decoy = tmp_path / {"run[1]": "run1", "a*b?": "a-b-", "[ab]": "a"}[dirname]
+    make_checkpoint(decoy, "mlp_only", seed=5)
+    decoy_files = sorted(p.name for p in decoy.iterdir())
+    dest = tmp_path / dirname
+    model.save_pretrained(dest, max_shard_size=2048)
+    model.save_pretrained(dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in decoy.iterdir()) == decoy_files
+    again = GroveMoeForCausalLM.from_pretrained(dest)
+    ids, _ = inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(model(ids), again(ids))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_built_on_meta_then_loaded(tmp_path, variant):
+    """Deferred init: meta -> to_empty -> load_weights writes every tensor (each poisoned with
+    NaN first), keeps the tie of a tied lm_head and the fp32 selection bias."""
+    cfg, tensors = make_checkpoint(tmp_path, variant)
+    model = GroveMoeForCausalLM(cfg, device="meta", dtype=torch.bfloat16).to_empty(device="cpu")
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.fill_(float("nan"))
+    load_weights(model, tmp_path)
+    for name, t in model.state_dict().items():
+        assert torch.isfinite(t).all(), f"{name} not written by load_weights"
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == cfg.tie_word_embeddings
+    for block in model.moe_blocks().values():
+        assert block.expert_bias.dtype == torch.float32
+    ref = GroveMoeForCausalLM(cfg, dtype=torch.bfloat16)
+    load_weights(ref, tmp_path)
+    ids, _ = inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(model(ids), ref(ids))
+    # from_pretrained takes the same path, on the device asked for.
+    loaded = GroveMoeForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cpu")
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == cfg.tie_word_embeddings
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), ref(ids))
 
 
 BROKEN = [

@@ -135,7 +135,8 @@ def _checkpoint_files(path: str) -> tuple[list[str], Optional[dict[str, str]]]:
                 raise CheckpointError(f"{INDEX_FILE} lists {os.path.basename(f)}, "
                                       f"which is not in {path}")
         return files, weight_map
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    # escape: a directory named like "run[1]" is a path, not a pattern.
+    files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in {path}")
     return files, None
@@ -233,8 +234,9 @@ def write_tensors(path: Union[str, os.PathLike], tensors: dict[str, torch.Tensor
     """
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    for old in glob.glob(os.path.join(path, "model*.safetensors")) + \
-            glob.glob(os.path.join(path, INDEX_FILE)):
+    pattern_dir = glob.escape(path)
+    for old in glob.glob(os.path.join(pattern_dir, "model*.safetensors")) + \
+            glob.glob(os.path.join(pattern_dir, glob.escape(INDEX_FILE))):
         os.remove(old)
     # safetensors refuses tensors sharing storage (expert slices of one packed weight): copy.
     tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in tensors.items()}

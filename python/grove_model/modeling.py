@@ -168,8 +168,19 @@ class GroveMoeForCausalLM(nn.Module):
         self.model = GroveMoeModel(config, device=device, dtype=dtype)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False,
                                  device=device, dtype=dtype)
-        if config.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """lm_head shares the embedding when config.tie_word_embeddings."""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _apply(self, fn, *args, **kwargs):
+        # A conversion that cannot reuse a parameter in place (to_empty off the meta device)
+        # makes a new one per module, so the two sides of the tie would part.
+        result = super()._apply(fn, *args, **kwargs)
+        self.tie_weights()
+        return result
 
     def forward(self, input_ids: torch.Tensor,
                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -198,7 +209,11 @@ class GroveMoeForCausalLM(nn.Module):
             dtype = config.dtype()
         elif isinstance(dtype, str):
             dtype = to_dtype(dtype)
-        model = cls(config, device=device, dtype=dtype)
+        if device is None:
+            device = torch.get_default_device()
+        # Built on the meta device and materialised uninitialised: load_weights writes every
+        # tensor, so a random init (minutes at 33B) would be thrown away.
+        model = cls(config, device="meta", dtype=dtype).to_empty(device=device)
         load_weights(model, path)
         return model
 

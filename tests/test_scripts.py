@@ -1,0 +1,126 @@
+"""scripts/demo.sh and scripts/test.sh (through scripts/setup.sh) with a stand-in Python that
+records what they would install, build and run (issue 15, item 7): nothing is installed.
+
+    fake python: `-m pip ...` logs the call with its GROVE_BUILD_CUDA; `csrc/build_cuda.py`
+                 logs "build_cuda" (exit FAKE_BUILD_RC); other `-m X` log "run X"; `-c CODE`
+                 answers the scripts' probes: a CUDA GPU per FAKE_GPU, nvcc + CUTLASS present
+                 unless FAKE_NO_NVCC, modules in FAKE_MISSING not importable
+
+Expected: the demo builds the CUDA extension only with a GPU; test.sh builds it wherever nvcc
+and CUTLASS are (CI checks its SASS), whatever an earlier demo installed; the objects compile
+outside pip (their progress shows), pip runs without -q, and each step prints a line.
+"""
+import os
+import stat
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+log=$FAKE_LOG
+if [ "$1" = -m ] && [ "$2" = pip ]; then
+  echo "pip GROVE_BUILD_CUDA=${GROVE_BUILD_CUDA-unset} ${*:3}" >> "$log"; exit 0
+fi
+if [ "$1" = csrc/build_cuda.py ]; then echo "build_cuda" >> "$log"; exit "${FAKE_BUILD_RC:-0}"; fi
+if [ "$1" = -m ]; then echo "run ${*:2}" >> "$log"; exit 0; fi
+if [ "$1" = -c ]; then
+  case "$2" in
+    *cuda.is_available*) [ "${FAKE_GPU:-0}" = 1 ]; exit ;;
+    *missing_prerequisites*) [ -z "${FAKE_NO_NVCC:-}" ]; exit ;;
+  esac
+  for mod in ${FAKE_MISSING:-}; do
+    case "$2" in *"import $mod"*) exit 1 ;; esac
+  done
+  exit 0
+fi
+echo "unexpected call: $*" >> "$log"; exit 3
+"""
+
+
+def run(tmp_path, script, **env):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    log = tmp_path / "log"
+    log.write_text("")
+    full = {k: v for k, v in os.environ.items() if k != "GROVE_BUILD_CUDA"}
+    full.update(PYTHON=str(fake), FAKE_LOG=str(log), **env)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", script)], env=full,
+                          capture_output=True, text=True, timeout=60)
+    calls = log.read_text().splitlines()
+    assert not any(c.startswith("unexpected") for c in calls), calls
+    return proc, calls
+
+
+def editable_install(calls):
+    (pip,) = [c for c in calls if c.startswith("pip") and c.endswith("-e .")]
+    return pip
+
+
+def test_demo_without_gpu_builds_no_cuda(tmp_path):
+    proc, calls = run(tmp_path, "demo.sh", FAKE_GPU="0")
+    assert proc.returncode == 0, proc.stderr
+    assert editable_install(calls).startswith("pip GROVE_BUILD_CUDA=0 ")
+    assert "build_cuda" not in calls
+    assert not any("nvidia-cutlass" in c for c in calls)
+    assert calls[-2:] == ["run grove_kernels.selfcheck",
+                          "run bench --preset small --tokens 1,16,64 --pass both"]
+
+
+def test_demo_with_gpu_builds_cuda(tmp_path):
+    proc, calls = run(tmp_path, "demo.sh", FAKE_GPU="1")
+    assert proc.returncode == 0, proc.stderr
+    assert calls.index("build_cuda") < calls.index(editable_install(calls))
+    assert editable_install(calls).startswith("pip GROVE_BUILD_CUDA=auto ")
+
+
+@pytest.mark.parametrize("gpu", ["0", "1"])
+def test_test_sh_builds_cuda_wherever_nvcc_is(tmp_path, gpu):
+    # An earlier demo (GROVE_BUILD_CUDA=0) leaves nothing that test.sh would trust: it
+    # always reinstalls with its own choice.
+    run(tmp_path, "demo.sh", FAKE_GPU=gpu)
+    proc, calls = run(tmp_path, "test.sh", FAKE_GPU=gpu)
+    assert proc.returncode == 0, proc.stderr
+    assert calls.index("build_cuda") < calls.index(editable_install(calls))
+    assert editable_install(calls).startswith("pip GROVE_BUILD_CUDA=auto ")
+    assert calls[-2].startswith("run pytest -q -ra tests")
+
+
+def test_without_nvcc_nothing_is_compiled(tmp_path):
+    proc, calls = run(tmp_path, "test.sh", FAKE_NO_NVCC="1")
+    assert proc.returncode == 0, proc.stderr
+    assert "build_cuda" not in calls
+    assert editable_install(calls).startswith("pip GROVE_BUILD_CUDA=auto ")
+
+
+def test_failed_cuda_build(tmp_path):
+    """auto: reported, then installed without the extension (test_cuda_build.py will fail on
+    it); GROVE_BUILD_CUDA=1: fatal."""
+    proc, calls = run(tmp_path, "test.sh", FAKE_BUILD_RC="1")
+    assert proc.returncode == 0 and "failed to compile" in proc.stderr
+    assert editable_install(calls).startswith("pip GROVE_BUILD_CUDA=0 ")
+    proc, calls = run(tmp_path, "test.sh", FAKE_BUILD_RC="1", GROVE_BUILD_CUDA="1")
+    assert proc.returncode != 0
+    assert not any(c.endswith("-e .") for c in calls)
+
+
+@pytest.mark.parametrize("gpu", ["0", "1"])
+def test_user_choice_overrides(tmp_path, gpu):
+    proc, calls = run(tmp_path, "test.sh", GROVE_BUILD_CUDA="0", FAKE_GPU=gpu)
+    assert proc.returncode == 0, proc.stderr
+    assert "build_cuda" not in calls
+    assert editable_install(calls).startswith("pip GROVE_BUILD_CUDA=0 ")
+
+
+def test_fresh_machine_shows_progress(tmp_path):
+    proc, calls = run(tmp_path, "demo.sh", FAKE_MISSING="torch triton pytest_benchmark")
+    assert proc.returncode == 0, proc.stderr
+    pips = [c for c in calls if c.startswith("pip")]
+    assert any(c.endswith("install --disable-pip-version-check torch==2.13.0") for c in pips)
+    assert any("triton==3.6.0" in c and "pytest-benchmark" in c for c in pips)
+    # pip's progress (downloads, build steps) is what shows during the long steps.
+    assert not any(" -q" in c for c in pips), pips
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("[setup")]
+    assert len(steps) >= 4 and "installing torch" in steps[0] and steps[-1].endswith("ready")

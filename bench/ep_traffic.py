@@ -98,7 +98,7 @@ def simulate(preset, tokens, routings, world_sizes, elem_bytes, seed=0):
 def format_table(rows):
     head = (f"{'routing':<9} {'T':>6} {'P':>3} {'scheme':<11} {'d':>5} {'ranks':>5} "
             f"{'rows/tok':>8} {'x B/tok':>9} {'meta B/tok':>10} {'comb B/tok':>10} "
-            f"{'total B/tok':>11} {'x once':>6}")
+            f"{'total B/tok':>11} {'/once':>6}")
     lines = ["bytes sent to other ranks per token (dispatch + combine)", head, "-" * len(head)]
     for r in rows:
         ratio = f"{r['vs_token_once']:.2f}" if r["vs_token_once"] is not None else "-"

@@ -1,16 +1,19 @@
-"""Worker side of tests/test_distributed.py: one process per rank, every case in one spawn.
+"""Worker side of tests/test_distributed.py: one process per rank, every case in one start.
 
-    run(rank, P, port, out_dir, device) -> out_dir/rank{r}.json: {case: {metric: value}}
+    run(rank, P, port, out_dir)            -> out_dir/rank{r}.json: {case: {metric: value}}
+    run_nccl_smoke(rank, P, port, out_dir) -> out_dir/rank{r}.json: {"nccl": {...}} (GPU)
 
 Each case builds the same full fp64 gk.GroveMoE on every rank (seeded), runs the expert-parallel
 layer on this rank's tokens (or on all tokens for the all_reduce style), and compares with the
 single-process layer on the whole batch: forward rows of this rank, d x, the local shard's
-gradients, the router's (summed over ranks). Metrics are relative errors ‖out − ref‖ / ‖ref‖
-(absolute where ref is zero); the test file asserts them. A case that raises takes the spawn
-down with its traceback (torch.multiprocessing.spawn re-raises it in the test process).
+gradients, the router's (summed over ranks). Metrics are relative errors ||out - ref|| / ||ref||
+(absolute where ref is zero); the test file asserts them. A case that raises writes
+rank{r}.error (time, traceback) and takes the group down; the test shows those tracebacks.
 """
 import json
 import os
+import time
+import traceback
 from datetime import timedelta
 
 import torch
@@ -172,6 +175,24 @@ def case_selection_bias(P, rank, *, counts, seed):
             "moved": float(layer.expert_bias.abs().max())}
 
 
+def case_fresh_init(P, rank):
+    """A module built without weights: the router comes from rank 0 whatever each rank's seed,
+    and ranks seeded alike still get different expert shards."""
+    out = {}
+    for name, seed in (("seed_per_rank", 100 + rank), ("same_seed", 100)):
+        torch.manual_seed(seed)
+        ep = gkd.ExpertParallelGroveMoE(16, 8, 8, 2, 2, 4, dtype=F64)
+        gate = [torch.empty_like(ep.gate.weight) for _ in range(P)]
+        w1 = [torch.empty_like(ep.w1) for _ in range(P)]
+        dist.all_gather(gate, ep.gate.weight.detach())
+        dist.all_gather(w1, ep.w1.detach())
+        out[name] = {"gate_equal": all(torch.equal(g, gate[0]) for g in gate),
+                     "shards_distinct": all(not torch.equal(w1[i], w1[j]) for i in range(P)
+                                            for j in range(i)),
+                     "bound_ok": bool(ep.w1.abs().max() <= 16 ** -0.5)}
+    return out
+
+
 def case_errors(P, rank):
     """Errors every rank raises alike (none may leave the others waiting in a collective)."""
     out = {}
@@ -239,6 +260,7 @@ def cases(P):
         "weights_fp64": lambda r: case_functional(P, r, counts=uneven, seed=13,
                                                   dispatch="all_to_all", weight_dtype=F64),
         "selection_bias": lambda r: case_selection_bias(P, r, counts=uneven, seed=14),
+        "fresh_init": lambda r: case_fresh_init(P, r),
         "errors": lambda r: case_errors(P, r),
     }
 
@@ -253,8 +275,18 @@ def run(rank, world_size, port, out_dir):
             results = {name: fn(rank) for name, fn in cases(world_size).items()}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
+    except BaseException:
+        record_error(rank, out_dir)
+        raise
     finally:
         dist.destroy_process_group()
+
+
+def record_error(rank, out_dir):
+    """rank{r}.error: when it failed and why. The first rank to fail holds the cause; the
+    others then fail in a collective, and the test shows every traceback, earliest first."""
+    with open(os.path.join(out_dir, f"rank{rank}.error"), "w") as f:
+        f.write(f"{time.time()!r}\n{traceback.format_exc()}")
 
 
 def run_nccl_smoke(rank, world_size, port, out_dir):
@@ -294,5 +326,8 @@ def run_nccl_smoke(rank, world_size, port, out_dir):
         out["syncs"] = syncs
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump({"nccl": out}, f)
+    except BaseException:
+        record_error(rank, out_dir)
+        raise
     finally:
         dist.destroy_process_group()

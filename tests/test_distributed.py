@@ -47,22 +47,35 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _start(fn, nprocs, args, start_method):
-    """Run fn(rank, *args) in nprocs processes; re-raises a worker's exception (with its
-    traceback) and fails on a stuck group instead of hanging CI."""
-    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False,
-                             start_method=start_method)
+def _worker_errors(tmp):
+    """Every rank's recorded traceback, the earliest (the cause) first."""
+    errors = []
+    for path in tmp.glob("rank*.error"):
+        stamp, _, text = path.read_text().partition("\n")
+        errors.append((float(stamp), f"--- {path.stem} ---\n{text}"))
+    return "\n".join(text for _, text in sorted(errors))
+
+
+def _start(fn, nprocs, tmp, start_method):
+    """Run fn(rank, nprocs, port, tmp) in nprocs processes. A worker that raises fails the test
+    with the tracebacks of the ranks (its own first); a stuck group fails instead of hanging."""
+    ctx = mp.start_processes(fn, args=(nprocs, _free_port(), str(tmp)), nprocs=nprocs,
+                             join=False, start_method=start_method)
     deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"expert-parallel workers still running after {DEADLINE_S} s")
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"expert-parallel workers still running after {DEADLINE_S} s")
+    except Exception as exc:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+        pytest.fail(f"{type(exc).__name__} from the workers:\n{_worker_errors(tmp) or exc}",
+                    pytrace=False)
 
 
 def _run_group(fn, P, tmp, start_method):
-    _start(fn, P, (P, _free_port(), str(tmp)), start_method)
+    _start(fn, P, tmp, start_method)
     ranks = []
     for r in range(P):
         with open(tmp / f"rank{r}.json") as f:
@@ -152,6 +165,13 @@ def test_selection_bias_update_is_global(group):
     for res in ranks:
         assert res["selection_bias"]["moved"] > 0.01
         assert res["selection_bias"]["bias"] <= 1e-7
+
+
+def test_fresh_module_shares_the_router(group):
+    P, ranks = group
+    for res in ranks:
+        for how, got in res["fresh_init"].items():
+            assert got == {"gate_equal": True, "shards_distinct": True, "bound_ok": True}, how
 
 
 def test_errors_raised_on_every_rank(group):

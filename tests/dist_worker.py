@@ -214,6 +214,15 @@ def case_errors(P, rank):
         out["bad_ids"] = "no error"
     except IndexError as exc:
         out["bad_ids"] = str(exc)
+    for name, call, exc_type in (
+            ("dtype", lambda: gkd.dispatch_grove_experts(x.float(), *local, w, ids), TypeError),
+            ("logits", lambda: gkd.expert_parallel_grove_moe(
+                x, torch.randn(3, 5, dtype=F64), *local, top_k=2), ValueError)):
+        try:
+            call()
+            out[name] = "no error"
+        except exc_type as exc:
+            out[name] = str(exc)
     # The group still works after the errors.
     y = gkd.dispatch_grove_experts(x, *local, w, ids.clamp(max=layer.num_experts - 1))
     out["after"] = list(y.shape)

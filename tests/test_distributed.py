@@ -183,6 +183,8 @@ def test_errors_raised_on_every_rank(group):
         else:
             assert err["g_not_divisible"] == "no error"
         assert "topk_ids" in err["bad_ids"] and "rank(s) [0]" in err["bad_ids"], err
+        assert err["dtype"].startswith("w1: expected dtype torch.float32"), err
+        assert err["logits"].startswith("router_logits: expected 8 columns"), err
         assert err["after"] == [3, 16]
 
 

@@ -125,15 +125,25 @@ def local_expert_map(num_experts, first, last, device=None):
     return m
 
 
-def _check(x, w1, a1, topk_weights, topk_ids, group_size):
+def _check(x, w1, w2, a1, a2, topk_weights, topk_ids, group_size):
     """Metadata checks before any collective (a rank that raises later leaves the others
     waiting); returns (T, H, E_l, k)."""
-    for name, t, ndim in (("hidden_states", x, 2), ("w1", w1, 3), ("a1", a1, 3),
-                          ("topk_weights", topk_weights, 2), ("topk_ids", topk_ids, 2)):
+    for name, t, ndim in (("hidden_states", x, 2), ("w1", w1, 3), ("w2", w2, 3), ("a1", a1, 3),
+                          ("a2", a2, 3), ("topk_weights", topk_weights, 2),
+                          ("topk_ids", topk_ids, 2)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != ndim:
             raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (that of hidden_states), got "
+                             f"{t.device}")
+        if name in ("w1", "w2", "a1", "a2") and t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (that of hidden_states), got "
+                            f"{t.dtype}")
+    if w1.shape[2] != x.shape[1] or a1.shape[2] != x.shape[1]:
+        raise ValueError(f"w1, a1: expected [.., .., H={x.shape[1]}] (H of hidden_states), got "
+                         f"{tuple(w1.shape)} and {tuple(a1.shape)}")
     if topk_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"topk_ids: expected int32 or int64, got {topk_ids.dtype}")
     if not topk_weights.is_floating_point():
@@ -193,7 +203,7 @@ def dispatch_grove_experts(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids
     """
     group, P, rank = resolve_group(process_group)
     x = hidden_states
-    T, H, E_l, k = _check(x, w1, a1, topk_weights, topk_ids, group_size)
+    T, H, E_l, k = _check(x, w1, w2, a1, a2, topk_weights, topk_ids, group_size)
     E = E_l * P
     if topk_weights.element_size() == 2 and E > torch.iinfo(torch.int16).max:
         raise ValueError(f"topk_weights: 16-bit weights carry the ids as int16, which cannot "
@@ -286,7 +296,7 @@ def allreduce_grove_experts(hidden_states, w1, w2, a1, a2, topk_weights, topk_id
     exactly their gradient, d hidden_states and d topk_weights are complete on every rank.
     """
     group, P, rank = resolve_group(process_group)
-    T, H, E_l, k = _check(hidden_states, w1, a1, topk_weights, topk_ids, group_size)
+    _, _, E_l, _ = _check(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, group_size)
     E = E_l * P
     expert_map = local_expert_map(E, rank * E_l, (rank + 1) * E_l, device=hidden_states.device)
     x = _CopyToRanks.apply(hidden_states, group)

@@ -40,6 +40,17 @@ def _int_list(text):
     return values
 
 
+def _world_sizes(text):
+    try:
+        values = tuple(int(s) for s in _csv_list(text))
+    except ValueError:
+        values = ()
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"--ep-world-size: expected positive integers, got "
+                                         f"{text!r}")
+    return values
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,6 +84,10 @@ def build_parser():
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the untimed correctness check of each variant")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ep-world-size", type=_world_sizes, default=None, metavar="P[,P...]",
+                   help="instead of timing: bytes per token an expert-parallel layer sends "
+                   "over P simulated ranks (token-once vs per-expert vs released dispatch; "
+                   "bench/ep_traffic.py); uses --preset, --tokens, --routing, --dtype, --json")
     return p
 
 
@@ -144,6 +159,9 @@ def check_outputs(args, parser):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.ep_world_size:
+        from bench import ep_traffic
+        return ep_traffic.main(args, parser)
     cfg = config_from_args(args, parser)
     results_png = check_outputs(args, parser)
     if args.quiet:

@@ -1,0 +1,229 @@
+"""`ExpertParallelGroveMoE`: the Grove MoE block with its experts sharded over a process group.
+
+    x [..., H] -> gate (replicated) -> logits [T, E] -> grove_topk(+ expert_bias) -> w, ids [T, k]
+               -> dispatch_grove_experts (all_to_all, this rank's tokens) or
+                  allreduce_grove_experts (all_reduce, the same tokens on every rank)
+                  on the local shard w1 [E_l, 2I, H], w2 [E_l, H, I], a1 [G_l, 2Ia, H],
+                  a2 [G_l, H, Ia]   (E_l = E/P experts, G_l = G/P groups, consecutive)
+               -> y [..., H]
+
+The module holds only the local shard; the router (gate weight, expert_bias) is replicated.
+`from_full(layer)` and `shard(...)` load the shard of this rank from a full gk.GroveMoE or
+from full checkpoint tensors.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import grove_kernels as gk
+
+from .functional import (DISPATCH_STYLES, allreduce_grove_experts, dispatch_grove_experts,
+                         local_expert_map, local_expert_range, resolve_group)
+
+
+def shard_experts(w1, w2, a1, a2, *, group_size, world_size, rank):
+    """The slices of full w1 [E, 2I, H], w2 [E, H, I], a1 [G, 2Ia, H], a2 [G, H, Ia] that rank
+    `rank` of `world_size` holds (views; G/P whole groups per rank)."""
+    for name, t in (("w1", w1), ("w2", w2), ("a1", a1), ("a2", a2)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name}: expected a 3-D tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)}")
+    E = w1.shape[0]
+    first, last = local_expert_range(E, group_size, world_size, rank)
+    G = E // group_size
+    for name, t, n in (("w2", w2, E), ("a1", a1, G), ("a2", a2, G)):
+        if t.shape[0] != n:
+            raise ValueError(f"{name}: expected {n} rows in dimension 0 (E={E}, group_size="
+                             f"{group_size}), got shape {tuple(t.shape)}")
+    g0, g1 = first // group_size, last // group_size
+    return w1[first:last], w2[first:last], a1[g0:g1], a2[g0:g1]
+
+
+class ExpertParallelGroveMoE(nn.Module):
+    """Grove MoE block whose experts (with their groups' adjugates) are sharded over the
+    ranks of `process_group` (None: the default group), G/P whole groups per rank.
+
+    dispatch="all_to_all" (default): each rank routes and owns its own tokens; a token goes
+    once to each rank holding one of its experts. dispatch="all_reduce": every rank gets the
+    same tokens and the partial outputs are all-reduced. Every rank must call forward (and
+    backward) together. Constructing the module broadcasts the router from the group's first
+    rank; local shards are initialised from a per-rank random stream.
+    """
+
+    def __init__(self, hidden_size, intermediate_size, num_experts, top_k, group_size=2,
+                 adjugate_intermediate_size=128, adjugate_scale=0.05, *, renormalize=True,
+                 process_group=None, dispatch="all_to_all", device=None, dtype=None,
+                 _init=True):
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
+                            ("adjugate_intermediate_size", adjugate_intermediate_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not (
+                isinstance(num_experts, int) and 1 <= top_k <= num_experts):
+            raise ValueError(f"top_k: expected an int in [1, {num_experts}], got {top_k!r}")
+        if dispatch not in DISPATCH_STYLES:
+            raise ValueError(f"dispatch: expected one of {DISPATCH_STYLES}, got {dispatch!r}")
+        self.process_group, self.world_size, self.rank = resolve_group(process_group)
+        first, last = local_expert_range(num_experts, group_size, self.world_size, self.rank)
+        self.hidden_size = H = hidden_size
+        self.intermediate_size = I = intermediate_size
+        self.num_experts = E = num_experts
+        self.top_k = top_k
+        self.group_size = S = group_size
+        self.num_groups = E // S
+        self.first_expert, self.num_local_experts = first, last - first
+        self.num_local_groups = G_l = (last - first) // S
+        self.adjugate_intermediate_size = Ia = adjugate_intermediate_size
+        self.adjugate_scale = float(adjugate_scale)
+        self.renormalize = renormalize
+        self.dispatch = dispatch
+        kw = dict(device=device, dtype=dtype)
+        E_l = last - first
+        self.gate = nn.Linear(H, E, bias=False, **kw)
+        self.w1 = nn.Parameter(torch.empty(E_l, 2 * I, H, **kw))
+        self.w2 = nn.Parameter(torch.empty(E_l, H, I, **kw))
+        self.a1 = nn.Parameter(torch.empty(G_l, 2 * Ia, H, **kw))
+        self.a2 = nn.Parameter(torch.empty(G_l, H, Ia, **kw))
+        self.register_buffer("expert_bias", torch.zeros(E, device=device, dtype=torch.float32))
+        self.register_buffer("expert_map", local_expert_map(E, first, last, device),
+                             persistent=False)
+        self.last_topk_ids = None
+        self.last_dispatch = None  # DispatchInfo of the latest all_to_all forward
+        if _init:
+            self.reset_parameters()
+
+    def reset_parameters(self):
+        # GroveMoE's init (U(±1/sqrt(fan_in)) per expert) from a per-rank stream: ranks seeded
+        # alike must not start with identical experts.
+        seed = int(torch.randint(2 ** 62, (1,)).item()) + self.rank
+        for p in (self.w1, self.w2, self.a1, self.a2):
+            if p.device.type == "meta":
+                continue
+            gen = torch.Generator(p.device).manual_seed(seed)
+            bound = 1.0 / math.sqrt(p.shape[-1])
+            with torch.no_grad():
+                p.uniform_(-bound, bound, generator=gen)
+        self.gate.reset_parameters()
+        self.expert_bias.zero_()
+        self.broadcast_router()
+
+    @torch.no_grad()
+    def broadcast_router(self):
+        """Copy the router (gate weight, expert_bias) of the group's first rank to all ranks."""
+        if self.gate.weight.device.type == "meta" or self.world_size == 1:
+            return
+        src = dist.get_global_rank(self.process_group, 0)
+        for t in (self.gate.weight, self.expert_bias):
+            dist.broadcast(t.data, src=src, group=self.process_group)
+
+    def _apply(self, fn, *args, **kwargs):
+        # As GroveMoE: .to(bf16) must not round the selection bias; the map stays int32.
+        bias, emap = self.expert_bias, self.expert_map
+        result = super()._apply(fn, *args, **kwargs)
+        self.expert_bias = bias.to(device=self.expert_bias.device)
+        self.expert_map = emap.to(device=self.expert_map.device)
+        return result
+
+    def extra_repr(self):
+        return (f"H={self.hidden_size}, I={self.intermediate_size}, E={self.num_experts}, "
+                f"k={self.top_k}, S={self.group_size}, Ia={self.adjugate_intermediate_size}, "
+                f"adjugate_scale={self.adjugate_scale}, rank={self.rank}/{self.world_size}, "
+                f"experts=[{self.first_expert}, {self.first_expert + self.num_local_experts}), "
+                f"dispatch={self.dispatch}")
+
+    def forward(self, hidden_states):
+        shape = hidden_states.shape
+        if shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states: expected last dimension {self.hidden_size}, got "
+                             f"shape {tuple(shape)}")
+        x = hidden_states.reshape(-1, self.hidden_size)
+        logits = self.gate(x)
+        weights, ids = gk.grove_topk(logits, self.top_k, renormalize=self.renormalize,
+                                     selection_bias=self.expert_bias)
+        if self.training:
+            self.last_topk_ids = ids.detach()
+        kw = dict(group_size=self.group_size, adjugate_scale=self.adjugate_scale,
+                  process_group=self.process_group)
+        if self.dispatch == "all_to_all":
+            y, self.last_dispatch = dispatch_grove_experts(
+                x, self.w1, self.w2, self.a1, self.a2, weights, ids, return_info=True, **kw)
+        else:
+            y = allreduce_grove_experts(x, self.w1, self.w2, self.a1, self.a2, weights, ids, **kw)
+        return y.reshape(shape)
+
+    @torch.no_grad()
+    def reduce_router_grad(self):
+        """Sum the router's gradient over the ranks (all_to_all style: each rank's gate weight
+        saw only its own tokens). A no-op for the all_reduce style, whose router gradient is
+        already complete on every rank. Divide by the world size for a DDP-like mean."""
+        g = self.gate.weight.grad
+        if self.dispatch == "all_to_all" and g is not None and self.world_size > 1:
+            dist.all_reduce(g, group=self.process_group)
+
+    @torch.no_grad()
+    def update_selection_bias(self, topk_ids, lr=1e-3):
+        """GroveMoE.update_selection_bias with F counted over the whole group's tokens (for the
+        all_to_all style the slot counts are summed over ranks), so the bias stays replicated.
+        Every rank must call it (it is a collective in the all_to_all style)."""
+        if not isinstance(topk_ids, torch.Tensor) or topk_ids.dtype not in (torch.int32,
+                                                                             torch.int64):
+            raise TypeError("topk_ids: expected an int32/int64 tensor")
+        ids = topk_ids.reshape(-1).long().to(self.expert_bias.device)
+        counts = torch.cat([torch.bincount(ids, minlength=self.num_experts),
+                            ids.new_full((1,), ids.numel())]).float()
+        if self.dispatch == "all_to_all" and self.world_size > 1:
+            dist.all_reduce(counts, group=self.process_group)
+        n = counts[-1]
+        if n == 0:
+            return
+        delta = counts[:-1] / n - 1.0 / self.num_experts
+        norm = delta.norm()
+        self.expert_bias -= lr * torch.where(norm > 0, delta / norm.clamp_min(1e-30), 0.0)
+
+    @classmethod
+    def shard(cls, gate_weight, w1, w2, a1, a2, *, top_k, group_size=2, adjugate_scale=0.05,
+              expert_bias=None, renormalize=True, process_group=None, dispatch="all_to_all",
+              device=None, dtype=None):
+        """The module of this rank from FULL checkpoint tensors: gate_weight [E, H], w1
+        [E, 2I, H], w2 [E, H, I], a1 [G, 2Ia, H], a2 [G, H, Ia], expert_bias [E] or None.
+        Only this rank's slices are copied (to `device`/`dtype`, default those of w1); every
+        rank passes the same tensors, so no collective is needed."""
+        if not isinstance(gate_weight, torch.Tensor) or gate_weight.dim() != 2:
+            raise ValueError("gate_weight: expected a 2-D tensor [E, H]")
+        E, H = gate_weight.shape
+        if not isinstance(w1, torch.Tensor) or w1.dim() != 3 or tuple(w1.shape[::2]) != (E, H):
+            raise ValueError(f"w1: expected shape ({E}, 2I, {H}) (E, H of gate_weight), got "
+                             f"{tuple(w1.shape) if isinstance(w1, torch.Tensor) else type(w1)}")
+        if w1.shape[1] % 2 or not isinstance(a1, torch.Tensor) or a1.dim() != 3 or a1.shape[1] % 2:
+            raise ValueError("w1, a1: expected even middle dimensions (2I, 2Ia)")
+        if expert_bias is not None and tuple(expert_bias.shape) != (E,):
+            raise ValueError(f"expert_bias: expected shape ({E},), got {tuple(expert_bias.shape)}")
+        _, P, rank = resolve_group(process_group)
+        parts = shard_experts(w1, w2, a1, a2, group_size=group_size, world_size=P, rank=rank)
+        device = w1.device if device is None else device
+        dtype = w1.dtype if dtype is None else dtype
+        m = cls(H, w1.shape[1] // 2, E, top_k, group_size, a1.shape[1] // 2, adjugate_scale,
+                renormalize=renormalize, process_group=process_group, dispatch=dispatch,
+                device=device, dtype=dtype, _init=False)
+        with torch.no_grad():
+            m.gate.weight.copy_(gate_weight)
+            for p, src in zip((m.w1, m.w2, m.a1, m.a2), parts):
+                p.copy_(src)
+            if expert_bias is not None:
+                m.expert_bias.copy_(expert_bias)
+        return m
+
+    @classmethod
+    def from_full(cls, layer, process_group=None, dispatch="all_to_all"):
+        """The module of this rank from a full gk.GroveMoE (same weights on every rank)."""
+        if not isinstance(layer, gk.GroveMoE):
+            raise TypeError(f"layer: expected a grove_kernels.GroveMoE, got "
+                            f"{type(layer).__name__}")
+        return cls.shard(layer.gate.weight, layer.w1, layer.w2, layer.a1, layer.a2,
+                         top_k=layer.top_k, group_size=layer.group_size,
+                         adjugate_scale=layer.adjugate_scale, expert_bias=layer.expert_bias,
+                         renormalize=layer.renormalize, process_group=process_group,
+                         dispatch=dispatch)

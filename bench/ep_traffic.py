@@ -39,9 +39,11 @@ def source_ranks(num_tokens, world_size):
     return torch.arange(num_tokens) * world_size // max(num_tokens, 1)
 
 
-def traffic(topk_ids, source_rank, world_size, num_experts, hidden, elem_bytes):
+def traffic(topk_ids, source_rank, world_size, num_experts, hidden, elem_bytes,
+            slot_bytes=ID_BYTES + WEIGHT_BYTES):
     """{scheme: {rows, remote_rows, x_bytes, meta_bytes, combine_bytes}} for routing topk_ids
-    [T, k] (global ids) and the owner rank of each token source_rank [T]."""
+    [T, k] (global ids) and the owner rank of each token source_rank [T]; slot_bytes: an id
+    and a weight (16 for fp64 routing weights, which carry fp64-wide ids)."""
     if num_experts % world_size:
         raise ValueError(f"world_size: {world_size} does not divide the {num_experts} experts")
     ids = topk_ids.long()
@@ -54,11 +56,9 @@ def traffic(topk_ids, source_rank, world_size, num_experts, hidden, elem_bytes):
     row_x = hidden * elem_bytes
     out = {
         "token-once": dict(rows=int(need.sum()), remote_rows=once_remote,
-                           meta_row_bytes=k * (ID_BYTES + WEIGHT_BYTES)),
-        "per-expert": dict(rows=T * k, remote_rows=slot_remote,
-                           meta_row_bytes=ID_BYTES + WEIGHT_BYTES),
-        "released": dict(rows=2 * T * k, remote_rows=2 * slot_remote,
-                         meta_row_bytes=ID_BYTES + WEIGHT_BYTES),
+                           meta_row_bytes=k * slot_bytes),
+        "per-expert": dict(rows=T * k, remote_rows=slot_remote, meta_row_bytes=slot_bytes),
+        "released": dict(rows=2 * T * k, remote_rows=2 * slot_remote, meta_row_bytes=slot_bytes),
     }
     for c in out.values():
         c["x_bytes"] = c["remote_rows"] * row_x

@@ -139,9 +139,11 @@ def test_bytes_per_token_from_split_sizes(group, case):
     for r, info in enumerate(infos):
         T, H, k, E = info["tokens"], info["hidden"], info["top_k"], info["num_experts"]
         remote = sum(info["send_rows"]) - info["send_rows"][r]
-        row_bytes = H * 8 + 2 * k * 4  # fp64 x; k fp32 weights + k ids bit-cast to fp32
+        # fp64 x; k fp64 routing weights (fp64 logits) + k ids bit-cast to fp64
+        row_bytes = H * 8 + 2 * k * 8
         ids = torch.tensor(info["topk_ids"], dtype=torch.int64).reshape(T, k)
-        counts = ep_traffic.traffic(ids, torch.full((T,), r), P, E, H, elem_bytes=8)
+        counts = ep_traffic.traffic(ids, torch.full((T,), r), P, E, H, elem_bytes=8,
+                                    slot_bytes=16)
         once = counts["token-once"]
         assert sum(info["send_rows"]) == once["rows"]
         assert remote == once["remote_rows"]

@@ -34,6 +34,21 @@ def _stack(name, tensors, shape):
     return stacked
 
 
+def route(layer, hidden_states):
+    """x [T, H], routing weights and ids [T, k] of hidden_states [..., H] through the router
+    of `layer` (gate, top_k, renormalize, expert_bias); a training layer keeps the ids for
+    update_selection_bias."""
+    if hidden_states.shape[-1] != layer.hidden_size:
+        raise ValueError(f"hidden_states: expected last dimension {layer.hidden_size}, got "
+                         f"shape {tuple(hidden_states.shape)}")
+    x = hidden_states.reshape(-1, layer.hidden_size)
+    weights, ids = api.grove_topk(layer.gate(x), layer.top_k, renormalize=layer.renormalize,
+                                  selection_bias=layer.expert_bias)
+    if layer.training:
+        layer.last_topk_ids = ids.detach()
+    return x, weights, ids
+
+
 class GroveMoE(nn.Module):
     def __init__(self, hidden_size, intermediate_size, num_experts, top_k, group_size=2,
                  adjugate_intermediate_size=128, adjugate_scale=0.05, *, renormalize=True,
@@ -92,20 +107,11 @@ class GroveMoE(nn.Module):
                 f"adjugate_scale={self.adjugate_scale}")
 
     def forward(self, hidden_states):
-        shape = hidden_states.shape
-        if shape[-1] != self.hidden_size:
-            raise ValueError(f"hidden_states: expected last dimension {self.hidden_size}, got "
-                             f"shape {tuple(shape)}")
-        x = hidden_states.reshape(-1, self.hidden_size)
-        logits = self.gate(x)
-        weights, ids = api.grove_topk(logits, self.top_k, renormalize=self.renormalize,
-                                      selection_bias=self.expert_bias)
-        if self.training:
-            self.last_topk_ids = ids.detach()
+        x, weights, ids = route(self, hidden_states)
         y = api.fused_grove_experts(x, self.w1, self.w2, self.a1, self.a2, weights, ids,
                                     group_size=self.group_size,
                                     adjugate_scale=self.adjugate_scale)
-        return y.reshape(shape)
+        return y.reshape(hidden_states.shape)
 
     @torch.no_grad()
     def update_selection_bias(self, topk_ids, lr=1e-3):

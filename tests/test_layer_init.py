@@ -1,5 +1,5 @@
 """GroveMoE built on the meta device (deferred init, FSDP) and materialised, and the argument
-check of update_selection_bias (issue 15, items 4 and 6).
+check of update_selection_bias.
 
     GroveMoE(..., device="meta") -> to_empty(device) -> reset_parameters() -> a usable layer,
     equal to one built on the device and reset from the same seed (usable on CUDA too:

@@ -1,5 +1,6 @@
 """The ranking rule of grove_topk (README "Routing semantics") on every backend, against a
-plain float64 computation written here: issue 15, items 1-3 and the fp64 weights of item 6.
+plain float64 computation written here: ties, NaN logits and biases, saturated sigmoids,
+fp64 weights for fp64 logits.
 
     rule_topk(l [T, E], k, bias [E]?) -> w fp64 [T, k], ids [T, k]
         score = l, or sigmoid(l) + bias, in float64

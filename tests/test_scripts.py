@@ -1,5 +1,5 @@
 """scripts/demo.sh and scripts/test.sh (through scripts/setup.sh) with a stand-in Python that
-records what they would install, build and run (issue 15, item 7): nothing is installed.
+records what they would install, build and run: nothing is installed.
 
     fake python: `-m pip ...` logs the call with its GROVE_BUILD_CUDA; `csrc/build_cuda.py`
                  logs "build_cuda" (exit FAKE_BUILD_RC); other `-m X` log "run X"; `-c CODE`

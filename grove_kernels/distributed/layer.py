@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 import grove_kernels as gk
+from grove_kernels.layer import route
 
 from .functional import (DISPATCH_STYLES, allreduce_grove_experts, dispatch_grove_experts,
                          local_expert_map, local_expert_range, resolve_group)
@@ -136,15 +137,7 @@ class ExpertParallelGroveMoE(nn.Module):
 
     def forward(self, hidden_states):
         shape = hidden_states.shape
-        if shape[-1] != self.hidden_size:
-            raise ValueError(f"hidden_states: expected last dimension {self.hidden_size}, got "
-                             f"shape {tuple(shape)}")
-        x = hidden_states.reshape(-1, self.hidden_size)
-        logits = self.gate(x)
-        weights, ids = gk.grove_topk(logits, self.top_k, renormalize=self.renormalize,
-                                     selection_bias=self.expert_bias)
-        if self.training:
-            self.last_topk_ids = ids.detach()
+        x, weights, ids = route(self, hidden_states)
         kw = dict(group_size=self.group_size, adjugate_scale=self.adjugate_scale,
                   process_group=self.process_group)
         if self.dispatch == "all_to_all":

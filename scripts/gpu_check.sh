@@ -7,11 +7,14 @@
 #          build/grove_cuda with the same nvcc are reused). Before the device call, on the CPU
 #          machine: `pip download --no-deps nvidia-cutlass==4.2.0.0 -d build/wheels` and
 #          `python csrc/build_cuda.py`, then carry build/wheels and build/grove_cuda.
-#   tests  the GPU tests (every backend against the float64 reference, graph capture, no syncs)
+#   tests  python -m grove_kernels.selfcheck (every backend against float64 at grove-33b) and
+#          the GPU tests (every backend against the float64 reference, graph capture, no syncs)
 #   sanitize  compute-sanitizer memcheck over the cuda backend's op tests and a mid-size layer
 #   tune   the Triton tile tuner at grove-33b shapes (TUNE_BUDGET_S, default 240 s)
 #          -> OUT_DIR/configs.json, also copied to grove_kernels/triton/ for the bench
-#   bench  the benchmark protocol of DESIGN §6 -> OUT_DIR/<device>_<date>.{json,png}
+#   bench  the benchmark protocol of DESIGN §6 -> OUT_DIR/<device>_<date>.{json,png}; with
+#          vLLM's kernel beside ours when the anchors were carried: copy ../shared/anchors to
+#          .anchors/ (git-ignored) and carry it
 # Each stage fits one 10-minute device command. Afterwards copy OUT_DIR/configs.json to
 # grove_kernels/triton/ and the results to bench/results/.
 set -uo pipefail
@@ -21,6 +24,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mkdir -p "$out"
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+variants=grove,plain,grove-2call,grouped_mm,grouped_mm-plain
+if [[ -d .anchors/vllm/shim ]]; then
+  export PYTHONPATH="$PWD/.anchors/vllm/shim:$PYTHONPATH"
+  variants+=,vllm
+fi
 case $stage in all|build|tests|sanitize|tune|bench) ;; *) echo "unknown stage: $stage" >&2; exit 2 ;; esac
 if [[ $stage == all || $stage == build ]]; then
   if [[ -n ${CUTLASS_WHEEL:-} ]] && ! "$PY" -c "import cutlass_library" 2>/dev/null; then
@@ -30,6 +38,7 @@ if [[ $stage == all || $stage == build ]]; then
   "$PY" -c "import grove_kernels.cuda as c; print(c.build_info())"
 fi
 if [[ $stage == all || $stage == tests ]]; then
+  "$PY" -m grove_kernels.selfcheck 2>&1 | tee "$out/selfcheck.log" | tail -8
   # The cuda backend's tests get their own processes, so a CUDA error there (which poisons
   # the context) cannot fail the torch/triton tests.
   GROVE_TEST_BACKENDS=torch,triton "$PY" -m pytest -q -m gpu tests \
@@ -52,6 +61,6 @@ if [[ $stage == all || $stage == tune ]]; then
 fi
 if [[ $stage == all || $stage == bench ]]; then
   "$PY" -m bench --pass both --routing uniform,coactive,skewed --results-dir "$out" \
-    --backends "${BENCH_BACKENDS:-triton,cuda}" 2>&1 \
+    --variants "$variants" --backends "${BENCH_BACKENDS:-triton,cuda}" 2>&1 \
     | tee "$out/bench.log" | tail -60
 fi

@@ -135,6 +135,8 @@ def experts_forward(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Optional[
     weights = Weights(w1, w2, a1, a2)
     _check_groups(w1, a1, group_size)
     _check_values(topk_ids, w1.shape[0], expert_map, group_size, weights.grove)
+    # A concrete name is checked again here (supports() reads metadata only): the op is public
+    # too, and a kernel backend given what it cannot run would read out of bounds.
     backend = backends.resolve(hidden_states, weights, backend)
     _, plan_stage = backends.stage(backend, hidden_states.device)
     plan = plan_stage.build_plan(topk_ids, topk_weights, w1.shape[0],

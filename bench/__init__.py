@@ -11,9 +11,12 @@ Dataflow of one row: preset (H, E, k, I, S, Ia, λ) + T + routing mode
        timed outside of routing -> µs, TFLOP/s, GB/s, floor, % of floor.
 
 Modules: presets (shapes), routing (logit generators), cost (FLOP/byte model), timing
-(timers + ceilings), grouped_mm_layer (the torch._grouped_mm Grove layer), variants (what is
-timed), runner (the sweep), progress (stderr lines + progress bar), report (table, JSON, CSV,
-result file names), plot (the PNG; matplotlib, optional; `python -m bench.plot RESULT.json`
-redraws a saved run), cli (argparse); conftest + test_bench_layer (the pytest-benchmark
-suite). tests/test_bench_smoke.py runs `--smoke`. Recorded runs live in bench/results/.
+(timers + ceilings), grouped_mm_layer (the torch._grouped_mm Grove and plain layers in the
+usual form), grouped_mm_index_add (the bench's first such layer, kept as a variant), anchors
+(Liger-Kernel's fused MoE and ScatterMoE as the bench calls them), variants (what is timed),
+runner (the sweep), progress (stderr lines + progress bar), report (table, JSON, CSV, result
+file names), plot (the PNG; matplotlib, optional; `python -m bench.plot RESULT.json` redraws a
+saved run), cli (argparse); conftest + test_bench_layer (the pytest-benchmark suite),
+test_grouped_mm_layer and test_anchors (those layers against the float64 oracle).
+tests/test_bench_smoke.py runs `--smoke`. Recorded runs live in bench/results/.
 """

@@ -5,13 +5,16 @@ small sweep on a CPU), uniform routing, every gk backend, both passes, bf16 on a
 fp32 on a CPU. `--smoke` is a CPU run that finishes in seconds: tiny preset, three T, both
 passes, the torch backend (Triton on a CPU is its interpreter: it would time Python).
 
-Outputs: the table on stdout; `--json`, `--csv`, `--plot` (a PNG, needs matplotlib) where
-asked; `--results-dir DIR` writes the JSON and the PNG into DIR as `<device>_<date>.json/.png`
-(bench/results/README.md). On stderr a line per row, and a progress bar while stderr is a
-terminal; `--quiet` drops both. Output paths are checked before the sweep, not after it: a
-GPU sweep takes minutes, and a typo in a path or a missing matplotlib should not cost them.
+Outputs: the table on stdout; `--json` (rewritten after every row with "complete": false
+until the sweep ends, so a run cut short keeps its rows), `--csv`, `--plot` (a PNG, needs
+matplotlib) where asked; `--results-dir DIR` writes the JSON and the PNG into DIR as
+`<device>_<date>.json/.png` (bench/results/README.md). On stderr a line per row, and a
+progress bar while stderr is a terminal; `--quiet` drops both. Output paths are checked
+before the sweep, not after it: a GPU sweep takes minutes, and a typo in a path or a missing
+matplotlib should not cost them.
 """
 import argparse
+import functools
 import os
 import sys
 
@@ -63,7 +66,11 @@ def build_parser():
     p.add_argument("--backends", type=_csv_list, default=None,
                    help="comma list of gk backends (default: gk.available_backends())")
     p.add_argument("--variants", type=_csv_list, default=None,
-                   help=f"comma list of {','.join(v.name for v in VARIANTS)} (default all)")
+                   help=f"comma list of {','.join(v.name for v in VARIANTS)} (default all). "
+                   "grouped_mm*: torch._grouped_mm layers (the usual form; -index_add: the "
+                   "bench's first one); liger, liger-2call, scattermoe: the training anchors "
+                   "(GPU only; skipped with the reason where not importable); "
+                   "bench/variants.py describes each")
     p.add_argument("--pass", dest="pass_", choices=sorted(PASS_CHOICES), default="both")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default bf16 on GPU, fp32 on CPU")
@@ -166,6 +173,9 @@ def main(argv=None):
     results_png = check_outputs(args, parser)
     if args.quiet:
         cfg.log = None
+    if args.json:
+        # Rewritten after every row: a run cut short (a device's time limit) keeps its rows.
+        cfg.on_row = functools.partial(report.write_json, path=args.json)
     result = runner.run(cfg)
     written = []
     if args.json:

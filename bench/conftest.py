@@ -1,4 +1,5 @@
-"""Fixtures of the pytest-benchmark suite (bench/test_bench_layer.py).
+"""Fixtures of the pytest-benchmark suite (bench/test_bench_layer.py); test_grouped_mm_layer.py
+and test_anchors.py beside it need none.
 
 `pytest bench --benchmark-only` times every variant; `pytest bench --benchmark-disable` runs
 each once as a correctness test. `pytest tests` never collects this folder (the project's

@@ -1,7 +1,10 @@
 """Output of a sweep: the readable table (stdout), the JSON file, the CSV file.
 
 The JSON is the record (DESIGN §6): top level device, torch, commit, date, ceilings
-{copy_GBps, matmul_TFLOPs, ...}, rows, plus skipped (variant, backend, pass, reason) and config.
+{copy_GBps, matmul_TFLOPs, ...}, rows, plus skipped (variant, backend, pass, reason),
+best_plain_training (per routing, T, pass: the fastest of the plain training layers
+liger / grouped_mm-plain / scattermoe and grove's fastest backend beside it) and config
+(with the anchors' versions).
 Each row: preset, routing, T, pass, variant, backend, us, tflops, gbps, floor_us, pct_floor,
 distinct_groups, and the extras vs_baseline, flops, bytes, timing, rel_err, check.
 The CSV holds the rows alone, one per line, the same keys.
@@ -17,6 +20,7 @@ import os
 import re
 
 from bench.runner import EXTRA_KEYS, ROW_KEYS
+from bench.variants import TRAINING_ANCHORS
 
 _COLUMNS = (  # (header, row key, format)
     ("routing", "routing", "{}"),
@@ -78,6 +82,15 @@ def format_table(result):
     lines.append(fmt_line(head))
     lines.append(fmt_line(["-" * w for w in widths]))
     lines.extend("" if b is None else fmt_line(b) for b in body)
+    best = result.get("best_plain_training")
+    if best:
+        lines.append("best plain training layer (fastest of " + ", ".join(TRAINING_ANCHORS)
+                     + " in this run) and grove's fastest backend:")
+        for b in best:
+            vs = (f"; grove/{b['grove_backend']} {b['grove_us']:.1f} us = "
+                  f"{b['grove_vs_best']:.2f}x" if b["grove_us"] else "; no grove row")
+            lines.append(f"  {b['routing']} T={b['T']} {b['pass']}: {b['variant']} "
+                         f"{b['us']:.1f} us ({b['timing']}){vs}")
     for s in result.get("skipped", []):
         where = f" (routing {s['routing']}, T={s['T']})" if "T" in s else ""
         lines.append(f"skipped {s['variant']}/{s['backend']} {s['pass']}{where}: {s['reason']}")
@@ -85,9 +98,13 @@ def format_table(result):
 
 
 def write_json(result, path):
-    with open(path, "w") as f:
+    """Writes `result` to `path` whole or not at all (a temporary file, then a rename): the
+    sweep rewrites it after every row, and a kill mid-write must leave the last good one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(result, f, indent=1, allow_nan=True)
         f.write("\n")
+    os.replace(tmp, path)
 
 
 def write_csv(result, path):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 import grove_kernels as gk
+from bench import anchors
 from bench import cost as cost_model
 from bench import routing as routing_mod
 from bench import timing, variants as var
@@ -44,6 +45,7 @@ class Config:
     seed: int = 0
     log: object = field(default=sys.stderr)  # None: silent (--quiet)
     progress: object = None  # the bar: None when `log` is a TTY, False never, True always
+    on_row: object = None  # called with the result so far ("complete": False) after each row
 
 
 def git_commit():
@@ -102,6 +104,7 @@ def _run(cfg, bar):
     weights = var.make_weights(preset, device, dtype, seed=cfg.seed)
     elem = torch.empty(0, dtype=dtype).element_size()
     rows, skipped, seen_skips = [], [], set()
+    commit = git_commit()
 
     def skip(variant, backend, pass_, reason, **where):
         key = (variant.name, backend, pass_, reason)
@@ -175,15 +178,25 @@ def _run(cfg, bar):
                         rows.append(row)
                         bar.write(f"{mode:>8} T={T:<6} {pass_:<7} {variant.name:>16}/{backend:<6} "
                                   f"{m.us:10.1f} us  {m.method:<5} {verdict}")
+                        if cfg.on_row is not None:
+                            cfg.on_row(_result(cfg, commit, ceilings, rows, skipped, False))
+    return _result(cfg, commit, ceilings, rows, skipped, True)
+
+
+def _result(cfg, commit, ceilings, rows, skipped, complete):
+    """The JSON-ready record of the rows so far; `complete` is False until the sweep ends."""
+    device, dtype, preset = cfg.device, cfg.dtype, cfg.preset
     _fill_baselines(rows, cfg.variants)
     return {
         "device": device_name(device),
         "torch": torch.__version__,
-        "commit": git_commit(),
+        "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "complete": complete,
         "ceilings": ceilings,
-        "rows": rows,
-        "skipped": skipped,
+        "rows": list(rows),
+        "skipped": list(skipped),
+        "best_plain_training": best_plain_training(rows),
         "config": {
             "preset": preset.as_dict(),
             "tokens": list(cfg.tokens),
@@ -195,6 +208,7 @@ def _run(cfg, bar):
             "device_type": device.type,
             "python": platform.python_version(),
             "grove_kernels_backends": gk.available_backends(),
+            "anchors": anchors.versions(),
         },
     }
 
@@ -212,3 +226,28 @@ def _fill_baselines(rows, variants):
         base = index.get((r["routing"], r["T"], r["pass"], v.baseline, base_backend))
         if base:
             r["vs_baseline"] = r["us"] / base
+
+
+def best_plain_training(rows):
+    """Per (routing, T, pass): the fastest plain training layer of this run (a variant of
+    var.TRAINING_ANCHORS whose check is ok, or unchecked under --no-check) and the Grove
+    layer's fastest backend beside it. grove_vs_best = grove us / best us: below 1 means the
+    Grove layer, adjugates included, beats every plain training layer measured here."""
+    best, grove = {}, {}
+    for r in rows:
+        if r.get("check") not in ("ok", "unchecked"):
+            continue
+        key = (r["routing"], r["T"], r["pass"])
+        pick = best if r["variant"] in var.TRAINING_ANCHORS else (
+            grove if r["variant"] == "grove" else None)
+        if pick is not None and (key not in pick or r["us"] < pick[key]["us"]):
+            pick[key] = r
+    out = []
+    for key, b in best.items():
+        g = grove.get(key)
+        out.append({"routing": key[0], "T": key[1], "pass": key[2], "variant": b["variant"],
+                    "backend": b["backend"], "us": b["us"], "timing": b["timing"],
+                    "grove_backend": g["backend"] if g else None,
+                    "grove_us": g["us"] if g else None,
+                    "grove_vs_best": g["us"] / b["us"] if g else None})
+    return out

@@ -7,9 +7,20 @@ topk_weights [T, k] fp32, topk_ids [T, k] int32, y [T, H], grad_out g [T, H].
     plain            gk.fused_experts, same backend: the layer without adjugates
     grove-2call      the released scheme: fused_experts(x, w1, w2, w, ids)
                      + fused_experts(x, a1, a2, λ·w, ids // S); a shared adjugate runs twice
-    grouped_mm       Grove layer from torch._grouped_mm + autograd (bench.grouped_mm_layer)
-    grouped_mm-plain its plain MoE twin: the training baseline DESIGN §6 quotes
+    grouped_mm       Grove layer from torch._grouped_mm + autograd, the usual form (one sort,
+                     gather, grouped_mm, SwiGLU, grouped_mm, un-permute, bmm with the weights;
+                     bench.grouped_mm_layer)
+    grouped_mm-plain its plain MoE twin: the fair torch._grouped_mm training baseline
+    grouped_mm-index_add, grouped_mm-index_add-plain
+                     the bench's first torch._grouped_mm layer (fp32 index_add combine, masks,
+                     a sort per section; bench.grouped_mm_index_add), kept to show its cost
+    liger            Liger-Kernel's fused MoE (plain; bench.anchors)
+    liger-2call      the Grove layer from two Liger calls (adjugates with ids // S)
+    scattermoe       ScatterMoE's parallel_linear chain (plain; bench.anchors)
     vllm             vLLM's fused_experts on the plain layer (forward only: it has no backward)
+
+TRAINING_ANCHORS are the plain training layers a Grove trainer would otherwise use: the report
+names the fastest of them per (routing, T, pass) in the same run.
 
 Forward (`fwd`): the callable returns y. Forward + backward (`fwd+bwd`): the callable runs the
 forward on leaves that require grad (x, every weight the layer uses, topk_weights) and returns
@@ -17,7 +28,7 @@ torch.autograd.grad(y, leaves, g). autograd.grad, not .backward(): nothing accum
 .grad between replays, so a captured graph is idempotent. g is a fixed random tensor rather
 than ones: the gradient of y.sum() is an expanded (stride-0) tensor, which some kernels
 (torch._grouped_mm among them) reject, and a loss ⟨y, g⟩ costs the same.
-The λ·w and ids // S of the two-call scheme are computed inside the timed call: the released
+The λ·w and ids // S of the two-call schemes are computed inside the timed call: the released
 layer pays for them too.
 
 Add a variant by appending to VARIANTS; the runner, the report and the pytest suite pick it up.
@@ -30,6 +41,8 @@ from typing import Callable, Optional
 import torch
 
 import grove_kernels as gk
+from bench import anchors
+from bench.grouped_mm_index_add import grouped_mm_index_add_moe
 from bench.grouped_mm_layer import grouped_mm_moe
 
 
@@ -82,6 +95,28 @@ def _grouped_mm_plain(t, p):
     return grouped_mm_moe(t.x, t.w1, t.w2, t.w, t.ids)
 
 
+def _grouped_mm_index_add(t, p):
+    return grouped_mm_index_add_moe(t.x, t.w1, t.w2, t.w, t.ids, t.a1, t.a2,
+                                    group_size=p.group_size, adjugate_scale=p.adj_scale)
+
+
+def _grouped_mm_index_add_plain(t, p):
+    return grouped_mm_index_add_moe(t.x, t.w1, t.w2, t.w, t.ids)
+
+
+def _liger(t, p):
+    return anchors.liger_forward(t.x, t.w1, t.w2, t.w, t.ids)
+
+
+def _liger_2call(t, p):
+    return anchors.liger_grove_2call(t.x, t.w1, t.w2, t.a1, t.a2, t.w, t.ids, p.group_size,
+                                     p.adj_scale)
+
+
+def _scattermoe(t, p):
+    return anchors.scattermoe_forward(t.x, t.w1, t.w2, t.w, t.ids)
+
+
 def _vllm(t, p):
     from vllm.model_executor.layers.fused_moe import fused_experts
 
@@ -90,8 +125,9 @@ def _vllm(t, p):
 
 @functools.lru_cache(maxsize=None)
 def _probe_grouped_mm(device, dtype):
-    """Why torch._grouped_mm cannot run here (None if it can): a forward and a backward on
-    a 4-token problem. Kernels exist only for some device/dtype pairs (CUDA: bf16 on sm_90+)."""
+    """Why torch._grouped_mm cannot run here (None if it can): a forward and a backward of
+    both torch._grouped_mm layers on a 4-token problem. Kernels exist only for some
+    device/dtype pairs (CUDA: bf16 on sm_90+; CPU: fp32, bf16, fp16)."""
     if not hasattr(torch, "_grouped_mm"):
         return "torch._grouped_mm is missing from this torch"
     try:
@@ -101,8 +137,9 @@ def _probe_grouped_mm(device, dtype):
         w2 = torch.randn(4, 32, 16, generator=gen).to(device, dtype).requires_grad_()
         ids = torch.tensor([[0, 1], [1, 3], [3, 2], [0, 3]], device=device, dtype=torch.int32)
         w = torch.full((4, 2), 0.5, device=device, requires_grad=True)
-        y = grouped_mm_moe(x, w1, w2, w, ids, w1[:2], w2[:2], group_size=2)
-        torch.autograd.grad(y, (x, w1, w2, w), torch.ones_like(y))
+        for layer in (grouped_mm_moe, grouped_mm_index_add_moe):
+            y = layer(x, w1, w2, w, ids, w1[:2], w2[:2], group_size=2)
+            torch.autograd.grad(y, (x, w1, w2, w), torch.ones_like(y))
     except Exception as exc:
         return f"torch._grouped_mm fails on {device}/{dtype}: {type(exc).__name__}: {exc}"[:200]
     return None
@@ -128,10 +165,21 @@ VARIANTS = (
             probe=_probe_grouped_mm),
     Variant("grouped_mm-plain", "plain", _grouped_mm_plain, backend="aten",
             baseline="grouped_mm-plain", probe=_probe_grouped_mm),
+    Variant("grouped_mm-index_add", "grove", _grouped_mm_index_add, backend="aten",
+            baseline="grouped_mm-index_add-plain", probe=_probe_grouped_mm),
+    Variant("grouped_mm-index_add-plain", "plain", _grouped_mm_index_add_plain, backend="aten",
+            baseline="grouped_mm-index_add-plain", probe=_probe_grouped_mm),
+    Variant("liger", "plain", _liger, backend="liger", baseline="liger",
+            probe=anchors.probe_liger),
+    Variant("liger-2call", "grove", _liger_2call, backend="liger", baseline="liger",
+            probe=anchors.probe_liger),
+    Variant("scattermoe", "plain", _scattermoe, backend="scattermoe", baseline="scattermoe",
+            probe=anchors.probe_scattermoe),
     Variant("vllm", "plain", _vllm, backend="vllm", baseline="vllm", backward=False,
             probe=_probe_vllm),
 )
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
+TRAINING_ANCHORS = ("liger", "grouped_mm-plain", "scattermoe")
 
 
 def skip_reason(variant, device, dtype, pass_):

@@ -57,6 +57,7 @@ def test_top_level_schema(smoke):
         v = result["ceilings"][key]
         assert isinstance(v, float) and math.isfinite(v) and v > 0, (key, v)
     assert result["rows"], "no rows"
+    assert result["complete"] is True
 
 
 def test_rows_schema_and_numbers(smoke):
@@ -126,6 +127,95 @@ def test_distinct_groups_match_the_routing(smoke):
         d = cost.distinct_groups_per_token(ids, tiny.group_size).double().mean().item()
         rows = [r for r in result["rows"] if r["T"] == T]
         assert rows and all(r["distinct_groups"] == pytest.approx(d, rel=1e-12) for r in rows)
+
+
+GROUPED_MM_VARIANTS = ("grouped_mm", "grouped_mm-plain", "grouped_mm-index_add",
+                       "grouped_mm-index_add-plain")
+
+
+@pytest.mark.parametrize("variant", GROUPED_MM_VARIANTS)
+def test_grouped_mm_variants_run_or_say_why(smoke, variant):
+    """torch._grouped_mm runs on a CPU in torch 2.13 (fp32): every T and pass, checked ok; a
+    torch without it has the probe's reason in `skipped` instead."""
+    result, _ = smoke
+    got = {(r["T"], r["pass"]) for r in result["rows"] if r["variant"] == variant}
+    reasons = [s["reason"] for s in result["skipped"] if s["variant"] == variant]
+    if reasons:
+        assert not got and all("torch._grouped_mm" in r for r in reasons), reasons
+    else:
+        assert got == {(T, p) for T in SMOKE_TOKENS for p in ("fwd", "fwd+bwd")}
+
+
+@pytest.mark.parametrize("variant", ["liger", "liger-2call", "scattermoe"])
+def test_training_anchors_are_skipped_on_a_cpu_with_a_reason(smoke, variant):
+    result, stdout = smoke
+    assert not [r for r in result["rows"] if r["variant"] == variant]
+    skips = [s for s in result["skipped"] if s["variant"] == variant]
+    assert {s["pass"] for s in skips} == {"fwd", "fwd+bwd"}
+    assert all("GPU" in s["reason"] for s in skips)
+    assert f"skipped {variant}/" in stdout
+
+
+def test_best_plain_training_layer_is_the_fastest_anchor(smoke):
+    """best_plain_training names, per (routing, T, pass), the fastest checked row among
+    liger / grouped_mm-plain / scattermoe, and grove's fastest backend beside it."""
+    from bench.variants import TRAINING_ANCHORS
+
+    result, stdout = smoke
+    best = {(b["routing"], b["T"], b["pass"]): b for b in result["best_plain_training"]}
+    anchor_rows = [r for r in result["rows"] if r["variant"] in TRAINING_ANCHORS]
+    keys = {(r["routing"], r["T"], r["pass"]) for r in anchor_rows}
+    assert set(best) == keys
+    for key, b in best.items():
+        rows = [r for r in anchor_rows if (r["routing"], r["T"], r["pass"]) == key]
+        fastest = min(rows, key=lambda r: r["us"])
+        assert (b["variant"], b["backend"], b["us"]) == (fastest["variant"], fastest["backend"],
+                                                       fastest["us"])
+        grove = min((r for r in result["rows"] if r["variant"] == "grove"
+                     and (r["routing"], r["T"], r["pass"]) == key), key=lambda r: r["us"])
+        assert (b["grove_backend"], b["grove_us"]) == (grove["backend"], grove["us"])
+        assert b["grove_vs_best"] == pytest.approx(grove["us"] / fastest["us"], rel=1e-12)
+    if keys:
+        assert "best plain training layer" in stdout
+    assert "anchors" in result["config"]
+
+
+def _best_row(variant, backend, T, us, check="ok", pass_="fwd+bwd"):
+    return {"routing": "uniform", "T": T, "pass": pass_, "variant": variant, "backend": backend,
+            "us": us, "check": check, "timing": "graph"}
+
+
+def test_best_plain_training_skips_wrong_rows_and_other_variants():
+    from bench.runner import best_plain_training
+
+    rows = [_best_row("liger", "liger", 64, 50.0, check="MISMATCH"),  # wrong: not a result
+            _best_row("grouped_mm-plain", "aten", 64, 80.0),
+            _best_row("scattermoe", "scattermoe", 64, 70.0),
+            _best_row("grouped_mm-index_add-plain", "aten", 64, 10.0),  # not an anchor
+            _best_row("plain", "triton", 64, 5.0),  # ours, not an anchor
+            _best_row("grove", "triton", 64, 90.0), _best_row("grove", "cuda", 64, 60.0),
+            _best_row("liger", "liger", 8, 30.0)]  # no grove row at T = 8
+    best = {b["T"]: b for b in best_plain_training(rows)}
+    assert (best[64]["variant"], best[64]["us"]) == ("scattermoe", 70.0)
+    assert (best[64]["grove_backend"], best[64]["grove_vs_best"]) == ("cuda", 60.0 / 70.0)
+    assert (best[8]["variant"], best[8]["grove_us"], best[8]["grove_vs_best"]) == \
+        ("liger", None, None)
+
+
+def test_partial_results_after_every_row():
+    """Config.on_row sees the record after each row, "complete": False, rows growing; the
+    CLI writes it to --json so a sweep cut short keeps what it measured."""
+    from bench import presets, runner, variants
+
+    seen = []
+    cfg = runner.Config(preset=presets.get_preset("tiny"), tokens=(1, 4), routings=("uniform",),
+                        backends=("torch",), variants=(variants.VARIANTS_BY_NAME["plain"],),
+                        passes=("fwd",), dtype=torch.float32, device=torch.device("cpu"),
+                        quick=True, log=None, on_row=seen.append)
+    result = runner.run(cfg)
+    assert [len(r["rows"]) for r in seen] == [1, 2]
+    assert [r["complete"] for r in seen] == [False, False] and result["complete"] is True
+    assert seen[-1]["rows"] == result["rows"]
 
 
 def test_table_printed(smoke):

@@ -130,16 +130,22 @@ def test_stage_pairs_routing_and_plan_with_the_backend():
 
 
 @pytest.mark.skipif("triton" not in gk.available_backends(), reason="triton unavailable")
-def test_fp32_dots_follow_torch_tf32_setting(monkeypatch):
+def test_fp32_dots_follow_torch_tf32_setting():
     """Triton's fp32 tl.dot defaults to tf32; the kernels run IEEE fp32 unless torch allows
     tf32 (torch.backends.cuda.matmul.allow_tf32), as torch's own matmuls do."""
     from grove_kernels.triton.gemm_common import dot_flags
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert dot_flags(torch.float32)["IEEE"] is True
-    assert dot_flags(torch.bfloat16)["IEEE"] is False
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert dot_flags(torch.float32)["IEEE"] is False
+    matmul = torch.backends.cuda.matmul
+    # A property of torch's, set and restored by hand (monkeypatch's undo deletes it).
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert dot_flags(torch.float32)["IEEE"] is True
+        assert dot_flags(torch.bfloat16)["IEEE"] is False
+        matmul.allow_tf32 = True
+        assert dot_flags(torch.float32)["IEEE"] is False
+    finally:
+        matmul.allow_tf32 = before
 
 
 def test_unknown_or_unavailable_names_are_refused():

@@ -6,7 +6,7 @@ bucket holds. Devices and dtypes not listed fall back to the rule in backends.py
 it supports the call, else triton).
 
 H200 (NVIDIA H200, 2026-11-28, commit 57a9e80, grove-33b bf16, uniform routing, whole forward
-call, CUDA-graph replay with L2 flushed; ../shared/results/h200-2026-11-28/fwd_{cuda,triton}.json):
+call, CUDA-graph replay with L2 flushed; bench/results/h200_2026-11-28.md):
     T        1     64     256    1024   4096   16384
     cuda     81.8  382.6  405.8  507.0  997.8  3372.4   µs
     triton   86.0  364.9  470.6  562.3  1349.8 4683.8   µs

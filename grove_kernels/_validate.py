@@ -6,6 +6,7 @@ graph is being captured and can be switched off for serving with `set_value_chec
 (or GROVE_KERNELS_VALUE_CHECKS=0); they run inside the custom ops, where torch.compile sees no
 data-dependent Python.
 """
+import contextlib
 import os
 
 import torch
@@ -25,6 +26,18 @@ def set_value_checks(enabled):
 
 def value_checks_enabled():
     return _value_checks
+
+
+@contextlib.contextmanager
+def value_checks(enabled):
+    """Set the value checks for a block and restore the caller's setting after it (timing
+    loops switch them off without changing the process for whoever runs next)."""
+    before = _value_checks
+    set_value_checks(enabled)
+    try:
+        yield
+    finally:
+        set_value_checks(before)
 
 
 def _describe(t):

@@ -1,5 +1,5 @@
-"""Shared pytest set-up: the `backend` and `gen` fixtures, and the `gpu` marker that skips
-where CUDA is absent."""
+"""Shared pytest set-up: the `backend` and `gen` fixtures, the `gpu` marker that skips where
+CUDA is absent, and a guard that fails a test which leaves a process-wide setting changed."""
 import os
 
 import torch
@@ -21,3 +21,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _process_settings():
+    import grove_kernels as gk
+
+    return {"grove_kernels.value_checks_enabled()": gk.value_checks_enabled(),
+            "grove_kernels.get_backend()": gk.get_backend(),
+            "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "torch.get_default_dtype()": torch.get_default_dtype()}
+
+
+def _restore(settings):
+    import grove_kernels as gk
+
+    gk.set_value_checks(settings["grove_kernels.value_checks_enabled()"])
+    gk.set_backend(settings["grove_kernels.get_backend()"])
+    torch.backends.cuda.matmul.allow_tf32 = settings["torch.backends.cuda.matmul.allow_tf32"]
+    torch.set_default_dtype(settings["torch.get_default_dtype()"])
+
+
+@pytest.fixture(autouse=True)
+def _settings_restored():
+    """Tests share one process: a setting one of them leaves changed decides what later files
+    test (a bench run that left the value checks off once failed a test three files on).
+    Blame the test that changed it, and put the setting back."""
+    before = _process_settings()
+    yield
+    after = _process_settings()
+    if after != before:
+        _restore(before)
+        changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+        pytest.fail(f"the test left process-wide settings changed (before, after): {changed}",
+                    pytrace=False)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import grove_kernels as gk
+from grove_kernels import _validate
 
 T, H, E, I, Ia, K, S = 5, 16, 8, 12, 4, 2, 2
 G = E // S
@@ -271,9 +272,19 @@ def test_use_backend_restores(backend):
 
 @pytest.fixture
 def no_value_checks():
-    gk.set_value_checks(False)
-    try:
+    with _validate.value_checks(False):
         yield
+
+
+@pytest.mark.parametrize("outer", [True, False])
+def test_value_checks_block_restores_the_callers_setting(outer):
+    gk.set_value_checks(outer)
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with _validate.value_checks(not outer):
+                assert gk.value_checks_enabled() is (not outer)
+                raise RuntimeError("inside")
+        assert gk.value_checks_enabled() is outer
     finally:
         gk.set_value_checks(True)
 

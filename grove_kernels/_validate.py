@@ -97,6 +97,16 @@ def ids_in_range(name, ids, low, high):
         raise IndexError(f"{name}: values must lie in [{low}, {high}), found min {lo}, max {hi}")
 
 
+def none_out_of_range(name, count, low, high):
+    """Raise IndexError unless `count` (a tensor: how many values of `name` fell outside
+    [low, high), counted on the device) is zero; host read, skipped when disabled/capturing."""
+    if not _value_checks or _capturing(count):
+        return
+    n = int(count)
+    if n:
+        raise IndexError(f"{name}: values must lie in [{low}, {high}), found {n} outside it")
+
+
 def groups_whole(expert_map, group_size):
     """Raise ValueError unless every global group of expert_map is wholly on this rank, in one
     local group, or wholly off it (an adjugate is computed once, by the rank of its group)."""

@@ -1,4 +1,5 @@
-"""`GroveMoE`: the Grove MoE block as an nn.Module with packed weights.
+"""`GroveMoE`: the Grove MoE block as an nn.Module with packed weights (`GroveBlock` holds what
+it shares with the expert-parallel module: sizes, router, weights, the selection-bias update).
 
     x [..., H] -> gate -> logits [T, E] -> grove_topk(+ expert_bias) -> w, ids [T, k]
                -> fused_grove_experts(x, w1 [E, 2I, H], w2 [E, H, I], a1 [G, 2Ia, H], a2 [G, H, Ia])
@@ -34,25 +35,15 @@ def _stack(name, tensors, shape):
     return stacked
 
 
-def route(layer, hidden_states):
-    """x [T, H], routing weights and ids [T, k] of hidden_states [..., H] through the router
-    of `layer` (gate, top_k, renormalize, expert_bias); a training layer keeps the ids for
-    update_selection_bias."""
-    if hidden_states.shape[-1] != layer.hidden_size:
-        raise ValueError(f"hidden_states: expected last dimension {layer.hidden_size}, got "
-                         f"shape {tuple(hidden_states.shape)}")
-    x = hidden_states.reshape(-1, layer.hidden_size)
-    weights, ids = api.grove_topk(layer.gate(x), layer.top_k, renormalize=layer.renormalize,
-                                  selection_bias=layer.expert_bias)
-    if layer.training:
-        layer.last_topk_ids = ids.detach()
-    return x, weights, ids
+class GroveBlock(nn.Module):
+    """What every Grove MoE module shares: the sizes, the replicated router (gate, fp32
+    expert_bias), the packed weights of the experts and adjugates it holds (w1 [E_l, 2I, H],
+    w2 [E_l, H, I], a1 [G_l, 2Ia, H], a2 [G_l, H, Ia]; all E experts and G groups in GroveMoE,
+    one rank's shard in ExpertParallelGroveMoE), routing, and the selection-bias update."""
 
-
-class GroveMoE(nn.Module):
-    def __init__(self, hidden_size, intermediate_size, num_experts, top_k, group_size=2,
-                 adjugate_intermediate_size=128, adjugate_scale=0.05, *, renormalize=True,
-                 device=None, dtype=None):
+    def __init__(self, hidden_size, intermediate_size, num_experts, top_k, group_size,
+                 adjugate_intermediate_size, adjugate_scale, renormalize, local_experts,
+                 device, dtype):
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
                             ("num_experts", num_experts), ("group_size", group_size),
@@ -68,27 +59,19 @@ class GroveMoE(nn.Module):
         self.num_experts = E = num_experts
         self.top_k = top_k
         self.group_size = group_size
-        self.num_groups = G = num_experts // group_size
+        self.num_groups = E // group_size
         self.adjugate_intermediate_size = Ia = adjugate_intermediate_size
         self.adjugate_scale = float(adjugate_scale)
         self.renormalize = renormalize
         kw = dict(device=device, dtype=dtype)
+        G_l = local_experts // group_size
         self.gate = nn.Linear(H, E, bias=False, **kw)
-        self.w1 = nn.Parameter(torch.empty(E, 2 * I, H, **kw))
-        self.w2 = nn.Parameter(torch.empty(E, H, I, **kw))
-        self.a1 = nn.Parameter(torch.empty(G, 2 * Ia, H, **kw))
-        self.a2 = nn.Parameter(torch.empty(G, H, Ia, **kw))
+        self.w1 = nn.Parameter(torch.empty(local_experts, 2 * I, H, **kw))
+        self.w2 = nn.Parameter(torch.empty(local_experts, H, I, **kw))
+        self.a1 = nn.Parameter(torch.empty(G_l, 2 * Ia, H, **kw))
+        self.a2 = nn.Parameter(torch.empty(G_l, H, Ia, **kw))
         self.register_buffer("expert_bias", torch.zeros(E, device=device, dtype=torch.float32))
         self.last_topk_ids = None
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        # nn.Linear's default init, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-        for p in (self.w1, self.w2, self.a1, self.a2):
-            bound = 1.0 / math.sqrt(p.shape[-1])
-            nn.init.uniform_(p, -bound, bound)
-        self.gate.reset_parameters()
-        self.expert_bias.zero_()
 
     def _apply(self, fn, *args, **kwargs):
         # .to(bf16) must not round the selection bias: its 1e-3 updates would vanish.
@@ -106,32 +89,77 @@ class GroveMoE(nn.Module):
                 f"k={self.top_k}, S={self.group_size}, Ia={self.adjugate_intermediate_size}, "
                 f"adjugate_scale={self.adjugate_scale}")
 
-    def forward(self, hidden_states):
-        x, weights, ids = route(self, hidden_states)
-        y = api.fused_grove_experts(x, self.w1, self.w2, self.a1, self.a2, weights, ids,
-                                    group_size=self.group_size,
-                                    adjugate_scale=self.adjugate_scale)
-        return y.reshape(hidden_states.shape)
+    def route(self, hidden_states):
+        """x [T, H], routing weights and ids [T, k] of hidden_states [..., H]; a training
+        module keeps the ids for update_selection_bias."""
+        if hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states: expected last dimension {self.hidden_size}, got "
+                             f"shape {tuple(hidden_states.shape)}")
+        x = hidden_states.reshape(-1, self.hidden_size)
+        weights, ids = api.grove_topk(self.gate(x), self.top_k, renormalize=self.renormalize,
+                                      selection_bias=self.expert_bias)
+        if self.training:
+            self.last_topk_ids = ids.detach()
+        return x, weights, ids
+
+    def _sum_slot_counts(self, counts):
+        """The slot counts [E + 2] (per expert, out of range, in range) of every token the
+        bias is balanced over; here this module's own."""
+        return counts
 
     @torch.no_grad()
     def update_selection_bias(self, topk_ids, lr=1e-3):
         """Auxiliary-loss-free balancing step: b <- b - lr · (F - Q) / ||F - Q||_2.
 
-        F is the fraction of token slots each expert received in `topk_ids`, Q = 1/E.
+        F is the fraction of token slots each expert received in `topk_ids`, Q = 1/E. Ids
+        outside [0, E) raise IndexError (with the value checks off they are left out of F).
         """
         if not isinstance(topk_ids, torch.Tensor) or topk_ids.dtype not in (torch.int32,
                                                                              torch.int64):
             raise TypeError("topk_ids: expected an int32/int64 tensor")
+        E = self.num_experts
         ids = topk_ids.reshape(-1).long().to(self.expert_bias.device)
-        if ids.numel() == 0:
-            return
-        _validate.ids_in_range("topk_ids", ids, 0, self.num_experts)
-        counts = torch.zeros(self.num_experts, device=ids.device).index_add_(
-            0, ids, torch.ones_like(ids, dtype=torch.float32))
-        delta = counts / ids.numel() - 1.0 / self.num_experts
+        ok = (ids >= 0) & (ids < E)
+        # int64 counts: exact (fp32 would round beyond 2^24 slots summed over ranks) and
+        # deterministic on every device. Out-of-range ids are counted apart, in slot E, so
+        # that every rank of a collective update learns of them and all raise alike instead
+        # of one leaving the others waiting in the all-reduce.
+        counts = torch.cat([torch.bincount(torch.where(ok, ids, E), minlength=E + 1),
+                            ok.sum().view(1)])
+        counts = self._sum_slot_counts(counts)
+        _validate.none_out_of_range("topk_ids", counts[E], 0, E)
+        counts = counts.double()
+        n = counts[-1]
+        delta = counts[:E] / n.clamp_min(1) - 1.0 / E
         norm = delta.norm()
-        # Perfect balance leaves the bias alone instead of dividing by zero.
-        self.expert_bias -= lr * torch.where(norm > 0, delta / norm.clamp_min(1e-30), 0.0)
+        # No slot, or perfect balance, leaves the bias alone instead of dividing by zero.
+        step = torch.where((norm > 0) & (n > 0), delta / norm.clamp_min(1e-30), 0.0)
+        self.expert_bias -= (lr * step).to(self.expert_bias.dtype)
+
+
+class GroveMoE(GroveBlock):
+    def __init__(self, hidden_size, intermediate_size, num_experts, top_k, group_size=2,
+                 adjugate_intermediate_size=128, adjugate_scale=0.05, *, renormalize=True,
+                 device=None, dtype=None):
+        super().__init__(hidden_size, intermediate_size, num_experts, top_k, group_size,
+                         adjugate_intermediate_size, adjugate_scale, renormalize,
+                         local_experts=num_experts, device=device, dtype=dtype)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # nn.Linear's default init, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        for p in (self.w1, self.w2, self.a1, self.a2):
+            bound = 1.0 / math.sqrt(p.shape[-1])
+            nn.init.uniform_(p, -bound, bound)
+        self.gate.reset_parameters()
+        self.expert_bias.zero_()
+
+    def forward(self, hidden_states):
+        x, weights, ids = self.route(hidden_states)
+        y = api.fused_grove_experts(x, self.w1, self.w2, self.a1, self.a2, weights, ids,
+                                    group_size=self.group_size,
+                                    adjugate_scale=self.adjugate_scale)
+        return y.reshape(hidden_states.shape)
 
     @torch.no_grad()
     def load_expert_weights(self, gate_proj, up_proj, down_proj, adj_gate_proj, adj_up_proj,

@@ -193,6 +193,44 @@ def case_fresh_init(P, rank):
     return out
 
 
+def case_meta_init(P, rank):
+    """Deferred init: built on the meta device, materialised with to_empty, then
+    reset_parameters (which broadcasts the router) - the path FSDP-style loaders take."""
+    ep = gkd.ExpertParallelGroveMoE(16, 8, 8, 2, 2, 4, device="meta", dtype=torch.bfloat16)
+    ep = ep.to_empty(device="cpu")
+    ep.reset_parameters()
+    first, last = gkd.local_expert_range(8, 2, P, rank)
+    gate = [torch.empty_like(ep.gate.weight) for _ in range(P)]
+    dist.all_gather(gate, ep.gate.weight.detach())
+    y = ep(torch.randn(5, 16, dtype=torch.bfloat16))
+    ep.double()
+    return {"map_ok": torch.equal(ep.expert_map, gkd.local_expert_map(8, first, last)),
+            "bias_fp32_zero": ep.expert_bias.dtype == torch.float32
+            and not bool(ep.expert_bias.any()),
+            "gate_equal": all(torch.equal(g, gate[0]) for g in gate),
+            "forward_ok": list(y.shape) == [5, 16] and bool(torch.isfinite(y).all()),
+            "map_after_double": ep.expert_map.dtype == torch.int32
+            and torch.equal(ep.expert_map, gkd.local_expert_map(8, first, last))}
+
+
+def case_bias_errors(P, rank):
+    """update_selection_bias with an out-of-range id on rank 0 only: every rank raises (the
+    count rides on the all-reduce), none waits for the others, and the bias is untouched."""
+    ep = gkd.ExpertParallelGroveMoE.from_full(full_layer(15))
+    ids = torch.tensor([[0, 1], [2, 3]])
+    if rank == 0:
+        ids[1, 0] = -1
+    try:
+        ep.update_selection_bias(ids, lr=0.1)
+        out = {"error": "no error"}
+    except IndexError as exc:
+        out = {"error": str(exc)}
+    out["untouched"] = not bool(ep.expert_bias.any())
+    ep.update_selection_bias(ids.clamp(min=0), lr=0.1)  # the group still works after
+    out["moved_after"] = bool(ep.expert_bias.any())
+    return out
+
+
 def case_errors(P, rank):
     """Errors every rank raises alike (none may leave the others waiting in a collective)."""
     out = {}
@@ -271,6 +309,8 @@ def cases(P):
         "selection_bias": lambda r: case_selection_bias(P, r, counts=uneven, seed=14),
         "fresh_init": lambda r: case_fresh_init(P, r),
         "errors": lambda r: case_errors(P, r),
+        "meta_init": lambda r: case_meta_init(P, r),
+        "bias_errors": lambda r: case_bias_errors(P, r),
     }
 
 

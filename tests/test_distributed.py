@@ -176,6 +176,21 @@ def test_fresh_module_shares_the_router(group):
             assert got == {"gate_equal": True, "shards_distinct": True, "bound_ok": True}, how
 
 
+def test_meta_init_then_materialise(group):
+    P, ranks = group
+    for res in ranks:
+        assert res["meta_init"] == {"map_ok": True, "bias_fp32_zero": True, "gate_equal": True,
+                                    "forward_ok": True, "map_after_double": True}
+
+
+def test_selection_bias_bad_id_raises_on_every_rank(group):
+    P, ranks = group
+    for res in ranks:
+        err = res["bias_errors"]
+        assert err["error"].startswith("topk_ids: values must lie in [0, 8)"), err
+        assert err["untouched"] and err["moved_after"], err
+
+
 def test_errors_raised_on_every_rank(group):
     P, ranks = group
     for res in ranks:

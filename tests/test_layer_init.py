@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import grove_kernels as gk
+from grove_kernels import _validate
 
 H, I, E, K, S, IA = 24, 10, 8, 3, 2, 6
 
@@ -74,3 +75,11 @@ def test_meta_to_cuda():
     assert y.shape == (9, H) and torch.isfinite(y).all()
     with pytest.raises(IndexError, match="topk_ids"):
         layer.update_selection_bias(torch.tensor([[0, E]], device="cuda"))
+
+
+def test_update_selection_bias_without_value_checks_leaves_bad_ids_out():
+    layer, ref = gk.GroveMoE(H, I, E, K, S, IA, 0.05), gk.GroveMoE(H, I, E, K, S, IA, 0.05)
+    with _validate.value_checks(False):
+        layer.update_selection_bias(torch.tensor([[0, 1, 2], [3, E, 4], [-1, 5, 0]]), lr=0.1)
+    ref.update_selection_bias(torch.tensor([0, 1, 2, 3, 4, 5, 0]), lr=0.1)
+    assert torch.equal(layer.expert_bias, ref.expert_bias) and ref.expert_bias.any()

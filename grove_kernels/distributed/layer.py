@@ -15,10 +15,9 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 import grove_kernels as gk
-from grove_kernels.layer import route
+from grove_kernels.layer import GroveBlock
 
 from .functional import (DISPATCH_STYLES, allreduce_grove_experts, dispatch_grove_experts,
                          local_expert_map, local_expert_range, resolve_group)
@@ -42,7 +41,7 @@ def shard_experts(w1, w2, a1, a2, *, group_size, world_size, rank):
     return w1[first:last], w2[first:last], a1[g0:g1], a2[g0:g1]
 
 
-class ExpertParallelGroveMoE(nn.Module):
+class ExpertParallelGroveMoE(GroveBlock):
     """Grove MoE block whose experts (with their groups' adjugates) are sharded over the
     ranks of `process_group` (None: the default group), G/P whole groups per rank.
 
@@ -50,48 +49,28 @@ class ExpertParallelGroveMoE(nn.Module):
     once to each rank holding one of its experts. dispatch="all_reduce": every rank gets the
     same tokens and the partial outputs are all-reduced. Every rank must call forward (and
     backward) together. Constructing the module broadcasts the router from the group's first
-    rank; local shards are initialised from a per-rank random stream.
+    rank; local shards are initialised from a per-rank random stream. Deferred init works as
+    for GroveMoE: build on device="meta", `to_empty`, then `reset_parameters()` (every rank:
+    it broadcasts the router) or a load.
     """
 
     def __init__(self, hidden_size, intermediate_size, num_experts, top_k, group_size=2,
                  adjugate_intermediate_size=128, adjugate_scale=0.05, *, renormalize=True,
                  process_group=None, dispatch="all_to_all", device=None, dtype=None,
                  _init=True):
-        super().__init__()
-        for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
-                            ("adjugate_intermediate_size", adjugate_intermediate_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not (
-                isinstance(num_experts, int) and 1 <= top_k <= num_experts):
-            raise ValueError(f"top_k: expected an int in [1, {num_experts}], got {top_k!r}")
         if dispatch not in DISPATCH_STYLES:
             raise ValueError(f"dispatch: expected one of {DISPATCH_STYLES}, got {dispatch!r}")
-        self.process_group, self.world_size, self.rank = resolve_group(process_group)
-        first, last = local_expert_range(num_experts, group_size, self.world_size, self.rank)
-        self.hidden_size = H = hidden_size
-        self.intermediate_size = I = intermediate_size
-        self.num_experts = E = num_experts
-        self.top_k = top_k
-        self.group_size = S = group_size
-        self.num_groups = E // S
-        self.first_expert, self.num_local_experts = first, last - first
-        self.num_local_groups = G_l = (last - first) // S
-        self.adjugate_intermediate_size = Ia = adjugate_intermediate_size
-        self.adjugate_scale = float(adjugate_scale)
-        self.renormalize = renormalize
+        process_group, world_size, rank = resolve_group(process_group)
+        first, last = local_expert_range(num_experts, group_size, world_size, rank)
+        super().__init__(hidden_size, intermediate_size, num_experts, top_k, group_size,
+                         adjugate_intermediate_size, adjugate_scale, renormalize,
+                         local_experts=last - first, device=device, dtype=dtype)
+        self.process_group, self.world_size, self.rank = process_group, world_size, rank
         self.dispatch = dispatch
-        kw = dict(device=device, dtype=dtype)
-        E_l = last - first
-        self.gate = nn.Linear(H, E, bias=False, **kw)
-        self.w1 = nn.Parameter(torch.empty(E_l, 2 * I, H, **kw))
-        self.w2 = nn.Parameter(torch.empty(E_l, H, I, **kw))
-        self.a1 = nn.Parameter(torch.empty(G_l, 2 * Ia, H, **kw))
-        self.a2 = nn.Parameter(torch.empty(G_l, H, Ia, **kw))
-        self.register_buffer("expert_bias", torch.zeros(E, device=device, dtype=torch.float32))
-        self.register_buffer("expert_map", local_expert_map(E, first, last, device),
+        self.first_expert, self.num_local_experts = first, last - first
+        self.num_local_groups = (last - first) // group_size
+        self.register_buffer("expert_map", local_expert_map(num_experts, first, last, device),
                              persistent=False)
-        self.last_topk_ids = None
         self.last_dispatch = None  # DispatchInfo of the latest all_to_all forward
         if _init:
             self.reset_parameters()
@@ -121,23 +100,22 @@ class ExpertParallelGroveMoE(nn.Module):
             dist.broadcast(t.data, src=src, group=self.process_group)
 
     def _apply(self, fn, *args, **kwargs):
-        # As GroveMoE: .to(bf16) must not round the selection bias; the map stays int32.
-        bias, emap = self.expert_bias, self.expert_map
         result = super()._apply(fn, *args, **kwargs)
-        self.expert_bias = bias.to(device=self.expert_bias.device)
-        self.expert_map = emap.to(device=self.expert_map.device)
+        # The map is derived, not state: rebuilt where it now lives, it is right after
+        # to_empty too (whose fresh int32 tensor holds no values).
+        self.expert_map = local_expert_map(self.num_experts, self.first_expert,
+                                           self.first_expert + self.num_local_experts,
+                                           self.expert_bias.device)
         return result
 
     def extra_repr(self):
-        return (f"H={self.hidden_size}, I={self.intermediate_size}, E={self.num_experts}, "
-                f"k={self.top_k}, S={self.group_size}, Ia={self.adjugate_intermediate_size}, "
-                f"adjugate_scale={self.adjugate_scale}, rank={self.rank}/{self.world_size}, "
+        return (f"{super().extra_repr()}, rank={self.rank}/{self.world_size}, "
                 f"experts=[{self.first_expert}, {self.first_expert + self.num_local_experts}), "
                 f"dispatch={self.dispatch}")
 
     def forward(self, hidden_states):
         shape = hidden_states.shape
-        x, weights, ids = route(self, hidden_states)
+        x, weights, ids = self.route(hidden_states)
         kw = dict(group_size=self.group_size, adjugate_scale=self.adjugate_scale,
                   process_group=self.process_group)
         if self.dispatch == "all_to_all":
@@ -156,25 +134,13 @@ class ExpertParallelGroveMoE(nn.Module):
         if self.dispatch == "all_to_all" and g is not None and self.world_size > 1:
             dist.all_reduce(g, group=self.process_group)
 
-    @torch.no_grad()
-    def update_selection_bias(self, topk_ids, lr=1e-3):
-        """GroveMoE.update_selection_bias with F counted over the whole group's tokens (for the
-        all_to_all style the slot counts are summed over ranks), so the bias stays replicated.
-        Every rank must call it (it is a collective in the all_to_all style)."""
-        if not isinstance(topk_ids, torch.Tensor) or topk_ids.dtype not in (torch.int32,
-                                                                             torch.int64):
-            raise TypeError("topk_ids: expected an int32/int64 tensor")
-        ids = topk_ids.reshape(-1).long().to(self.expert_bias.device)
-        counts = torch.cat([torch.bincount(ids, minlength=self.num_experts),
-                            ids.new_full((1,), ids.numel())]).float()
+    def _sum_slot_counts(self, counts):
+        # All_to_all style: each rank routed only its own tokens, so F is counted over the
+        # group's; the bias then stays replicated. A collective: every rank must call
+        # update_selection_bias.
         if self.dispatch == "all_to_all" and self.world_size > 1:
             dist.all_reduce(counts, group=self.process_group)
-        n = counts[-1]
-        if n == 0:
-            return
-        delta = counts[:-1] / n - 1.0 / self.num_experts
-        norm = delta.norm()
-        self.expert_bias -= lr * torch.where(norm > 0, delta / norm.clamp_min(1e-30), 0.0)
+        return counts
 
     @classmethod
     def shard(cls, gate_weight, w1, w2, a1, a2, *, top_k, group_size=2, adjugate_scale=0.05,

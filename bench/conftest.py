@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import grove_kernels as gk
+from grove_kernels import _validate
 from bench import presets, routing, variants
 
 SUITE_PRESET = "small"
@@ -45,7 +45,6 @@ def bench_problem():
     x = torch.randn(SUITE_TOKENS, preset.hidden, generator=gen).to(device, dtype)
     grad_out = torch.randn(SUITE_TOKENS, preset.hidden, generator=gen).to(device, dtype)
     # Host checks read ids back each call; serving turns them off, and so do timings.
-    gk.set_value_checks(False)
-    yield Problem(preset, device, dtype, variants.make_weights(preset, device, dtype), x,
-                  grad_out, topk_weights, topk_ids)
-    gk.set_value_checks(True)
+    with _validate.value_checks(False):
+        yield Problem(preset, device, dtype, variants.make_weights(preset, device, dtype), x,
+                      grad_out, topk_weights, topk_ids)

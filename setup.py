@@ -99,7 +99,7 @@ setup(
     package_dir={"grove_model": "python/grove_model"},
     python_requires=">=3.10",
     install_requires=["numpy", "safetensors"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
     ext_modules=ext_modules,
     cmdclass=_cmdclass(ext_modules),
 )

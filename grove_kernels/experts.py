@@ -115,8 +115,11 @@ def backward(impl, dy, x, weights, plan, act, weight_on_input, adjugate_scale, w
         grads = [torch.zeros_like(t) for t in (x, w1, w2)]
         grads += [torch.zeros_like(t) if t is not None else w1.new_empty(0) for t in (a1, a2)]
         return grads + [torch.zeros(T, plan.top_k, dtype=w_dtype, device=x.device)]
-    grads = Weights(*(torch.empty_like(t) if t is not None else None for t in weights))
-    dx = torch.empty_like(x)
+    # Contiguous, whatever the inputs' strides: kernels write gradients row-major
+    # (empty_like would copy a transposed x's strides).
+    grads = Weights(*(torch.empty(t.shape, dtype=t.dtype, device=t.device) if t is not None
+                      else None for t in weights))
+    dx = x.new_empty(T, H)
     d_row_weight = impl.backward(dy.to(x.dtype).contiguous(), x.contiguous(), weights, plan,
                                  weight_on_input, act, (dx,) + tuple(grads))
     d_topk = plan.topk_weight_grad(d_row_weight, adjugate_scale).to(w_dtype)

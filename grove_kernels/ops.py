@@ -153,7 +153,7 @@ def _(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_s
         saved = experts_stage.saved_tensors(hidden_states.shape[0], topk_ids.shape[1],
                                       Weights(w1, w2, a1, a2), topk_weights.dtype,
                                       hidden_states.dtype, hidden_states.device)
-    return torch.empty_like(hidden_states), saved
+    return hidden_states.new_empty(hidden_states.shape), saved
 
 
 @torch.library.custom_op("grove::experts_backward", mutates_args=())
@@ -174,10 +174,11 @@ def experts_backward(grad_out: Tensor, hidden_states: Tensor, w1: Tensor, w2: Te
 @experts_backward.register_fake
 def _(grad_out, hidden_states, w1, w2, a1, a2, topk_weights, saved, group_size, adjugate_scale,
       weight_on_input, backend):
-    return [torch.empty_like(hidden_states), torch.empty_like(w1), torch.empty_like(w2),
-            torch.empty_like(a1) if a1 is not None else w1.new_empty(0),
-            torch.empty_like(a2) if a2 is not None else w1.new_empty(0),
-            torch.empty_like(topk_weights)]
+    # Contiguous like the real kernels' outputs, whatever the inputs' strides.
+    return [hidden_states.new_empty(hidden_states.shape), w1.new_empty(w1.shape),
+            w2.new_empty(w2.shape), a1.new_empty(a1.shape) if a1 is not None else w1.new_empty(0),
+            a2.new_empty(a2.shape) if a2 is not None else w1.new_empty(0),
+            topk_weights.new_empty(topk_weights.shape)]
 
 
 def _experts_setup(ctx, inputs, output):

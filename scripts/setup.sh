@@ -54,7 +54,7 @@ missing=()
 "$PY" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" \
   2>/dev/null || missing+=("setuptools>=64")
 for mod_pkg in wheel:wheel numpy:numpy safetensors:safetensors pytest:pytest \
-               pytest_benchmark:pytest-benchmark; do
+               pytest_benchmark:pytest-benchmark hypothesis:hypothesis; do
   "$PY" -c "import ${mod_pkg%%:*}" 2>/dev/null || missing+=("${mod_pkg#*:}")
 done
 if [ "$has_gpu" = 0 ]; then

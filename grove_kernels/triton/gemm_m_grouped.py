@@ -132,8 +132,13 @@ def gemm_m_grouped(plan, sched, a, b, n, out, *, a_gather=False, row_scale=False
     BN, BK, warps, stages = config
     P = start.numel()
     (be, sbe_p, sbe_k, sbe_n), (ba, sba_p, sba_k, sba_n) = b
-    # One of B_p's strides is 1 (weights are contiguous); which one is a compile-time fact.
-    k_contig = sbe_k == 1
+    # One of B_p's strides is 1 (weights are contiguous); which one is a compile-time fact
+    # shared by both sections, so it must hold for both: a size-1 dimension has stride 1 too
+    # (I = 1 makes w2's K stride 1 while a2's, with Ia >= 2, is not).
+    k_contig = sbe_k == 1 and sba_k == 1
+    if not (k_contig or (sbe_n == 1 and sba_n == 1)):
+        raise ValueError(f"weights: the triton backend needs a unit stride shared by both "
+                         f"sections, got strides {be.stride()} and {ba.stride()}")
     s_be, s_ba = (sbe_n, sba_n) if k_contig else (sbe_k, sba_k)
     ae, aa, stride_gather = operand(a, a_gather)
     K_E, K_A = ae.shape[1], aa.shape[1]

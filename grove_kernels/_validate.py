@@ -87,6 +87,12 @@ def _capturing(t):
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def values_checked(t):
+    """Whether the value checks run for a call on t (on, and no CUDA graph being captured):
+    when they do not, out-of-range ids reach the kernels as skipped slots."""
+    return _value_checks and not _capturing(t)
+
+
 def ids_in_range(name, ids, low, high):
     """Raise IndexError unless low <= ids < high; host read, skipped when disabled/capturing."""
     if not _value_checks or ids.numel() == 0 or _capturing(ids):

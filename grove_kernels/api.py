@@ -49,7 +49,10 @@ def _check_weights(x, w1, w2):
         raise ValueError(f"hidden_states: expected hidden size {H} (that of w1 and w2), got "
                          f"shape {tuple(x.shape)}")
     H = x.shape[1]
-    v.shape("w1", w1, (E, I2, H))
+    if H != w1.shape[2]:  # e.g. w1 passed as [E, H, 2I]: its middle dimension is no 2I
+        I = w2.shape[2] if w2.shape[0] == E else I2 // 2
+        raise ValueError(f"w1: expected shape {(E, 2 * I, H)} ([E, 2I, H]: H of hidden_states, "
+                         f"I of w2), got shape {tuple(w1.shape)}")
     v.shape("w2", w2, (E, H, I2 // 2))
     v.same_dtype("hidden_states", x, w1=w1, w2=w2)
     v.same_device("hidden_states", x, w1=w1, w2=w2)
@@ -160,11 +163,22 @@ def _check_activation(activation):
         raise ValueError(f"activation: only 'silu' (SwiGLU) is supported, got {activation!r}")
 
 
-def _check_inplace(inplace, hidden_states):
-    if inplace and torch.is_grad_enabled() and hidden_states.requires_grad:
-        # Writing the result into a tensor autograd still needs would only fail in backward.
-        raise ValueError("inplace: hidden_states requires grad, so the result cannot be written "
-                         "into it; call with inplace=False")
+def _check_inplace(inplace, hidden_states, **differentiable):
+    if not inplace:
+        return
+    if any(s == 0 and n > 1 for s, n in zip(hidden_states.stride(), hidden_states.shape)):
+        raise ValueError(f"inplace: hidden_states is an expanded view (strides "
+                         f"{hidden_states.stride()}: rows share memory), so the result cannot be "
+                         f"written into it; call with inplace=False")
+    if not torch.is_grad_enabled():
+        return
+    # Any gradient of the op needs hidden_states as it was: writing the result into it would
+    # only fail in the backward, far from the call.
+    for name, t in dict(hidden_states=hidden_states, **differentiable).items():
+        if t is not None and t.requires_grad:
+            raise ValueError(f"inplace: {name} requires grad, and the backward needs "
+                             f"hidden_states as it was, so the result cannot be written into "
+                             f"it; call with inplace=False")
 
 
 def _experts(x, w1, w2, topk_weights, topk_ids, inplace, weight_on_input, expert_map):
@@ -182,7 +196,7 @@ def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, inplace=False, 
     _check_activation(activation)
     n_ids = _check_expert_map(expert_map, global_num_experts, E, hidden_states)
     _check_routing(hidden_states, topk_weights, topk_ids, n_ids)
-    _check_inplace(inplace, hidden_states)
+    _check_inplace(inplace, hidden_states, w1=w1, w2=w2, topk_weights=topk_weights)
     return _experts(hidden_states, w1, w2, topk_weights, topk_ids, inplace,
                     apply_router_weight_on_input, expert_map)
 
@@ -215,6 +229,6 @@ def fused_moe(hidden_states, w1, w2, gating_output, topk, renormalize, inplace=F
                          f"{'expert_map' if expert_map is not None else 'w1'}), got shape "
                          f"{tuple(gating_output.shape)}")
     v.same_device("hidden_states", hidden_states, gating_output=gating_output)
-    _check_inplace(inplace, hidden_states)
+    _check_inplace(inplace, hidden_states, w1=w1, w2=w2, gating_output=gating_output)
     weights, ids = ops.topk(gating_output, topk, bool(renormalize), None)
     return _experts(hidden_states, w1, w2, weights, ids, inplace, False, expert_map)

@@ -88,7 +88,8 @@ def split_saved(saved, T, k, weights):
 def forward(impl, x, weights, plan, weight_on_input, save, skips):
     """y [T, H] and, when save, the `saved` list (plan tensors, then activations).
 
-    skips: slots may map to no local expert (expert_map), leaving expert rows unwritten."""
+    skips: slots may map to no local expert (expert_map, or ids out of range that no value
+    check caught), leaving expert rows unwritten."""
     T, H = x.shape
     y = x.new_empty(T, H)
     act = None

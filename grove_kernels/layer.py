@@ -92,9 +92,14 @@ class GroveBlock(nn.Module):
     def route(self, hidden_states):
         """x [T, H], routing weights and ids [T, k] of hidden_states [..., H]; a training
         module keeps the ids for update_selection_bias."""
-        if hidden_states.shape[-1] != self.hidden_size:
+        _validate.tensor("hidden_states", hidden_states)
+        if hidden_states.dim() == 0 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden_states: expected last dimension {self.hidden_size}, got "
                              f"shape {tuple(hidden_states.shape)}")
+        if hidden_states.dtype != self.w1.dtype:
+            # Caught here, the error names the argument (the gate's matmul would not).
+            raise TypeError(f"hidden_states: expected dtype {self.w1.dtype} (that of the "
+                            f"module's weights), got {hidden_states.dtype}")
         x = hidden_states.reshape(-1, self.hidden_size)
         weights, ids = api.grove_topk(self.gate(x), self.top_k, renormalize=self.renormalize,
                                       selection_bias=self.expert_bias)

@@ -142,7 +142,9 @@ def experts_forward(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Optional[
     plan = plan_stage.build_plan(topk_ids, topk_weights, w1.shape[0],
                                  group_size if weights.grove else 0, adjugate_scale, expert_map)
     return experts_stage.forward(backends.implementation(backend), hidden_states, weights,
-                                 plan, weight_on_input, save, skips=expert_map is not None)
+                                 plan, weight_on_input, save,
+                                 skips=expert_map is not None or not _validate.values_checked(
+                                     topk_ids))
 
 
 @experts_forward.register_fake

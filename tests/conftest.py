@@ -13,6 +13,20 @@ import pytest  # noqa: E402
 
 from helpers import backend, gen  # noqa: F401,E402  (fixtures shared by the test files)
 
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the property tests skip without hypothesis
+    settings = None
+if settings is not None:
+    # ci: derandomized (the same examples every run, no example database), sized so the
+    # property tests fit the quick / interpreter tiers; dev: HYPOTHESIS_PROFILE=dev.
+    _slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("ci", max_examples=80, derandomize=True, database=None,
+                              deadline=None, suppress_health_check=_slow_ok, print_blob=True)
+    settings.register_profile("dev", max_examples=1000, deadline=None,
+                              suppress_health_check=_slow_ok, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

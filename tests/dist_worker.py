@@ -267,6 +267,70 @@ def case_errors(P, rank):
     return out
 
 
+# kind -> (the call on a rank that disagrees, what every rank must raise)
+MISMATCH_KINDS = ("weights_dtype", "top_k", "hidden_size", "x_dtype", "no_grad",
+                  "allreduce_tokens", "logits_columns", "module_hidden_size", "bad_ids")
+
+
+def _mismatch_call(kind, bad, layer, local, ep):
+    """The call of one mismatch case on this rank (`bad`: this rank disagrees)."""
+    H, E = layer.hidden_size, layer.num_experts
+    x = torch.randn(3, H, dtype=F64, requires_grad=True)
+    w = torch.rand(3, 2, dtype=F64)
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int32) % E
+    if kind == "weights_dtype" and bad:  # misaligned rows of (weights | ids) if unnoticed
+        w = w.float()
+    if kind == "top_k" and bad:
+        w, ids = w[:, :1], ids[:, :1]
+    if kind == "hidden_size" and bad:  # caught by this rank's own checks
+        x = torch.randn(3, H + 1, dtype=F64)
+    if kind == "x_dtype" and bad:
+        x = x.detach().float()
+    if kind == "bad_ids" and bad:
+        ids[0, 0] = E
+    if kind == "no_grad" and bad:  # this rank would skip the backward's collectives
+        x = x.detach()
+    if kind == "allreduce_tokens":  # the all_reduce style needs the same tokens everywhere
+        T = 4 if bad else 3
+        ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]], dtype=torch.int32)[:T] % E
+        return gkd.allreduce_grove_experts(torch.randn(T, H, dtype=F64), *local,
+                                           torch.rand(T, 2, dtype=F64), ids)
+    if kind == "logits_columns":
+        logits = torch.randn(3, E + (1 if bad else 0), dtype=F64)
+        return gkd.expert_parallel_grove_moe(x, logits, *local, top_k=2)
+    if kind == "module_hidden_size":
+        return ep(torch.randn(2, H + (3 if bad else 0), dtype=F64))
+    local = [t.detach() for t in local] if kind == "no_grad" and bad else local
+    return gkd.dispatch_grove_experts(x, *local, w, ids)
+
+
+def case_mismatch(P, rank):
+    """Inputs that disagree across ranks, the disagreeing rank in every position: every rank
+    raises the same error, quickly (no collective timeout), and the group works after."""
+    if P == 1:
+        return {}
+    layer = full_layer(17)
+    local = [p for p in gkd.shard_experts(layer.w1, layer.w2, layer.a1, layer.a2,
+                                          group_size=2, world_size=P, rank=rank)]
+    local = [t.detach().clone().requires_grad_() for t in local]
+    ep = gkd.ExpertParallelGroveMoE.from_full(layer)
+    out = {}
+    for kind in MISMATCH_KINDS:
+        for bad in range(P):
+            start = time.monotonic()
+            try:
+                _mismatch_call(kind, rank == bad, layer, local, ep)
+                error = "no error"
+            except Exception as exc:  # noqa: BLE001  (the test compares every rank's)
+                error = f"{type(exc).__name__}: {exc}"
+            out[f"{kind}@{bad}"] = {"error": error, "seconds": time.monotonic() - start}
+    x = torch.randn(3, layer.hidden_size, dtype=F64)
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int32)
+    out["after"] = list(gkd.dispatch_grove_experts(x, *local, torch.rand(3, 2, dtype=F64),
+                                                   ids).shape)
+    return out
+
+
 def _bias_no_token_on_last_rank(E, S, P):
     b = torch.zeros(E)
     b[E - E // P:] = -10.0  # sigmoid ∈ (0, 1): these experts are never selected
@@ -311,6 +375,7 @@ def cases(P):
         "errors": lambda r: case_errors(P, r),
         "meta_init": lambda r: case_meta_init(P, r),
         "bias_errors": lambda r: case_bias_errors(P, r),
+        "mismatch": lambda r: case_mismatch(P, r),
     }
 
 

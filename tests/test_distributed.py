@@ -205,6 +205,45 @@ def test_errors_raised_on_every_rank(group):
         assert err["after"] == [3, 16]
 
 
+# What every rank must raise when one rank's call disagrees (dist_worker.MISMATCH_KINDS).
+MISMATCH_ERRORS = {
+    "weights_dtype": "ValueError: topk_weights: dtype: every rank of the process group must "
+                     "pass the same",
+    "top_k": "ValueError: topk_ids: slots per token k: every rank",
+    "hidden_size": "ValueError: hidden_states: expected hidden size 16",
+    "x_dtype": "TypeError: w1: expected dtype torch.float32",
+    "no_grad": "ValueError: autograd: whether this call's backward runs",
+    "allreduce_tokens": "ValueError: hidden_states: tokens T",
+    "logits_columns": "ValueError: router_logits: expected 8 columns",
+    "module_hidden_size": "ValueError: hidden_states: expected last dimension 16",
+    "bad_ids": "IndexError: topk_ids: values must lie in [0, E)",
+}
+MISMATCH_SECONDS = 10
+
+
+def test_disagreeing_rank_raises_the_same_error_everywhere(group):
+    """One rank's inputs disagree with the others' (or fail its own checks), that rank in each
+    position: every rank raises the same error within seconds, before any payload moves, and
+    the group still works after."""
+    P, ranks = group
+    if P == 1:
+        return
+    assert set(dist_worker.MISMATCH_KINDS) == set(MISMATCH_ERRORS)
+    for kind, expected in MISMATCH_ERRORS.items():
+        for bad in range(P):
+            got = [res["mismatch"][f"{kind}@{bad}"] for res in ranks]
+            errors = {g["error"] for g in got}
+            assert len(errors) == 1, (kind, bad, errors)
+            error = errors.pop()
+            assert error.startswith(expected), (kind, bad, error)
+            if kind != "bad_ids" and "rank(s)" in error:
+                assert f"rank(s) [{bad}]" in error, (kind, bad, error)
+            slow = [g["seconds"] for g in got if g["seconds"] > MISMATCH_SECONDS]
+            assert not slow, (kind, bad, slow)
+    for res in ranks:
+        assert res["mismatch"]["after"] == [3, 16]
+
+
 # ---- without a process group -----------------------------------------------------------------
 
 def test_local_expert_range_and_shards():

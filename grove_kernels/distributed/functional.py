@@ -32,10 +32,17 @@ the partial outputs. Its gradients are those of one (replicated) loss: the all-r
 is the identity, and the partial d x / d topk_weights are all-reduced on the way back.
 
 Host syncs per forward: the counts read above; gk's value checks add their own host reads
-unless switched off (gk.set_value_checks(False)). Out-of-range ids are detected on the sending
-rank and the flag rides on the counts exchange, so every rank raises the same IndexError
-instead of one rank raising while the others wait in a collective.
+unless switched off (gk.set_value_checks(False)).
+
+No rank is left waiting: before any payload collective every rank sends, with its counts
+(the all_reduce style: in the same small exchange), its status and metadata [M] (dtypes of x
+and topk_weights, H, k, E_l, S, λ, whether a backward will run, the style, T where tokens are
+shared). Every rank then holds the same table and reaches the same verdict: a rank whose own
+validation failed (its message follows in one all_gather), ranks that disagree (a ValueError
+naming the argument and each rank's value), or ids out of range on some rank (IndexError);
+every rank raises that same error, and the group stays usable.
 """
+import struct
 import warnings
 from dataclasses import dataclass
 from typing import List
@@ -45,6 +52,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
 import grove_kernels as gk
+from grove_kernels import api as gk_api
 
 # torch 2.13 deprecates torch.distributed.nn.functional in favour of _functional_collectives
 # (a private module). The issue contract names the former; silence its FutureWarning for calls
@@ -53,6 +61,123 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=__name__,
                         message=r"torch\.distributed\.nn\.functional\.")
 
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_STYLES = ("all_to_all", "all_reduce")
+_ERROR_TYPES = (ValueError, TypeError, IndexError, RuntimeError)
+_ERROR_BYTES = 2048
+
+
+def _show_dtype(code):
+    return str(_DTYPES[code]) if 0 <= code < len(_DTYPES) else "a non-float dtype"
+
+
+def _show_float(bits):
+    return repr(struct.unpack("<d", struct.pack("<q", bits))[0])
+
+
+# What each rank sends with its counts: (what must agree, how a value is shown).
+_META = (
+    ("hidden_states: dtype", _show_dtype),
+    ("hidden_states: hidden size H", str),
+    ("topk_weights: dtype", _show_dtype),
+    ("topk_ids: slots per token k", str),
+    ("w1: local experts E_l", str),
+    ("group_size", str),
+    ("adjugate_scale", _show_float),
+    ("autograd: whether this call's backward runs (every rank must run it)",
+     lambda v: str(bool(v))),
+    ("dispatch style", lambda v: _STYLES[v] if 0 <= v < len(_STYLES) else str(v)),
+    ("hidden_states: tokens T (the all_reduce style needs the same tokens on every rank)", str),
+)
+
+
+def _metadata(x, w1, w2, a1, a2, topk_weights, topk_ids, group_size, adjugate_scale, style):
+    code = lambda t: _DTYPES.index(t.dtype) if t.dtype in _DTYPES else len(_DTYPES)  # noqa
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, w1, w2, a1, a2, topk_weights))
+    scale = struct.unpack("<q", struct.pack("<d", float(adjugate_scale)))[0]
+    return [code(x), x.shape[1], code(topk_weights), topk_ids.shape[1], w1.shape[0], group_size,
+            scale, int(grad), _STYLES.index(style), x.shape[0] if style == "all_reduce" else 0]
+
+
+def _device(group, *candidates):
+    """Where this rank's small exchange tensors live: that of its inputs, else the group's."""
+    for t in candidates:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _raise_together(group, P, device, error, failed):
+    """Every rank raises the error of the first failed rank (its type and message travel in
+    one all_gather)."""
+    buf = torch.zeros(_ERROR_BYTES, dtype=torch.uint8, device=device)
+    if error is not None:
+        kind = next((i for i, t in enumerate(_ERROR_TYPES) if isinstance(error, t)),
+                    len(_ERROR_TYPES) - 1)
+        text = str(error).encode()[: _ERROR_BYTES - 1]
+        buf[0] = kind
+        buf[1:1 + len(text)] = torch.tensor(list(text), dtype=torch.uint8, device=device)
+    bufs = [torch.empty_like(buf) for _ in range(P)]
+    dist.all_gather(bufs, buf, group=group)
+    first = bufs[failed[0]].cpu()
+    text = bytes(first[1:].tolist()).rstrip(b"\0").decode(errors="replace")
+    others = "" if len(failed) == 1 else f"; ranks {failed} failed their checks"
+    exc = _ERROR_TYPES[int(first[0])](f"{text} (rank {failed[0]} of the process group{others}; "
+                                      f"every rank raises this error)")
+    raise exc from error
+
+
+def _disagreement(metas, ranks):
+    """The message naming what the ranks disagree on, or None."""
+    for i, (what, show) in enumerate(_META):
+        values = [m[i] for m in metas]
+        if len(set(values)) > 1:
+            by_value = {}
+            for r, v in zip(ranks, values):
+                by_value.setdefault(v, []).append(r)
+            got = ", ".join(f"{show(v)} on rank(s) {rs}" for v, rs in by_value.items())
+            return f"{what}: every rank of the process group must pass the same, got {got}"
+    return None
+
+
+def _exchange(group, P, device, send_rows, bad, meta, error=None):
+    """The counts exchange: (send splits, recv splits) as host lists, after every rank has
+    checked the same table of statuses and metadata (see the module docstring); raises the same
+    error on every rank otherwise."""
+    M = len(_META)
+    if error is not None:
+        send_rows = torch.zeros(P, dtype=torch.int64, device=device)
+        bad, meta = torch.zeros((), dtype=torch.bool, device=device), [0] * M
+    row = torch.tensor([int(error is not None)] + meta, dtype=torch.int64, device=device)
+    msg = torch.cat([send_rows.to(torch.int64).view(P, 1),
+                     bad.to(torch.int64).expand(P).view(P, 1), row.expand(P, M + 1)], dim=1)
+    got = torch.empty_like(msg)
+    dist.all_to_all_single(got, msg, group=group)
+    # The one host sync: all_to_all_single takes its split sizes as Python integers.
+    host = torch.cat([send_rows.to(torch.int64), got.reshape(-1)]).tolist()
+    W = M + 3
+    table = [host[P + p * W: P + (p + 1) * W] for p in range(P)]
+    failed = [p for p in range(P) if table[p][2]]
+    if failed:
+        _raise_together(group, P, device, error, failed)
+    mismatch = _disagreement([r[3:] for r in table], list(range(P)))
+    if mismatch:
+        raise ValueError(mismatch)
+    bad_ranks = [p for p in range(P) if table[p][1]]
+    if bad_ranks:
+        raise IndexError(f"topk_ids: values must lie in [0, E) (global experts); rank(s) "
+                         f"{bad_ranks} of the group passed ids outside")
+    return host[:P], [r[0] for r in table]
+
+
+def fail_together(error, process_group=None, device=None):
+    """Raise `error` (this rank's own check failed before the dispatch) on every rank of the
+    group: the others are in, or about to enter, the counts exchange of the same call."""
+    group, P, _ = resolve_group(process_group)
+    _exchange(group, P, device or _device(group), None, None, None, error)
 
 
 @dataclass
@@ -125,6 +250,34 @@ def local_expert_map(num_experts, first, last, device=None):
     return m
 
 
+def _check_call(x, w1, w2, a1, a2, topk_weights, topk_ids, group_size, adjugate_scale, P):
+    """Every metadata check of this rank's call, the local experts call's included (ids
+    arrive from the other ranks, so those checks must pass before the exchange); returns
+    (T, H, E_l, k)."""
+    gk_api._check_weights(x, w1, w2)  # first: it names the argument at fault in H mismatches
+    T, H, E_l, k = _check(x, w1, w2, a1, a2, topk_weights, topk_ids, group_size)
+    gk_api._check_adjugates(x, a1, a2, E_l, group_size, adjugate_scale)
+    gk_api._check_routing(x, topk_weights, topk_ids, E_l * P)
+    if topk_weights.element_size() == 2 and E_l * P > torch.iinfo(torch.int16).max:
+        raise ValueError(f"topk_weights: 16-bit weights carry the ids as int16, which cannot "
+                         f"hold {E_l * P} experts; pass fp32 weights")
+    return T, H, E_l, k
+
+
+def _checked(group, P, style, x, w1, w2, a1, a2, topk_weights, topk_ids, group_size,
+             adjugate_scale):
+    """(T, H, E_l, k, metadata) of this call, or, when a check fails, that error raised on
+    every rank of the group (the others would wait in the exchange)."""
+    try:
+        T, H, E_l, k = _check_call(x, w1, w2, a1, a2, topk_weights, topk_ids, group_size,
+                                   adjugate_scale, P)
+    except (TypeError, ValueError, IndexError) as exc:
+        fail_together(exc, group, _device(group, x))
+    meta = _metadata(x, w1, w2, a1, a2, topk_weights, topk_ids, group_size, adjugate_scale,
+                     style)
+    return T, H, E_l, k, meta
+
+
 def _check(x, w1, w2, a1, a2, topk_weights, topk_ids, group_size):
     """Metadata checks before any collective (a rank that raises later leaves the others
     waiting); returns (T, H, E_l, k)."""
@@ -163,22 +316,6 @@ def _check(x, w1, w2, a1, a2, topk_weights, topk_ids, group_size):
     return T, H, E_l, topk_ids.shape[1]
 
 
-def _exchange_counts(send_rows, bad, group, P):
-    """(send splits, recv splits) as host lists; raises IndexError on every rank when any
-    rank routed to an expert outside [0, E)."""
-    msg = torch.stack([send_rows, bad.to(torch.int64).expand(P)], dim=1)  # [P, 2]
-    got = torch.empty_like(msg)
-    dist.all_to_all_single(got, msg, group=group)
-    # The one host sync: all_to_all_single takes its split sizes as Python integers.
-    host = torch.cat([send_rows, got.reshape(-1)]).tolist()
-    send, recv, flags = host[:P], host[P::2], host[P + 1::2]
-    bad_ranks = [p for p, f in enumerate(flags) if f]
-    if bad_ranks:
-        raise IndexError(f"topk_ids: values must lie in [0, E) (global experts); rank(s) "
-                         f"{bad_ranks} of the group passed ids outside")
-    return send, recv
-
-
 def _pack_meta(weights, ids):
     """[N, 2k]: the weights, then the ids bit-cast to the weights' dtype (one collective)."""
     int_dtype = _INT_OF_SIZE[weights.element_size()]
@@ -203,17 +340,15 @@ def dispatch_grove_experts(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids
     """
     group, P, rank = resolve_group(process_group)
     x = hidden_states
-    T, H, E_l, k = _check(x, w1, w2, a1, a2, topk_weights, topk_ids, group_size)
+    T, H, E_l, k, meta = _checked(group, P, "all_to_all", x, w1, w2, a1, a2, topk_weights,
+                                  topk_ids, group_size, adjugate_scale)
     E = E_l * P
-    if topk_weights.element_size() == 2 and E > torch.iinfo(torch.int16).max:
-        raise ValueError(f"topk_weights: 16-bit weights carry the ids as int16, which cannot "
-                         f"hold {E} experts; pass fp32 weights")
     ids = topk_ids.long()
     dest = torch.div(ids, E_l, rounding_mode="floor")  # [T, k]: the rank of each slot
     need = (dest[:, :, None] == torch.arange(P, device=ids.device)).any(1)  # [T, P]
     send_rows = need.sum(0)
     bad = ((ids < 0) | (ids >= E)).any()
-    send, recv = _exchange_counts(send_rows, bad, group, P)
+    send, recv = _exchange(group, P, x.device, send_rows, bad, meta)
 
     n_send, n_recv = sum(send), sum(recv)
     # (p, t) pairs in row-major order of need^T: by destination rank, then token. The size is
@@ -296,7 +431,13 @@ def allreduce_grove_experts(hidden_states, w1, w2, a1, a2, topk_weights, topk_id
     exactly their gradient, d hidden_states and d topk_weights are complete on every rank.
     """
     group, P, rank = resolve_group(process_group)
-    _, _, E_l, _ = _check(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, group_size)
+    _, _, E_l, _, meta = _checked(group, P, "all_reduce", hidden_states, w1, w2, a1, a2,
+                                  topk_weights, topk_ids, group_size, adjugate_scale)
+    # The same small exchange as the all_to_all style's counts (no rows move here): a rank
+    # that disagrees would otherwise meet the others in an all_reduce of another size.
+    _exchange(group, P, hidden_states.device,
+              torch.zeros(P, dtype=torch.int64, device=hidden_states.device),
+              torch.zeros((), dtype=torch.bool, device=hidden_states.device), meta)
     E = E_l * P
     expert_map = local_expert_map(E, rank * E_l, (rank + 1) * E_l, device=hidden_states.device)
     x = _CopyToRanks.apply(hidden_states, group)
@@ -318,15 +459,20 @@ def expert_parallel_grove_moe(hidden_states, router_logits, w1, w2, a1, a2, *, t
     Differentiable in hidden_states, the router logits and the local weights."""
     if dispatch not in DISPATCH_STYLES:
         raise ValueError(f"dispatch: expected one of {DISPATCH_STYLES}, got {dispatch!r}")
-    _, P, _ = resolve_group(process_group)
-    if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
-        raise ValueError("router_logits: expected a 2-D tensor [T, E]")
-    if router_logits.shape[1] != w1.shape[0] * P:
-        raise ValueError(f"router_logits: expected {w1.shape[0] * P} columns (the global experts: "
-                         f"{w1.shape[0]} local experts of w1 x world size {P}), got shape "
-                         f"{tuple(router_logits.shape)}")
-    weights, ids = gk.grove_topk(router_logits, top_k, renormalize=renormalize,
-                                 selection_bias=selection_bias)
+    group, P, _ = resolve_group(process_group)
+    try:  # a rank whose routing fails its checks tells the others before raising
+        if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
+            raise ValueError("router_logits: expected a 2-D tensor [T, E]")
+        if not isinstance(w1, torch.Tensor) or w1.dim() != 3:
+            raise ValueError("w1: expected a 3-D tensor [E_l, 2I, H]")
+        if router_logits.shape[1] != w1.shape[0] * P:
+            raise ValueError(f"router_logits: expected {w1.shape[0] * P} columns (the global "
+                             f"experts: {w1.shape[0]} local experts of w1 x world size {P}), "
+                             f"got shape {tuple(router_logits.shape)}")
+        weights, ids = gk.grove_topk(router_logits, top_k, renormalize=renormalize,
+                                     selection_bias=selection_bias)
+    except (TypeError, ValueError, IndexError) as exc:
+        fail_together(exc, group, _device(group, hidden_states, router_logits))
     fn = dispatch_grove_experts if dispatch == "all_to_all" else allreduce_grove_experts
     return fn(hidden_states, w1, w2, a1, a2, weights, ids, group_size=group_size,
               adjugate_scale=adjugate_scale, process_group=process_group)

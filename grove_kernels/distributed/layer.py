@@ -20,7 +20,7 @@ import grove_kernels as gk
 from grove_kernels.layer import GroveBlock
 
 from .functional import (DISPATCH_STYLES, allreduce_grove_experts, dispatch_grove_experts,
-                         local_expert_map, local_expert_range, resolve_group)
+                         fail_together, local_expert_map, local_expert_range, resolve_group)
 
 
 def shard_experts(w1, w2, a1, a2, *, group_size, world_size, rank):
@@ -114,8 +114,11 @@ class ExpertParallelGroveMoE(GroveBlock):
                 f"dispatch={self.dispatch}")
 
     def forward(self, hidden_states):
+        try:  # a rank whose input fails the checks tells the others before raising
+            x, weights, ids = self.route(hidden_states)
+        except (TypeError, ValueError, IndexError) as exc:
+            fail_together(exc, self.process_group, self.w1.device)
         shape = hidden_states.shape
-        x, weights, ids = self.route(hidden_states)
         kw = dict(group_size=self.group_size, adjugate_scale=self.adjugate_scale,
                   process_group=self.process_group)
         if self.dispatch == "all_to_all":

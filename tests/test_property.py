@@ -314,10 +314,16 @@ def _base_grads_compared(c):
     return c["dtype"] not in (torch.float16, torch.bfloat16)
 
 
-def _expected(c, args):
-    """The oracle's outputs, on fp64 copies of the same (rounded) bases and the same views."""
+def _expected(c, args, perturb=0.0):
+    """The oracle's outputs, on fp64 copies of the same (rounded) bases and the same views;
+    with `perturb`, every float input is first scaled by 1 + perturb·U(-1, 1)."""
+    gen = torch.Generator().manual_seed(c["seed"] + 1)
     leaves = {n: leaf.detach().double() if leaf.is_floating_point() else leaf
               for n, leaf in _leaves(c, args).items()}
+    if perturb:
+        leaves = {n: t * (1 + perturb * (2 * torch.rand(t.shape, generator=gen,
+                                                         dtype=t.dtype) - 1))
+                  if t.is_floating_point() else t for n, t in leaves.items()}
     for leaf in leaves.values():
         if leaf.is_floating_point():
             leaf.requires_grad_(True)
@@ -351,6 +357,9 @@ def check_case(c):
     assert set(got) == set(want), (set(got), set(want))
     half = dtype in (torch.float16, torch.bfloat16)
     torch_out = _run(c, args, "torch") if half and c["backend"] != "torch" else None
+    # How far one rounding of every input moves the exact result: where a sum cancels (sizes
+    # of 1, few rows) a half type's rounding error can exceed 2e-2 of it.
+    sensitivity = _expected(c, args, torch.finfo(dtype).eps) if half else None
     for name, ref in want.items():
         out = got[name]
         assert out is not None, f"{name}: no gradient"
@@ -359,13 +368,12 @@ def check_case(c):
             bound = 1e-10
         elif not half:
             bound = tolerance(dtype)
-        elif torch_out is None:
-            # The torch backend in a half type: its rounding (of h, z, w·x to the dtype) is
-            # the specified semantics, and at sizes of 1 one rounding can dominate (no sum
-            # averages it); the fp32 / fp64 examples hold it to tight bounds.
-            bound = 1e-1
         else:
-            bound = max(tolerance(dtype), 2 * rel_err(torch_out[name], ref) + 1e-5)
+            # The rounding of h, z (and w·x) to the dtype is the specified semantics; it
+            # costs a few times what rounding the inputs does.
+            bound = max(tolerance(dtype), 8 * rel_err(sensitivity[name], ref))
+            if torch_out is not None:  # or within 2x the torch backend's error
+                bound = max(bound, 2 * rel_err(torch_out[name], ref) + 1e-5)
         assert err <= bound, f"{name}: rel err {err:.3e} > {bound:.1e}"
     grads = any(name.startswith("d ") for name in want)
     hypothesis.event("forward and gradients" if grads else "forward only")

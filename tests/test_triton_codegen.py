@@ -1,7 +1,7 @@
 """The Triton GEMMs compile for sm_90 on a CPU machine, use Hopper tensor cores (wgmma) and
-16-byte pipelined loads, fit in an H100's shared memory and in its register file
-(grove_kernels.triton.codegen_check, run in a subprocess because it needs real JIT functions,
-not the interpreter's)."""
+16-byte pipelined loads, fit in an H100's shared memory and in its register file, and form
+every row x stride pointer offset in 64 bits (grove_kernels.triton.codegen_check, run in a
+subprocess because it needs real JIT functions, not the interpreter's)."""
 import json
 import os
 import subprocess
@@ -50,3 +50,58 @@ def test_heuristic_configs_fit_in_shared_memory_and_registers():
     assert not too_big, too_big
     spilling = [r for r in rows if r["spill_bytes"] > MAX_SPILL_BYTES or r["registers"] <= 0]
     assert not spilling, spilling
+
+
+def _check_output(*args, script=None):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    argv = [sys.executable] + ([str(script)] if script else
+                               ["-m", "grove_kernels.triton.codegen_check", *args])
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_pointer_offsets_are_64_bit():
+    """No 32-bit product of two run-time values (row x stride, program id x rows) reaches a
+    pointer offset in any launch the codegen check knows (its config_jobs: kernels added there
+    are covered), read from the TTIR of the sm_90 compile. Such a product wraps silently past
+    2^31 elements (the SwiGLU-backward partials' pid_n * R did from T ~ 8.4 M)."""
+    report = _check_output("--offsets")
+    assert {f"{k} {d}" for k in KERNELS for d in ("bf16", "fp32")} <= set(report)
+    assert {"combine", "topk_softmax"} <= set(report)
+    narrow = {k: v for k, v in report.items() if v}
+    assert not narrow, narrow
+
+
+_NARROW_KERNEL = """
+import json, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from grove_kernels.triton.codegen_check import narrow_products
+
+@triton.jit
+def rows_times_stride(x_ptr, o_ptr, stride, WIDE: tl.constexpr):
+    rows = tl.program_id(0) * 64 + tl.arange(0, 64)
+    if WIDE:
+        offs = rows.to(tl.int64) * stride
+    else:
+        offs = rows * stride
+    tl.store(o_ptr + offs, tl.load(x_ptr + offs))
+
+out = {}
+for wide in (False, True):
+    src = ASTSource(fn=rows_times_stride, signature={"x_ptr": "*fp32", "o_ptr": "*fp32",
+                    "stride": "i32", "WIDE": "constexpr"}, constexprs={"WIDE": wide})
+    ttir = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ttir"]
+    out[str(wide)] = narrow_products(ttir)
+print(json.dumps(out))
+"""
+
+
+def test_narrow_product_detector_can_fail(tmp_path):
+    """The detector reports a 32-bit row x stride offset and accepts its 64-bit form."""
+    script = tmp_path / "narrow.py"  # triton.jit reads the kernel's source from its file
+    script.write_text(_NARROW_KERNEL)
+    out = _check_output(script=script)
+    assert len(out["False"]) == 1 and "arith.muli" in out["False"][0], out
+    assert out["True"] == [], out

@@ -24,6 +24,10 @@ from .gemm_m_grouped import DOT_X, STORE, SWIGLU_BWD, gemm_m_grouped
 
 
 def _schedule(plan, x, weights):
+    if plan.num_rows >= 2 ** 31:  # row indices and the block schedule are 32-bit
+        raise ValueError(f"hidden_states: the triton backend indexes plan rows in 32 bits; "
+                         f"{plan.num_tokens} tokens make {plan.num_rows} rows (T·(k + "
+                         f"min(k, G))), more than 2^31 - 1: split the call")
     I, Ia = weights.intermediate
     conf = cfg.select(plan, x.shape[1], I, Ia, x.dtype)
     return conf, block_schedule(plan, conf.block_m) + (conf.block_m,)

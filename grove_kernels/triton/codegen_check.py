@@ -29,7 +29,9 @@ _ALIGNED_INTS = {"stride_xt", "s_w1_p", "s_w1_n", "s_a1_p", "s_a1_n", "K", "N_E"
                  "K_A", "s_be_p", "s_be", "s_ba_p", "s_ba", "stride_a_gather",
                  "stride_out_shared", "M_E", "M_A", "s_oe_p", "s_oa_p", "stride_b_gather"}
 _INDEX_PTRS = {"row_token_ptr": "*i64", "row_weight_ptr": "*fp32", "block_offsets": "*i32",
-               "prob_start": "*i32", "prob_count": "*i32", "part_ptr": "*fp32"}
+               "prob_start": "*i32", "prob_count": "*i32", "part_ptr": "*fp32",
+               "token_rows_ptr": "*i64", "token_mask_ptr": "*i1", "ids_ptr": "*i32",
+               "weights_ptr": "*fp32", "bias_ptr": "*fp32"}
 
 
 def _compile(kernel, constexprs, num_warps, num_stages, dtype="bf16"):
@@ -82,6 +84,78 @@ def config_jobs(conf, dtype="bf16"):
         ("wgrad_dw1", gemm_k_grouped._gemm_k_grouped_kernel,
          dict(wg, GATHER_A=False, GATHER_B=True, SCALE_A=False, SCALE_B=False), ww, ws),
     ]
+
+
+_SSA = re.compile(r"^\s*(%[\w.#-]+)(?::\d+)? = ([\w.]+)(.*)$")
+
+
+def narrow_products(ttir):
+    """The 32-bit multiplications of two run-time values (row x stride, program id x size)
+    that reach a pointer offset in the TTIR `ttir`: each such product overflows silently past
+    2^31 elements, so offsets must be formed in 64 bits. A product with a constant (a tile
+    size: the index of one dimension, whose size the host bounds) is not reported."""
+    out = []
+    for func in re.split(r"\btt\.func\b", ttir)[1:]:
+        # Sibling regions (the branches of an scf.if) reuse SSA names: a name maps to every
+        # op that defines it, and the walk follows all of them.
+        defs = {}
+        for line in func.splitlines():
+            m = _SSA.match(line)
+            if m:
+                body = m.group(3).split(" loc(")[0]
+                operands = re.findall(r"%[\w.#-]+", body.split(" : ")[0])
+                defs.setdefault(m.group(1), []).append((m.group(2), operands, body))
+
+        def const(v):
+            return v in defs and all(op == "arith.constant" or (
+                op in ("tt.splat", "tt.broadcast", "tt.expand_dims") and all(map(const, ops)))
+                for op, ops, _ in defs[v])
+
+        seen = set()
+        stack = [d[1][1] for ds in defs.values() for d in ds
+                 if d[0] == "tt.addptr" and len(d[1]) == 2]
+        while stack:
+            v = stack.pop()
+            if v in seen or v not in defs:
+                continue
+            seen.add(v)
+            for op, operands, body in defs[v]:
+                if op == "arith.muli" and re.search(r":\s*(tensor<[\dx]*)?i32>?\s*$", body) \
+                        and not any(const(o) for o in operands):
+                    out.append(f"{v} = {op}{body}")
+                if op in ("arith.addi", "arith.subi", "arith.muli", "arith.extsi",
+                          "arith.extui", "tt.splat", "tt.broadcast", "tt.expand_dims",
+                          "arith.select", "arith.remsi", "arith.divsi"):
+                    stack.extend(operands)
+    return sorted(set(out))
+
+
+def offset_report():
+    """{kernel launch: its 32-bit run-time products that reach a pointer offset} over every
+    launch config_jobs lists (kernels added there are covered), bf16 and fp32."""
+    from . import config as cfg
+
+    out = {}
+    for dtype in ("bf16", "fp32"):
+        conf = cfg._heuristic(64)
+        for label, kernel, constexprs, warps, stages in config_jobs(conf, dtype):
+            compiled = _compile(kernel, dict(constexprs, IEEE=dtype == "fp32"), warps, stages,
+                                dtype)
+            out[f"{label} {dtype}"] = narrow_products(compiled.asm["ttir"])
+    for label, kernel, constexprs in _other_kernels():
+        out[label] = narrow_products(_compile(kernel, constexprs, 4, 1).asm["ttir"])
+    return out
+
+
+def _other_kernels():
+    """(label, kernel, constexprs) of the launches outside the GEMM configs."""
+    import triton.language as tl
+
+    from . import combine, routing
+
+    return [("combine", combine._combine_rows_kernel, dict(C=4, BH=1024, INTERPRETED=False)),
+            ("topk_softmax", routing._topk_softmax_kernel,
+             dict(K=8, KP=8, EP=128, BT=16, HAS_BIAS=True, RENORMALIZE=True, ACC=tl.float32))]
 
 
 def _ptxas_usage(ptx):
@@ -138,6 +212,9 @@ def heuristic_usage():
 
 
 def main():
+    if "--offsets" in sys.argv:
+        print(json.dumps(offset_report()))
+        return
     if "--heuristic" in sys.argv:
         print(json.dumps(heuristic_usage()))
         return

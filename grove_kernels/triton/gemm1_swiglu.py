@@ -29,7 +29,7 @@ def _gemm1_tile(x_ptr, stride_xt, row_token_ptr, row_weight_ptr, rows, row_ok, w
         ks = tl.arange(0, BK)
         a_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xt + ks[None, :]
         g_ptrs = w_ptr + cols[None, :].to(tl.int64) * s_n + ks[:, None]
-        u_ptrs = g_ptrs + N * s_n
+        u_ptrs = g_ptrs + N.to(tl.int64) * s_n
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):

@@ -69,7 +69,7 @@ def _m_grouped_tile(a_ptr, K, stride_a_gather, row_token_ptr, row_weight_ptr, ro
             sig = tl.sigmoid(hg)
             silu = hg * sig
             # Σ_n g·z over this tile (masked columns load 0): d(row weight) partial.
-            tl.store(part_ptr + pid_n * R + rows, tl.sum(acc * silu * hu, axis=1), mask=row_ok)
+            tl.store(part_ptr + pid_n.to(tl.int64) * R + rows, tl.sum(acc * silu * hu, axis=1), mask=row_ok)
             dz = acc * w[:, None]
             d_gate = dz * hu * sig * (1.0 + hg * (1.0 - sig))
             out_ptrs = o_ptr + local[:, None] * (2 * N) + cols[None, :]
@@ -80,7 +80,7 @@ def _m_grouped_tile(a_ptr, K, stride_a_gather, row_token_ptr, row_weight_ptr, ro
             if EPILOGUE == 2:
                 xv = tl.load(x_ptr + token[:, None] * stride_xt + cols[None, :], mask=mask,
                              other=0.0)
-                tl.store(part_ptr + pid_n * R + rows, tl.sum(acc * xv.to(tl.float32), axis=1),
+                tl.store(part_ptr + pid_n.to(tl.int64) * R + rows, tl.sum(acc * xv.to(tl.float32), axis=1),
                          mask=row_ok)
             acc = acc * w[:, None]
             if OUT_SHARED:

@@ -31,7 +31,7 @@ def _topk_softmax_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, T, E, strid
     expert = e < E
     # Rows past T load zeros (not -inf) so that their softmax stays finite; they are not stored.
     # Converting right after the load keeps bf16 out of arithmetic (wrong under the interpreter).
-    x = tl.load(logits_ptr + t.to(tl.int64) * stride_t + e * stride_e,
+    x = tl.load(logits_ptr + t.to(tl.int64) * stride_t + e.to(tl.int64) * stride_e,
                 mask=(t < T) & expert, other=0.0).to(ACC)
     x = tl.where(expert, x, float("-inf"))
 

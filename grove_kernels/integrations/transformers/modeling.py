@@ -17,6 +17,8 @@ Checkpoints are read and written in the released format: the per-expert tensors
 mlp.experts.{e}.{gate,up,down}_proj.weight and mlp.chunk_experts.{g}.* are packed into w1 / w2
 / a1 / a2 on load and split back on save by a weight conversion registered for "grove_moe".
 """
+import inspect
+
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import initialization as init
@@ -33,6 +35,9 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (Qwen3MoeAttention,
 from ...layer import GroveMoE
 
 MODEL_TYPE = "grove_moe"
+_NO_ROUTER_LOGITS = (
+    "output_router_logits: GroveMoE selects experts by sigmoid(logits) + expert_bias and balances "
+    "them with GroveMoE.update_selection_bias; the Qwen3-MoE auxiliary loss does not apply")
 
 
 @strict
@@ -54,10 +59,21 @@ class GroveMoeConfig(Qwen3MoeConfig):
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act: GroveMoE experts are SwiGLU, only 'silu' is supported, "
                              f"got {self.hidden_act!r}")
+        if self.output_router_logits:
+            raise NotImplementedError(_NO_ROUTER_LOGITS)
         if self.experts_per_group < 1 or (self.num_experts > 0
                                           and self.num_experts % self.experts_per_group):
             raise ValueError(f"experts_per_group: must be >= 1 and divide num_experts="
                              f"{self.num_experts}, got {self.experts_per_group}")
+
+    def to_dict(self):
+        out = super().to_dict()
+        # The released config.json (and its remote code, and grove_model) read rope_theta;
+        # transformers 5 keeps it inside rope_parameters and reads either.
+        rope = out.get("rope_parameters") or {}
+        if "rope_theta" in rope:
+            out["rope_theta"] = rope["rope_theta"]
+        return out
 
     @property
     def num_groups(self):
@@ -148,14 +164,13 @@ class GroveMoeForCausalLM(GroveMoePreTrainedModel, Qwen3MoeForCausalLM):
         self.num_experts_per_tok = config.num_experts_per_tok
         self.post_init()
 
-    def forward(self, *args, output_router_logits=None, **kwargs):
-        if output_router_logits or (output_router_logits is None
-                                    and self.config.output_router_logits):
-            raise NotImplementedError(
-                "output_router_logits: GroveMoE routes by sigmoid(logits) + expert_bias; the "
-                "Qwen3-MoE auxiliary loss does not apply (balance with "
-                "GroveMoE.update_selection_bias instead)")
-        return super().forward(*args, output_router_logits=False, **kwargs)
+    def forward(self, *args, **kwargs):
+        if kwargs.get("output_router_logits"):
+            raise NotImplementedError(_NO_ROUTER_LOGITS)
+        return super().forward(*args, **kwargs)
+
+    # The Trainer and generate() read the parameters of forward: show Qwen3-MoE's.
+    forward.__signature__ = inspect.signature(Qwen3MoeForCausalLM.forward)
 
     def moe_blocks(self):
         """{layer index: GroveMoE} of the sparse layers."""

@@ -76,6 +76,24 @@ def assert_grads_close(grads, ref, tol):
         assert rel_err(grads[name], ref[name]) <= tol, (name, rel_err(grads[name], ref[name]))
 
 
+def test_kernel_package_imports_without_transformers():
+    """`import grove_kernels` never imports transformers; the integration, where transformers
+    is missing, raises ImportError naming the extra."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import grove_kernels, grove_model\n"
+            "try:\n    import grove_kernels.integrations.transformers\n"
+            "except ImportError as e:\n    print(e)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [ROOT, os.path.join(ROOT, "python"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "grove-kernels[transformers]" in proc.stdout
+
+
 # --- the experts implementation on transformers' own MoE models ------------------------------------
 def tiny_plain_moe(kind):
     torch.manual_seed(0)
@@ -227,7 +245,7 @@ def released_twin(block):
 
 def tiny_grove(seed=0, **over):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("grove_moe", **GROVE, **over))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("grove_moe", **dict(GROVE, **over)))
     with torch.no_grad():
         for block in model.moe_blocks().values():
             for p in (block.w1, block.w2, block.a1, block.a2):

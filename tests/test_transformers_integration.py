@@ -192,15 +192,18 @@ class ReleasedMLP(nn.Module):
 class ReleasedGroveBlock(nn.Module):
     """The released GroveMoeSparseMoeBlock's structure and loops: one pass per expert, then one
     per adjugate over every (token, slot) whose expert is in its group, each with the slot's
-    weight (so an adjugate is computed once per selected expert, and the duplicates sum)."""
+    weight (so an adjugate is computed once per selected expert, and the duplicates sum).
+    The released forward selects by sigmoid(logits) alone (use_expert_bias=False) and always
+    renormalizes; grove_model's routing adds expert_bias (use_expert_bias=True)."""
 
     def __init__(self, hidden, inter, num_experts, top_k, group_size, adj_inter,
-                 adjugate_scale=0.05, norm_topk_prob=True):
+                 adjugate_scale=0.05, norm_topk_prob=True, use_expert_bias=True):
         super().__init__()
         self.num_experts, self.top_k, self.norm_topk_prob = num_experts, top_k, norm_topk_prob
         self.num_experts_per_group = group_size
         self.parallel_expert_intermediate_size = adj_inter
         self.adjugate_scale = adjugate_scale
+        self.use_expert_bias = use_expert_bias
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         self.experts = nn.ModuleList(ReleasedMLP(hidden, inter) for _ in range(num_experts))
@@ -210,7 +213,10 @@ class ReleasedGroveBlock(nn.Module):
     def forward(self, hidden_states):
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         logits = self.gate(x).float()
-        ids = torch.topk(torch.sigmoid(logits) + self.expert_bias, self.top_k, dim=-1).indices
+        score = torch.sigmoid(logits)
+        if self.use_expert_bias:
+            score = score + self.expert_bias
+        ids = torch.topk(score, self.top_k, dim=-1).indices
         w = torch.softmax(logits, dim=-1).gather(-1, ids)
         if self.norm_topk_prob:
             w = w / w.sum(-1, keepdim=True)
@@ -408,10 +414,11 @@ def test_config_errors():
 class ReleasedStack(nn.Module):
     """Two layers x -> x + block(x) with released blocks, the second k = 3, S = 4."""
 
-    def __init__(self):
+    def __init__(self, use_expert_bias=False):
         super().__init__()
-        self.layers = nn.ModuleList([nn.ModuleDict({"mlp": ReleasedGroveBlock(32, 16, 8, 2, 2, 8)}),
-                                     nn.ModuleDict({"mlp": ReleasedGroveBlock(32, 16, 8, 3, 4, 8)})])
+        blocks = [ReleasedGroveBlock(32, 16, 8, 2, 2, 8, use_expert_bias=use_expert_bias),
+                  ReleasedGroveBlock(32, 16, 8, 3, 4, 8, use_expert_bias=use_expert_bias)]
+        self.layers = nn.ModuleList(nn.ModuleDict({"mlp": b}) for b in blocks)
 
     def forward(self, x):
         for layer in self.layers:
@@ -419,34 +426,42 @@ class ReleasedStack(nn.Module):
         return x
 
 
-def test_apply_grove_kernels_swaps_in_place():
+@pytest.mark.parametrize("use_expert_bias", [False, True])
+def test_apply_grove_kernels_swaps_in_place(use_expert_bias):
     torch.manual_seed(0)
-    model = ReleasedStack()
+    model = ReleasedStack(use_expert_bias)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0, 1 if name.endswith("gate.weight") else 0.2)
         for layer in model.layers:
-            layer["mlp"].expert_bias.normal_(0, 0.1)
+            layer["mlp"].expert_bias.normal_(0, 0.3)
     x = torch.randn(BATCH, SEQ, 32, requires_grad=True)
     ref = model(x)
     ref_dx, = torch.autograd.grad(ref.square().sum(), x)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert gt.apply_grove_kernels(model) == 2
+    assert gt.apply_grove_kernels(model, use_expert_bias=use_expert_bias) == 2
     assert all(isinstance(layer["mlp"], gk.GroveMoE) for layer in model.layers)
     assert model.layers[1]["mlp"].group_size == 4 and model.layers[1]["mlp"].top_k == 3
     out = model(x)
-    dx, = torch.autograd.grad(out.square().sum(), x)
-    assert rel_err(out, ref) <= FP32_TOL and rel_err(dx, ref_dx) <= 1e-4
+    out.square().sum().backward()
+    assert rel_err(out, ref) <= FP32_TOL and rel_err(x.grad, ref_dx) <= 1e-4
+    # Every parameter gets a gradient (the router through the routing weights).
+    assert all(p.grad is not None for p in model.parameters())
     after = model.state_dict()
     assert list(after) == list(before) or sorted(after) == sorted(before)
     for name, t in before.items():
         assert torch.equal(after[name], t), name
     # load_state_dict takes the released names back into the packed weights.
-    fresh = ReleasedStack()
-    gt.apply_grove_kernels(fresh)
+    fresh = ReleasedStack(use_expert_bias)
+    gt.apply_grove_kernels(fresh, use_expert_bias=use_expert_bias)
     fresh.load_state_dict(before)
     with torch.no_grad():
         assert torch.equal(fresh(x), out)
+    # The bias must matter here, or the two settings would prove nothing.
+    other = ReleasedStack(not use_expert_bias)
+    other.load_state_dict(before)
+    with torch.no_grad():
+        assert rel_err(other(x), ref) > 1e-2
     with pytest.raises(ValueError, match="no released Grove sparse block"):
         gt.apply_grove_kernels(model)
 

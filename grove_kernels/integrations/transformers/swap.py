@@ -13,6 +13,7 @@ writes the released format.
 import torch
 from torch import nn
 
+from ... import api
 from ...layer import GroveMoE
 
 _PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -22,12 +23,28 @@ _PACKED = (("experts", "w1", "w2"), ("chunk_experts", "a1", "a2"))
 class ReleasedLayoutGroveMoE(GroveMoE):
     """GroveMoE whose state_dict uses the released names: experts.{e}.{gate,up,down}_proj.weight
     and chunk_experts.{g}.* instead of w1 / w2 / a1 / a2 (copies, not views: the released
-    format stores every expert apart). load_state_dict takes either naming."""
+    format stores every expert apart). load_state_dict takes either naming.
 
-    def __init__(self, *args, **kwargs):
+    use_expert_bias=False selects by sigmoid(logits) alone, as the released forward does (it
+    holds expert_bias, keeps it in its state_dict, and never reads it)."""
+
+    def __init__(self, *args, use_expert_bias=True, **kwargs):
         super().__init__(*args, **kwargs)
+        self.use_expert_bias = bool(use_expert_bias)
         self.register_state_dict_post_hook(_split_packed)
         self.register_load_state_dict_pre_hook(_pack_released)
+
+    def route(self, hidden_states):
+        if self.use_expert_bias:
+            return super().route(hidden_states)
+        if hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states: expected last dimension {self.hidden_size}, got "
+                             f"shape {tuple(hidden_states.shape)}")
+        x = hidden_states.reshape(-1, self.hidden_size)
+        weights, ids = api.grove_topk(self.gate(x), self.top_k, renormalize=self.renormalize)
+        if self.training:
+            self.last_topk_ids = ids.detach()
+        return x, weights, ids
 
 
 def _split_packed(module, state_dict, prefix, local_metadata):
@@ -79,11 +96,12 @@ def _linear_weight(block, kind, j, proj):
 
 
 @torch.no_grad()
-def fused_block_from_released(block, *, adjugate_scale=0.05, group_size=None, renormalize=None):
+def fused_block_from_released(block, *, adjugate_scale=0.05, group_size=None, renormalize=True,
+                              use_expert_bias=False):
     """A ReleasedLayoutGroveMoE holding the weights of a released block (copies, on the same
     device and dtype). Sizes come from the weights; group_size from the block's
-    num_experts_per_group (the release: 2) unless given; renormalize from its norm_topk_prob
-    (the release renormalizes: default True)."""
+    num_experts_per_group (the release: 2) unless given. The defaults are the released
+    forward's: weights renormalized whatever norm_topk_prob says, expert_bias not used."""
     E, H = block.gate.weight.shape
     G = len(block.chunk_experts)
     if len(block.experts) != E:
@@ -97,8 +115,6 @@ def fused_block_from_released(block, *, adjugate_scale=0.05, group_size=None, re
     if act is not None and not isinstance(act, nn.SiLU) and type(act).__name__ != "SiLUActivation":
         raise ValueError(f"experts.0.act_fn: Grove experts are SwiGLU (silu), got "
                          f"{type(act).__name__}")
-    if renormalize is None:
-        renormalize = bool(getattr(block, "norm_topk_prob", True))
     top_k = getattr(block, "top_k", None)
     if top_k is None:
         raise ValueError("top_k: the block has no top_k attribute; pass a released block")
@@ -106,7 +122,8 @@ def fused_block_from_released(block, *, adjugate_scale=0.05, group_size=None, re
     I = w.shape[0]
     Ia = block.chunk_experts[0].gate_proj.weight.shape[0]
     fused = ReleasedLayoutGroveMoE(H, I, E, int(top_k), S, Ia, adjugate_scale,
-                                   renormalize=renormalize, device=w.device, dtype=w.dtype)
+                                   renormalize=renormalize, use_expert_bias=use_expert_bias,
+                                   device=w.device, dtype=w.dtype)
     fused.gate.weight.copy_(block.gate.weight)
     bias = getattr(block, "expert_bias", None)
     if bias is not None:
@@ -126,16 +143,18 @@ def fused_block_from_released(block, *, adjugate_scale=0.05, group_size=None, re
     return fused
 
 
-def apply_grove_kernels(model, *, adjugate_scale=0.05, group_size=None, renormalize=None):
+def apply_grove_kernels(model, *, adjugate_scale=0.05, group_size=None, renormalize=True,
+                        use_expert_bias=False):
     """Replace, in place, every released Grove sparse block of `model` (a module with a
     `gate` Linear and `experts` / `chunk_experts` ModuleLists) by a fused
     ReleasedLayoutGroveMoE with the same weights; returns the number of blocks swapped (0
     raises: nothing to swap is a mistake, not a no-op).
 
-    Routing as released: softmax weights of the selected experts, top-k of sigmoid(logits)
-    (+ expert_bias, which the release keeps at zero), renormalized (norm_topk_prob); the
-    adjugate output is scaled by adjugate_scale (0.05 in the release). Optimizers built
-    before the swap hold the old parameters: build them after."""
+    Routing as the released forward: softmax weights of the top-k of sigmoid(logits),
+    renormalized; the adjugate output scaled by adjugate_scale (0.05 in the release).
+    use_expert_bias=True adds expert_bias to the selection scores (grove_model's and
+    GroveMoeForCausalLM's routing, for training with GroveMoE.update_selection_bias).
+    Optimizers built before the swap hold the old parameters: build them after."""
     targets = [(name, module) for name, module in model.named_modules()
                if _is_released_block(module)]
     if not targets:
@@ -149,5 +168,5 @@ def apply_grove_kernels(model, *, adjugate_scale=0.05, group_size=None, renormal
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, fused_block_from_released(
             block, adjugate_scale=adjugate_scale, group_size=group_size,
-            renormalize=renormalize))
+            renormalize=renormalize, use_expert_bias=use_expert_bias))
     return len(targets)

@@ -12,6 +12,7 @@
   README                  the "With transformers" section runs as written
 """
 import copy
+import json
 import os
 import re
 
@@ -94,7 +95,7 @@ def test_kernel_package_imports_without_transformers():
     assert "grove-kernels[transformers]" in proc.stdout
 
 
-# --- the experts implementation on transformers' own MoE models ------------------------------------
+# --- the experts implementation on transformers' own MoE models -------------------------------
 def tiny_plain_moe(kind):
     torch.manual_seed(0)
     if kind == "qwen3_moe":
@@ -176,7 +177,7 @@ def test_unsupported_experts_raise_naming_the_feature(change, feature):
         gt.grove_kernels_experts_forward(experts, x, ids, torch.full((3, 2), 0.5))
 
 
-# --- GroveMoE: an eager twin with the released block's structure ------------------------------------
+# --- GroveMoE: an eager twin with the released block's structure -------------------------------
 class ReleasedMLP(nn.Module):
     def __init__(self, hidden, inter):
         super().__init__()
@@ -251,7 +252,8 @@ def released_twin(block):
 
 def tiny_grove(seed=0, **over):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("grove_moe", **dict(GROVE, **over)))
+    config = AutoConfig.for_model("grove_moe", **dict(GROVE, **over))
+    model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for block in model.moe_blocks().values():
             for p in (block.w1, block.w2, block.a1, block.a2):
@@ -355,6 +357,12 @@ def test_triton_backend_matches_torch():
 def test_loads_released_format_and_matches_grove_model(tmp_path, variant):
     ref_cfg = RefConfig.from_json({k: v for k, v in REF_VARIANTS[variant].items()})
     written = write_random_checkpoint(tmp_path / "ckpt", ref_cfg, seed=3)
+    # As released: the config points at the remote code, which must not be needed.
+    raw = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    raw.update(auto_map={"AutoConfig": "configuration_grove_moe.GroveMoeConfig",
+                         "AutoModelForCausalLM": "modeling_grove_moe.GroveMoeForCausalLM"},
+               transformers_version="4.51.0")
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(raw))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
     assert isinstance(model, gt.GroveMoeForCausalLM)
     ref = RefModel.from_pretrained(tmp_path / "ckpt")

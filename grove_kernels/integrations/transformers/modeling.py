@@ -2,9 +2,9 @@
 trust_remote_code, its sparse blocks on grove_kernels.
 
 The model is Qwen3-MoE's (attention with q/k norm and RoPE, KV cache, masks, attention
-backends, generate) with every sparse block a grove_kernels.GroveMoE built by grove_model (the
-package's reference Grove transformer, whose blocks, dense MLP and checkpoint format this model
-shares; grove_model itself runs without transformers):
+backends, generate) with every sparse block a grove_kernels.GroveMoE and every dense MLP built
+by grove_model (the package's reference Grove transformer, which runs without transformers and
+reads and writes the same checkpoints; the two are tested equal):
 
     input_ids [B, L] -> embed_tokens -> per layer: x += self_attn(norm(x)); x += mlp(norm(x))
       mlp: GroveMoE on sparse layers, T = B*L tokens:
@@ -15,7 +15,8 @@ shares; grove_model itself runs without transformers):
 
 Checkpoints are read and written in the released format: the per-expert tensors
 mlp.experts.{e}.{gate,up,down}_proj.weight and mlp.chunk_experts.{g}.* are packed into w1 / w2
-/ a1 / a2 on load and split back on save by a weight conversion registered for "grove_moe".
+/ a1 / a2 on load and split back on save by a weight conversion that transformers applies to
+GroveMoeKernelsModel (and so to the `model` of GroveMoeForCausalLM).
 """
 import inspect
 

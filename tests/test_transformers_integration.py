@@ -328,16 +328,20 @@ def test_adamw_steps_match_eager_twin():
         assert abs(a - b) <= FP32_TOL * abs(b), losses
 
 
-def test_trainer_runs(tmp_path):
+def test_trainer_runs_with_gradient_checkpointing(tmp_path):
     pytest.importorskip("accelerate", reason="the transformers Trainer needs accelerate")
     from transformers import Trainer, TrainingArguments
 
     model = tiny_grove()
     before = model.moe_blocks()[0].w1.detach().clone()
     data = [{"input_ids": batch(64, seed=s)[0], "labels": batch(64, seed=s)[0]} for s in range(4)]
+    # Renamed in transformers 5.x; the old name warns.
+    checkpointing = ("activation_checkpointing"
+                     if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                     else "gradient_checkpointing")
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
                              learning_rate=1e-3, use_cpu=True, report_to=[], save_strategy="no",
-                             logging_steps=1, disable_tqdm=True)
+                             logging_steps=1, disable_tqdm=True, **{checkpointing: True})
     result = Trainer(model=model, args=args, train_dataset=data).train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert not torch.equal(model.moe_blocks()[0].w1, before)

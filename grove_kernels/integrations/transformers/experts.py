@@ -13,6 +13,7 @@ SwiGLU experts in that layout are refused by name of the feature, never run appr
 """
 import torch
 from torch import nn
+from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
 
 from ... import api
 
@@ -40,8 +41,6 @@ def _is_silu(act):
 def check_experts_module(module):
     """Raise UnsupportedExpertsError unless `module` holds plain SwiGLU experts in the
     concatenated [gate; up] layout on every expert of the model (no expert parallel)."""
-    from transformers.integrations.moe import _default_apply_gate
-
     if not getattr(module, "has_gate", True):
         _refuse(module, "non-gated experts (has_gate=False)", "the kernels compute SwiGLU experts")
     if getattr(module, "has_bias", False):
@@ -81,6 +80,4 @@ def grove_kernels_experts_forward(self, hidden_states, top_k_index, top_k_weight
 
 def register():
     """Register NAME in transformers' ExpertsInterface (idempotent)."""
-    from transformers.integrations.moe import ExpertsInterface
-
     ExpertsInterface.register(NAME, grove_kernels_experts_forward)

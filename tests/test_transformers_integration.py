@@ -478,6 +478,25 @@ def test_apply_grove_kernels_swaps_in_place(use_expert_bias):
         gt.apply_grove_kernels(model)
 
 
+def test_apply_grove_kernels_then_save_pretrained_writes_released_format(tmp_path):
+    """A transformers model whose sparse blocks have the released structure: after the swap,
+    save_pretrained writes the same tensors under the same names, bit for bit."""
+    model = tiny_grove()
+    model.save_pretrained(tmp_path / "packed")
+    released = eager_twin(model)
+    ids = batch(model.config.vocab_size)
+    with torch.no_grad():
+        ref = released(ids).logits
+    assert gt.apply_grove_kernels(released, use_expert_bias=True) == 2
+    with torch.no_grad():
+        assert rel_err(released(ids).logits, ref) <= FP32_TOL
+    released.save_pretrained(tmp_path / "swapped")
+    a, b = read_checkpoint(tmp_path / "packed"), read_checkpoint(tmp_path / "swapped")
+    assert sorted(a) == sorted(b) and any(".chunk_experts.3.down_proj." in n for n in a)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 # --- README ---------------------------------------------------------------------------------------
 def readme_block(heading):
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()

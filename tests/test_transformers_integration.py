@@ -146,6 +146,16 @@ def test_from_pretrained_with_experts_implementation(tmp_path):
         assert rel_err(fused(ids).logits, eager(ids).logits) <= FP32_TOL
 
 
+def test_a_model_with_biased_experts_is_refused_by_name():
+    # gpt-oss: biased, transposed, interleaved experts; the first of these is named.
+    cfg = AutoConfig.for_model("gpt_oss", **dict(TINY, num_hidden_layers=1, intermediate_size=16),
+                               num_local_experts=4, num_experts_per_tok=2,
+                               layer_types=["full_attention"])
+    model = AutoModelForCausalLM.from_config(cfg, experts_implementation="grove_kernels")
+    with pytest.raises(gt.UnsupportedExpertsError, match=r"GptOssExperts: expert biases"):
+        model(batch(cfg.vocab_size))
+
+
 class _CustomGate(transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts):
     def _apply_gate(self, gate_up):
         gate, up = gate_up.chunk(2, dim=-1)

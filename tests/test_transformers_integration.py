@@ -246,7 +246,8 @@ def released_twin(block):
     """A ReleasedGroveBlock holding the weights of a fused GroveMoE (copies)."""
     twin = ReleasedGroveBlock(block.hidden_size, block.intermediate_size, block.num_experts,
                               block.top_k, block.group_size, block.adjugate_intermediate_size,
-                              block.adjugate_scale, block.renormalize)
+                              block.adjugate_scale, block.renormalize,
+                              getattr(block, "use_expert_bias", True))
     I, Ia = block.intermediate_size, block.adjugate_intermediate_size
     with torch.no_grad():
         twin.gate.weight.copy_(block.gate.weight)
@@ -285,7 +286,8 @@ def test_grove_model_is_registered_and_uses_the_kernels():
     assert isinstance(model, gt.GroveMoeForCausalLM)
     assert type(AutoConfig.for_model("grove_moe")) is gt.GroveMoeConfig
     assert sorted(model.moe_blocks()) == [0, 1]
-    assert all(type(b) is gk.GroveMoE for b in model.moe_blocks().values())
+    assert all(type(b) is gt.GroveMoeSparseMoeBlock and isinstance(b, gk.GroveMoE)
+               for b in model.moe_blocks().values())
 
 
 def test_grove_logits_grads_and_generate_match_eager_twin():
@@ -311,6 +313,18 @@ def test_grove_logits_grads_and_generate_match_eager_twin():
         ref = twin.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16)
     assert out.shape == (BATCH, 3 + 16)
     assert torch.equal(out, ref)
+
+
+def test_selection_without_expert_bias_as_released():
+    """use_expert_bias=False: the released forward's selection (the bias is held, not read)."""
+    ids = batch(64)
+    with torch.no_grad():
+        model = tiny_grove(use_expert_bias=False)
+        assert not model.moe_blocks()[0].use_expert_bias
+        logits = model(ids).logits
+        assert rel_err(logits, eager_twin(model)(ids).logits) <= FP32_TOL
+        # The bias must matter in this set-up, or the comparison above would prove nothing.
+        assert rel_err(logits, tiny_grove(use_expert_bias=True)(ids).logits) > 1e-2
 
 
 def test_adamw_steps_match_eager_twin():

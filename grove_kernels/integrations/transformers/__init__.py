@@ -26,7 +26,7 @@ from . import experts as _experts, modeling as _modeling  # noqa: E402
 from .experts import (NAME, UnsupportedExpertsError, check_experts_module,  # noqa: E402
                       grove_kernels_experts_forward)
 from .modeling import (GroveMoeConfig, GroveMoeForCausalLM, GroveMoeKernelsModel,  # noqa: E402
-                       GroveMoePreTrainedModel)
+                       GroveMoePreTrainedModel, GroveMoeSparseMoeBlock)
 from .swap import ReleasedLayoutGroveMoE, apply_grove_kernels  # noqa: E402
 
 
@@ -41,5 +41,6 @@ register()
 __all__ = [
     "NAME", "UnsupportedExpertsError", "check_experts_module", "grove_kernels_experts_forward",
     "GroveMoeConfig", "GroveMoeForCausalLM", "GroveMoeKernelsModel", "GroveMoePreTrainedModel",
+    "GroveMoeSparseMoeBlock",
     "ReleasedLayoutGroveMoE", "apply_grove_kernels", "register",
 ]

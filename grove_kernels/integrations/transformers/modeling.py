@@ -33,6 +33,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (Qwen3MoeAttention,
                                                               Qwen3MoeRMSNorm,
                                                               Qwen3MoeRotaryEmbedding)
 
+from ... import api
 from ...layer import GroveMoE
 
 MODEL_TYPE = "grove_moe"
@@ -54,6 +55,9 @@ class GroveMoeConfig(Qwen3MoeConfig):
     experts_per_group: int = 2
     adjugate_intermediate_size: int = 128
     adjugate_scale: float = 0.05
+    # Selection by sigmoid(logits) + expert_bias (grove_model's routing); False: by
+    # sigmoid(logits) alone, as the released remote code's forward (which never reads the bias).
+    use_expert_bias: bool = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -86,6 +90,32 @@ class GroveMoeConfig(Qwen3MoeConfig):
                 and (layer_idx + 1) % self.decoder_sparse_step == 0)
 
 
+class GroveMoeSparseMoeBlock(GroveMoE):
+    """GroveMoE whose selection may leave expert_bias out: use_expert_bias=False ranks experts
+    by sigmoid(logits) alone, as the released remote code's forward does (it holds
+    expert_bias, loads and saves it, and never reads it). With True (GroveMoE's routing)
+    update_selection_bias steers selection."""
+
+    def __init__(self, *args, use_expert_bias=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.use_expert_bias = bool(use_expert_bias)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, use_expert_bias={self.use_expert_bias}"
+
+    def route(self, hidden_states):
+        if self.use_expert_bias:
+            return super().route(hidden_states)
+        if hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states: expected last dimension {self.hidden_size}, got "
+                             f"shape {tuple(hidden_states.shape)}")
+        x = hidden_states.reshape(-1, self.hidden_size)
+        weights, ids = api.grove_topk(self.gate(x), self.top_k, renormalize=self.renormalize)
+        if self.training:
+            self.last_topk_ids = ids.detach()
+        return x, weights, ids
+
+
 def _building_blocks():
     # grove_model is the package's reference Grove transformer; the blocks are built once, there.
     from grove_model.modeling import DenseMLP, make_grove_block
@@ -101,7 +131,8 @@ class GroveMoeDecoderLayer(Qwen3MoeDecoderLayer):
         DenseMLP, make_grove_block = _building_blocks()
         self.self_attn = Qwen3MoeAttention(config, layer_idx)
         if config.is_moe_layer(layer_idx):
-            self.mlp = make_grove_block(config)
+            self.mlp = make_grove_block(config, cls=GroveMoeSparseMoeBlock,
+                                        use_expert_bias=config.use_expert_bias)
         else:
             self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = Qwen3MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)

@@ -13,38 +13,23 @@ writes the released format.
 import torch
 from torch import nn
 
-from ... import api
 from ...layer import GroveMoE
+from .modeling import GroveMoeSparseMoeBlock
 
 _PROJS = ("gate_proj", "up_proj", "down_proj")
 _PACKED = (("experts", "w1", "w2"), ("chunk_experts", "a1", "a2"))
 
 
-class ReleasedLayoutGroveMoE(GroveMoE):
-    """GroveMoE whose state_dict uses the released names: experts.{e}.{gate,up,down}_proj.weight
-    and chunk_experts.{g}.* instead of w1 / w2 / a1 / a2 (copies, not views: the released
-    format stores every expert apart). load_state_dict takes either naming.
+class ReleasedLayoutGroveMoE(GroveMoeSparseMoeBlock):
+    """A GroveMoE (GroveMoeSparseMoeBlock: use_expert_bias chooses the selection) whose
+    state_dict uses the released names: experts.{e}.{gate,up,down}_proj.weight and
+    chunk_experts.{g}.* instead of w1 / w2 / a1 / a2 (copies, not views: the released format
+    stores every expert apart). load_state_dict takes either naming."""
 
-    use_expert_bias=False selects by sigmoid(logits) alone, as the released forward does (it
-    holds expert_bias, keeps it in its state_dict, and never reads it)."""
-
-    def __init__(self, *args, use_expert_bias=True, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.use_expert_bias = bool(use_expert_bias)
         self.register_state_dict_post_hook(_split_packed)
         self.register_load_state_dict_pre_hook(_pack_released)
-
-    def route(self, hidden_states):
-        if self.use_expert_bias:
-            return super().route(hidden_states)
-        if hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(f"hidden_states: expected last dimension {self.hidden_size}, got "
-                             f"shape {tuple(hidden_states.shape)}")
-        x = hidden_states.reshape(-1, self.hidden_size)
-        weights, ids = api.grove_topk(self.gate(x), self.top_k, renormalize=self.renormalize)
-        if self.training:
-            self.last_topk_ids = ids.detach()
-        return x, weights, ids
 
 
 def _split_packed(module, state_dict, prefix, local_metadata):

@@ -5,7 +5,7 @@
 plus grove_topk / grove_moe, the vLLM drop-ins fused_experts / fused_moe / fused_topk, the
 backend switch, and the GroveMoE module. DESIGN.md §2 is the contract.
 """
-from ._validate import set_value_checks, value_checks_enabled
+from .settings import set_value_checks, value_checks_enabled
 from .api import (fused_experts, fused_grove_experts, fused_moe, fused_topk, grove_moe,
                   grove_topk)
 from .backends import available_backends, get_backend, set_backend, use_backend

@@ -57,28 +57,30 @@ def config_jobs(conf, dtype="bf16"):
     bm = conf.block_m
     # fp32 operands: IEEE dots, torch's default (gemm_common.dot_flags).
     dot = dict(UPCAST=False, IEEE=dtype == "fp32")
-    g1 = dict(P_POW2=256, BM=bm, BN=conf.gemm1[0], BK=conf.gemm1[1], SCALE_INPUT=False, **dot)
+    g1 = dict(P_POW2=256, BM=bm, BN=conf.gemm1.bn, BK=conf.gemm1.bk, SCALE_INPUT=False, **dot)
 
-    def rows(r, **kw):
-        return dict(P_POW2=256, BM=bm, BN=r[0], BK=r[1], ROW_SCALE=True, **dot, **kw)
+    def rows(r, epilogue, **kw):
+        return dict(P_POW2=256, BM=bm, BN=r.bn, BK=r.bk, ROW_SCALE=True, **dot,
+                    EPILOGUE=epilogue.value, **kw)
 
     bwd = cfg.swiglu_bwd_rows(conf)
-    wg = dict(BM=conf.wgrad[0], BN=conf.wgrad[1], BK=conf.wgrad[2], **dot)
-    gw, gs = conf.gemm1[2], conf.gemm1[3]
-    rw, rs = conf.rows[2], conf.rows[3]
-    ww, ws = conf.wgrad[3], conf.wgrad[4]
+    wg = dict(BM=conf.wgrad.bm, BN=conf.wgrad.bn, BK=conf.wgrad.bk, **dot)
+    gw, gs = conf.gemm1.num_warps, conf.gemm1.num_stages
+    rw, rs = conf.rows.num_warps, conf.rows.num_stages
+    ww, ws = conf.wgrad.num_warps, conf.wgrad.num_stages
+    m = gemm_m_grouped
     return [
         ("gemm1_swiglu", gemm1_swiglu._gemm1_swiglu_kernel, dict(g1, STORE_H=False), gw, gs),
         ("gemm1_swiglu+h", gemm1_swiglu._gemm1_swiglu_kernel, dict(g1, STORE_H=True), gw, gs),
-        ("gemm2", gemm_m_grouped._gemm_m_grouped_kernel,
-         rows(conf.rows, B_K_CONTIG=True, GATHER_A=False, OUT_SHARED=True, EPILOGUE=0), rw, rs),
-        ("dgemm2_swiglu_bwd", gemm_m_grouped._gemm_m_grouped_kernel,
-         rows(bwd, B_K_CONTIG=False, GATHER_A=True, OUT_SHARED=False, EPILOGUE=1), bwd[2],
-         bwd[3]),
-        ("dgemm1", gemm_m_grouped._gemm_m_grouped_kernel,
-         rows(conf.rows, B_K_CONTIG=False, GATHER_A=False, OUT_SHARED=True, EPILOGUE=0), rw, rs),
-        ("dgemm1_dot_x", gemm_m_grouped._gemm_m_grouped_kernel,
-         rows(conf.rows, B_K_CONTIG=False, GATHER_A=False, OUT_SHARED=True, EPILOGUE=2), rw, rs),
+        ("gemm2", m._gemm_m_grouped_kernel,
+         rows(conf.rows, m.STORE, B_K_CONTIG=True, GATHER_A=False, OUT_SHARED=True), rw, rs),
+        ("dgemm2_swiglu_bwd", m._gemm_m_grouped_kernel,
+         rows(bwd, m.SWIGLU_BWD, B_K_CONTIG=False, GATHER_A=True, OUT_SHARED=False),
+         bwd.num_warps, bwd.num_stages),
+        ("dgemm1", m._gemm_m_grouped_kernel,
+         rows(conf.rows, m.STORE, B_K_CONTIG=False, GATHER_A=False, OUT_SHARED=True), rw, rs),
+        ("dgemm1_dot_x", m._gemm_m_grouped_kernel,
+         rows(conf.rows, m.DOT_X, B_K_CONTIG=False, GATHER_A=False, OUT_SHARED=True), rw, rs),
         ("wgrad_dw2", gemm_k_grouped._gemm_k_grouped_kernel,
          dict(wg, GATHER_A=True, GATHER_B=False, SCALE_A=True, SCALE_B=False), ww, ws),
         ("wgrad_dw1", gemm_k_grouped._gemm_k_grouped_kernel,

@@ -31,8 +31,9 @@ its local experts on all of them (fused_grove_experts with expert_map) and an al
 the partial outputs. Its gradients are those of one (replicated) loss: the all-reduce's backward
 is the identity, and the partial d x / d topk_weights are all-reduced on the way back.
 
-Host syncs per forward: the counts read above; gk's value checks add their own host reads
-unless switched off (gk.set_value_checks(False)).
+Host syncs per forward: the counts read above (the all_reduce style reads its small exchange
+below the same way); gk's value checks add their own host reads unless switched off
+(gk.set_value_checks(False)).
 
 No rank is left waiting: before any payload collective every rank sends, with its counts
 (the all_reduce style: in the same small exchange), its status and metadata [M] (dtypes of x
@@ -151,7 +152,10 @@ def _exchange(group, P, device, send_rows, bad, meta, error=None):
     if error is not None:
         send_rows = torch.zeros(P, dtype=torch.int64, device=device)
         bad, meta = torch.zeros((), dtype=torch.bool, device=device), [0] * M
-    row = torch.tensor([int(error is not None)] + meta, dtype=torch.int64, device=device)
+    # Built on the host and copied without a stream sync: the counts read below stays the
+    # forward's one host sync.
+    row = torch.tensor([int(error is not None)] + meta, dtype=torch.int64).to(
+        device, non_blocking=True)
     msg = torch.cat([send_rows.to(torch.int64).view(P, 1),
                      bad.to(torch.int64).expand(P).view(P, 1), row.expand(P, M + 1)], dim=1)
     got = torch.empty_like(msg)

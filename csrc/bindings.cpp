@@ -109,6 +109,7 @@ GroveGemmSection make_section(const GemmKernel& kernel, size_t s, const at::Tens
               "grouped_gemm: the last dimension of a[", s, "], b[", s, "] and out[", s,
               "] must be contiguous");
   GroveGemmSection g{};
+  g.b_shared = 1;
   g.a = as.data_ptr();
   g.b = bs.data_ptr();
   g.d = ds.data_ptr();
@@ -165,13 +166,13 @@ GroveGemmSection make_section(const GemmKernel& kernel, size_t s, const at::Tens
   return g;
 }
 
-// For every problem p of the plan, D_p = A_p @ B_p with the kernel's dtype and layout.
-//   a, b, out: one tensor per section (experts, then adjugates)
-//   start, count [sum P_s] int32 or int64 (same dtype): absolute plan rows; section s's rows
-//          begin at sum_{s' < s} R_s'
-void grouped_gemm(at::TensorList a, at::TensorList b, at::TensorList out, const at::Tensor& start,
-                  const at::Tensor& count, const std::string& kernel, int64_t stream) {
-  const GemmKernel& gemm = find_kernel(kernel);
+// The sections of one grouped GEMM from its tensors (see make_section); returns the problem
+// count. b_shared (m-grouped only; empty: all 1): problems per B of each section, so section s
+// has b[s].size(0) * b_shared[s] problems (the folded layout's adjugate problems: one per
+// expert, b = a1 [G, ...], b_shared = S).
+int64_t make_sections(const GemmKernel& gemm, at::TensorList a, at::TensorList b,
+                      at::TensorList out, const at::Tensor& start, const at::Tensor& count,
+                      at::IntArrayRef b_shared, std::vector<GroveGemmSection>* sections) {
   const size_t num_sections = a.size();
   TORCH_CHECK(num_sections >= 1 && num_sections <= GROVE_MAX_SECTIONS,
               "grouped_gemm: a must hold 1 to ", GROVE_MAX_SECTIONS, " tensors, got ",
@@ -179,6 +180,9 @@ void grouped_gemm(at::TensorList a, at::TensorList b, at::TensorList out, const 
   TORCH_CHECK(b.size() == num_sections && out.size() == num_sections,
               "grouped_gemm: a, b and out must have the same length, got ", num_sections, ", ",
               b.size(), " and ", out.size());
+  TORCH_CHECK(b_shared.empty() || b_shared.size() == num_sections,
+              "grouped_gemm: b_shared must be empty or hold one entry per section (",
+              num_sections, "), got ", b_shared.size());
   TORCH_CHECK(start.dim() == 1 && count.dim() == 1,
               "grouped_gemm: start and count must be 1-D, got ", start.sizes(), " and ",
               count.sizes());
@@ -189,22 +193,46 @@ void grouped_gemm(at::TensorList a, at::TensorList b, at::TensorList out, const 
   TORCH_CHECK(start.is_contiguous() && count.is_contiguous(),
               "grouped_gemm: start and count must be contiguous");
 
-  std::vector<GroveGemmSection> sections(num_sections);
+  sections->assign(num_sections, GroveGemmSection{});
   int64_t num_problems = 0, row_base = 0;
   for (size_t s = 0; s < num_sections; ++s) {
     int64_t problems = 0;
-    sections[s] = make_section(gemm, s, a[s], b[s], out[s], &problems);
-    sections[s].row_base = row_base;
-    sections[s].first_problem = static_cast<int32_t>(num_problems);
-    sections[s].num_problems = static_cast<int32_t>(problems);
+    GroveGemmSection& g = (*sections)[s];
+    g = make_section(gemm, s, a[s], b[s], out[s], &problems);
+    const int64_t shared = b_shared.empty() ? 1 : b_shared[s];
+    TORCH_CHECK(shared >= 1 && shared <= std::numeric_limits<int32_t>::max() &&
+                    (shared == 1 || gemm.layout != GROVE_GEMM_K_GROUPED_TN),
+                "grouped_gemm: b_shared[", s, "] must be >= 1 (1 for a k-grouped kernel), got ",
+                shared);
+    g.b_shared = static_cast<int32_t>(shared);
+    problems *= shared;
+    check_fits_int32(problems, "the problems", s);
+    g.row_base = row_base;
+    g.first_problem = static_cast<int32_t>(num_problems);
+    g.num_problems = static_cast<int32_t>(problems);
     num_problems += problems;
-    row_base += sections[s].rows;
+    row_base += g.rows;
   }
   TORCH_CHECK(num_problems <= std::numeric_limits<int32_t>::max(),
               "grouped_gemm: too many problems: ", num_problems);
   TORCH_CHECK(start.numel() == num_problems && count.numel() == num_problems,
               "grouped_gemm: start and count must have one entry per problem (", num_problems,
               " in all sections), got ", start.numel(), " and ", count.numel());
+  return num_problems;
+}
+
+// For every problem p of the plan, D_p = A_p @ B_p with the kernel's dtype and layout.
+//   a, b, out: one tensor per section (experts, then adjugates)
+//   start, count [sum P_s] int32 or int64 (same dtype): absolute plan rows; section s's rows
+//          begin at sum_{s' < s} R_s' (two sections may view one row buffer: then the second
+//          section's rows are numbered from R_0 on)
+void grouped_gemm(at::TensorList a, at::TensorList b, at::TensorList out, const at::Tensor& start,
+                  const at::Tensor& count, const std::string& kernel, int64_t stream,
+                  at::IntArrayRef b_shared) {
+  const GemmKernel& gemm = find_kernel(kernel);
+  std::vector<GroveGemmSection> sections;
+  const int64_t num_problems = make_sections(gemm, a, b, out, start, count, b_shared, &sections);
+  const size_t num_sections = sections.size();
 
   const at::Device device = a[0].device();
   TORCH_CHECK(device.is_cuda(), "grouped_gemm: tensors must be on a CUDA device, got a[0] on ",
@@ -229,6 +257,30 @@ void grouped_gemm(at::TensorList a, at::TensorList b, at::TensorList out, const 
                           reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream)));
   TORCH_CHECK(rc == GROVE_OK, "grouped_gemm (kernel ", gemm.name, ") failed: ",
               grove_cuda_error_string(rc));
+}
+
+// The argument buffer grouped_gemm would fill on the device (grove_cuda.h's layout:
+// shapes | A | B | D | ldA | ldB | ldD), computed on the host by the same fill function from
+// host start / count: operands may live anywhere (only their addresses are used), so a CPU
+// test checks plan -> problems. Returns a CPU uint8 tensor of grove_grouped_args_bytes(P).
+at::Tensor grouped_gemm_args(at::TensorList a, at::TensorList b, at::TensorList out,
+                             const at::Tensor& start, const at::Tensor& count,
+                             const std::string& kernel, at::IntArrayRef b_shared) {
+  const GemmKernel& gemm = find_kernel(kernel);
+  std::vector<GroveGemmSection> sections;
+  const int64_t num_problems = make_sections(gemm, a, b, out, start, count, b_shared, &sections);
+  TORCH_CHECK(start.device().is_cpu() && count.device().is_cpu(),
+              "grouped_gemm_args: start and count must be CPU tensors (the fill runs on the "
+              "host), got ", start.device());
+  const size_t bytes = grove_grouped_args_bytes(static_cast<int>(num_problems));
+  at::Tensor args = at::zeros({static_cast<int64_t>(bytes)}, at::kByte);
+  const int rc = grove_grouped_args_fill_host(
+      gemm.layout, sections.data(), static_cast<int>(sections.size()), start.data_ptr(),
+      count.data_ptr(), static_cast<int>(start.element_size()), static_cast<int>(num_problems),
+      args.data_ptr());
+  TORCH_CHECK(rc == GROVE_OK, "grouped_gemm_args (kernel ", gemm.name, ") failed: ",
+              grove_cuda_error_string(rc));
+  return args;
 }
 
 // --------------------------------------------------------------------- element-wise kernels
@@ -414,12 +466,124 @@ void rows_dot_scale(const at::Tensor& rows, const at::Tensor& x, const at::Tenso
                                 d, as_stream(stream)));
 }
 
+// ------------------------------------------------------------------ the folded layout's rows
+// offsets [E + 1] (expert_offsets) and leader_ends [E], int64 device tensors; I: the expert
+// SwiGLU width, Ia follows from the row tensors (h [R, 2I + 2Ia], z / g [R, I + Ia]).
+
+GroveFoldedRows folded_rows(const RowOp& op, int64_t R, const at::Tensor& offsets,
+                            const at::Tensor& leader_ends) {
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 2, "folded rows: offsets must be [E + 1] "
+              "with E >= 1, got ", offsets.sizes());
+  const int64_t E = offsets.size(0) - 1;
+  op.vector(offsets, "offsets", at::kLong, E + 1);
+  op.vector(leader_ends, "leader_ends", at::kLong, E);
+  GroveFoldedRows f;
+  f.rows = R;
+  f.num_experts = E;
+  f.offsets = offsets.data_ptr<int64_t>();
+  f.leader_ends = leader_ends.data_ptr<int64_t>();
+  return f;
+}
+
+// Ia of a [R, mult * (I + Ia)] row tensor.
+int64_t adjugate_width(const char* op, const at::Tensor& t, const char* name, int64_t I,
+                       int64_t mult) {
+  TORCH_CHECK(I > 0 && I % 8 == 0 && t.size(1) % mult == 0 && t.size(1) / mult >= I &&
+                  (t.size(1) / mult - I) % 8 == 0,
+              op, ": ", name, " must be [R, ", mult, " * (I + Ia)] with I (", I,
+              ") and Ia positive multiples of 8, got ", t.sizes());
+  return t.size(1) / mult - I;
+}
+
+void swiglu_folded_fwd(const at::Tensor& h, int64_t I, const at::Tensor& offsets,
+                       const at::Tensor& leader_ends, const c10::optional<at::Tensor>& row_weight,
+                       const c10::optional<at::Tensor>& leader_weight, bool zero_h,
+                       const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& zs,
+                       int64_t stream) {
+  const RowOp op("swiglu_folded_fwd", h, "h");
+  const int64_t R = h.size(0), Ia = adjugate_width("swiglu_folded_fwd", h, "h", I, 2);
+  TORCH_CHECK(z.has_value() || zs.has_value(), "swiglu_folded_fwd: z or zs must be given");
+  TORCH_CHECK(!zs.has_value() || (row_weight.has_value() && leader_weight.has_value()),
+              "swiglu_folded_fwd: zs needs row_weight and leader_weight");
+  for (const auto* t : {&z, &zs}) {
+    if (!t->has_value()) continue;
+    op.rows(**t, "z");
+    TORCH_CHECK((*t)->size(0) == R && (*t)->size(1) == I + Ia, "swiglu_folded_fwd: z and zs "
+                "must be [", R, ", ", I + Ia, "], got ", (*t)->sizes());
+  }
+  const float* w = op.optional<const float>(row_weight, "row_weight", at::kFloat, R);
+  const float* lw = op.optional<const float>(leader_weight, "leader_weight", at::kFloat, R);
+  const GroveFoldedRows f = folded_rows(op, R, offsets, leader_ends);
+  c10::DeviceGuard guard(op.device());
+  op.check(grove_swiglu_folded_fwd(
+      op.dtype(), h.data_ptr(), leading_dim(h), I, Ia, f, w, lw, zero_h ? 1 : 0,
+      z.has_value() ? z->data_ptr() : nullptr, z.has_value() ? leading_dim(*z) : 0,
+      zs.has_value() ? zs->data_ptr() : nullptr, zs.has_value() ? leading_dim(*zs) : 0,
+      as_stream(stream)));
+}
+
+void scale_folded(const at::Tensor& z, int64_t I, const at::Tensor& offsets,
+                  const at::Tensor& leader_ends, const at::Tensor& row_weight,
+                  const at::Tensor& leader_weight, const at::Tensor& zs, int64_t stream) {
+  const RowOp op("scale_folded", z, "z");
+  op.rows(zs, "zs");
+  const int64_t R = z.size(0), Ia = adjugate_width("scale_folded", z, "z", I, 1);
+  TORCH_CHECK(zs.sizes() == z.sizes(), "scale_folded: zs must be ", z.sizes(), ", got ",
+              zs.sizes());
+  op.vector(row_weight, "row_weight", at::kFloat, R);
+  op.vector(leader_weight, "leader_weight", at::kFloat, R);
+  const GroveFoldedRows f = folded_rows(op, R, offsets, leader_ends);
+  c10::DeviceGuard guard(op.device());
+  op.check(grove_scale_folded(op.dtype(), z.data_ptr(), leading_dim(z), I, Ia, f,
+                              row_weight.data_ptr<float>(), leader_weight.data_ptr<float>(),
+                              zs.data_ptr(), leading_dim(zs), as_stream(stream)));
+}
+
+void swiglu_folded_bwd(const at::Tensor& g, const at::Tensor& h, int64_t I,
+                       const at::Tensor& offsets, const at::Tensor& leader_ends,
+                       const at::Tensor& row_weight, const at::Tensor& leader_weight,
+                       const at::Tensor& dh, const at::Tensor& d_row_weight,
+                       const at::Tensor& d_leader_weight, int64_t stream) {
+  const RowOp op("swiglu_folded_bwd", g, "g");
+  op.rows(h, "h");
+  op.rows(dh, "dh");
+  const int64_t R = g.size(0), Ia = adjugate_width("swiglu_folded_bwd", g, "g", I, 1);
+  TORCH_CHECK(h.size(0) == R && h.size(1) == 2 * (I + Ia) && dh.sizes() == h.sizes(),
+              "swiglu_folded_bwd: h and dh must be [", R, ", ", 2 * (I + Ia), "], got ",
+              h.sizes(), " and ", dh.sizes());
+  op.vector(row_weight, "row_weight", at::kFloat, R);
+  op.vector(leader_weight, "leader_weight", at::kFloat, R);
+  op.vector(d_row_weight, "d_row_weight", at::kFloat, R);
+  op.vector(d_leader_weight, "d_leader_weight", at::kFloat, R);
+  const GroveFoldedRows f = folded_rows(op, R, offsets, leader_ends);
+  c10::DeviceGuard guard(op.device());
+  op.check(grove_swiglu_folded_bwd(
+      op.dtype(), g.data_ptr(), leading_dim(g), h.data_ptr(), leading_dim(h), I, Ia, f,
+      row_weight.data_ptr<float>(), leader_weight.data_ptr<float>(), dh.data_ptr(),
+      leading_dim(dh), d_row_weight.data_ptr<float>(), d_leader_weight.data_ptr<float>(),
+      as_stream(stream)));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(grove_cuda, m) {
   m.def(
       "grouped_gemm(Tensor[] a, Tensor[] b, Tensor(a!)[] out, Tensor start, Tensor count, "
-      "str kernel, int stream) -> ()");
+      "str kernel, int stream, int[] b_shared=[]) -> ()");
+  m.def(
+      "grouped_gemm_args(Tensor[] a, Tensor[] b, Tensor[] out, Tensor start, Tensor count, "
+      "str kernel, int[] b_shared=[]) -> Tensor");
+  m.def(
+      "swiglu_folded_fwd(Tensor(a!) h, int I, Tensor offsets, Tensor leader_ends, "
+      "Tensor? row_weight, Tensor? leader_weight, bool zero_h, Tensor(b!)? z, Tensor(c!)? zs, "
+      "int stream) -> ()");
+  m.def(
+      "scale_folded(Tensor z, int I, Tensor offsets, Tensor leader_ends, Tensor row_weight, "
+      "Tensor leader_weight, Tensor(a!) zs, int stream) -> ()");
+  m.def(
+      "swiglu_folded_bwd(Tensor g, Tensor h, int I, Tensor offsets, Tensor leader_ends, "
+      "Tensor row_weight, Tensor leader_weight, Tensor(a!) dh, Tensor(b!) d_row_weight, "
+      "Tensor(c!) d_leader_weight, int stream) -> ()");
   m.def("grouped_gemm_kernels() -> str[]", &grouped_gemm_kernels);
   m.def(
       "gather_rows(Tensor x, Tensor row_token, Tensor? row_weight, int rows_e, Tensor? end_e, "
@@ -449,6 +613,10 @@ TORCH_LIBRARY_IMPL(grove_cuda, CompositeExplicitAutograd, m) {
   m.impl("swiglu_bwd", &swiglu_bwd);
   m.impl("combine_rows", &combine_rows);
   m.impl("rows_dot_scale", &rows_dot_scale);
+  m.impl("grouped_gemm_args", &grouped_gemm_args);
+  m.impl("swiglu_folded_fwd", &swiglu_folded_fwd);
+  m.impl("scale_folded", &scale_folded);
+  m.impl("swiglu_folded_bwd", &swiglu_folded_bwd);
 }
 
 // `import grove_kernels._C` loads the library (and so runs the registrations above).

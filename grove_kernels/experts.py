@@ -6,6 +6,12 @@ saves for its backward, and the steps shared by all backends, written once.
     backward(impl, dy [T, H], x, weights, plan, act, weight_on_input, adjugate_scale, w_dtype)
         -> dx [T, H], dw1, dw2, da1, da2, d topk_weights [T, k]
 
+With the folded adjugate layout (a FoldedPlan, plan_folded.py) there are only expert rows
+R = T*k and the activations are one buffer each: h [R, 2I + 2Ia] = [gate_e | up_e | gate_a |
+up_a], z [R, I + Ia] = [z_e | z_a] (unscaled SwiGLU outputs); the adjugate columns hold values
+on leader rows and zeros on every other row. A backend's backward then returns the pair
+(d row weight [R], d leader weight [R]).
+
 Weights (w1 [E, 2I, H], w2 [E, H, I], a1 [G, 2Ia, H] | None, a2 [G, H, Ia] | None) come in two
 *sections*, experts then adjugates, like the plan's rows. Activations are what a training
 forward keeps per plan row of each section: GEMM-1's pre-activations h = [gate | up]
@@ -54,6 +60,10 @@ class Activations(NamedTuple):
     @classmethod
     def empty(cls, plan, weights, dtype, device):
         I, Ia = weights.intermediate
+        if plan.layout == "folded":
+            R = plan.num_rows
+            return cls((torch.empty(R, 2 * (I + Ia), dtype=dtype, device=device), None),
+                       (torch.empty(R, I + Ia, dtype=dtype, device=device), None))
         Re, Ra = plan.num_expert_rows, plan.num_adjugate_rows
         new = lambda rows, cols: torch.empty(rows, cols, dtype=dtype, device=device)  # noqa: E731
         if not weights.grove:
@@ -71,18 +81,27 @@ class Activations(NamedTuple):
         return cls((he, ha), (ze, za))
 
 
-def saved_tensors(T, k, weights, routing_dtype, dtype, device):
+def _plan_class(layout, weights):
+    if layout == "folded" and weights.grove:
+        from .plan_folded import FoldedPlan
+        return FoldedPlan
+    return Plan
+
+
+def saved_tensors(T, k, weights, routing_dtype, dtype, device, layout="sections"):
     """Empty tensors shaped like a training forward's `saved` (the fake kernel's output)."""
     E, G = weights.w1.shape[0], (weights.a1.shape[0] if weights.grove else 0)
-    plan = Plan.empty(T, k, E, G, Plan.weight_dtype(routing_dtype), device)
+    plan = _plan_class(layout, weights).empty(T, k, E, G, Plan.weight_dtype(routing_dtype),
+                                              device)
     return plan.tensors() + Activations.empty(plan, weights, dtype, device).tensors()
 
 
-def split_saved(saved, T, k, weights):
+def split_saved(saved, T, k, weights, layout="sections"):
     """(Plan, Activations) from a training forward's `saved`."""
     E, G = weights.w1.shape[0], (weights.a1.shape[0] if weights.grove else 0)
-    n = len(saved) - (4 if weights.grove else 2)
-    return Plan.from_tensors(T, k, E, G, saved[:n]), Activations.from_tensors(saved[n:])
+    cls = _plan_class(layout, weights)
+    n = len(saved) - (4 if weights.grove and cls is Plan else 2)
+    return cls.from_tensors(T, k, E, G, saved[:n]), Activations.from_tensors(saved[n:])
 
 
 def forward(impl, x, weights, plan, weight_on_input, save, skips):
@@ -96,8 +115,15 @@ def forward(impl, x, weights, plan, weight_on_input, save, skips):
         act = Activations.empty(plan, weights, x.dtype, x.device)
         # GEMM-1 never writes rows of no problem (the adjugate section's tail; expert rows of
         # skipped slots); an op output must not hold allocator leftovers.
-        for t in act.tensors()[(0 if skips else 2):]:
-            t.zero_()
+        if plan.layout == "folded":
+            # Nor the adjugate columns of rows that lead no group.
+            I = weights.intermediate[0]
+            h, z = act.tensors()
+            for t, cols in ((h, 2 * I), (z, I)):
+                (t if skips else t[:, cols:]).zero_()
+        else:
+            for t in act.tensors()[(0 if skips else 2):]:
+                t.zero_()
     if T and H:
         impl.forward(x.contiguous(), weights, plan, weight_on_input, y, act)
     elif H == 0 and act is not None:  # K = 0: h and z are zeros
@@ -119,7 +145,10 @@ def backward(impl, dy, x, weights, plan, act, weight_on_input, adjugate_scale, w
     dx = torch.empty_like(x)
     d_row_weight = impl.backward(dy.to(x.dtype).contiguous(), x.contiguous(), weights, plan,
                                  weight_on_input, act, (dx,) + tuple(grads))
-    d_topk = plan.topk_weight_grad(d_row_weight, adjugate_scale).to(w_dtype)
+    if plan.layout == "folded":  # (d row weight, d leader weight)
+        d_topk = plan.topk_weight_grad(*d_row_weight, adjugate_scale).to(w_dtype)
+    else:
+        d_topk = plan.topk_weight_grad(d_row_weight, adjugate_scale).to(w_dtype)
     return [dx] + [g if g is not None else w1.new_empty(0) for g in grads] + [d_topk]
 
 

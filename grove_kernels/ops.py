@@ -5,9 +5,9 @@
     grove::experts_forward   x [T, H], w1 [E, 2I, H], w2 [E, H, I], a1 [G, 2Ia, H]?,
                              a2 [G, H, Ia]?, topk_weights [T, k], topk_ids [T, k],
                              expert_map [E_global]?, group_size, adjugate_scale, weight_on_input,
-                             save, backend -> (y [T, H], saved)
+                             save, backend, layout -> (y [T, H], saved)
     grove::experts_backward  dy [T, H], x, w1, w2, a1?, a2?, topk_weights, saved, group_size,
-                             adjugate_scale, weight_on_input, backend
+                             adjugate_scale, weight_on_input, backend, layout
                              -> [dx, dw1, dw2, da1, da2, d topk_weights]
 
 a1/a2 absent means a plain MoE (the vLLM drop-ins). `saved` is empty unless `save`: then it
@@ -20,11 +20,17 @@ visible argument: the backward runs on the backend that wrote `saved`, and under
 torch.compile the choice is made at trace time. An op called directly with "auto" resolves
 it when it runs. The op then picks the routing / plan implementation (backends.stage).
 
+`layout` is the adjugate layout: "sections" (E expert + G adjugate problems, plan.py) or
+"folded" (adjugates on their group's leader expert rows, plan_folded.py). experts() reads it
+per call from the environment variable GROVE_ADJUGATE_LAYOUT (default sections); calls
+without adjugates always run the sections plan (the layouts coincide there).
+
 Metadata checks (shapes, dtypes, devices) happen once, in api.py; the ops repeat only the group
 count, for callers of torch.ops.grove (the kernels' memory safety rests on it). Value checks
 (ids in range, expert_map entries) happen here, inside the ops, where torch.compile sees no
 data-dependent Python.
 """
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -71,6 +77,26 @@ def _check_values(topk_ids, num_experts, expert_map, group_size, grove):
     _validate.ids_in_range("expert_map", expert_map, -1, num_experts)
     if grove:
         _validate.groups_whole(expert_map, group_size)
+
+
+LAYOUTS = ("sections", "folded")
+
+
+def adjugate_layout():
+    """The adjugate layout of this call: GROVE_ADJUGATE_LAYOUT, read per call."""
+    value = os.environ.get("GROVE_ADJUGATE_LAYOUT", "sections")
+    if value not in LAYOUTS:
+        raise ValueError(f"GROVE_ADJUGATE_LAYOUT: expected one of {LAYOUTS}, got {value!r}")
+    return value
+
+
+def _check_layout(layout, backend, grove):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    if layout == "folded" and grove and layout not in getattr(
+            backends.descriptor(backend), "LAYOUTS", ("sections",)):
+        raise ValueError(f"GROVE_ADJUGATE_LAYOUT: backend {backend!r} does not run the folded "
+                         f"layout; use sections")
 
 
 # ---- routing -------------------------------------------------------------------------------
@@ -131,28 +157,35 @@ def experts_forward(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Optional[
                     a2: Optional[Tensor], topk_weights: Tensor, topk_ids: Tensor,
                     expert_map: Optional[Tensor], group_size: int, adjugate_scale: float,
                     weight_on_input: bool, save: bool = False,
-                    backend: str = "auto") -> Tuple[Tensor, List[Tensor]]:
+                    backend: str = "auto",
+                    layout: str = "sections") -> Tuple[Tensor, List[Tensor]]:
     weights = Weights(w1, w2, a1, a2)
     _check_groups(w1, a1, group_size)
     _check_values(topk_ids, w1.shape[0], expert_map, group_size, weights.grove)
     # A concrete name is checked again here (supports() reads metadata only): the op is public
     # too, and a kernel backend given what it cannot run would read out of bounds.
     backend = backends.resolve(hidden_states, weights, backend)
+    _check_layout(layout, backend, weights.grove)
     _, plan_stage = backends.stage(backend, hidden_states.device)
-    plan = plan_stage.build_plan(topk_ids, topk_weights, w1.shape[0],
-                                 group_size if weights.grove else 0, adjugate_scale, expert_map)
+    if layout == "folded" and weights.grove:
+        plan = plan_stage.build_folded_plan(topk_ids, topk_weights, w1.shape[0], group_size,
+                                            adjugate_scale, expert_map)
+    else:
+        plan = plan_stage.build_plan(topk_ids, topk_weights, w1.shape[0],
+                                     group_size if weights.grove else 0, adjugate_scale,
+                                     expert_map)
     return experts_stage.forward(backends.implementation(backend), hidden_states, weights,
                                  plan, weight_on_input, save, skips=expert_map is not None)
 
 
 @experts_forward.register_fake
 def _(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
-      adjugate_scale, weight_on_input, save=False, backend="auto"):
+      adjugate_scale, weight_on_input, save=False, backend="auto", layout="sections"):
     saved = []
     if save:
         saved = experts_stage.saved_tensors(hidden_states.shape[0], topk_ids.shape[1],
-                                      Weights(w1, w2, a1, a2), topk_weights.dtype,
-                                      hidden_states.dtype, hidden_states.device)
+                                            Weights(w1, w2, a1, a2), topk_weights.dtype,
+                                            hidden_states.dtype, hidden_states.device, layout)
     return torch.empty_like(hidden_states), saved
 
 
@@ -165,7 +198,7 @@ def experts_backward(grad_out: Tensor, hidden_states: Tensor, w1: Tensor, w2: Te
     saved: the `saved` of an experts_forward run with save=True on the same backend."""
     weights = Weights(w1, w2, a1, a2)
     T, k = topk_weights.shape
-    plan, act = experts_stage.split_saved(saved, T, k, weights)
+    plan, act = experts_stage.split_saved(saved, T, k, weights, layout)
     return experts_stage.backward(backends.implementation(backend), grad_out, hidden_states,
                                   weights, plan, act, weight_on_input, adjugate_scale,
                                   topk_weights.dtype)
@@ -173,7 +206,7 @@ def experts_backward(grad_out: Tensor, hidden_states: Tensor, w1: Tensor, w2: Te
 
 @experts_backward.register_fake
 def _(grad_out, hidden_states, w1, w2, a1, a2, topk_weights, saved, group_size, adjugate_scale,
-      weight_on_input, backend):
+      weight_on_input, backend, layout="sections"):
     return [torch.empty_like(hidden_states), torch.empty_like(w1), torch.empty_like(w2),
             torch.empty_like(a1) if a1 is not None else w1.new_empty(0),
             torch.empty_like(a2) if a2 is not None else w1.new_empty(0),
@@ -182,14 +215,14 @@ def _(grad_out, hidden_states, w1, w2, a1, a2, topk_weights, saved, group_size, 
 
 def _experts_setup(ctx, inputs, output):
     (x, w1, w2, a1, a2, topk_weights, _, _, group_size, adjugate_scale, weight_on_input, save,
-     backend) = inputs
+     backend, layout) = inputs
     _, saved = output
     if not save:
         raise RuntimeError("grove::experts_forward: gradients need the activations; call it "
                            "with save=True (grove_kernels.ops.experts does)")
     ctx.mark_non_differentiable(*saved)
     ctx.save_for_backward(x, w1, w2, a1, a2, topk_weights, *saved)
-    ctx.config = (group_size, adjugate_scale, weight_on_input, backend)
+    ctx.config = (group_size, adjugate_scale, weight_on_input, backend, layout)
 
 
 def _experts_backward(ctx, grad_out, grad_saved):
@@ -198,7 +231,7 @@ def _experts_backward(ctx, grad_out, grad_saved):
     out = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)]
     if a1 is None:
         out[3] = out[4] = None
-    return (*out,) + (None,) * 7  # topk_ids, expert_map, and the five non-tensor arguments
+    return (*out,) + (None,) * 8  # topk_ids, expert_map, and the six non-tensor arguments
 
 
 experts_forward.register_autograd(_experts_backward, setup_context=_experts_setup)
@@ -210,7 +243,8 @@ def experts(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size, a
     backward needs when autograd will ask for one."""
     _check_autodiff("grove::experts_forward", x, w1, w2, a1, a2, topk_weights)
     backend = backends.resolve(x, (w1, w2, a1, a2))
+    layout = adjugate_layout() if a1 is not None else "sections"
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w1, w2, a1, a2, topk_weights))
     return experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
-                           adjugate_scale, weight_on_input, save, backend)[0]
+                           adjugate_scale, weight_on_input, save, backend, layout)[0]

@@ -193,7 +193,8 @@ def _(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_s
 def experts_backward(grad_out: Tensor, hidden_states: Tensor, w1: Tensor, w2: Tensor,
                      a1: Optional[Tensor], a2: Optional[Tensor], topk_weights: Tensor,
                      saved: List[Tensor], group_size: int, adjugate_scale: float,
-                     weight_on_input: bool, backend: str) -> List[Tensor]:
+                     weight_on_input: bool, backend: str,
+                     layout: str = "sections") -> List[Tensor]:
     """[dx, dw1, dw2, da1, da2, d topk_weights]; da1/da2 are empty when a1/a2 are absent.
     saved: the `saved` of an experts_forward run with save=True on the same backend."""
     weights = Weights(w1, w2, a1, a2)
@@ -231,7 +232,9 @@ def _experts_backward(ctx, grad_out, grad_saved):
     out = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)]
     if a1 is None:
         out[3] = out[4] = None
-    return (*out,) + (None,) * 8  # topk_ids, expert_map, and the six non-tensor arguments
+    # topk_ids, expert_map and the non-tensor arguments; torch drops trailing arguments equal
+    # to their defaults (layout) from the inputs the gradients must match.
+    return (*out,) + (None,) * (len(ctx.needs_input_grad) - len(out))
 
 
 experts_forward.register_autograd(_experts_backward, setup_context=_experts_setup)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 runs_on_cpu = True
 IMPLEMENTATION = __name__
+LAYOUTS = ("sections", "folded")  # adjugate layouts; folded plans go to reference_folded.py
 # Tests flip this to exercise the per-problem loop where _grouped_mm would be taken.
 use_grouped_mm = True
 
@@ -143,6 +144,9 @@ def _gather_sum(plan, rows, weight):
 
 
 def forward(x, weights, plan, weight_on_input, y, act):
+    if plan.layout == "folded":
+        from . import reference_folded
+        return reference_folded.forward(x, weights, plan, weight_on_input, y, act)
     outs = []
     for token, weight, offsets, wa, wb, h_out, z_out in _sections(plan, weights, act):
         h = gmm(_input_rows(x, token, weight, weight_on_input), wa, offsets, True)
@@ -159,6 +163,9 @@ def forward(x, weights, plan, weight_on_input, y, act):
 
 
 def backward(dy, x, weights, plan, weight_on_input, act, grads):
+    if plan.layout == "folded":
+        from . import reference_folded
+        return reference_folded.backward(dy, x, weights, plan, weight_on_input, act, grads)
     dy = dy.to(_acc(x.dtype))
     d_row_weight, dx_rows = [], []
     for i, (token, weight, offsets, wa, wb, h, z) in enumerate(_sections(plan, weights, act)):

@@ -43,6 +43,16 @@ def backend(request):
         yield request.param
 
 
+LAYOUTS = ("sections", "folded")
+
+
+@pytest.fixture(params=LAYOUTS)
+def layout(request, monkeypatch):
+    """Both adjugate layouts: the test body runs with GROVE_ADJUGATE_LAYOUT set to each."""
+    monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", request.param)
+    return request.param
+
+
 @pytest.fixture
 def gen(request):
     """A generator seeded from the test's id: fresh inputs per test, reproducible per run."""

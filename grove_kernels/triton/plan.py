@@ -244,3 +244,10 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
         keys, token_weight, mask_bytes, counts, totals[1], row_token, row_weight, token_rows,
         T * k, E, P, T * ka, K=k, B=_BLOCK_SLOTS, HAS_GROUPS=G > 0, num_warps=_SCATTER_WARPS)
     return plan
+
+
+def build_folded_plan(topk_ids, topk_weights, num_experts, group_size, adjugate_scale=0.0,
+                      expert_map=None):
+    """The folded layout's plan (plan_folded.py beside this file)."""
+    from .plan_folded import build_folded_plan as build
+    return build(topk_ids, topk_weights, num_experts, group_size, adjugate_scale, expert_map)

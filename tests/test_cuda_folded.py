@@ -65,7 +65,7 @@ def _operand(t, addr, shape, stride, what):
     return torch.as_strided(_flat(t), shape, stride, offset)
 
 
-def _fill_gemm(a, b, out, start, count, kernel, b_shared=None):
+def _fill_gemm(a, b, out, start, count, kernel, *, b_shared=None):
     """Run every problem from the argument buffer the real fill writes (grove_cuda.h)."""
     CALLS.append(kernel)
     grouped, majors, swiglu = sections_df._kind(kernel)
@@ -106,7 +106,7 @@ def _fill_gemm(a, b, out, start, count, kernel, b_shared=None):
     return out
 
 
-def _contract_gemm(a, b, out, start, count, kernel, b_shared=None):
+def _contract_gemm(a, b, out, start, count, kernel, *, b_shared=None):
     """grove_cuda.h without the extension: section s's rows count from R_0 + ... + R_{s-1};
     B_p of an m-grouped problem j is b[s][j // b_shared[s]]."""
     CALLS.append(kernel)

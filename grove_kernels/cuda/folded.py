@@ -96,7 +96,7 @@ class _Folded:
         kernel = lib.gemm_kernel(self.dtype, grouped, majors, epilogue=epilogue,
                                  schedule=schedule)
         start, count = self.problems(*rows)
-        lib.grouped_gemm(a, b, out, start, count, kernel, list(b_shared))
+        lib.grouped_gemm(a, b, out, start, count, kernel, b_shared=list(b_shared))
 
     def folded_rows(self):
         return self.I, self.off, self.ends

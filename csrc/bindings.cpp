@@ -468,77 +468,74 @@ void rows_dot_scale(const at::Tensor& rows, const at::Tensor& x, const at::Tenso
 
 // ------------------------------------------------------------------ the folded layout's rows
 // offsets [E + 1] (expert_offsets) and leader_ends [E], int64 device tensors; I: the expert
-// SwiGLU width, Ia follows from the row tensors (h [R, 2I + 2Ia], z / g [R, I + Ia]).
+// SwiGLU width; Ia follows from t [R, mult * (I + Ia)] (h: mult 2, z / g: mult 1). The per-row
+// weights (fp32 [R]) are checked by the caller.
+struct Folded {
+  GroveFoldedRows rows;
+  int64_t Ia;
+};
 
-GroveFoldedRows folded_rows(const RowOp& op, int64_t R, const at::Tensor& offsets,
-                            const at::Tensor& leader_ends) {
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 2, "folded rows: offsets must be [E + 1] "
-              "with E >= 1, got ", offsets.sizes());
+Folded folded_rows(const RowOp& op, const char* name, const at::Tensor& t, int64_t I,
+                   int64_t mult, const at::Tensor& offsets, const at::Tensor& leader_ends) {
+  TORCH_CHECK(I > 0 && I % 8 == 0 && t.size(1) % mult == 0 && t.size(1) / mult >= I &&
+                  (t.size(1) / mult - I) % 8 == 0,
+              name, " must be [R, ", mult, " * (I + Ia)] with I (", I,
+              ") and Ia multiples of 8, got ", t.sizes());
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 2,
+              "offsets must be [E + 1] with E >= 1, got ", offsets.sizes());
   const int64_t E = offsets.size(0) - 1;
   op.vector(offsets, "offsets", at::kLong, E + 1);
   op.vector(leader_ends, "leader_ends", at::kLong, E);
-  GroveFoldedRows f;
-  f.rows = R;
-  f.num_experts = E;
-  f.offsets = offsets.data_ptr<int64_t>();
-  f.leader_ends = leader_ends.data_ptr<int64_t>();
-  return f;
+  return {{t.size(0), E, offsets.data_ptr<int64_t>(), leader_ends.data_ptr<int64_t>()},
+          t.size(1) / mult - I};
 }
 
-// Ia of a [R, mult * (I + Ia)] row tensor.
-int64_t adjugate_width(const char* op, const at::Tensor& t, const char* name, int64_t I,
-                       int64_t mult) {
-  TORCH_CHECK(I > 0 && I % 8 == 0 && t.size(1) % mult == 0 && t.size(1) / mult >= I &&
-                  (t.size(1) / mult - I) % 8 == 0,
-              op, ": ", name, " must be [R, ", mult, " * (I + Ia)] with I (", I,
-              ") and Ia positive multiples of 8, got ", t.sizes());
-  return t.size(1) / mult - I;
-}
-
+// z (unscaled) and / or zs (row-scaled) [R, I + Ia] from h [R, 2I + 2Ia] (grove_elementwise.h).
 void swiglu_folded_fwd(const at::Tensor& h, int64_t I, const at::Tensor& offsets,
                        const at::Tensor& leader_ends, const c10::optional<at::Tensor>& row_weight,
                        const c10::optional<at::Tensor>& leader_weight, bool zero_h,
                        const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& zs,
                        int64_t stream) {
   const RowOp op("swiglu_folded_fwd", h, "h");
-  const int64_t R = h.size(0), Ia = adjugate_width("swiglu_folded_fwd", h, "h", I, 2);
+  const Folded f = folded_rows(op, "swiglu_folded_fwd: h", h, I, 2, offsets, leader_ends);
+  const int64_t R = h.size(0);
   TORCH_CHECK(z.has_value() || zs.has_value(), "swiglu_folded_fwd: z or zs must be given");
   TORCH_CHECK(!zs.has_value() || (row_weight.has_value() && leader_weight.has_value()),
               "swiglu_folded_fwd: zs needs row_weight and leader_weight");
   for (const auto* t : {&z, &zs}) {
     if (!t->has_value()) continue;
     op.rows(**t, "z");
-    TORCH_CHECK((*t)->size(0) == R && (*t)->size(1) == I + Ia, "swiglu_folded_fwd: z and zs "
-                "must be [", R, ", ", I + Ia, "], got ", (*t)->sizes());
+    TORCH_CHECK((*t)->size(0) == R && (*t)->size(1) == I + f.Ia, "swiglu_folded_fwd: z and "
+                "zs must be [", R, ", ", I + f.Ia, "], got ", (*t)->sizes());
   }
   const float* w = op.optional<const float>(row_weight, "row_weight", at::kFloat, R);
   const float* lw = op.optional<const float>(leader_weight, "leader_weight", at::kFloat, R);
-  const GroveFoldedRows f = folded_rows(op, R, offsets, leader_ends);
   c10::DeviceGuard guard(op.device());
   op.check(grove_swiglu_folded_fwd(
-      op.dtype(), h.data_ptr(), leading_dim(h), I, Ia, f, w, lw, zero_h ? 1 : 0,
+      op.dtype(), h.data_ptr(), leading_dim(h), I, f.Ia, f.rows, w, lw, zero_h ? 1 : 0,
       z.has_value() ? z->data_ptr() : nullptr, z.has_value() ? leading_dim(*z) : 0,
       zs.has_value() ? zs->data_ptr() : nullptr, zs.has_value() ? leading_dim(*zs) : 0,
       as_stream(stream)));
 }
 
+// zs = [w * z_e | leader ? λΣw * z_a : 0] (zs may be z).
 void scale_folded(const at::Tensor& z, int64_t I, const at::Tensor& offsets,
                   const at::Tensor& leader_ends, const at::Tensor& row_weight,
                   const at::Tensor& leader_weight, const at::Tensor& zs, int64_t stream) {
   const RowOp op("scale_folded", z, "z");
   op.rows(zs, "zs");
-  const int64_t R = z.size(0), Ia = adjugate_width("scale_folded", z, "z", I, 1);
+  const Folded f = folded_rows(op, "scale_folded: z", z, I, 1, offsets, leader_ends);
   TORCH_CHECK(zs.sizes() == z.sizes(), "scale_folded: zs must be ", z.sizes(), ", got ",
               zs.sizes());
-  op.vector(row_weight, "row_weight", at::kFloat, R);
-  op.vector(leader_weight, "leader_weight", at::kFloat, R);
-  const GroveFoldedRows f = folded_rows(op, R, offsets, leader_ends);
+  op.vector(row_weight, "row_weight", at::kFloat, z.size(0));
+  op.vector(leader_weight, "leader_weight", at::kFloat, z.size(0));
   c10::DeviceGuard guard(op.device());
-  op.check(grove_scale_folded(op.dtype(), z.data_ptr(), leading_dim(z), I, Ia, f,
+  op.check(grove_scale_folded(op.dtype(), z.data_ptr(), leading_dim(z), I, f.Ia, f.rows,
                               row_weight.data_ptr<float>(), leader_weight.data_ptr<float>(),
                               zs.data_ptr(), leading_dim(zs), as_stream(stream)));
 }
 
+// dh [R, 2I + 2Ia], d row weight and d leader weight [R] from g [R, I + Ia] and h.
 void swiglu_folded_bwd(const at::Tensor& g, const at::Tensor& h, int64_t I,
                        const at::Tensor& offsets, const at::Tensor& leader_ends,
                        const at::Tensor& row_weight, const at::Tensor& leader_weight,
@@ -547,18 +544,17 @@ void swiglu_folded_bwd(const at::Tensor& g, const at::Tensor& h, int64_t I,
   const RowOp op("swiglu_folded_bwd", g, "g");
   op.rows(h, "h");
   op.rows(dh, "dh");
-  const int64_t R = g.size(0), Ia = adjugate_width("swiglu_folded_bwd", g, "g", I, 1);
-  TORCH_CHECK(h.size(0) == R && h.size(1) == 2 * (I + Ia) && dh.sizes() == h.sizes(),
-              "swiglu_folded_bwd: h and dh must be [", R, ", ", 2 * (I + Ia), "], got ",
+  const Folded f = folded_rows(op, "swiglu_folded_bwd: g", g, I, 1, offsets, leader_ends);
+  const int64_t R = g.size(0);
+  TORCH_CHECK(h.size(0) == R && h.size(1) == 2 * (I + f.Ia) && dh.sizes() == h.sizes(),
+              "swiglu_folded_bwd: h and dh must be [", R, ", ", 2 * (I + f.Ia), "], got ",
               h.sizes(), " and ", dh.sizes());
-  op.vector(row_weight, "row_weight", at::kFloat, R);
-  op.vector(leader_weight, "leader_weight", at::kFloat, R);
-  op.vector(d_row_weight, "d_row_weight", at::kFloat, R);
-  op.vector(d_leader_weight, "d_leader_weight", at::kFloat, R);
-  const GroveFoldedRows f = folded_rows(op, R, offsets, leader_ends);
+  const at::Tensor* vectors[] = {&row_weight, &leader_weight, &d_row_weight, &d_leader_weight};
+  const char* names[] = {"row_weight", "leader_weight", "d_row_weight", "d_leader_weight"};
+  for (int i = 0; i < 4; ++i) op.vector(*vectors[i], names[i], at::kFloat, R);
   c10::DeviceGuard guard(op.device());
   op.check(grove_swiglu_folded_bwd(
-      op.dtype(), g.data_ptr(), leading_dim(g), h.data_ptr(), leading_dim(h), I, Ia, f,
+      op.dtype(), g.data_ptr(), leading_dim(g), h.data_ptr(), leading_dim(h), I, f.Ia, f.rows,
       row_weight.data_ptr<float>(), leader_weight.data_ptr<float>(), dh.data_ptr(),
       leading_dim(dh), d_row_weight.data_ptr<float>(), d_leader_weight.data_ptr<float>(),
       as_stream(stream)));

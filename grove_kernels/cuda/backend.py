@@ -37,10 +37,6 @@ from . import ext as lib
 from . import folded
 from .packed import packed_gate_up
 
-# Rows per expert up to which the ping-pong 64x128 tile wins (DESIGN §4, GEMM-1, H100).
-_PINGPONG_MAX_ROWS_PER_EXPERT = 64
-
-
 class _Call:
     """Sizes of one call and the per-section views every stage uses."""
 
@@ -54,9 +50,7 @@ class _Call:
         self.start, self.count = plan.problem_rows()
         self.end_e = plan.expert_offsets[plan.num_experts:]
         self.end_a = plan.adjugate_offsets[plan.num_groups:] if self.grove else None
-        rows_per_expert = plan.num_tokens * plan.top_k / max(plan.num_experts, 1)
-        self.schedule = ("pingpong" if rows_per_expert <= _PINGPONG_MAX_ROWS_PER_EXPERT
-                         else "coop")
+        self.schedule = lib.m_grouped_schedule(plan)
         self.dtype = x.dtype
 
     def split(self, t):

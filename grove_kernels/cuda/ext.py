@@ -102,6 +102,17 @@ def gemm_kernel(dtype, grouped, majors, *, epilogue=None, schedule):
     return found[0].name
 
 
+# Rows per expert up to which the ping-pong 64x128 tile wins (DESIGN §4, GEMM-1, H100).
+_PINGPONG_MAX_ROWS_PER_EXPERT = 64
+
+
+def m_grouped_schedule(plan):
+    """The schedule of a plan's m-grouped GEMMs: "pingpong" for few rows per expert, else
+    "coop" (the weight gradients always run "coop")."""
+    rows_per_expert = plan.num_tokens * plan.top_k / max(plan.num_experts, 1)
+    return "pingpong" if rows_per_expert <= _PINGPONG_MAX_ROWS_PER_EXPERT else "coop"
+
+
 def pack_gate_up(w):
     """w [P, 2N, H] (rows 0..N-1 gate, N..2N-1 up) -> the B operand of the fused GEMM-1:
     the same rows interleaved in blocks of 8, row 16q + r = gate row 8q + r and row

@@ -21,10 +21,12 @@ Forward
                -> o [R, H]; [W2_e | A2_g] is packed.pack_down (an E·H·Z copy: 470 MB bf16
                at grove-33b; cached for weights without gradient, per call in training)
     combine    y_t = Σ_j o[token_rows[t, j]] (k rows, weights already in zs)      1 launch
-The row weights are applied to z before GEMM-2 (one bf16 / fp16 rounding of w·z per element,
-computed in fp32 from the unrounded SwiGLU output): where the sections layout rounds z, o and
-then scales in fp32 in the combine, this rounds w·z and o. Measured against float64 both are
-one rounding of z-sized values per element (tests/test_cuda_dataflow.py checks the same 2e-2).
+Rounding: the row weights are applied to z before GEMM-2, in fp32 on the unrounded SwiGLU
+output, and w·z is rounded once to bf16 / fp16 (the sections layout rounds z, then applies w in
+fp32 in the combine). Either way one rounding of each z element precedes GEMM-2 (relative
+<= 2^-8 in bf16, 2^-11 in fp16) and o is rounded once; the difference is that here o rows hold
+w-scaled values, so the combine's fp32 sum of k rows is unweighted. Against float64 the folded
+and sections results share the tolerances (tests/test_cuda_folded.py: 2e-2 in bf16 / fp16).
 
 Backward (h, z [unscaled] saved; no GEMM-1 recompute)
     gather     xg [R, H] from x, dyg [R, H] from dY                               2 launches
@@ -54,10 +56,6 @@ from .. import cuda as pkg
 from . import ext as lib
 from .packed import pack_down, packed_down, packed_gate_up
 
-# Rows per expert up to which the ping-pong 64x128 tile wins (DESIGN §4, GEMM-1, H100).
-_PINGPONG_MAX_ROWS_PER_EXPERT = 64
-
-
 class _Folded:
     """Sizes, problem lists and kernels of one call on a FoldedPlan."""
 
@@ -82,9 +80,7 @@ class _Folded:
         self.others = (ends, last - ends)
         group_first, group_last = off[:-1:self.S], off[self.S::self.S]
         self.groups = (group_first, group_last - group_first)
-        rows_per_expert = plan.num_tokens * plan.top_k / max(self.E, 1)
-        self.schedule = ("pingpong" if rows_per_expert <= _PINGPONG_MAX_ROWS_PER_EXPERT
-                         else "coop")
+        self.schedule = lib.m_grouped_schedule(plan)
 
     def problems(self, first, second):
         """start, count of two sections' problems (the second's rows numbered from R)."""

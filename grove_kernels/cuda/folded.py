@@ -19,7 +19,8 @@ Forward
                  leader rows [off[e], leader_ends[e])  zs [., Z] @ [W2_e | A2_g]^T  (K = Z)
                  other rows  [leader_ends[e], off[e+1]) zs[:, :I] @ W2_e^T          (K = I)
                -> o [R, H]; [W2_e | A2_g] is packed.pack_down (an E·H·Z copy: 470 MB bf16
-               at grove-33b; cached for weights without gradient, per call in training)
+               at grove-33b; kept across inference forwards, made per call and freed after
+               GEMM-2 by a training forward, whose weights change every step)
     combine    y_t = Σ_j o[token_rows[t, j]] (k rows, weights already in zs)      1 launch
 Rounding: the row weights are applied to z before GEMM-2, in fp32 on the unrounded SwiGLU
 output, and w·z is rounded once to bf16 / fp16 (the sections layout rounds z, then applies w in

@@ -8,9 +8,9 @@ is unchanged.
     down (the folded layout's GEMM-2) w2 [E, H, I], a2 [G, H, Ia] -> pack_down(w2, a2)
         [E, H, I + Ia], row n of expert e = [W2_e[n] | A2_{e // S}[n]]: leader rows run
         K = I + Ia against it in one problem. Extra memory: one copy of w2 plus S copies of
-        a2, E·H·(I + Ia) elements (470 MB in bf16 at grove-33b); kept only for weights that
-        need no gradient (a training forward packs per call and frees the copy after GEMM-2:
-        its weights change every step).
+        a2, E·H·(I + Ia) elements (470 MB in bf16 at grove-33b); kept across inference
+        forwards (those that save no activations); a training forward packs per call and frees
+        the copy after GEMM-2 (its weights change every step; the backward needs no copy).
 """
 import weakref
 

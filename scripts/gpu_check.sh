@@ -8,8 +8,10 @@
 #          machine: `pip download --no-deps nvidia-cutlass==4.2.0.0 -d build/wheels` and
 #          `python csrc/build_cuda.py`, then carry build/wheels and build/grove_cuda.
 #   tests  python -m grove_kernels.selfcheck (every backend against float64 at grove-33b) and
-#          the GPU tests (every backend against the float64 reference, graph capture, no syncs)
-#   sanitize  compute-sanitizer memcheck over the cuda backend's op tests and a mid-size layer
+#          the GPU tests (every backend against the float64 reference, graph capture, no syncs;
+#          the Grove API tests on both adjugate layouts, GROVE_ADJUGATE_LAYOUT=sections|folded)
+#   sanitize  compute-sanitizer memcheck over the cuda backend's op tests (folded row kernels
+#          and two-section GEMMs included) and a mid-size layer's gradients on both layouts
 #   tune   the Triton tile tuner at grove-33b shapes (TUNE_BUDGET_S, default 240 s)
 #          -> OUT_DIR/configs.json, also copied to grove_kernels/triton/ for the bench
 #   bench  the benchmark protocol of DESIGN §6 -> OUT_DIR/<device>_<date>.{json,png}; with

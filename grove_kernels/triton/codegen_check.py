@@ -22,14 +22,21 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from . import gemm1_swiglu, gemm_k_grouped, gemm_m_grouped  # noqa: E402
+from . import gemm1_swiglu, gemm_folded, gemm_k_grouped, gemm_m_grouped, wgrad_folded  # noqa
 
 # Integer arguments that are multiples of 16 at grove-33b shapes (H=2048, I=768, Ia=128).
 _ALIGNED_INTS = {"stride_xt", "s_w1_p", "s_w1_n", "s_a1_p", "s_a1_n", "K", "N_E", "N_A", "K_E",
                  "K_A", "s_be_p", "s_be", "s_ba_p", "s_ba", "stride_a_gather",
-                 "stride_out_shared", "M_E", "M_A", "s_oe_p", "s_oa_p", "stride_b_gather"}
+                 "stride_out_shared", "M_E", "M_A", "s_oe_p", "s_oa_p", "stride_b_gather",
+                 # the folded layout's kernels (I + Ia = 896, 2I + 2Ia = 1792)
+                 "I", "IA", "stride_z", "stride_h", "stride_a", "A_OFF", "s_be_k", "s_be_n",
+                 "s_ba_k", "s_ba_n", "N", "stride_o", "stride_dy", "s_w2_p", "s_w2_k",
+                 "s_w2_n", "s_a2_p", "s_a2_k", "s_a2_n", "stride_b", "A_COL", "B_COL", "N_E",
+                 "s_w1_k", "s_a1_k"}
 _INDEX_PTRS = {"row_token_ptr": "*i64", "row_weight_ptr": "*fp32", "block_offsets": "*i32",
-               "prob_start": "*i32", "prob_count": "*i32", "part_ptr": "*fp32"}
+               "prob_start": "*i32", "prob_count": "*i32", "part_ptr": "*fp32",
+               "leader_ends": "*i64", "expert_offsets": "*i64", "leader_weight_ptr": "*fp32",
+               "part_e_ptr": "*fp32", "part_a_ptr": "*fp32"}
 
 
 def _compile(kernel, constexprs, num_warps, num_stages, dtype="bf16"):
@@ -65,7 +72,30 @@ def config_jobs(conf, dtype="bf16"):
     gw, gs = conf.gemm1[2], conf.gemm1[3]
     rw, rs = conf.rows[2], conf.rows[3]
     ww, ws = conf.wgrad[3], conf.wgrad[4]
-    return [
+    # Folded layout: unit strides are JIT specializations (an int argument equal to 1); the
+    # weights' last dimension is the unit one, so per launch these operand strides are 1.
+    f1 = dict(P_POW2=256, BM=bm, BN=conf.gemm1[0], BK=conf.gemm1[1], s_w1_k=1, s_a1_k=1, **dot)
+
+    def frows(r, **kw):
+        return dict(P_POW2=256, BM=bm, BN=r[0], BK=r[1], **dot, **kw)
+
+    fg2, fbwd = cfg.folded_gemm2_rows(conf), cfg.folded_dgemm2_rows(conf)
+    fwg = dict(wg, S=2)
+    folded = [
+        ("folded_gemm1", gemm_folded._folded_gemm1_kernel, dict(f1, STORE_H=False), gw, gs),
+        ("folded_gemm1+h", gemm_folded._folded_gemm1_kernel, dict(f1, STORE_H=True), gw, gs),
+        ("folded_gemm2", gemm_folded._folded_k_concat_kernel,
+         frows(fg2, SCALE=True, s_be_k=1, s_ba_k=1), fg2[2], fg2[3]),
+        ("folded_dgemm2", gemm_folded._folded_dgemm2_kernel,
+         frows(fbwd, s_w2_n=1, s_a2_n=1), fbwd[2], fbwd[3]),
+        ("folded_dgemm1", gemm_folded._folded_k_concat_kernel,
+         frows(conf.rows, SCALE=False, s_be_n=1, s_ba_n=1), rw, rs),
+        ("folded_wgrad_dw2", wgrad_folded._folded_wgrad_kernel,
+         dict(fwg, GATHER_A=True, GATHER_B=False, SCALE_A=True), ww, ws),
+        ("folded_wgrad_dw1", wgrad_folded._folded_wgrad_kernel,
+         dict(fwg, GATHER_A=False, GATHER_B=True, SCALE_A=False), ww, ws),
+    ]
+    return folded + [
         ("gemm1_swiglu", gemm1_swiglu._gemm1_swiglu_kernel, dict(g1, STORE_H=False), gw, gs),
         ("gemm1_swiglu+h", gemm1_swiglu._gemm1_swiglu_kernel, dict(g1, STORE_H=True), gw, gs),
         ("gemm2", gemm_m_grouped._gemm_m_grouped_kernel,
@@ -138,6 +168,11 @@ def heuristic_usage():
 
 
 def main():
+    if "--folded" in sys.argv:  # the folded layout's launches only
+        global config_jobs
+        every = config_jobs
+        config_jobs = lambda conf, dtype="bf16": [  # noqa: E731
+            j for j in every(conf, dtype) if j[0].startswith("folded")]
     if "--heuristic" in sys.argv:
         print(json.dumps(heuristic_usage()))
         return

@@ -67,6 +67,22 @@ def swiglu_bwd_rows(conf):
     return (min(bn, 8192 // conf.block_m), bk, max(warps, 8), stages)
 
 
+def folded_gemm2_rows(conf):
+    """The rows config for the folded layout's GEMM-2, which holds two [BM, BN] fp32
+    accumulators (expert and adjugate parts, scaled apart) on leader blocks: the bound of
+    swiglu_bwd_rows (eight warps once BM·BN >= 4096) keeps them in registers."""
+    return swiglu_bwd_rows(conf)
+
+
+def folded_dgemm2_rows(conf):
+    """The rows config for the folded layout's dGEMM-2 + SwiGLU backward: the epilogue of
+    swiglu_bwd_rows, inlined twice (expert tile, then the adjugate tiles of leader blocks),
+    spilled 60 B per thread at BM = 64, BN = 128, eight warps (sm_90 AOT, ptxas -v); BM·BN
+    <= 4096 keeps it in registers (183)."""
+    bn, bk, warps, stages = swiglu_bwd_rows(conf)
+    return (min(bn, max(16, 4096 // conf.block_m)), bk, warps, stages)
+
+
 def _for_dtype(conf, dtype):
     """fp32 operands take twice the shared memory per stage: halve BK, cap the stages."""
     if dtype != torch.float32 or INTERPRET:

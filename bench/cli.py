@@ -1,7 +1,7 @@
 """`python -m bench` argument parsing: arguments -> runner.Config -> sweep -> table / JSON / CSV.
 
-Defaults follow DESIGN §6: preset grove-33b, T ∈ {1, 8, …, 16384} on a GPU (each preset's
-small sweep on a CPU), uniform routing, every gk backend, both passes, bf16 on a GPU and
+Defaults follow docs/design.md §6: preset grove-33b, T ∈ {1, 8, …, 16384} on a GPU (each
+preset's small sweep on a CPU), uniform routing, every gk backend, both passes, bf16 on a GPU and
 fp32 on a CPU. `--smoke` is a CPU run that finishes in seconds: tiny preset, three T, both
 passes, the torch backend (Triton on a CPU is its interpreter: it would time Python).
 

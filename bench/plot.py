@@ -4,7 +4,8 @@ A series is one (variant, backend, pass, routing) of the result's rows; its poin
 the sweep ran. Two panels share the x axis (T, log scale):
     left   µs per call, log-log: the scaling of each variant (flat = launch-bound, slope 1 =
            proportional to T)
-    right  % of the floor (DESIGN §6: 100 · max(bytes / copy, FLOPs / matmul) / µs), linear:
+    right  % of the floor (docs/design.md §6: 100 · max(bytes / copy, FLOPs / matmul) / µs),
+           linear:
            how far each variant is from what the device could do at that T
 Colour = variant/backend, line style = pass, marker = routing; one legend per attribute, so
 a full GPU sweep (~10 variant/backends × 2 passes × 3 routings) stays readable.

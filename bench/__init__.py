@@ -1,4 +1,4 @@
-"""grove-kernels microbenchmark suite (DESIGN §6).
+"""grove-kernels microbenchmark suite (docs/design.md §6).
 
 Run as `python -m bench` from the repository root (see `python -m bench --help`), or as a
 pytest-benchmark suite with `pytest bench --benchmark-only` (`--benchmark-disable` turns the

@@ -1,8 +1,8 @@
 // bindings.cpp: registers the torch-free grouped-GEMM launchers of csrc/gemm as torch ops
 // (namespace grove_cuda; the row kernels are in bindings_rows.cpp). Compiled by g++ as a plain
 // CppExtension: it links libtorch/libc10 but not libtorch_cuda/libc10_cuda, so the extension
-// also links and imports under the CPU torch wheel (DESIGN §4), where the ops register and
-// validate but cannot run.
+// also links and imports under the CPU torch wheel (docs/design.md §4), where the ops register
+// and validate but cannot run.
 //
 // The caller passes the CUDA stream as an int (torch.cuda.current_stream().cuda_stream): a
 // c10::Stream id is not a cudaStream_t, and resolving one needs libc10_cuda. The workspace is

@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# One GPU session's measurements (a GPU machine has no network: nothing is installed here
-# beyond the package itself, run from the source tree). Usage:
+# The measurements of a GPU machine (no network assumed: nothing is installed beyond the
+# package itself, run from the source tree). Usage:
 #   bash scripts/gpu_check.sh OUT_DIR [all|build|tests|sanitize|tune|bench]   (default: all)
-#   build  grove_kernels._C in place (nvcc + CUTLASS headers: install a carried wheel first,
-#          CUTLASS_WHEEL=path/to/nvidia_cutlass-4.2.0.0-py3-none-any.whl; objects already in
-#          build/grove_cuda with the same nvcc are reused). Before the device call, on the CPU
-#          machine: `pip download --no-deps nvidia-cutlass==4.2.0.0 -d build/wheels` and
-#          `python csrc/build_cuda.py`, then carry build/wheels and build/grove_cuda.
+#   build  grove_kernels._C in place (nvcc + CUTLASS headers: CUTLASS_WHEEL=path/to/
+#          nvidia_cutlass-4.2.0.0-py3-none-any.whl installs them offline; objects already in
+#          build/grove_cuda with the same nvcc are reused, e.g. built elsewhere by
+#          `python csrc/build_cuda.py`).
 #   tests  python -m grove_kernels.selfcheck (every backend against float64 at grove-33b) and
 #          the GPU tests (every backend against the float64 reference, graph capture, no syncs;
 #          the Grove API tests on both adjugate layouts, GROVE_ADJUGATE_LAYOUT=sections|folded)
@@ -14,11 +13,11 @@
 #          and two-section GEMMs included) and a mid-size layer's gradients on both layouts
 #   tune   the Triton tile tuner at grove-33b shapes (TUNE_BUDGET_S, default 240 s)
 #          -> OUT_DIR/configs.json, also copied to grove_kernels/triton/ for the bench
-#   bench  the benchmark protocol of DESIGN §6 -> OUT_DIR/<device>_<date>.{json,png}; with
-#          vLLM's kernel beside ours when the anchors were carried: copy ../shared/anchors to
-#          .anchors/ (git-ignored) and carry it
-# Each stage fits one 10-minute device command. Afterwards copy OUT_DIR/configs.json to
-# grove_kernels/triton/ and the results to bench/results/.
+#   bench  the benchmark protocol of docs/design.md §6 -> OUT_DIR/<device>_<date>.{json,png};
+#          with vLLM's kernel beside ours when a vLLM shim is in .anchors/vllm/shim
+#          (git-ignored)
+# Afterwards copy OUT_DIR/configs.json to grove_kernels/triton/ and the results to
+# bench/results/.
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_check.sh OUT_DIR [all|build|tests|sanitize|tune|bench]}
 stage=${2:-all}

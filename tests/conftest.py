@@ -44,8 +44,7 @@ def _restore(settings):
 @pytest.fixture(autouse=True)
 def _settings_restored():
     """Tests share one process: a setting one of them leaves changed decides what later files
-    test (a bench run that left the value checks off once failed a test three files on).
-    Blame the test that changed it, and put the setting back."""
+    test. Blame the test that changed it, and put the setting back."""
     before = _process_settings()
     yield
     after = _process_settings()

@@ -1,4 +1,5 @@
-"""Forward values of the public API against the float64 oracle (DESIGN §2, §5), every backend.
+"""Forward values of the public API against the float64 oracle (docs/design.md §2, §5), every
+backend.
 
     fused_grove_experts(x [T,H], w1 [E,2I,H], w2 [E,H,I], a1 [G,2Ia,H], a2 [G,H,Ia],
                         w [T,k], ids [T,k]) -> y [T,H]
@@ -88,7 +89,7 @@ def test_fused_grove_experts(backend, layout, gen, case, dtype):
 
 
 def test_fused_grove_experts_default_scale(backend, layout, gen):
-    """adjugate_scale defaults to 0.05 and group_size to 2 (DESIGN §1)."""
+    """adjugate_scale defaults to 0.05 and group_size to 2 (docs/design.md §1)."""
     c = _case("coselected")
     p, w, ids = _grove_inputs(c, gen, torch.float32)
     y = gk.fused_grove_experts(p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w, ids)

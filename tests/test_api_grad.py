@@ -1,4 +1,4 @@
-"""Gradients of the public API against autograd over the float64 oracle (DESIGN §3, §5).
+"""Gradients of the public API against autograd over the float64 oracle (docs/design.md §3, §5).
 
     fused_grove_experts  dy [T,H] -> dx, dw1, dw2, da1, da2, d topk_weights
     grove_moe            dy [T,H] -> dx, d router_logits [T,E], dw1, dw2, da1, da2

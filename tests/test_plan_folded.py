@@ -128,7 +128,7 @@ def test_topk_weight_grad():
 def test_folded_plan_is_deterministic():
     w, ids = _routing(64, 8, 4, seed=5)
     a, b = build_folded_plan(ids, w, 8, 2, 0.05), build_folded_plan(ids, w, 8, 2, 0.05)
-    for x, y in zip(a.tensors(), b.tensors()):
+    for x, y in zip(a.named_tensors().values(), b.named_tensors().values()):
         assert torch.equal(x, y)
 
 

@@ -3,8 +3,8 @@
 Loading the extension registers the low-level ops of torch.ops.grove_cuda: the grouped GEMMs
 of gemm_kernels.GEMM_KERNELS (generated from csrc/generate_kernels.py; GEMM-1 with SwiGLU fused
 among them) and the element-wise kernels (gather, SwiGLU, combine); the wrappers here pass
-torch's current CUDA stream. The extension is linked without libtorch_cuda (DESIGN §4), so it
-imports under a CPU torch too; its ops take the CUDA stream as an int (`current_stream_handle()`).
+torch's current CUDA stream. The extension is linked without libtorch_cuda (docs/design.md §4), so
+it imports under a CPU torch too; its ops take the CUDA stream as an int (`current_stream_handle()`).
 """
 import torch
 
@@ -102,7 +102,7 @@ def gemm_kernel(dtype, grouped, majors, *, epilogue=None, schedule):
     return found[0].name
 
 
-# Rows per expert up to which the ping-pong 64x128 tile wins (DESIGN §4, GEMM-1, H100).
+# Rows per expert up to which the ping-pong 64x128 tile wins (docs/design.md §4, GEMM-1, H100).
 _PINGPONG_MAX_ROWS_PER_EXPERT = 64
 
 

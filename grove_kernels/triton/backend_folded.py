@@ -50,7 +50,7 @@ def forward(x, weights, plan, weight_on_input, y, act):
     folded_gemm1(x, plan, sched, w1, a1, z, h, config=conf.gemm1)
     o = x.new_empty(R, H)
     folded_k_concat(plan, sched, z, (I, Ia, I), _b(w2, True), _b(a2, True), H, o, True,
-                    conf.rows)
+                    cfg.folded_gemm2_rows(conf))
     combine_rows(o, plan, y)
 
 
@@ -66,7 +66,7 @@ def backward(dy, x, weights, plan, weight_on_input, act, grads):
     # Adjugate columns of rows that lead no group stay unwritten: no later launch reads them.
     dh = torch.empty_like(h)
     d_row_weight, d_leader_weight = folded_dgemm2(dy, plan, sched, w2, a2, h, dh,
-                                                  cfg.swiglu_bwd_rows(conf))
+                                                  cfg.folded_dgemm2_rows(conf))
     folded_wgrad(plan, dy, 0, z, I, (dw2, da2), gather_a=True, gather_b=False, scale_a=True,
                  config=conf.wgrad)
     folded_wgrad(plan, dh, 2 * I, x, 0, (dw1, da1), gather_a=False, gather_b=True,

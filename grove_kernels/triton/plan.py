@@ -245,9 +245,3 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
         T * k, E, P, T * ka, K=k, B=_BLOCK_SLOTS, HAS_GROUPS=G > 0, num_warps=_SCATTER_WARPS)
     return plan
 
-
-def build_folded_plan(topk_ids, topk_weights, num_experts, group_size, adjugate_scale=0.0,
-                      expert_map=None):
-    """The folded layout's plan (plan_folded.py beside this file)."""
-    from .plan_folded import build_folded_plan as build
-    return build(topk_ids, topk_weights, num_experts, group_size, adjugate_scale, expert_map)

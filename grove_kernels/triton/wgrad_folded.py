@@ -1,8 +1,8 @@
 """The k-grouped weight-gradient GEMM of the folded adjugate layout: per-expert and per-group
 reductions over rows (variable K = rows), experts and groups in one launch.
 
-    dW_e[m, n] = Σ_{r in e}                        (s_r A[ra(r), m]) · B[rb(r), n]
-    dA_g[m, n] = Σ_{s < S} Σ_{r in lead(g·S + s)}  (s'_r A[ra(r), A_COL + m]) · B[rb(r), B_COL + n]
+    dW_e[m, n] = Σ_{r in e}                    (s_r A[ra(r), m]) · B[rb(r), n]
+    dA_g[m, n] = Σ_{s < S} Σ_{r in lead(gS + s)} (s'_r A[ra(r), A_COL + m]) · B[rb(r), B_COL + n]
 
 lead(e) = [off[e], leader_ends[e]): the adjugate problem of g is the union of the leader
 prefixes of its S experts, walked expert by expert, rows in order: deterministic, no atomics.

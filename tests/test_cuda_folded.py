@@ -222,7 +222,7 @@ def _run(p, w, ids, S, emap=None, save=True):
     kept = [t.clone() for t in saved]
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
     T, k = ids.shape
-    plan2, act = experts_stage.split_saved(saved, T, k, weights, "folded")
+    plan2, act = experts_stage.unflatten_saved(saved, T, k, weights, "folded")
     grads = experts_stage.backward(cuda_backend, dy, p["x"], weights, plan2, act, False, LAM,
                                    w.dtype)
     assert all(torch.equal(a, b) for a, b in zip(saved, kept))  # saved is read only

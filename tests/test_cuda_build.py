@@ -386,7 +386,35 @@ def _long(*shape):
     (lambda: torch.ops.grove_cuda.rows_dot_scale(_bf(4, 16).half(), _bf(3, 16), _long(4),
                                                  torch.zeros(4), 4, None, None, None, 0),
      r"must be on a CUDA device"),
+    (lambda: torch.ops.grove_cuda.swiglu_folded_fwd(_bf(4, 48), 16, _long(3), _long(2), None,
+                                                    None, False, _bf(4, 24), None, 0),
+     r"must be on a CUDA device"),
+    (lambda: torch.ops.grove_cuda.scale_folded(_bf(4, 24), 16, _long(3), _long(2),
+                                               torch.zeros(4), torch.zeros(4), _bf(4, 24), 0),
+     r"must be on a CUDA device"),
+    (lambda: torch.ops.grove_cuda.swiglu_folded_bwd(_bf(4, 24), _bf(4, 48), 16, _long(3),
+                                                    _long(2), torch.zeros(4), torch.zeros(4),
+                                                    _bf(4, 48), torch.zeros(4), torch.zeros(4),
+                                                    0), r"must be on a CUDA device"),
 ])
 def test_row_ops_reject_bad_arguments(cuda_mod, call, message):
     with pytest.raises(RuntimeError, match=message):
         call()
+
+
+@needs_toolkit
+@pytest.mark.parametrize("b_shared, count, message", [
+    ([1, 2], 6, r"must be on a CUDA device"),  # well-formed: 2 + 2 * 2 problems
+    ([1, 1], 6, r"one entry per problem \(4 in all sections\)"),
+    ([1, 2, 1], 6, r"b_shared must be empty or hold one entry per section \(2\)"),
+    ([1, 0], 6, r"b_shared\[1\] must be >= 1"),
+])
+def test_sections_sharing_rows_and_b(cuda_mod, b_shared, count, message):
+    """The folded GEMM-1: two sections on one row buffer, the second's problems reading b[j //
+    b_shared] and writing other columns of the same output."""
+    a, h = _bf(4, 16), _bf(4, 48)
+    start = torch.zeros(count, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.grove_cuda.grouped_gemm([a, a], [_bf(2, 32, 16), _bf(2, 16, 16)],
+                                          [h[:, :32], h[:, 32:]], start, start.clone(),
+                                          _kernel(), 0, b_shared)

@@ -155,7 +155,7 @@ def _run(cfg, bar, caller_layout):
                     cells = [(lay, b) for lay in variant_layouts(cfg, variant) for b in backends]
                     for layout, backend in cells:
                         _set_layout(layout, caller_layout)
-                        where = f"{variant.name}{'/' + layout if layout else ''}/{backend}"
+                        where = f"{variant.name}/{backend}" + (f" [{layout}]" if layout else "")
                         bar.step(f"{mode} T={T} {pass_} {where}")
                         reason = var.skip_reason(variant, device, dtype, pass_)
                         if reason:
@@ -205,7 +205,7 @@ def _run(cfg, bar, caller_layout):
                         if m.method == "eager" and getattr(timer, "last_capture_error", None):
                             row["capture_error"] = timer.last_capture_error
                         rows.append(row)
-                        bar.write(f"{mode:>8} T={T:<6} {pass_:<7} {where:>24} "
+                        bar.write(f"{mode:>8} T={T:<6} {pass_:<7} {where:>27} "
                                   f"{m.us:10.1f} us  {m.method:<5} {verdict}")
                         if cfg.on_row is not None:
                             cfg.on_row(_result(cfg, commit, ceilings, rows, skipped, False))

@@ -41,8 +41,8 @@ def _table():
         return {}
 
 
-def _heuristic(rows_per_problem):
-    if INTERPRET:
+def _heuristic(rows_per_problem, interpret=INTERPRET):
+    if interpret:
         # The interpreter's cost is programs x loop trips: small tiles, few of each.
         return Config(16, (16, 32, 1, 1), (32, 32, 1, 1), (16, 32, 16, 1, 1))
     if rows_per_problem <= 16:
@@ -67,9 +67,9 @@ def swiglu_bwd_rows(conf):
     return (min(bn, 8192 // conf.block_m), bk, max(warps, 8), stages)
 
 
-def _for_dtype(conf, dtype):
+def _for_dtype(conf, dtype, interpret=INTERPRET):
     """fp32 operands take twice the shared memory per stage: halve BK, cap the stages."""
-    if dtype != torch.float32 or INTERPRET:
+    if dtype != torch.float32 or interpret:
         return conf
     g1, rw, wg = conf.gemm1, conf.rows, conf.wgrad
     return Config(conf.block_m, (g1[0], max(16, g1[1] // 2), g1[2], min(g1[3], 3)),
@@ -97,13 +97,27 @@ def select(plan, H, I, Ia, dtype):
 
 
 def _select(plan, H, I, Ia):
-    rows_per_problem = plan.num_tokens * plan.top_k / max(plan.num_experts, 1)
+    device = None
     if not INTERPRET and torch.cuda.is_available():
-        key = f"{H},{I},{Ia},{plan.num_experts},{plan.top_k}"
-        buckets = _table().get(torch.cuda.get_device_name(), {}).get(key)
+        device = torch.cuda.get_device_name()
+    return _choose(device, plan.num_tokens, plan.top_k, plan.num_experts, H, I, Ia)
+
+
+def for_device(device_name, num_tokens, top_k, num_experts, H, I, Ia, dtype):
+    """The Config a compiled (not interpreted) run on the GPU named `device_name`
+    (torch.cuda.get_device_name()) selects; needs no GPU (the traffic model's view)."""
+    conf = _choose(device_name, num_tokens, top_k, num_experts, H, I, Ia, interpret=False)
+    return _for_dtype(conf, dtype, interpret=False)
+
+
+def _choose(device_name, num_tokens, top_k, num_experts, H, I, Ia, interpret=INTERPRET):
+    rows_per_problem = num_tokens * top_k / max(num_experts, 1)
+    if device_name is not None:
+        key = f"{H},{I},{Ia},{num_experts},{top_k}"
+        buckets = _table().get(device_name, {}).get(key)
         if buckets:
             for b in buckets:
                 if rows_per_problem <= b["max_rows_per_problem"]:
                     return Config(b["block_m"], tuple(b["gemm1"]), tuple(b["rows"]),
                                   tuple(b["wgrad"]))
-    return _heuristic(rows_per_problem)
+    return _heuristic(rows_per_problem, interpret)

@@ -95,6 +95,14 @@ def build_parser():
                    help="instead of timing: bytes per token an expert-parallel layer sends "
                    "over P simulated ranks (token-once vs per-expert vs released dispatch; "
                    "bench/ep_traffic.py); uses --preset, --tokens, --routing, --dtype, --json")
+    p.add_argument("--traffic", action="store_true",
+                   help="instead of timing: the modelled HBM bytes and FLOPs of every launch "
+                   "(triton, cuda x sections, folded x grove, plain; no GPU needed; "
+                   "bench/traffic.py); uses --preset, --tokens, --routing, --pass, --dtype, "
+                   "--backends, --json")
+    p.add_argument("--traffic-device", metavar="NAME", default=None,
+                   help="the GPU --traffic models, as torch.cuda.get_device_name() says it "
+                   "(default NVIDIA H200): its tile configurations and SM count")
     return p
 
 
@@ -169,6 +177,9 @@ def main(argv=None):
     if args.ep_world_size:
         from bench import ep_traffic
         return ep_traffic.main(args, parser)
+    if args.traffic:
+        from bench import traffic
+        return traffic.main(args, parser)
     cfg = config_from_args(args, parser)
     results_png = check_outputs(args, parser)
     if args.quiet:

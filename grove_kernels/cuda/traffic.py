@@ -119,10 +119,10 @@ def k_grouped(name, pr, kernel, e, device_name, *, a_bytes, b_bytes):
                    write_gemm, flops, tiles, loads, mma)]
 
 
-def row_kernel(name, total_rows, real, read, write):
+def row_kernel(name, total_rows, real, read, write, loads=0):
     """A row kernel: min(rows, 16384) blocks looping over the real rows."""
     blocks = min(total_rows, MAX_BLOCKS)
-    return Launch(name, blocks, max(0, blocks - real), read, write, 0)
+    return Launch(name, blocks, max(0, blocks - real), read, write, 0, load_bytes=loads)
 
 
 def combine(name, plan, H, e, weighted):
@@ -152,7 +152,8 @@ class _Sections:
 
 def _gather(name, s, R, H, e, weighted=False):
     read = s.tokens * H * e + s.real * (INDEX_BYTES + (WEIGHT_BYTES if weighted else 0))
-    return row_kernel(name, R, s.real, read, s.real * H * e)
+    loads = s.real * H * e + s.real * (INDEX_BYTES + (WEIGHT_BYTES if weighted else 0))
+    return row_kernel(name, R, s.real, read, s.real * H * e, loads)
 
 
 def _sections(plan, x_shape, weights_shapes, dtype, pass_, device_name):

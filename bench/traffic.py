@@ -131,7 +131,8 @@ def format_table(rows, per_launch=True):
     lines += ["modelled traffic per call (HBM = distinct bytes read per launch + bytes written)",
               head, "-" * len(head)]
     for r in rows:
-        ratio = q.get((r["routing"], r["tokens"], r["pass"], r["backend"], r["layout"]))
+        ratio = (q.get((r["routing"], r["tokens"], r["pass"], r["backend"], r["layout"]))
+                 if r["variant"] == "grove" else None)
         lines.append(
             f"{r['routing']:<9} {r['tokens']:>6} {r['pass']:<7} {r['backend']:<7} "
             f"{r['layout']:<9} {r['variant']:<6} {_gb(r['hbm_bytes'])} "

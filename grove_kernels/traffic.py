@@ -156,27 +156,36 @@ def topk_grad_launch(plan):
 
 
 def plan_launches(plan, routing_dtype=torch.float32):
-    """The plan stage's launches on a GPU (grove_kernels/triton/plan.py for the sections
-    layout: slots, scan, offsets, scatter; the folded plan's stage by its tensors): ids and
-    routing weights in, every plan tensor out once."""
+    """The plan stage's launches on a GPU (grove_kernels/triton/plan.py, plan_folded.py: slots,
+    scan, offsets, scatter): ids and routing weights in, every plan tensor out once, with the
+    per-block histogram (NB blocks of 64 slots x P keys) and the sort keys between them."""
     T, k = plan.num_tokens, plan.top_k
     slots = T * k
     w_elem = element_size(routing_dtype)
+    acc = plan.row_weight.element_size()
     ids_in = slots * (4 + w_elem)
-    out = sum(t.numel() * t.element_size() for t in plan.tensors())
-    if plan.layout == "folded":
-        return [Launch("plan (folded)", max(1, cdiv(slots, 64)), 0, ids_in, out, 0)]
-    E, G = plan.num_experts, plan.num_groups
     nb = max(1, cdiv(slots, 64))
-    P = E + 1 + (G + 1 if G else 0)
-    keys = (2 if G else 1) * slots * 4
-    counts = nb * P * 4
+    out = sum(t.numel() * t.element_size() for t in plan.tensors())
     rows_out = sum(t.numel() * t.element_size()
                    for t in (plan.row_token, plan.row_weight, plan.token_rows))
-    slot_out = out - rows_out
+    if plan.layout == "folded":
+        E = plan.num_experts
+        P = 2 * E + 1
+        keys = slots * 4 + slots * acc  # sort keys and λ·Σw per slot
+        rows_out += plan.leader_weight.numel() * acc
+        offsets_out = (plan.expert_offsets.numel() + plan.leader_ends.numel()) * INDEX_BYTES
+    else:
+        E, G = plan.num_experts, plan.num_groups
+        P = E + 1 + (G + 1 if G else 0)
+        keys = (2 if G else 1) * slots * 4
+        offsets_out = sum(t.numel() * INDEX_BYTES for t in (plan.expert_offsets,
+                                                            plan.adjugate_offsets)
+                          if t is not None)
+    counts = nb * P * 4
+    slot_out = out - rows_out - offsets_out
     return [
         Launch("plan slots", nb, 0, ids_in, slot_out + keys + counts, 0),
         Launch("plan scan", cdiv(P, 4), 0, counts, counts + 2 * P * 4, 0),
-        Launch("plan offsets", 1, 0, P * 4, 2 * P * 4, 0),
-        Launch("plan scatter", nb, 0, keys + counts + P * 4 + slots * (w_elem + 1), rows_out, 0),
+        Launch("plan offsets", 1, 0, P * 4, P * 4 + offsets_out, 0),
+        Launch("plan scatter", nb, 0, keys + counts + P * 4 + slots * (acc + 1), rows_out, 0),
     ]

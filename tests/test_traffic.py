@@ -32,12 +32,13 @@ def _by_hand():
     # plan stage: 6 slots in one block of 64; histogram columns E+1 + G+1 = 8.
     ids_in = 6 * (4 + 4)  # int32 ids + fp32 weights
     rows_out = 12 * 8 + 12 * 4 + 3 * 4 * 8  # row_token, row_weight, token_rows [T, 2k]
-    slot_out = 5 * 8 + 3 * 4 * 4 + 3 * 4 + 3 * 8 + 3 * 2 * 2  # offsets, token_weight, mask,
-    keys, counts = 2 * 6 * 4, 1 * 8 * 4                       # adjugate offsets, group_match
+    offsets = 5 * 8 + 3 * 8  # expert_offsets [E+1], adjugate_offsets [G+1]
+    slot_out = 3 * 4 * 4 + 3 * 4 + 3 * 2 * 2  # token_weight, token_mask [T, 2k], group_match
+    keys, counts = 2 * 6 * 4, 1 * 8 * 4  # two sort keys per slot, the [1, 8] histogram
     plan = [
         Launch("plan slots", 1, 0, ids_in, slot_out + keys + counts, 0),
         Launch("plan scan", 2, 0, counts, counts + 2 * 8 * 4, 0),
-        Launch("plan offsets", 1, 0, 8 * 4, 2 * 8 * 4, 0),
+        Launch("plan offsets", 1, 0, 8 * 4, 8 * 4 + offsets, 0),
         Launch("plan scatter", 1, 0, keys + counts + 8 * 4 + 6 * (4 + 1), rows_out, 0),
     ]
     # GEMM-1: grid (bound, n tiles) = (cdiv(6, 16) + cdiv(6, 16) + P, cdiv(8, 32)) = (8, 1);
@@ -207,3 +208,28 @@ def test_cuda_launches_match_the_backend(monkeypatch, T_, E_, grove):
         else:
             raise AssertionError(f"unmapped launch {name}")
     assert ops == log
+
+
+def test_bench_traffic_cli(tmp_path, capsys):
+    """python -m bench --traffic: a row per backend x layout x variant x pass, each launch
+    listed, without a GPU; folded triton launches no idle program."""
+    import json
+
+    from bench import cli
+
+    path = tmp_path / "traffic.json"
+    assert cli.main(["--traffic", "--preset", "tiny", "--tokens", "5,33", "--routing",
+                     "uniform,coactive", "--json", str(path), "--quiet"]) == 0
+    result = json.loads(path.read_text())
+    rows = result["rows"]
+    assert len(rows) == 2 * 2 * 2 * 2 * 2 * 2  # routing, T, variant, layout, backend, pass
+    for r in rows:
+        assert {"backend", "layout", "variant", "tokens", "routing", "hbm_bytes", "flops",
+                "launches"} <= set(r)
+        assert r["hbm_bytes"] == sum(l["read_bytes"] + l["write_bytes"] for l in r["launches"])
+        assert all({"name", "programs", "idle_programs", "read_bytes", "write_bytes",
+                    "flops"} <= set(l) for l in r["launches"])
+        if r["backend"] == "triton" and r["layout"] == "folded" and r["variant"] == "grove":
+            kernels = [l for l in r["launches"] if not l["name"].startswith("torch")]
+            assert sum(l["idle_programs"] for l in kernels) == 0
+    assert "x plain" in capsys.readouterr().out

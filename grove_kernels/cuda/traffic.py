@@ -226,10 +226,111 @@ def _sections(plan, x_shape, weights_shapes, dtype, pass_, device_name):
     return out
 
 
+def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
+    """The folded layout (cuda/folded.py): 2E-problem GEMMs over one gathered xg, the packed
+    [W2_e | A2_g] for the leader rows of GEMM-2, k rows per token in the combine."""
+    T, H = x_shape
+    I = weights_shapes[0][1] // 2
+    Ia = weights_shapes[2][1] // 2
+    e = element_size(dtype)
+    E, G = plan.num_experts, plan.num_groups
+    S = E // G
+    Z, W = I + Ia, 2 * I + 2 * Ia
+    off = plan.expert_offsets.cpu().long()
+    ends = plan.leader_ends.cpu().long()
+    first, count = off[:-1], off.diff()
+    lead = ends - first
+    R, L = int(count.sum()), int(lead.sum())
+    R_alloc = plan.num_rows
+    rows = real_rows(first, count)
+    tokens = distinct_tokens(plan.row_token, rows)
+    train = pass_ == "fwd+bwd"
+    sched = schedule_for(T, plan.top_k, E)
+    nt = kernel_for(dtype, "m", "nt", sched)
+    nn = kernel_for(dtype, "m", "nn", sched)
+    tn = kernel_for(dtype, "k", "tn", "coop")
+    full = lambda n, P=E: torch.full((P,), n, dtype=torch.int64)  # noqa: E731
+    cat = torch.cat
+    experts = torch.arange(E)
+    # Problem lists (start, count) per section: all rows / leader rows / other rows per expert.
+    own_key, group_key = experts, E + experts // S  # B operands: w[e], a[e // S]
+
+    def two(sec1, sec2, n1, k1, n2, k2, key2=group_key):
+        return Problems(cat([sec1[0], sec2[0]]), cat([sec1[1], sec2[1]]), cat([n1, n2]),
+                        cat([k1, k2]), cat([own_key, key2]))
+
+    all_rows, leaders, others = (first, count), (first, lead), (ends, count - lead)
+    out = [torch_op("torch: problem lists (~8 ops)", 12 * E * INDEX_BYTES,
+                    8 * E * INDEX_BYTES)]
+    if train:
+        out.append(zero_activations_launch(plan, I, Ia, e))
+    out.append(row_kernel("gather x", R_alloc, R, tokens * H * e + R * INDEX_BYTES,
+                          R * H * e, R * (H * e + INDEX_BYTES)))
+    xg = R * H * e
+    fused = pkg.FUSE_SWIGLU and not train
+    g1 = two(all_rows, leaders, full(2 * I), full(H), full(2 * Ia), full(H))
+    if fused:
+        sw = kernel_for(dtype, "m", "nt", sched, epilogue="swiglu")
+        out += m_grouped("GEMM-1 + SwiGLU (folded)", g1, sw, e, device_name, a_distinct=xg,
+                         out_cols=cat([full(I), full(Ia)]))
+        out.append(row_kernel("scale z (folded)", R_alloc, R,
+                              (R * I + L * Ia) * e + R * 4 + L * 4, R * Z * e))
+    else:
+        out += m_grouped("GEMM-1 (folded)", g1, nt, e, device_name, a_distinct=xg)
+        out.append(row_kernel("SwiGLU (folded)", R_alloc, R,
+                              (R * 2 * I + L * 2 * Ia) * e + R * 4 + L * 4,
+                              R * Z * e * (2 if train else 1)))
+    if train:  # packed per call while the weights take gradients
+        out.append(torch_op("torch: pack [W2 | A2] (repeat_interleave, cat)",
+                            (G * H * Ia + E * H * Ia + E * H * I) * e,
+                            (E * H * Ia + E * H * Z) * e, E * H * Z))
+    g2 = Problems(cat([leaders[0], others[0]]), cat([leaders[1], others[1]]), full(H, 2 * E),
+                  cat([full(Z), full(I)]), cat([experts, E + experts]))
+    out += m_grouped("GEMM-2 (folded)", g2, nt, e, device_name, a_distinct=(L * Z + (R - L) * I)
+                     * e)
+    out.append(combine("combine", plan, H, e, weighted=False))
+    if not train:
+        return out
+
+    out.append(torch_op("torch: problem lists (~8 ops)", 12 * E * INDEX_BYTES,
+                        8 * E * INDEX_BYTES))
+    for name in ("gather x", "gather dY"):
+        out.append(row_kernel(name, R_alloc, R, tokens * H * e + R * INDEX_BYTES, R * H * e,
+                              R * (H * e + INDEX_BYTES)))
+    out += m_grouped("dGEMM-2 (folded)", two(all_rows, leaders, full(I), full(H), full(Ia),
+                                             full(H)), nn, e, device_name, a_distinct=xg)
+    h_real = (R * 2 * I + L * 2 * Ia) * e
+    out.append(row_kernel("SwiGLU' (folded)", R_alloc, R,
+                          (R * I + L * Ia) * e + h_real + R * 4 + L * 4,
+                          R * W * e + 2 * R_alloc * 4))
+    out.append(row_kernel("scale z (folded)", R_alloc, R, (R * I + L * Ia) * e + R * 4 + L * 4,
+                          R * Z * e))
+    gfirst, glast = off[:-1:S], off[S::S]
+    groups = (gfirst, glast - gfirst)
+    wg = lambda M, N, M2, N2: Problems(  # noqa: E731
+        cat([all_rows[0], groups[0]]), cat([all_rows[1], groups[1]]),
+        cat([full(M), full(M2, G)]), cat([full(N), full(N2, G)]))
+    out += k_grouped("dW2 / dA2 (folded)", wg(H, I, H, Ia), tn, e, device_name,
+                     a_bytes=xg, b_bytes=R * Z * e)
+    out += k_grouped("dW1 / dA1 (folded)", wg(2 * I, H, 2 * Ia, H), tn, e, device_name,
+                     a_bytes=R * W * e, b_bytes=xg)
+    out += m_grouped("dGEMM-1 (folded)", two(all_rows, leaders, full(H), full(2 * I), full(H),
+                                             full(2 * Ia)), nn, e, device_name,
+                     a_distinct=h_real)
+    T_, k = plan.token_rows.shape
+    out.append(torch_op("torch: token rows and mask for 2R rows (2 cats, 1 add)",
+                        3 * T_ * k * (INDEX_BYTES + 1), 3 * T_ * k * (INDEX_BYTES + 1),
+                        2 * T_ * k))
+    blocks = min(T_, MAX_BLOCKS)
+    out.append(Launch("combine dx", blocks, 0, T_ * 2 * k * (1 + INDEX_BYTES) + (R + L) * H * e,
+                      T_ * H * e, 0))
+    out.append(topk_grad_launch(plan))
+    return out
+
+
 def launches(plan, x_shape, weights_shapes, dtype, layout, pass_, device_name):
     """The launches of the cuda backend's experts stage for one call (see the module
     docstring); the plan stage's are grove_kernels.traffic.plan_launches."""
     if layout == "folded" and weights_shapes[2] is not None:
-        from .traffic_folded import launches as folded
-        return folded(plan, x_shape, weights_shapes, dtype, pass_, device_name)
+        return _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name)
     return _sections(plan, x_shape, weights_shapes, dtype, pass_, device_name)

@@ -146,10 +146,86 @@ def _sections(plan, x_shape, weights_shapes, dtype, pass_, device_name):
     return out
 
 
+def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
+    """The folded layout as the layout's contract describes its kernels (docs/design.md): one
+    launch per GEMM stage whose programs are exactly the work tiles (no idle program); leader
+    row blocks add the adjugate's columns (GEMM-1, dGEMM-2) or K (GEMM-2, dGEMM-1)."""
+    T, H = x_shape
+    I = weights_shapes[0][1] // 2
+    Ia = weights_shapes[2][1] // 2
+    E, S, k = plan.num_experts, plan.group_size, plan.top_k
+    e = element_size(dtype)
+    conf = cfg.for_device(device_name, T, k, E, H, I, Ia, dtype)
+    BM = conf.block_m
+    off = plan.expert_offsets.cpu().long()
+    lead = plan.leader_ends.cpu().long() - off[:-1]
+    count = off.diff()
+    blocks = RowBlocks.of(off[:-1], count, BM)
+    # Leader rows of each block: the prefix [off[e], leader_ends[e]) of its expert.
+    block_lead = torch.clamp(off[blocks.problem] + lead[blocks.problem] - blocks.first, 0)
+    block_lead = torch.minimum(block_lead, blocks.rows)
+    lblocks = RowBlocks(blocks.problem[block_lead > 0], blocks.first[block_lead > 0],
+                        block_lead[block_lead > 0])
+    rows_all = real_rows(off[:-1], count)
+    tokens = distinct_tokens(plan.row_token, rows_all)
+    R, L = int(count.sum()), int(lead.sum())
+    groups_used = int(torch.unique(torch.arange(E)[lead > 0] // S).numel())
+    experts_used = int((count > 0).sum())
+    full = lambda n: torch.full((E,), n, dtype=torch.int64)  # noqa: E731
+    train = pass_ == "fwd+bwd"
+
+    def m_launch(name, cfg_nk, K_e, N_e, K_a, N_a, b_elems, read, write, flops, per_row):
+        """Leader blocks add N_a columns (N_a != N_e) or K_a to the K of their N_e tiles."""
+        bn, bk = cfg_nk
+        we = tile_work(blocks, full(N_e), full(K_e), BM, bn, bk, cdiv(N_e, bn), e, e)
+        wa = tile_work(lblocks, full(N_a), full(K_a), BM, bn, bk, cdiv(N_a, bn), e, e)
+        tiles = we.programs + (wa.programs if N_a != N_e else 0)
+        loads = (we.a_loads + wa.a_loads + (we.b_loads + wa.b_loads) * b_elems
+                 + we.row_tiles * per_row)
+        return Launch(name, tiles, 0, read + R * per_row, write, flops, tiles, loads,
+                      (we.mma_flops + wa.mma_flops) * b_elems)
+
+    out = [_schedule_ops(E)]
+    if train:
+        out.append(zero_activations_launch(plan, I, Ia, e))
+    z = (R * I + L * Ia) * e
+    w1 = (experts_used * 2 * I + groups_used * 2 * Ia) * H * e
+    w2 = (experts_used * I + groups_used * Ia) * H * e
+    out.append(m_launch("GEMM-1 + SwiGLU (folded)", conf.gemm1[:2], H, I, H, Ia, 2,
+                        tokens * H * e + w1, z * (3 if train else 1),
+                        2 * (R * 2 * I + L * 2 * Ia) * H, INDEX_BYTES))
+    # GEMM-2: N = H on every block; K = I, and I + Ia on leader blocks.
+    out.append(m_launch("GEMM-2 (folded)", conf.rows[:2], I, H, Ia, H, 1,
+                        z + w2 + L * WEIGHT_BYTES, R * H * e, 2 * (R * I + L * Ia) * H,
+                        INDEX_BYTES + WEIGHT_BYTES))
+    out.append(_combine("combine", plan, H, e))
+    if not train:
+        return out
+    rows_bwd = cfg.swiglu_bwd_rows(conf)
+    out.append(_schedule_ops(E))
+    h = 2 * z
+    out.append(m_launch("dGEMM-2 + SwiGLU' (folded)", rows_bwd[:2], H, I, H, Ia, 1,
+                        tokens * H * e + w2 + h + L * WEIGHT_BYTES, h + 2 * R * 4,
+                        2 * (R * I + L * Ia) * H, INDEX_BYTES + WEIGHT_BYTES))
+    wg = conf.wgrad
+    for name, M_e, N_e, M_a, N_a, a_b, b_b in (
+            ("dW2", H, I, H, Ia, tokens * H * e, z), ("dW1", 2 * I, H, 2 * Ia, H, h,
+                                                      tokens * H * e)):
+        for part, M, N, P, rows in ((name, M_e, N_e, E, R),
+                                    ({"dW2": "dA2", "dW1": "dA1"}[name], M_a, N_a, E // S, L)):
+            tiles = P * cdiv(M, wg[0]) * cdiv(N, wg[1])
+            out.append(Launch(f"{part} (folded)", tiles, 0, a_b + b_b + rows * INDEX_BYTES,
+                              P * M * N * e, 2 * rows * M * N, tiles))
+    out.append(m_launch("dGEMM-1 (folded)", conf.rows[:2], 2 * I, H, 2 * Ia, H, 1,
+                        h + w1, R * H * e, 2 * (R * 2 * I + L * 2 * Ia) * H, INDEX_BYTES))
+    out.append(_combine("combine dx", plan, H, e))
+    out.append(topk_grad_launch(plan))
+    return out
+
+
 def launches(plan, x_shape, weights_shapes, dtype, layout, pass_, device_name):
     """The launches of the triton backend's experts stage for one call (see the module
     docstring); the plan stage's are grove_kernels.traffic.plan_launches."""
     if layout == "folded" and weights_shapes[2] is not None:
-        from .traffic_folded import launches as folded
-        return folded(plan, x_shape, weights_shapes, dtype, pass_, device_name)
+        return _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name)
     return _sections(plan, x_shape, weights_shapes, dtype, pass_, device_name)

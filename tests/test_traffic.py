@@ -165,16 +165,7 @@ def test_cuda_launches_match_the_backend(monkeypatch, T_, E_, grove):
     from grove_kernels.experts import Activations
 
     log = []
-
-    def rec(op, result):
-        def f(*args):
-            log.append((op, args[-1] if op == "grouped_gemm" else None))
-            return args[result] if result is not None else None
-        return f
-
-    for op, result in (("gather_rows", -1), ("swiglu_fwd", -1), ("swiglu_bwd", -2),
-                       ("combine_rows", -1), ("rows_dot_scale", 0), ("grouped_gemm", 2)):
-        monkeypatch.setattr(backend.lib, op, rec(op, result))
+    _record_cuda_ops(monkeypatch, backend.lib, log)
     plan, shapes = _case(T_, E_, grove)
     weights = _weights(shapes)
     x = torch.zeros(T_, H, dtype=torch.bfloat16)
@@ -188,25 +179,7 @@ def test_cuda_launches_match_the_backend(monkeypatch, T_, E_, grove):
     for pass_ in ("fwd", "fwd+bwd"):
         model += cuda_traffic.launches(plan, (T_, H), shapes, torch.bfloat16, "sections",
                                        pass_, "NVIDIA H200")
-    ops = []
-    for m in model:
-        name = m.name
-        if name.startswith("torch:") or ": args fill" in name or ": zero empty" in name:
-            continue
-        if "[" in name:
-            ops.append(("grouped_gemm", name.split("[")[1].rstrip("]")))
-        elif name.startswith("gather"):
-            ops.append(("gather_rows", None))
-        elif name.startswith("SwiGLU'"):
-            ops.append(("swiglu_bwd", None))
-        elif name.startswith("SwiGLU"):
-            ops.append(("swiglu_fwd", None))
-        elif name.startswith("scale z"):
-            ops.append(("rows_dot_scale", None))
-        elif name.startswith("combine"):
-            ops.append(("combine_rows", None))
-        else:
-            raise AssertionError(f"unmapped launch {name}")
+    ops = [op for op in map(_cuda_op_of, (m.name for m in model)) if op is not None]
     assert ops == log
 
 
@@ -233,3 +206,67 @@ def test_bench_traffic_cli(tmp_path, capsys):
             kernels = [l for l in r["launches"] if not l["name"].startswith("torch")]
             assert sum(l["idle_programs"] for l in kernels) == 0
     assert "x plain" in capsys.readouterr().out
+
+
+_CUDA_OPS = {  # op -> index of the argument it returns
+    "gather_rows": -1, "swiglu_fwd": -1, "swiglu_bwd": -2, "combine_rows": -1,
+    "rows_dot_scale": 0, "grouped_gemm": 2, "swiglu_folded_fwd": None, "scale_folded": -1,
+    "swiglu_folded_bwd": None}
+
+
+def _record_cuda_ops(monkeypatch, lib, log):
+    def rec(op, result):
+        def f(*args, **kwargs):
+            log.append((op, args[5] if op == "grouped_gemm" else None))
+            return args[result] if result is not None else None
+        return f
+
+    for op, result in _CUDA_OPS.items():
+        if hasattr(lib, op):
+            monkeypatch.setattr(lib, op, rec(op, result))
+
+
+def _cuda_op_of(name):
+    """The ext op a modelled launch of cuda/traffic.py stands for (None: not an ext op)."""
+    if name.startswith("torch:") or ": args fill" in name or ": zero empty" in name:
+        return None
+    if "[" in name:
+        return ("grouped_gemm", name.split("[")[1].rstrip("]"))
+    folded = "(folded)" in name
+    for prefix, op, op_folded in (("gather", "gather_rows", "gather_rows"),
+                                  ("SwiGLU'", "swiglu_bwd", "swiglu_folded_bwd"),
+                                  ("SwiGLU", "swiglu_fwd", "swiglu_folded_fwd"),
+                                  ("scale z", "rows_dot_scale", "scale_folded"),
+                                  ("combine", "combine_rows", "combine_rows")):
+        if name.startswith(prefix):
+            return (op_folded if folded else op, None)
+    raise AssertionError(f"unmapped launch {name}")
+
+
+@pytest.mark.parametrize("T_,E_", [(3, 4), (40, 4), (300, 8)])
+def test_cuda_folded_launches_match_the_backend(monkeypatch, T_, E_):
+    """The folded layout's ops, in order, with the GEMM kernel the model counts."""
+    folded = pytest.importorskip("grove_kernels.cuda.folded")
+    from grove_kernels.cuda import traffic as cuda_traffic
+    from grove_kernels.experts import Activations
+    from grove_kernels.plan_folded import build_folded_plan
+
+    log = []
+    _record_cuda_ops(monkeypatch, folded.lib, log)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.stack([torch.randperm(E_, generator=g)[:k] for _ in range(T_)]).int()
+    plan = build_folded_plan(ids, torch.rand(T_, k, generator=g), E_, S, 0.05)
+    shapes = ((E_, 2 * I, H), (E_, H, I), (E_ // S, 2 * Ia, H), (E_ // S, H, Ia))
+    weights = _weights(shapes)
+    x = torch.zeros(T_, H, dtype=torch.bfloat16)
+    act = Activations.empty(plan, weights, x.dtype, x.device)
+    folded.forward(x, weights, plan, False, x.clone(), None)
+    folded.forward(x, weights, plan, False, x.clone(), act)
+    folded.backward(x, x, weights, plan, False, act,
+                    (x.clone(),) + tuple(torch.empty_like(t) for t in weights))
+    model = []
+    for pass_ in ("fwd", "fwd+bwd"):
+        model += cuda_traffic.launches(plan, (T_, H), shapes, torch.bfloat16, "folded", pass_,
+                                       "NVIDIA H200")
+    ops = [op for op in map(_cuda_op_of, (m.name for m in model)) if op is not None]
+    assert ops == log

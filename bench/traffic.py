@@ -77,7 +77,7 @@ def row(backend, layout, variant, pass_, plan, preset, dtype, device_name, routi
 
 
 def simulate(preset, tokens, routings, passes, layouts, backends, dtype, device_name, seed=0):
-    rows = []
+    rows, notes = [], []
     for mode in routings:
         for T in tokens:
             w, ids = route(make_logits(mode, T, preset, seed), preset, "cpu")
@@ -89,8 +89,13 @@ def simulate(preset, tokens, routings, passes, layouts, backends, dtype, device_
                         plans[key] = build(ids, w, preset, variant, layout)
                     for backend in backends:
                         for pass_ in passes:
-                            rows.append(row(backend, layout, variant, pass_, plans[key],
-                                            preset, dtype, device_name, mode, T))
+                            try:
+                                rows.append(row(backend, layout, variant, pass_, plans[key],
+                                                preset, dtype, device_name, mode, T))
+                            except ValueError as exc:  # a dtype the backend does not run
+                                if str(exc) not in notes:
+                                    notes.append(str(exc))
+                                    print(f"skip {backend}: {exc}", file=sys.stderr)
     return rows
 
 
@@ -104,7 +109,7 @@ def ratios(rows):
 
 
 def _gb(b):
-    return f"{b / 1e9:8.3f}"
+    return f"{b / 1e9:8.4g}"
 
 
 def format_table(rows, per_launch=True):

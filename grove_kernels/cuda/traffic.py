@@ -34,7 +34,9 @@ MAX_BLOCKS = 16384  # csrc/elementwise.cuh kMaxBlocks
 
 def kernel_for(dtype, grouped, majors, schedule, epilogue=None):
     """The GEMM_KERNELS record backend.py's call names (ext.gemm_kernel, without the ext)."""
-    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "bf16")
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
+    if name is None:
+        raise ValueError(f"dtype: the cuda backend runs bf16 and fp16, not {dtype}")
     for k in GEMM_KERNELS:
         if (k.dtype, k.grouped, k.majors, k.epilogue, k.schedule) == (
                 name, grouped, majors, epilogue, schedule):

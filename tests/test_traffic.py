@@ -185,7 +185,8 @@ def test_cuda_launches_match_the_backend(monkeypatch, T_, E_, grove):
 
 def test_bench_traffic_cli(tmp_path, capsys):
     """python -m bench --traffic: a row per backend x layout x variant x pass, each launch
-    listed, without a GPU; folded triton launches no idle program."""
+    listed, without a GPU; the folded triton layer idles no more programs than the sections
+    one (its only idle programs are row blocks past the plan's last, as the plain layer's)."""
     import json
 
     from bench import cli
@@ -202,9 +203,11 @@ def test_bench_traffic_cli(tmp_path, capsys):
         assert r["hbm_bytes"] == sum(l["read_bytes"] + l["write_bytes"] for l in r["launches"])
         assert all({"name", "programs", "idle_programs", "read_bytes", "write_bytes",
                     "flops"} <= set(l) for l in r["launches"])
-        if r["backend"] == "triton" and r["layout"] == "folded" and r["variant"] == "grove":
-            kernels = [l for l in r["launches"] if not l["name"].startswith("torch")]
-            assert sum(l["idle_programs"] for l in kernels) == 0
+    idle = {(r["routing"], r["tokens"], r["pass"], r["layout"]): r["idle_programs"]
+            for r in rows if r["backend"] == "triton" and r["variant"] == "grove"}
+    for (routing, T_, pass_, layout), n in idle.items():
+        if layout == "folded":
+            assert n <= idle[(routing, T_, pass_, "sections")]
     assert "x plain" in capsys.readouterr().out
 
 
@@ -270,3 +273,53 @@ def test_cuda_folded_launches_match_the_backend(monkeypatch, T_, E_):
                                        "NVIDIA H200")
     ops = [op for op in map(_cuda_op_of, (m.name for m in model)) if op is not None]
     assert ops == log
+
+
+@pytest.mark.parametrize("T_,E_,routing", [(3, 4, "uniform"), (40, 4, "uniform"),
+                                           (200, 8, "uniform"), (200, 8, "coactive")])
+def test_triton_folded_launches_match_the_backend(monkeypatch, T_, E_, routing):
+    """The folded layout's Triton kernels, in order, with the grid the model counts."""
+    gemm_folded = pytest.importorskip("grove_kernels.triton.gemm_folded")
+    from grove_kernels.experts import Activations
+    from grove_kernels.plan_folded import build_folded_plan
+    from grove_kernels.triton import backend, combine, config as cfg, wgrad_folded
+
+    log = []
+    kernels = ((gemm_folded, "_folded_gemm1_kernel"), (gemm_folded, "_folded_k_concat_kernel"),
+               (gemm_folded, "_folded_dgemm2_kernel"), (wgrad_folded, "_folded_wgrad_kernel"),
+               (combine, "_combine_rows_kernel"))
+    for module, attr in kernels:
+        monkeypatch.setattr(module, attr, _Recorder(attr, log))
+    g = torch.Generator().manual_seed(2)
+    if routing == "coactive":  # whole groups: half the rows lead
+        groups = torch.stack([torch.randperm(E_ // S, generator=g)[:k // S] for _ in range(T_)])
+        ids = (groups[:, :, None] * S + torch.arange(S)).flatten(1).int()
+    else:
+        ids = torch.stack([torch.randperm(E_, generator=g)[:k] for _ in range(T_)]).int()
+    plan = build_folded_plan(ids, torch.rand(T_, k, generator=g), E_, S, 0.05)
+    shapes = ((E_, 2 * I, H), (E_, H, I), (E_ // S, 2 * Ia, H), (E_ // S, H, Ia))
+    weights = _weights(shapes)
+    conf = cfg.for_device("NVIDIA H200", T_, k, E_, H, I, Ia, torch.bfloat16)
+    x = torch.zeros(T_, H, dtype=torch.bfloat16)
+    act = Activations.empty(plan, weights, x.dtype, x.device)
+    with cfg.forced(conf):
+        backend.forward(x, weights, plan, False, x.clone(), None)
+        backend.forward(x, weights, plan, False, x.clone(), act)
+        backend.backward(x, x, weights, plan, False, act,
+                         (x.clone(),) + tuple(torch.empty_like(t) for t in weights))
+    model = []
+    for pass_ in ("fwd", "fwd+bwd"):
+        model += triton_traffic.launches(plan, (T_, H), shapes, torch.bfloat16, "folded",
+                                         pass_, "NVIDIA H200")
+    launched = [m for m in model if not m.name.startswith("torch:")]
+    assert [m.programs for m in launched] == [n for _, n in log]
+    assert [n for n, _ in log] == [kernels[i][1] for i in (0, 1, 4) * 2 + (2, 3, 3, 1, 4)]
+    # Only row blocks past the plan's last one idle (the grid bound), never adjugate tiles.
+    bound = -(-T_ * k // conf.block_m) + E_
+    count = plan.expert_offsets.diff()
+    real_blocks = int(((count + conf.block_m - 1) // conf.block_m).sum())
+    for m in launched:
+        if m.name.startswith(("GEMM", "dGEMM")):
+            assert m.idle_programs == (bound - real_blocks) * (m.programs // bound)
+        else:
+            assert m.idle_programs == 0

@@ -147,77 +147,109 @@ def _sections(plan, x_shape, weights_shapes, dtype, pass_, device_name):
 
 
 def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
-    """The folded layout as the layout's contract describes its kernels (docs/design.md): one
-    launch per GEMM stage whose programs are exactly the work tiles (no idle program); leader
-    row blocks add the adjugate's columns (GEMM-1, dGEMM-2) or K (GEMM-2, dGEMM-1)."""
+    """The folded layout (backend_folded.py, gemm_folded.py, wgrad_folded.py): row blocks of
+    the expert rows on grid axis 0 (bound cdiv(R, BM) + E: programs past the last real block
+    are idle), the expert N tiles on axis 1; on a leader block (first row below leader_ends)
+    program n also runs adjugate tiles n, n + n_e, ... over the block's leader rows (GEMM-1,
+    dGEMM-2), or adds the K = Ia product of its leader rows (GEMM-2, dGEMM-1); the weight
+    gradients are one flat launch of every output tile of dW_e and dA_g (no idle program)."""
     T, H = x_shape
     I = weights_shapes[0][1] // 2
     Ia = weights_shapes[2][1] // 2
     E, S, k = plan.num_experts, plan.group_size, plan.top_k
+    G = E // S
     e = element_size(dtype)
     conf = cfg.for_device(device_name, T, k, E, H, I, Ia, dtype)
     BM = conf.block_m
     off = plan.expert_offsets.cpu().long()
-    lead = plan.leader_ends.cpu().long() - off[:-1]
-    count = off.diff()
-    blocks = RowBlocks.of(off[:-1], count, BM)
-    # Leader rows of each block: the prefix [off[e], leader_ends[e]) of its expert.
-    block_lead = torch.clamp(off[blocks.problem] + lead[blocks.problem] - blocks.first, 0)
-    block_lead = torch.minimum(block_lead, blocks.rows)
-    lblocks = RowBlocks(blocks.problem[block_lead > 0], blocks.first[block_lead > 0],
-                        block_lead[block_lead > 0])
-    rows_all = real_rows(off[:-1], count)
-    tokens = distinct_tokens(plan.row_token, rows_all)
+    first, count = off[:-1], off.diff()
+    lead = plan.leader_ends.cpu().long() - first
+    blocks = RowBlocks.of(first, count, BM)
+    # A leader block starts below its expert's leader end; its leader rows are a prefix.
+    lead_rows = torch.minimum(torch.clamp(first[blocks.problem] + lead[blocks.problem]
+                                          - blocks.first, min=0), blocks.rows)
+    is_lead = lead_rows > 0
+    lblocks = RowBlocks(blocks.problem[is_lead], blocks.first[is_lead], lead_rows[is_lead])
+    tokens = distinct_tokens(plan.row_token, real_rows(first, count))
     R, L = int(count.sum()), int(lead.sum())
-    groups_used = int(torch.unique(torch.arange(E)[lead > 0] // S).numel())
+    bound = cdiv(plan.num_rows, BM) + E
     experts_used = int((count > 0).sum())
+    groups_lead = int(torch.unique(blocks.problem[is_lead] // S).numel())
     full = lambda n: torch.full((E,), n, dtype=torch.int64)  # noqa: E731
+    sched = (2 * E + 1) * 4 + E * INDEX_BYTES  # block_offsets, start, count; leader_ends
     train = pass_ == "fwd+bwd"
 
-    def m_launch(name, cfg_nk, K_e, N_e, K_a, N_a, b_elems, read, write, flops, per_row):
-        """Leader blocks add N_a columns (N_a != N_e) or K_a to the K of their N_e tiles."""
-        bn, bk = cfg_nk
-        we = tile_work(blocks, full(N_e), full(K_e), BM, bn, bk, cdiv(N_e, bn), e, e)
-        wa = tile_work(lblocks, full(N_a), full(K_a), BM, bn, bk, cdiv(N_a, bn), e, e)
-        tiles = we.programs + (wa.programs if N_a != N_e else 0)
-        loads = (we.a_loads + wa.a_loads + (we.b_loads + wa.b_loads) * b_elems
-                 + we.row_tiles * per_row)
-        return Launch(name, tiles, 0, read + R * per_row, write, flops, tiles, loads,
-                      (we.mma_flops + wa.mma_flops) * b_elems)
+    def grid_launch(name, bn, bk, n_grid, parts, read, write, flops, per_row, part_bytes=0):
+        """parts: (blocks, N, K, b operands, tiles run per block or None for all n_grid)."""
+        programs = bound * n_grid
+        working = len(blocks) * n_grid
+        loads = mma = row_tiles = 0
+        for blk, N, K, b_elems in parts:
+            w = tile_work(blk, full(N), full(K), BM, bn, bk, cdiv(N, bn), e, e)
+            loads += w.a_loads + w.b_loads * b_elems
+            mma += w.mma_flops * b_elems
+            row_tiles += w.row_tiles
+        loads += row_tiles * per_row
+        return Launch(name, programs, programs - working, read, write + part_bytes, flops,
+                      working, loads, mma)
 
-    out = [_schedule_ops(E)]
+    n_e = cdiv(I, conf.gemm1[0])
+    z = (R * I + L * Ia) * e
+    w1 = experts_used * 2 * I * H * e + groups_lead * 2 * Ia * H * e
+    w2 = experts_used * H * I * e + groups_lead * H * Ia * e
+    out = [torch_op("torch: folded schedule (6 ops)", 6 * E * INDEX_BYTES, 6 * E * INDEX_BYTES)]
     if train:
         out.append(zero_activations_launch(plan, I, Ia, e))
-    z = (R * I + L * Ia) * e
-    w1 = (experts_used * 2 * I + groups_used * 2 * Ia) * H * e
-    w2 = (experts_used * I + groups_used * Ia) * H * e
-    out.append(m_launch("GEMM-1 + SwiGLU (folded)", conf.gemm1[:2], H, I, H, Ia, 2,
-                        tokens * H * e + w1, z * (3 if train else 1),
-                        2 * (R * 2 * I + L * 2 * Ia) * H, INDEX_BYTES))
-    # GEMM-2: N = H on every block; K = I, and I + Ia on leader blocks.
-    out.append(m_launch("GEMM-2 (folded)", conf.rows[:2], I, H, Ia, H, 1,
-                        z + w2 + L * WEIGHT_BYTES, R * H * e, 2 * (R * I + L * Ia) * H,
-                        INDEX_BYTES + WEIGHT_BYTES))
+    out.append(grid_launch(
+        "GEMM-1 + SwiGLU (folded)", conf.gemm1[0], conf.gemm1[1], n_e,
+        [(blocks, I, H, 2), (lblocks, Ia, H, 2)],
+        tokens * H * e + w1 + R * INDEX_BYTES + sched, z * (3 if train else 1),
+        2 * (R * 2 * I + L * 2 * Ia) * H, INDEX_BYTES))
+    n_h = cdiv(H, conf.rows[0])
+    out.append(grid_launch(
+        "GEMM-2 (folded)", conf.rows[0], conf.rows[1], n_h, [(blocks, H, I, 1),
+                                                             (lblocks, H, Ia, 1)],
+        z + w2 + R * WEIGHT_BYTES + L * WEIGHT_BYTES + sched, R * H * e,
+        2 * (R * I + L * Ia) * H, 0))
     out.append(_combine("combine", plan, H, e))
     if not train:
         return out
-    rows_bwd = cfg.swiglu_bwd_rows(conf)
-    out.append(_schedule_ops(E))
+
+    bn_b, bk_b = cfg.swiglu_bwd_rows(conf)[:2]
+    n_eb, n_ab = cdiv(I, bn_b), cdiv(Ia, bn_b)
+    R_alloc = plan.num_rows
     h = 2 * z
-    out.append(m_launch("dGEMM-2 + SwiGLU' (folded)", rows_bwd[:2], H, I, H, Ia, 1,
-                        tokens * H * e + w2 + h + L * WEIGHT_BYTES, h + 2 * R * 4,
-                        2 * (R * I + L * Ia) * H, INDEX_BYTES + WEIGHT_BYTES))
-    wg = conf.wgrad
-    for name, M_e, N_e, M_a, N_a, a_b, b_b in (
-            ("dW2", H, I, H, Ia, tokens * H * e, z), ("dW1", 2 * I, H, 2 * Ia, H, h,
-                                                      tokens * H * e)):
-        for part, M, N, P, rows in ((name, M_e, N_e, E, R),
-                                    ({"dW2": "dA2", "dW1": "dA1"}[name], M_a, N_a, E // S, L)):
-            tiles = P * cdiv(M, wg[0]) * cdiv(N, wg[1])
-            out.append(Launch(f"{part} (folded)", tiles, 0, a_b + b_b + rows * INDEX_BYTES,
-                              P * M * N * e, 2 * rows * M * N, tiles))
-    out.append(m_launch("dGEMM-1 (folded)", conf.rows[:2], 2 * I, H, 2 * Ia, H, 1,
-                        h + w1, R * H * e, 2 * (R * 2 * I + L * 2 * Ia) * H, INDEX_BYTES))
+    out.append(torch_op("torch: folded schedule (6 ops)", 6 * E * INDEX_BYTES,
+                        6 * E * INDEX_BYTES))
+    out.append(torch_op("torch: zero partials (2 ops)", 0, (n_eb + n_ab) * R_alloc * 4,
+                        (n_eb + n_ab) * R_alloc))
+    out.append(grid_launch(
+        "dGEMM-2 + SwiGLU' (folded)", bn_b, bk_b, n_eb, [(blocks, I, H, 1), (lblocks, Ia, H, 1)],
+        tokens * H * e + w2 + h + R * (INDEX_BYTES + WEIGHT_BYTES) + L * WEIGHT_BYTES + sched,
+        h, 2 * (R * I + L * Ia) * H, INDEX_BYTES, part_bytes=(R * n_eb + L * n_ab) * 4))
+    out.append(torch_op("torch: sum partials (2 ops)", (n_eb + n_ab) * R_alloc * 4,
+                        2 * R_alloc * 4, (n_eb + n_ab) * R_alloc))
+    BMw, BNw, BKw = conf.wgrad[:3]
+    count_g = lead.view(G, S).sum(1)
+    for name, M_e, N_e, M_a, N_a, read in (
+            ("dW2 / dA2 (folded)", H, I, H, Ia,
+             tokens * H * e + z + R * (INDEX_BYTES + WEIGHT_BYTES) + L * WEIGHT_BYTES),
+            ("dW1 / dA1 (folded)", 2 * I, H, 2 * Ia, H,
+             h + tokens * H * e + R * INDEX_BYTES)):
+        mt_e, nt_e, mt_a, nt_a = (cdiv(M_e, BMw), cdiv(N_e, BNw), cdiv(M_a, BMw),
+                                  cdiv(N_a, BNw))
+        programs = E * mt_e * nt_e + G * mt_a * nt_a
+        loads = (int(count.sum()) * (M_e * nt_e + N_e * mt_e)
+                 + int(count_g.sum()) * (M_a * nt_a + N_a * mt_a)) * e
+        k_e = (count + BKw - 1) // BKw * BKw
+        k_a = sum(((lead.view(G, S) + BKw - 1) // BKw * BKw).sum(1).tolist())
+        mma = 2 * BMw * BNw * (int(k_e.sum()) * mt_e * nt_e + k_a * mt_a * nt_a)
+        out.append(Launch(name, programs, 0, read, (E * M_e * N_e + G * M_a * N_a) * e,
+                          2 * (R * M_e * N_e + L * M_a * N_a), programs, loads, mma))
+    out.append(grid_launch(
+        "dGEMM-1 (folded)", conf.rows[0], conf.rows[1], n_h, [(blocks, H, 2 * I, 1),
+                                                              (lblocks, H, 2 * Ia, 1)],
+        h + w1 + sched, R * H * e, 2 * (R * 2 * I + L * 2 * Ia) * H, 0))
     out.append(_combine("combine dx", plan, H, e))
     out.append(topk_grad_launch(plan))
     return out

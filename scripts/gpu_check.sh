@@ -37,7 +37,8 @@
 #   summary   the table (printed last): folded vs sections per backend, vs vLLM plain, and
 #             fwd+bwd / fwd (scripts/gpu_summary.py over the bench JSON files)
 # Every stage writes OUT_DIR/<stage>.log; the bench JSON files and OUT_DIR/stages.txt (stage,
-# exit status, seconds) are the record.
+# exit status, seconds) are the record. Tests run verbose: a stage cut by its limit still lists
+# each test that passed or failed; the bench rewrites its JSON after every row.
 set -uo pipefail
 
 dry=0
@@ -62,7 +63,7 @@ site=${GPU_CHECK_SITE:-/tmp/grove_site}
 
 # name:budget seconds. The bench's budget is a floor: it also gets whatever earlier stages
 # left unused, minus what the stages after it reserve.
-STAGES=(build:70 selfcheck:45 tests:50 cuda:40 sanitize:60 bench:150 coactive:35 summary:10)
+STAGES=(build:60 selfcheck:45 tests:60 cuda:45 sanitize:40 bench:165 coactive:35 summary:10)
 
 export PYTHONPATH="$site:$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 variants=grove,plain
@@ -93,12 +94,12 @@ exit \$rc
 EOF
       ;;
     tests) cat <<EOF
-GROVE_TEST_BACKENDS=torch,triton "$PY" -m pytest -q -m gpu tests -rfs --tb=line -p no:cacheprovider \\
+GROVE_TEST_BACKENDS=torch,triton "$PY" -m pytest -v -m gpu tests -rfs --tb=line -p no:cacheprovider \\
   --ignore-glob='tests/test_cuda*' --ignore=tests/test_distributed.py
 EOF
       ;;
     cuda) cat <<EOF
-GROVE_TEST_BACKENDS=cuda "$PY" -m pytest -q -m gpu -rfs --tb=line -p no:cacheprovider \\
+GROVE_TEST_BACKENDS=cuda "$PY" -m pytest -v -m gpu -rfs --tb=line -p no:cacheprovider \\
   tests/test_api_gpu.py \$(ls tests/test_cuda*gpu*.py tests/test_*folded*cuda*.py tests/test_cuda*folded*.py 2>/dev/null | sort -u)
 EOF
       ;;

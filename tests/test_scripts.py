@@ -182,7 +182,7 @@ def test_gpu_check_a_hanging_stage_is_cut_and_the_summary_comes_last(tmp_path):
     assert status[0].startswith("tests TIMEOUT"), status
     assert status[1].startswith("summary ok"), status
     assert proc.stdout.rstrip().endswith("SUMMARY TABLE")
-    assert "-m pytest -q -m gpu" in (tmp_path / "log").read_text()
+    assert "-m pytest -v -m gpu" in (tmp_path / "log").read_text()
 
 
 def test_gpu_summary_table(tmp_path):

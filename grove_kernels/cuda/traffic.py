@@ -19,6 +19,12 @@ Sections layout (backend.py):
     fwd+bwd  the training forward (h, z kept), then gather x and dY, dGEMM-2 (nn) -> g,
              SwiGLU' per section, z scaled on a copy per section, dW2/dA2 and dW1/dA1
              (k-grouped tn), dGEMM-1 (nn) -> dx rows, combine, d topk_weights (torch)
+
+Folded layout (folded.py): one gather of the R = T*k expert rows; GEMM-1 over 2E problems (all
+rows of e against w1[e], its leader prefix against a1[e // S]) -> h; one SwiGLU row kernel ->
+z scaled; GEMM-2 over 2E problems (leader rows against the packed [W2_e | A2_g], K = I + Ia;
+the others against w2[e]) -> o; combine of k rows. The training forward packs [W2 | A2] per
+call (two torch ops); the backward mirrors it (dx rows 2R: the adjugate term gets its own).
 """
 import torch
 

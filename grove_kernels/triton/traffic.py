@@ -14,6 +14,11 @@ Sections layout (backend.py):
              d topk_weights (torch)
 bound = cdiv(R_e, BM) + cdiv(R_a, BM) + P row blocks: programs past the last real block of the
 plan, and n tiles past an adjugate's narrower N, are launched and exit (idle programs).
+
+Folded layout (backend_folded.py, gemm_folded.py, wgrad_folded.py): the same three forward
+launches over the R = T*k expert rows (bound cdiv(R, BM) + E; the adjugate tiles run inside the
+programs of leader row blocks, so only row blocks past the plan's last idle), and in the
+backward dGEMM-2 + SwiGLU', one flat launch per weight-gradient pair (dW and dA), dGEMM-1.
 """
 import torch
 

@@ -67,10 +67,14 @@ def swiglu_bwd_rows(conf):
     return (min(bn, 8192 // conf.block_m), bk, max(warps, 8), stages)
 
 
-def _for_dtype(conf, dtype, interpret=INTERPRET):
+def _for_dtype(conf, dtype):
     """fp32 operands take twice the shared memory per stage: halve BK, cap the stages."""
-    if dtype != torch.float32 or interpret:
+    if dtype != torch.float32 or INTERPRET:
         return conf
+    return _fp32_tiles(conf)
+
+
+def _fp32_tiles(conf):
     g1, rw, wg = conf.gemm1, conf.rows, conf.wgrad
     return Config(conf.block_m, (g1[0], max(16, g1[1] // 2), g1[2], min(g1[3], 3)),
                   (rw[0], max(16, rw[1] // 2), rw[2], min(rw[3], 3)),
@@ -107,7 +111,7 @@ def for_device(device_name, num_tokens, top_k, num_experts, H, I, Ia, dtype):
     """The Config a compiled (not interpreted) run on the GPU named `device_name`
     (torch.cuda.get_device_name()) selects; needs no GPU (the traffic model's view)."""
     conf = _choose(device_name, num_tokens, top_k, num_experts, H, I, Ia, interpret=False)
-    return _for_dtype(conf, dtype, interpret=False)
+    return _fp32_tiles(conf) if dtype == torch.float32 else conf
 
 
 def _choose(device_name, num_tokens, top_k, num_experts, H, I, Ia, interpret=INTERPRET):

@@ -210,9 +210,12 @@ def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
         [(blocks, I, H, 2), (lblocks, Ia, H, 2)],
         tokens * H * e + w1 + R * INDEX_BYTES + sched, z * (3 if train else 1),
         2 * (R * 2 * I + L * 2 * Ia) * H, INDEX_BYTES))
-    n_h = cdiv(H, conf.rows[0])
+    # The folded GEMM-2 / dGEMM-2 configs where config.py defines their own (else those of
+    # the sections layout's launches, which backend_folded.py then uses).
+    rows2 = getattr(cfg, "folded_gemm2_rows", lambda c: c.rows)(conf)
+    n_h2 = cdiv(H, rows2[0])
     out.append(grid_launch(
-        "GEMM-2 (folded)", conf.rows[0], conf.rows[1], n_h, [(blocks, H, I, 1),
+        "GEMM-2 (folded)", rows2[0], rows2[1], n_h2, [(blocks, H, I, 1),
                                                              (lblocks, H, Ia, 1)],
         z + w2 + R * WEIGHT_BYTES + L * WEIGHT_BYTES + sched, R * H * e,
         2 * (R * I + L * Ia) * H, 0))
@@ -220,7 +223,7 @@ def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
     if not train:
         return out
 
-    bn_b, bk_b = cfg.swiglu_bwd_rows(conf)[:2]
+    bn_b, bk_b = getattr(cfg, "folded_dgemm2_rows", cfg.swiglu_bwd_rows)(conf)[:2]
     n_eb, n_ab = cdiv(I, bn_b), cdiv(Ia, bn_b)
     R_alloc = plan.num_rows
     h = 2 * z
@@ -251,6 +254,7 @@ def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
         mma = 2 * BMw * BNw * (int(k_e.sum()) * mt_e * nt_e + k_a * mt_a * nt_a)
         out.append(Launch(name, programs, 0, read, (E * M_e * N_e + G * M_a * N_a) * e,
                           2 * (R * M_e * N_e + L * M_a * N_a), programs, loads, mma))
+    n_h = cdiv(H, conf.rows[0])
     out.append(grid_launch(
         "dGEMM-1 (folded)", conf.rows[0], conf.rows[1], n_h, [(blocks, H, 2 * I, 1),
                                                               (lblocks, H, 2 * Ia, 1)],

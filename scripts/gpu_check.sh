@@ -75,6 +75,31 @@ tokens=16384,4096,1024,256,64,1
 # The kernel backends this machine runs (cuda only when the build stage produced it).
 pick_backends="B=\$(\"$PY\" -c \"import grove_kernels as gk; print(','.join(b for b in ('triton', 'cuda') if b in gk.available_backends()))\")"
 
+# The bench of one routing: one run with the layout axis, or, where this checkout's bench has
+# no --layout, one run per layout through GROVE_ADJUGATE_LAYOUT (JSON files named by layout,
+# which the summary reads the layout from).
+bench_cmd() {  # routing tokens lines
+  cat <<EOF
+$pick_backends
+if "$PY" -m bench --help | grep -q -- --layout; then
+  "$PY" -m bench --pass both --layout folded,sections --routing $1 --tokens $2 \\
+    --variants $variants --backends "\$B" --quick --json "$out/bench_$1.json" 2>&1 | tail -$3
+else
+  echo "this bench has no --layout: one run per layout (GROVE_ADJUGATE_LAYOUT), T in two parts"
+  part=0
+  for toks in \$(echo $2 | cut -d, -f1-2) \$(echo $2 | cut -d, -f3-); do
+    part=\$((part + 1))
+    GROVE_ADJUGATE_LAYOUT=folded "$PY" -m bench --pass both --routing $1 --tokens \$toks \\
+      --variants grove --backends "\$B" --quick \\
+      --json "$out/bench_$1_\${part}_folded.json" 2>&1 | tail -$3
+    GROVE_ADJUGATE_LAYOUT=sections "$PY" -m bench --pass both --routing $1 --tokens \$toks \\
+      --variants $variants --backends "\$B" --quick \\
+      --json "$out/bench_$1_\${part}_sections.json" 2>&1 | tail -$3
+  done
+fi
+EOF
+}
+
 stage_cmd() {
   case $1 in
     build) cat <<EOF
@@ -124,18 +149,8 @@ for layout in ("sections", "folded"):
 PYEOF
 EOF
       ;;
-    bench) cat <<EOF
-$pick_backends
-"$PY" -m bench --pass both --layout folded,sections --routing uniform --tokens $tokens \\
-  --variants $variants --backends "\$B" --quick --json "$out/bench_uniform.json" 2>&1 | tail -80
-EOF
-      ;;
-    coactive) cat <<EOF
-$pick_backends
-"$PY" -m bench --pass both --layout folded,sections --routing coactive --tokens 16384,4096 \\
-  --variants $variants --backends "\$B" --quick --json "$out/bench_coactive.json" 2>&1 | tail -40
-EOF
-      ;;
+    bench) bench_cmd uniform "$tokens" 80 ;;
+    coactive) bench_cmd coactive 16384,4096 40 ;;
     summary) cat <<EOF
 "$PY" scripts/gpu_summary.py "$out"/bench_*.json
 EOF

@@ -10,10 +10,12 @@ One line per (routing, T, backend), µs of one call (forward unless said):
     fold/vLLM    folded / vLLM's plain fused_experts (the aim: at or below 1)
     f+b sect, f+b fold   forward + backward µs;  f+b/fwd   folded fwd+bwd over folded fwd
 A row whose check is not ok is marked "!" (its time means nothing); "-" means no such row
-(skipped, or the run was cut by its time limit). Rows without a `layout` field are the
-sections layout (a bench without the layout axis).
+(skipped, or the run was cut by its time limit). Rows without a `layout` field take it from
+their file's name (bench_<routing>_<part>_<layout>.json, a bench without the layout axis run
+once per layout), else are the sections layout.
 """
 import json
+import os
 import sys
 
 
@@ -29,7 +31,13 @@ def load(paths):
         state = "complete" if result.get("complete", True) else "cut short"
         print(f"{path}: {len(result.get('rows', []))} rows, {state}; device "
               f"{result.get('device', '?')}, commit {str(result.get('commit'))[:9]}")
-        rows += result.get("rows", [])
+        # A bench without the layout axis ran once per layout, into files named by it.
+        name = os.path.basename(path)
+        hint = next((x for x in ("folded", "sections") if f"_{x}." in name), None)
+        for r in result.get("rows", []):
+            if hint and not r.get("layout"):
+                r = dict(r, layout=hint)
+            rows.append(r)
     return rows
 
 

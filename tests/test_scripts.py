@@ -215,3 +215,9 @@ def test_gpu_summary_table(tmp_path):
     assert cuda[-1] == "4.00"  # fwd+bwd / fwd of the folded layout
     triton = [line for line in text.splitlines() if " triton " in line][0]
     assert "1300!" in triton
+    # A bench without the layout axis: one file per layout, the layout in the file's name.
+    folded = tmp_path / "bench_uniform_1_folded.json"
+    folded.write_text(json.dumps({"rows": [row("grove", "triton", 650.0)]}))
+    text = summary.table(summary.load([str(path), str(folded)]))
+    triton = [line for line in text.splitlines() if " triton " in line][0].split()
+    assert triton[5:7] == ["1300!", "650"]

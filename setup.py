@@ -9,8 +9,8 @@ nvidia-cutlass==4.2.0.0) are found, with a CUDA torch or a CPU one alike:
     GROVE_BUILD_CUDA=0     never build it
     GROVE_BUILD_CUDA=1     build it or fail loudly
 
-How (DESIGN §4): every csrc/**/*.cu is torch-free and compiled by nvcc for sm_90a into objects
-cached under build/grove_cuda/ (csrc/build_cuda.py; parallel, bounded by cores and memory);
+How (docs/design.md §4): every csrc/**/*.cu is torch-free and compiled by nvcc for sm_90a into
+objects cached under build/grove_cuda/ (csrc/build_cuda.py; parallel, bounded by cores and memory);
 csrc/bindings.cpp is compiled by g++ as a torch CppExtension and linked with those objects and
 cudart (rpath to the toolkit), never against libtorch_cuda, so the extension also links and
 imports under the CPU torch wheel. The target is fixed (sm_90a) and no GPU is ever queried at

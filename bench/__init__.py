@@ -1,4 +1,4 @@
-"""grove-kernels microbenchmark suite (DESIGN §6).
+"""grove-kernels microbenchmark suite (docs/design.md §6).
 
 Run as `python -m bench` from the repository root (see `python -m bench --help`), or as a
 pytest-benchmark suite with `pytest bench --benchmark-only` (`--benchmark-disable` turns the
@@ -18,7 +18,8 @@ runner (the sweep), progress (stderr lines + progress bar), report (table, JSON,
 file names), plot (the PNG; matplotlib, optional; `python -m bench.plot RESULT.json` redraws a
 saved run), cli (argparse), ep_traffic (`--ep-world-size`: bytes an expert-parallel layer
 sends), traffic (`--traffic`: the modelled HBM bytes and FLOPs of every launch of the triton and
-cuda backends, per adjugate layout, from grove_kernels/traffic.py; no GPU); conftest + test_bench_layer (the pytest-benchmark suite),
-test_grouped_mm_layer and test_anchors (those layers against the float64 oracle).
+cuda backends, per adjugate layout, from grove_kernels/traffic.py; no GPU); conftest +
+test_bench_layer (the pytest-benchmark suite), test_grouped_mm_layer and test_anchors (those
+layers against the float64 oracle).
 tests/test_bench_smoke.py runs `--smoke`. Recorded runs live in bench/results/.
 """

@@ -1,4 +1,4 @@
-"""Third-party MoE training layers the bench times beside ours (DESIGN §6): each one called
+"""Third-party MoE training layers the bench times beside ours (docs/design.md §6): each one called
 from its public API on the bench's tensors, and why it cannot run here when it cannot.
 
     x [T, H], w1 [E, 2I, H] (rows 0..I-1 gate, I..2I-1 up), w2 [E, H, I],

@@ -1,7 +1,7 @@
 """`python -m bench` argument parsing: arguments -> runner.Config -> sweep -> table / JSON / CSV.
 
-Defaults follow DESIGN §6: preset grove-33b, T ∈ {1, 8, …, 16384} on a GPU (each preset's
-small sweep on a CPU), uniform routing, every gk backend, both passes, bf16 on a GPU and
+Defaults follow docs/design.md §6: preset grove-33b, T ∈ {1, 8, …, 16384} on a GPU (each
+preset's small sweep on a CPU), uniform routing, every gk backend, both passes, bf16 on a GPU and
 fp32 on a CPU. `--smoke` is a CPU run that finishes in seconds: tiny preset, three T, both
 passes, the torch backend (Triton on a CPU is its interpreter: it would time Python).
 
@@ -71,6 +71,10 @@ def build_parser():
                    "bench's first one); liger, liger-2call, scattermoe: the training anchors "
                    "(GPU only; skipped with the reason where not importable); "
                    "bench/variants.py describes each")
+    p.add_argument("--layout", type=_csv_list, default=None,
+                   help="comma list of adjugate layouts, sections|folded (default sections; "
+                   "both with --traffic): GROVE_ADJUGATE_LAYOUT for each call of the gk Grove "
+                   "layer; rows carry it")
     p.add_argument("--pass", dest="pass_", choices=sorted(PASS_CHOICES), default="both")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default bf16 on GPU, fp32 on CPU")
@@ -133,13 +137,17 @@ def config_from_args(args, parser):
     unknown = [n for n in names if n not in VARIANTS_BY_NAME]
     if unknown:
         parser.error(f"--variants: unknown {unknown}; known: {list(VARIANTS_BY_NAME)}")
+    layouts = tuple(dict.fromkeys(args.layout or ("sections",)))
+    bad = [lay for lay in layouts if lay not in ("sections", "folded")]
+    if bad or not layouts:
+        parser.error(f"--layout: unknown {bad}; choose from sections, folded")
     dtype = DTYPES[args.dtype] if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     return runner.Config(
         preset=preset, tokens=tuple(tokens), routings=tuple(args.routing), backends=backends,
         variants=tuple(VARIANTS_BY_NAME[n] for n in names), passes=PASS_CHOICES[args.pass_],
         dtype=dtype, device=device, check=args.check, quick=args.quick or args.smoke,
-        seed=args.seed)
+        seed=args.seed, layouts=layouts)
 
 
 def check_outputs(args, parser):

@@ -87,7 +87,7 @@ def floor_us(cost, copy_gbps, matmul_tflops):
 
 
 def row_metrics(cost, us, copy_gbps, matmul_tflops):
-    """us -> the per-row rates of DESIGN §6 (all floats)."""
+    """us -> the per-row rates of docs/design.md §6 (all floats)."""
     floor = floor_us(cost, copy_gbps, matmul_tflops)
     return {
         "us": us,

@@ -1,7 +1,7 @@
 """The Grove layer (and the plain MoE layer) from torch._grouped_mm + autograd, written the way
 a user writes an MoE layer on it (torchtitan / Hugging Face style): the "grouped GEMM library"
-baseline of DESIGN §6 and the `grouped_mm` / `grouped_mm-plain` bench variants. Everything has
-a fixed size and nothing reads a tensor on the host, so it captures in a CUDA graph.
+baseline of docs/design.md §6 and the `grouped_mm` / `grouped_mm-plain` bench variants.
+Everything has a fixed size and nothing reads a tensor on the host, so it captures in a CUDA graph.
 
     x [T, H], topk_ids [T, k], topk_weights [T, k] fp32; R = T·k slots, slot j of token t is
     row t·k + j of the flattened routing.

@@ -4,7 +4,8 @@ A series is one (variant, backend, pass, routing) of the result's rows; its poin
 the sweep ran. Two panels share the x axis (T, log scale):
     left   µs per call, log-log: the scaling of each variant (flat = launch-bound, slope 1 =
            proportional to T)
-    right  % of the floor (DESIGN §6: 100 · max(bytes / copy, FLOPs / matmul) / µs), linear:
+    right  % of the floor (docs/design.md §6: 100 · max(bytes / copy, FLOPs / matmul) / µs),
+           linear:
            how far each variant is from what the device could do at that T
 Colour = variant/backend, line style = pass, marker = routing; one legend per attribute, so
 a full GPU sweep (~10 variant/backends × 2 passes × 3 routings) stays readable.
@@ -38,10 +39,12 @@ def require_matplotlib(option="--plot"):
 
 def series(rows):
     """{(variant, backend, pass, routing): [(T, us, pct_floor), ...] sorted by T}, the keys in
-    the order the sweep first produced them (the legend follows the run)."""
+    the order the sweep first produced them (the legend follows the run). A row's adjugate
+    layout, where it has one, is part of its variant: "grove:folded"."""
     out = {}
     for r in rows:
-        key = (r["variant"], r["backend"], r["pass"], r["routing"])
+        variant = f"{r['variant']}:{r['layout']}" if r.get("layout") else r["variant"]
+        key = (variant, r["backend"], r["pass"], r["routing"])
         out.setdefault(key, []).append((r["T"], r.get("us"), r.get("pct_floor")))
     return {k: sorted(v) for k, v in out.items()}
 

@@ -2,8 +2,8 @@
 
 A preset fixes the Grove layer's shape letters: H hidden, E experts, k selected per token,
 I expert intermediate, S experts per group (G = E // S groups = adjugates), Ia adjugate
-intermediate, λ adjugate scale. `grove-33b` is the released GroveMoE shape (DESIGN §1); the
-small ones exist so a CPU can run every variant in seconds. Add a preset by adding an entry
+intermediate, λ adjugate scale. `grove-33b` is the released GroveMoE shape (docs/design.md
+§1); the small ones exist so a CPU can run every variant in seconds. Add a preset by adding an entry
 to PRESETS: nothing else keys on the names.
 """
 from dataclasses import asdict, dataclass

@@ -1,6 +1,6 @@
 """Output of a sweep: the readable table (stdout), the JSON file, the CSV file.
 
-The JSON is the record (DESIGN §6): top level device, torch, commit, date, ceilings
+The JSON is the record (docs/design.md §6): top level device, torch, commit, date, ceilings
 {copy_GBps, matmul_TFLOPs, ...}, rows, plus skipped (variant, backend, pass, reason),
 best_plain_training (per routing, T, pass: the fastest of the plain training layers
 liger / grouped_mm-plain / scattermoe and grove's fastest backend beside it) and config
@@ -27,6 +27,7 @@ _COLUMNS = (  # (header, row key, format)
     ("T", "T", "{}"),
     ("pass", "pass", "{}"),
     ("variant", "variant", "{}"),
+    ("layout", "layout", "{}"),
     ("backend", "backend", "{}"),
     ("us", "us", "{:.1f}"),
     ("TFLOP/s", "tflops", "{:.3g}"),

@@ -1,4 +1,4 @@
-"""Router-logit generators for the three routing modes of DESIGN §6, and the routing call.
+"""Router-logit generators for the three routing modes of docs/design.md §6, and the routing call.
 
     make_logits(mode, T, preset) -> logits [T, E] fp32 (CPU, seeded: identical on every device)
     route(logits, preset, device) -> topk_weights [T, k] fp32, topk_ids [T, k] int32 (gk.grove_topk)

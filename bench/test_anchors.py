@@ -4,7 +4,7 @@ calls them, through the variants' own forward functions, against the float64 ora
 
 Both are Triton kernels. Without a GPU they run here under Triton's interpreter
 (TRITON_INTERPRET=1 while this file's tests run: the interpreter is chosen when a kernel is
-decorated and consulted when it runs), in fp32 against float64 at DESIGN §5's 1e-4. bf16 is
+decorated and consulted when it runs), in fp32 against float64 at docs/design.md §5's 1e-4. bf16 is
 not checked there: the interpreter computes both packages' bf16 forward wrongly alike (rel.
 err ~1e10 where fp16 gives 6e-4) and has no bf16 atomic_add (Liger's d topk_weights). On a GPU
 they run natively in bf16 (≤ 2e-2). LIGER_FUSED_MOE_AUTOTUNE=0 at Liger's import pins one

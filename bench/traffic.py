@@ -42,7 +42,7 @@ def build(topk_ids, topk_weights, preset, variant, layout):
     if variant == "plain":
         return build_plan(topk_ids, topk_weights, preset.experts)
     if layout == "folded":
-        from grove_kernels.plan import build_folded_plan
+        from grove_kernels.plan_folded import build_folded_plan
         return build_folded_plan(topk_ids, topk_weights, preset.experts, preset.group_size,
                                  preset.adj_scale)
     return build_plan(topk_ids, topk_weights, preset.experts, preset.group_size,

@@ -1,4 +1,5 @@
-"""What a row times: the variants of DESIGN §6 and how each becomes a zero-argument callable.
+"""What a row times: the variants of docs/design.md §6 and how each becomes a zero-argument
+callable.
 
 Shapes: x [T, H], w1 [E, 2I, H], w2 [E, H, I], a1 [G, 2Ia, H], a2 [G, H, Ia],
 topk_weights [T, k] fp32, topk_ids [T, k] int32, y [T, H], grad_out g [T, H].
@@ -66,6 +67,7 @@ class Variant:
     baseline: Optional[str] = None  # variant whose time (same backend) the report divides by
     backward: bool = True
     probe: Optional[Callable] = field(default=None, compare=False)  # (device, dtype) -> reason|None
+    layouts: bool = False  # GROVE_ADJUGATE_LAYOUT changes what it runs (the runner's --layout)
 
     @property
     def per_backend(self):
@@ -158,7 +160,7 @@ def _probe_vllm(device, dtype):
 
 
 VARIANTS = (
-    Variant("grove", "grove", _grove, baseline="plain"),
+    Variant("grove", "grove", _grove, baseline="plain", layouts=True),
     Variant("plain", "plain", _plain, baseline="plain"),
     Variant("grove-2call", "grove", _grove_2call, baseline="plain"),
     Variant("grouped_mm", "grove", _grouped_mm, backend="aten", baseline="grouped_mm-plain",
@@ -258,7 +260,7 @@ def reference(layer, preset, weights, x, topk_weights, topk_ids, pass_="fwd", gr
 
 
 def rel_err(out, ref):
-    """‖out − ref‖ / ‖ref‖ in fp64 (DESIGN §5); inf when out has a NaN or inf."""
+    """‖out − ref‖ / ‖ref‖ in fp64 (docs/design.md §5); inf when out has a NaN or inf."""
     out, ref = out.detach().double(), ref.detach().double()
     if not torch.isfinite(out).all():
         return float("inf")
@@ -268,6 +270,6 @@ def rel_err(out, ref):
 
 def tolerance(dtype):
     """Flag threshold for the pre-timing check: a wrong kernel's time is not a result.
-    Looser than DESIGN §5's (that compares against fp64; this against the torch backend in
+    Looser than docs/design.md §5's (that compares against fp64; this against the torch backend in
     the same dtype, whose own rounding error adds in)."""
     return 1e-3 if dtype == torch.float32 else 4e-2

@@ -1,7 +1,7 @@
 // bindings.cpp: registers the torch-free CUDA launchers of csrc/*.cu as torch ops
 // (namespace grove_cuda). Compiled by g++ as a plain CppExtension: it links libtorch/libc10
 // but not libtorch_cuda/libc10_cuda, so the extension also links and imports under the CPU
-// torch wheel (DESIGN §4), where the ops register and validate but cannot run.
+// torch wheel (docs/design.md §4), where the ops register and validate but cannot run.
 //
 // The caller passes the CUDA stream as an int (torch.cuda.current_stream().cuda_stream): a
 // c10::Stream id is not a cudaStream_t, and resolving one needs libc10_cuda. The workspace is

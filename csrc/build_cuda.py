@@ -2,8 +2,8 @@
 
     python csrc/build_cuda.py [--build-dir DIR] [--jobs N] [--check-sass]
 
-Every csrc/**/*.cu is compiled by nvcc for sm_90a only (DESIGN §4: without the `a` a CUTLASS
-sm90 kernel compiles into one that only prints an error; without -DNDEBUG ptxas serialises
+Every csrc/**/*.cu is compiled by nvcc for sm_90a only (docs/design.md §4: without the `a` a
+CUTLASS sm90 kernel compiles into one that only prints an error; without -DNDEBUG ptxas serialises
 wgmma). Objects are cached under build/grove_cuda/ keyed by a hash of the source, every header
 of csrc/, the flags, nvcc and the CUTLASS headers, so a rebuild (or the test suite) recompiles
 only what changed. No GPU is queried. Jobs run in parallel, bounded by the cores and by memory
@@ -158,7 +158,7 @@ def compile_objects(build_dir=DEFAULT_BUILD_DIR, jobs=None, log=print):
     flags = NVCC_FLAGS + [f"-I{d}" for d in includes]
     # The key is location-free (no include paths, no nvcc path, headers by relative name), so
     # objects built on one machine are reused on another with the same nvcc and CUTLASS (a GPU
-    # session can carry them instead of spending device minutes on nvcc).
+    # machine without a compiler cache starts from objects built elsewhere).
     common = hashlib.sha256()
     common.update(repr((NVCC_FLAGS, _nvcc_version(nvcc))).encode())
     for h in headers():

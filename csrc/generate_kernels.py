@@ -36,7 +36,7 @@ COOP_TILE, COOP_CLUSTER = (128, 256, 64), (1, 1)
 PINGPONG_TILE, PINGPONG_CLUSTER = (64, 128, 64), (1, 1)
 
 # (grouped, majors, epilogue, schedule, tile, cluster), built for every dtype. Tiles from
-# DESIGN §4 (GEMM-1 on an H100): ping-pong 64x128x64 is best up to T~1024, cooperative
+# docs/design.md §4 (GEMM-1 on an H100): ping-pong 64x128x64 is best up to T~1024, cooperative
 # 128x256x64 from T~4096 and within 6% of the best everywhere; the weight gradients have
 # the cooperative one only.
 TABLE = (

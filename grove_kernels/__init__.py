@@ -3,9 +3,9 @@
     y = fused_grove_experts(x [T, H], w1 [E, 2I, H], w2 [E, H, I], a1 [G, 2Ia, H], a2 [G, H, Ia],
                             topk_weights [T, k], topk_ids [T, k])
 plus grove_topk / grove_moe, the vLLM drop-ins fused_experts / fused_moe / fused_topk, the
-backend switch, and the GroveMoE module. DESIGN.md §2 is the contract.
+backend switch, and the GroveMoE module. docs/design.md §2 is the contract.
 """
-from ._validate import set_value_checks, value_checks_enabled
+from .settings import set_value_checks, value_checks_enabled
 from .api import (fused_experts, fused_grove_experts, fused_moe, fused_topk, grove_moe,
                   grove_topk)
 from .backends import available_backends, get_backend, set_backend, use_backend

@@ -1,4 +1,5 @@
-"""Public functions of grove-kernels (DESIGN §2): metadata validation, then the ops of ops.py.
+"""Public functions of grove-kernels (docs/design.md §2): metadata validation, then the ops of
+ops.py.
 
     grove_topk           logits [T, E] -> w fp32 [T, k], ids int32 [T, k]
     fused_grove_experts  x [T, H], w1 [E, 2I, H], w2 [E, H, I], a1 [G, 2Ia, H], a2 [G, H, Ia],

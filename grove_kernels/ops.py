@@ -15,32 +15,34 @@ holds the plan's tensors and the activations of experts.py (the same layout on e
 backend), so the backward never rebuilds the plan nor recomputes GEMM-1.
 
 `backend` names the backend that runs the op. topk() and experts() below (what api.py calls)
-resolve it from the configured one before the op runs (backends.resolve), so the choice is a
-visible argument: the backward runs on the backend that wrote `saved`, and under
-torch.compile the choice is made at trace time. An op called directly with "auto" resolves
-it when it runs. The op then picks the routing / plan implementation (backends.stage).
+resolve it once from the configured one before the op runs (backends.resolve), so the choice
+is a visible argument: the backward runs on the backend that wrote `saved`, and under
+torch.compile the choice is made at trace time. The op takes the backend object by name
+(backends.get: the one place a backend that cannot run the call is refused; an op called
+directly with "auto" resolves it there) and runs its stages: plan, then experts.
 
 `layout` is the adjugate layout: "sections" (E expert + G adjugate problems, plan.py) or
 "folded" (adjugates on their group's leader expert rows, plan_folded.py). experts() reads it
-per call from the environment variable GROVE_ADJUGATE_LAYOUT (default sections); calls
-without adjugates always run the sections plan (the layouts coincide there).
+per call (settings.adjugate_layout(): GROVE_ADJUGATE_LAYOUT, default sections); calls without
+adjugates always run the sections plan (the layouts coincide there).
 
 Metadata checks (shapes, dtypes, devices) happen once, in api.py; the ops repeat only the group
 count, for callers of torch.ops.grove (the kernels' memory safety rests on it). Value checks
 (ids in range, expert_map entries) happen here, inside the ops, where torch.compile sees no
 data-dependent Python.
 """
-import os
 from typing import List, Optional, Tuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from . import _validate, backends
+from . import backends
 from . import experts as experts_stage
+from . import settings as values
 from .experts import Weights
 from .routing import weights_dtype
+from .settings import ADJUGATE_LAYOUTS, settings
 
 
 def _check_autodiff(op, *tensors):
@@ -71,32 +73,20 @@ def _check_groups(w1, a1, group_size):
 
 def _check_values(topk_ids, num_experts, expert_map, group_size, grove):
     if expert_map is None:
-        _validate.ids_in_range("topk_ids", topk_ids, 0, num_experts)
+        values.ids_in_range("topk_ids", topk_ids, 0, num_experts)
         return
-    _validate.ids_in_range("topk_ids", topk_ids, 0, expert_map.shape[0])
-    _validate.ids_in_range("expert_map", expert_map, -1, num_experts)
+    values.ids_in_range("topk_ids", topk_ids, 0, expert_map.shape[0])
+    values.ids_in_range("expert_map", expert_map, -1, num_experts)
     if grove:
-        _validate.groups_whole(expert_map, group_size)
-
-
-LAYOUTS = ("sections", "folded")
-
-
-def adjugate_layout():
-    """The adjugate layout of this call: GROVE_ADJUGATE_LAYOUT, read per call."""
-    value = os.environ.get("GROVE_ADJUGATE_LAYOUT", "sections")
-    if value not in LAYOUTS:
-        raise ValueError(f"GROVE_ADJUGATE_LAYOUT: expected one of {LAYOUTS}, got {value!r}")
-    return value
+        values.groups_whole(expert_map, group_size)
 
 
 def _check_layout(layout, backend, grove):
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    if layout == "folded" and grove and layout not in getattr(
-            backends.descriptor(backend), "LAYOUTS", ("sections",)):
-        raise ValueError(f"GROVE_ADJUGATE_LAYOUT: backend {backend!r} does not run the folded "
-                         f"layout; use sections")
+    if layout not in ADJUGATE_LAYOUTS:
+        raise ValueError(f"layout: expected one of {ADJUGATE_LAYOUTS}, got {layout!r}")
+    if layout == "folded" and grove and layout not in backend.layouts:
+        raise ValueError(f"GROVE_ADJUGATE_LAYOUT: backend {backend.name!r} does not run the "
+                         f"folded layout; use sections")
 
 
 # ---- routing -------------------------------------------------------------------------------
@@ -104,9 +94,9 @@ def _check_layout(layout, backend, grove):
 @torch.library.custom_op("grove::topk", mutates_args=())
 def _topk(router_logits: Tensor, top_k: int, renormalize: bool, selection_bias: Optional[Tensor],
           backend: str = "auto") -> Tuple[Tensor, Tensor]:
-    _validate.all_finite("selection_bias", selection_bias)
-    routing, _ = backends.stage(backend, router_logits.device)
-    return routing.topk(router_logits, top_k, renormalize, selection_bias)
+    stages = backends.get(backend, router_logits)
+    values.all_finite("selection_bias", selection_bias)
+    return stages.topk(router_logits, top_k, renormalize, selection_bias)
 
 
 @_topk.register_fake
@@ -147,7 +137,7 @@ def topk(router_logits, top_k, renormalize, selection_bias):
     """grove::topk on the backend configured for this thread."""
     _check_autodiff("grove::topk", router_logits, selection_bias)
     return _topk(router_logits, top_k, renormalize, selection_bias,
-                 backends.resolve_routing(router_logits.device))
+                 backends.resolve(router_logits))
 
 
 # ---- experts (+ adjugates) -----------------------------------------------------------------
@@ -159,23 +149,20 @@ def experts_forward(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Optional[
                     weight_on_input: bool, save: bool = False,
                     backend: str = "auto",
                     layout: str = "sections") -> Tuple[Tensor, List[Tensor]]:
-    weights = Weights(w1, w2, a1, a2)
+    grove = a1 is not None
     _check_groups(w1, a1, group_size)
-    _check_values(topk_ids, w1.shape[0], expert_map, group_size, weights.grove)
-    # A concrete name is checked again here (supports() reads metadata only): the op is public
-    # too, and a kernel backend given what it cannot run would read out of bounds.
-    backend = backends.resolve(hidden_states, weights, backend)
-    _check_layout(layout, backend, weights.grove)
-    _, plan_stage = backends.stage(backend, hidden_states.device)
-    if layout == "folded" and weights.grove:
-        plan = plan_stage.build_folded_plan(topk_ids, topk_weights, w1.shape[0], group_size,
-                                            adjugate_scale, expert_map)
+    weights = Weights(w1, w2, a1, a2)
+    stages = backends.get(backend, hidden_states, weights)
+    _check_layout(layout, stages, grove)
+    _check_values(topk_ids, w1.shape[0], expert_map, group_size, grove)
+    if layout == "folded" and grove:
+        plan = stages.build_folded_plan(topk_ids, topk_weights, w1.shape[0], group_size,
+                                        adjugate_scale, expert_map)
     else:
-        plan = plan_stage.build_plan(topk_ids, topk_weights, w1.shape[0],
-                                     group_size if weights.grove else 0, adjugate_scale,
-                                     expert_map)
-    return experts_stage.forward(backends.implementation(backend), hidden_states, weights,
-                                 plan, weight_on_input, save, skips=expert_map is not None)
+        plan = stages.build_plan(topk_ids, topk_weights, w1.shape[0],
+                                 group_size if grove else 0, adjugate_scale, expert_map)
+    return experts_stage.forward(stages, hidden_states, weights, plan, weight_on_input, save,
+                                 skips=expert_map is not None)
 
 
 @experts_forward.register_fake
@@ -193,15 +180,16 @@ def _(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_s
 def experts_backward(grad_out: Tensor, hidden_states: Tensor, w1: Tensor, w2: Tensor,
                      a1: Optional[Tensor], a2: Optional[Tensor], topk_weights: Tensor,
                      saved: List[Tensor], group_size: int, adjugate_scale: float,
-                     weight_on_input: bool, backend: str) -> List[Tensor]:
+                     weight_on_input: bool, backend: str,
+                     layout: str = "sections") -> List[Tensor]:
     """[dx, dw1, dw2, da1, da2, d topk_weights]; da1/da2 are empty when a1/a2 are absent.
     saved: the `saved` of an experts_forward run with save=True on the same backend."""
     weights = Weights(w1, w2, a1, a2)
     T, k = topk_weights.shape
-    plan, act = experts_stage.split_saved(saved, T, k, weights, layout)
-    return experts_stage.backward(backends.implementation(backend), grad_out, hidden_states,
-                                  weights, plan, act, weight_on_input, adjugate_scale,
-                                  topk_weights.dtype)
+    plan, act = experts_stage.unflatten_saved(saved, T, k, weights, layout)
+    return experts_stage.backward(backends.get(backend, hidden_states, weights), grad_out,
+                                  hidden_states, weights, plan, act, weight_on_input,
+                                  adjugate_scale, topk_weights.dtype)
 
 
 @experts_backward.register_fake
@@ -213,25 +201,37 @@ def _(grad_out, hidden_states, w1, w2, a1, a2, topk_weights, saved, group_size, 
             torch.empty_like(topk_weights)]
 
 
+# The arguments of grove::experts_forward, in schema order, and those that get a gradient (the
+# order of experts_backward's list).
+_FORWARD_ARGS = ("hidden_states", "w1", "w2", "a1", "a2", "topk_weights", "topk_ids",
+                 "expert_map", "group_size", "adjugate_scale", "weight_on_input", "save",
+                 "backend", "layout")
+_GRAD_ARGS = ("hidden_states", "w1", "w2", "a1", "a2", "topk_weights")
+
+
 def _experts_setup(ctx, inputs, output):
-    (x, w1, w2, a1, a2, topk_weights, _, _, group_size, adjugate_scale, weight_on_input, save,
-     backend, layout) = inputs
+    args = dict(zip(_FORWARD_ARGS, inputs))
+    args.setdefault("layout", "sections")  # torch leaves out trailing default arguments
     _, saved = output
-    if not save:
+    if not args["save"]:
         raise RuntimeError("grove::experts_forward: gradients need the activations; call it "
                            "with save=True (grove_kernels.ops.experts does)")
     ctx.mark_non_differentiable(*saved)
-    ctx.save_for_backward(x, w1, w2, a1, a2, topk_weights, *saved)
-    ctx.config = (group_size, adjugate_scale, weight_on_input, backend, layout)
+    ctx.save_for_backward(*(args[n] for n in _GRAD_ARGS), *saved)
+    ctx.config = {n: args[n] for n in ("group_size", "adjugate_scale", "weight_on_input",
+                                       "backend", "layout")}
 
 
 def _experts_backward(ctx, grad_out, grad_saved):
     x, w1, w2, a1, a2, topk_weights, *saved = ctx.saved_tensors
-    grads = experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, saved, *ctx.config)
-    out = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)]
-    if a1 is None:
-        out[3] = out[4] = None
-    return (*out,) + (None,) * 8  # topk_ids, expert_map, and the six non-tensor arguments
+    grads = experts_backward(grad_out, x, w1, w2, a1, a2, topk_weights, saved, **ctx.config)
+    needed = dict(zip(_FORWARD_ARGS, ctx.needs_input_grad))
+    named = {n: g for n, g in zip(_GRAD_ARGS, grads) if needed[n]}
+    if a1 is None:  # a plain MoE: experts_backward's da1 / da2 are empty placeholders
+        named.pop("a1", None)
+        named.pop("a2", None)
+    # One entry per input torch kept (it leaves out trailing arguments equal to their default).
+    return tuple(named.get(n) for n in _FORWARD_ARGS[:len(ctx.needs_input_grad)])
 
 
 experts_forward.register_autograd(_experts_backward, setup_context=_experts_setup)
@@ -242,9 +242,9 @@ def experts(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size, a
     """grove::experts_forward on the backend resolved for this call; it keeps what the
     backward needs when autograd will ask for one."""
     _check_autodiff("grove::experts_forward", x, w1, w2, a1, a2, topk_weights)
-    backend = backends.resolve(x, (w1, w2, a1, a2))
-    layout = adjugate_layout() if a1 is not None else "sections"
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w1, w2, a1, a2, topk_weights))
+    backend = backends.resolve(x, Weights(w1, w2, a1, a2), training=save)
+    layout = settings.adjugate_layout() if a1 is not None else "sections"
     return experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
                            adjugate_scale, weight_on_input, save, backend, layout)[0]

@@ -1,7 +1,7 @@
 """The dispatch plan, the torch reference: routing (topk_ids, topk_weights) -> per-problem row
-lists (DESIGN §3). grove_kernels/triton/plan.py builds the same Plan on the device; the op layer
+lists (docs/design.md §3). grove_kernels/triton/plan.py builds the same Plan on the device; the op layer
 (ops.py) picks one, and every backend receives the result. A training forward returns the
-plan's tensors (Plan.tensors()) with what it saved, so the backward never rebuilds it.
+plan's tensors (Plan.named_tensors()) with what it saved, so the backward never rebuilds it.
 
 
 Problems are the E experts followed by the G = E // S adjugate experts. A *row* is one
@@ -68,19 +68,20 @@ class Plan:
             group_match=torch.empty(T, k, k, dtype=torch.bool, device=device) if G else None,
         )
 
-    def tensors(self):
-        """The plan's tensors in a fixed order (from_tensors inverts it)."""
-        names = self._FIELDS + (self._GROVE_FIELDS if self.num_groups else ())
-        return [getattr(self, n) for n in names]
+    @classmethod
+    def field_names(cls, grove):
+        """The names of the plan's tensors (a call with adjugates has two more)."""
+        return cls._FIELDS + (cls._GROVE_FIELDS if grove else ())
+
+    def named_tensors(self):
+        """{name: tensor} of the plan's tensors (from_named inverts it)."""
+        return {n: getattr(self, n) for n in self.field_names(self.num_groups > 0)}
 
     @classmethod
-    def from_tensors(cls, T, k, E, G, tensors):
-        names = cls._FIELDS + (cls._GROVE_FIELDS if G else ())
-        if len(tensors) != len(names):
-            raise ValueError(f"saved: expected the {len(names)} tensors of a plan, got "
-                             f"{len(tensors)}")
-        fields = dict(adjugate_offsets=None, group_match=None)
-        fields.update(zip(names, tensors))
+    def from_named(cls, T, k, E, G, tensors):
+        fields = {n: tensors[n] for n in cls.field_names(G > 0)}
+        fields.setdefault("adjugate_offsets", None)
+        fields.setdefault("group_match", None)
         return cls(num_tokens=T, top_k=k, num_experts=E, num_groups=G, **fields)
 
     @staticmethod
@@ -88,33 +89,17 @@ class Plan:
         """Row weights are fp32 (fp64 for fp64 routing weights, the reference runs)."""
         return torch.promote_types(topk_weights_dtype, torch.float32)
 
-    @property
-    def num_expert_rows(self):  # T*k
-        return self.num_tokens * self.top_k
-
-    @property
-    def num_rows(self):  # R = T*k + T*ka
-        return self.row_token.shape[0]
-
-    @property
-    def num_adjugate_rows(self):  # T*ka
-        return self.num_rows - self.num_expert_rows
-
-    @property
-    def expert_token(self):
-        return self.row_token[:self.num_expert_rows]
-
-    @property
-    def expert_weight(self):
-        return self.row_weight[:self.num_expert_rows]
-
-    @property
-    def adjugate_token(self):
-        return self.row_token[self.num_expert_rows:] if self.num_groups else None
-
-    @property
-    def adjugate_weight(self):
-        return self.row_weight[self.num_expert_rows:] if self.num_groups else None
+    def __post_init__(self):
+        # Derived sizes and section views are plain attributes: reading one is no call into
+        # this module (every stage reads them). Views, so a plan filled in place sees them.
+        self.num_expert_rows = self.num_tokens * self.top_k  # R_e = T*k
+        self.num_rows = self.row_token.shape[0]  # R = R_e + R_a
+        self.num_adjugate_rows = self.num_rows - self.num_expert_rows  # R_a = T*ka
+        Re, grove = self.num_expert_rows, self.num_groups > 0
+        self.expert_token = self.row_token[:Re]
+        self.expert_weight = self.row_weight[:Re]
+        self.adjugate_token = self.row_token[Re:] if grove else None
+        self.adjugate_weight = self.row_weight[Re:] if grove else None
 
     def topk_weight_grad(self, d_row_weight, adjugate_scale):
         """d topk_weights [T, k] from d(row weight) [R]: an expert row's weight is w_tj, an
@@ -208,9 +193,3 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
         group_match=group_match,
     )
 
-
-def build_folded_plan(topk_ids, topk_weights, num_experts, group_size, adjugate_scale=0.0,
-                      expert_map=None):
-    """The folded layout's plan (grove_kernels/plan_folded.py)."""
-    from .plan_folded import build_folded_plan as build
-    return build(topk_ids, topk_weights, num_experts, group_size, adjugate_scale, expert_map)

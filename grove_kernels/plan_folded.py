@@ -66,17 +66,19 @@ class FoldedPlan:
             token_leader=torch.empty(T, k, **bnew), group_match=torch.empty(T, k, k, **bnew),
         )
 
-    def tensors(self):
-        """The plan's tensors in a fixed order (from_tensors inverts it)."""
-        return [getattr(self, n) for n in self._FIELDS]
+    @classmethod
+    def field_names(cls, grove=True):
+        """The names of the plan's tensors."""
+        return cls._FIELDS
+
+    def named_tensors(self):
+        """{name: tensor} of the plan's tensors (from_named inverts it)."""
+        return {n: getattr(self, n) for n in self._FIELDS}
 
     @classmethod
-    def from_tensors(cls, T, k, E, G, tensors):
-        if len(tensors) != len(cls._FIELDS):
-            raise ValueError(f"saved: expected the {len(cls._FIELDS)} tensors of a folded "
-                             f"plan, got {len(tensors)}")
+    def from_named(cls, T, k, E, G, tensors):
         return cls(num_tokens=T, top_k=k, num_experts=E, num_groups=G,
-                   **dict(zip(cls._FIELDS, tensors)))
+                   **{n: tensors[n] for n in cls._FIELDS})
 
     weight_dtype = staticmethod(Plan.weight_dtype)
 

@@ -1,5 +1,5 @@
 """The `torch` backend: the readable semantics of the experts stage, vectorized, on any device
-(protocol in experts.py; this module is also the backend's descriptor for backends.py).
+(protocol in experts.py; the backend object is backends.TorchBackend).
 
 Forward, with a Plan (rows sorted by problem, R_e = T*k, R_a = T*ka):
 
@@ -20,18 +20,8 @@ a sync on a GPU (fp16/fp32 there) and free on the CPU.
 import torch
 import torch.nn.functional as F
 
-runs_on_cpu = True
-IMPLEMENTATION = __name__
 # Tests flip this to exercise the per-problem loop where _grouped_mm would be taken.
 use_grouped_mm = True
-
-
-def is_available():
-    return True
-
-
-def supports(x, weights):
-    return None
 
 
 def _native_grouped_mm(a, b):
@@ -122,8 +112,9 @@ def _sections(plan, weights, act):
     rows = [(plan.expert_token, plan.expert_weight, plan.expert_offsets)]
     if plan.num_groups:
         rows.append((plan.adjugate_token, plan.adjugate_weight, plan.adjugate_offsets))
+    w1, w2, a1, a2 = weights
     saved = zip(act.h, act.z) if act is not None else [(None, None)] * 2
-    return [r + w + a for r, w, a in zip(rows, weights.sections(), saved)]
+    return [r + w + a for r, w, a in zip(rows, [(w1, w2), (a1, a2)], saved)]
 
 
 def _input_rows(x, token, weight, weight_on_input):
@@ -143,6 +134,9 @@ def _gather_sum(plan, rows, weight):
 
 
 def forward(x, weights, plan, weight_on_input, y, act):
+    if plan.layout == "folded":
+        from . import reference_folded
+        return reference_folded.forward(x, weights, plan, weight_on_input, y, act)
     outs = []
     for token, weight, offsets, wa, wb, h_out, z_out in _sections(plan, weights, act):
         h = gmm(_input_rows(x, token, weight, weight_on_input), wa, offsets, True)
@@ -159,9 +153,13 @@ def forward(x, weights, plan, weight_on_input, y, act):
 
 
 def backward(dy, x, weights, plan, weight_on_input, act, grads):
+    if plan.layout == "folded":
+        from . import reference_folded
+        return reference_folded.backward(dy, x, weights, plan, weight_on_input, act, grads)
     dy = dy.to(_acc(x.dtype))
     d_row_weight, dx_rows = [], []
-    for i, (token, weight, offsets, wa, wb, h, z) in enumerate(_sections(plan, weights, act)):
+    for (token, weight, offsets, wa, wb, h, z), (d_wa, d_wb) in zip(
+            _sections(plan, weights, act), grads.sections()):
         P = wa.shape[0]
         dyr = dy[token]
         if weight_on_input:
@@ -169,14 +167,14 @@ def backward(dy, x, weights, plan, weight_on_input, act, grads):
         else:
             d_row_weight.append((dyr * gmm(z, wb, offsets, True).to(dy.dtype)).sum(-1))
             d_o = (dyr * weight[:, None]).to(x.dtype)
-        grads[2 + 2 * i].copy_(gmm_wgrad(d_o, z, offsets, P))  # dW2 | dA2
+        d_wb.copy_(gmm_wgrad(d_o, z, offsets, P))  # dW2 | dA2
         dh = swiglu_backward(h, gmm(d_o, wb, offsets, False))
         xr = _input_rows(x, token, weight, weight_on_input)
-        grads[1 + 2 * i].copy_(gmm_wgrad(dh, xr, offsets, P))  # dW1 | dA1
+        d_wa.copy_(gmm_wgrad(dh, xr, offsets, P))  # dW1 | dA1
         dxr = gmm(dh, wa, offsets, False)
         if weight_on_input:
             d_row_weight.append((dxr.to(dy.dtype) * x[token].to(dy.dtype)).sum(-1))
             dxr = (dxr.to(dy.dtype) * weight[:, None]).to(x.dtype)
         dx_rows.append(dxr)
-    grads[0].copy_(_gather_sum(plan, torch.cat(dx_rows), plan.token_mask.to(dy.dtype)))
+    grads.dx.copy_(_gather_sum(plan, torch.cat(dx_rows), plan.token_mask.to(dy.dtype)))
     return torch.cat(d_row_weight)

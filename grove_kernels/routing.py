@@ -1,4 +1,4 @@
-"""Grove routing, the torch reference (DESIGN §1): router logits -> (weights, ids).
+"""Grove routing, the torch reference (docs/design.md §1): router logits -> (weights, ids).
 
     router_logits [T, E], selection_bias [E] or None
       p      = softmax(l)                      fp32 (fp64 for fp64 logits)

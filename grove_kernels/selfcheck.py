@@ -3,7 +3,7 @@
 On the best device present (a GPU when there is one) it runs the Grove layer, forward and
 backward, at the grove-33b shapes on a GPU (H 2048, E 128, k 8, I 768, S 2, Ia 128) or at a
 small preset on a CPU, and compares outputs and all six gradients with the torch backend run
-in float64 on the CPU (DESIGN §5 tolerances). Exits 1 if any comparison fails.
+in float64 on the CPU (docs/design.md §5 tolerances). Exits 1 if any comparison fails.
 """
 import argparse
 import sys

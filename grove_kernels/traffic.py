@@ -165,7 +165,7 @@ def plan_launches(plan, routing_dtype=torch.float32):
     acc = plan.row_weight.element_size()
     ids_in = slots * (4 + w_elem)
     nb = max(1, cdiv(slots, 64))
-    out = sum(t.numel() * t.element_size() for t in plan.tensors())
+    out = sum(t.numel() * t.element_size() for t in plan.named_tensors().values())
     rows_out = sum(t.numel() * t.element_size()
                    for t in (plan.row_token, plan.row_weight, plan.token_rows))
     if plan.layout == "folded":

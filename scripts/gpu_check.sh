@@ -6,22 +6,22 @@
 #
 #   bash scripts/gpu_check.sh [--dry-run] [--stages a,b,...] [OUT_DIR]
 #
-# OUT_DIR defaults to $OUT (where a device command collects files), else ./gpu_check_out.
+# OUT_DIR defaults to $OUT, else ./gpu_check_out.
 # --dry-run prints the stages, their time limits and commands, and runs nothing (no GPU needed).
 #
-# Preparing the carry, on the CPU machine, from the repository root (all three paths are
-# git-ignored, so they travel only when the device command names them):
+# What the GPU machine needs beside the checkout, prepared on a CPU machine from the repository
+# root (all three paths are git-ignored: copy them along with the tree):
 #   python3 csrc/build_cuda.py            # the CUDA objects -> build/grove_cuda: the GPU
 #                                         # machine's nvcc finds them in its cache (same nvcc)
 #   python3 -m pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl   # CUTLASS headers
 #   mkdir -p .anchors && cp -r <the vLLM anchor directory> .anchors/vllm   # optional: vLLM's
 #                                         # fused_experts beside ours (its shim/ goes on PYTHONPATH)
-# then run `bash scripts/gpu_check.sh` there with build/grove_cuda, .whl and .anchors carried.
+# then run `bash scripts/gpu_check.sh` there, with build/grove_cuda, .whl and .anchors present.
 #
 # Stages (each under its own `timeout`, so one that hangs or fails never takes another's time;
 # the whole run stays under GPU_CHECK_BUDGET_S, default 460 s, and a stage that no longer fits
 # is skipped and says so):
-#   build     CUTLASS wheel into a private site dir, the extension in place from the carried
+#   build     CUTLASS wheel into a private site dir, the extension in place from the prepared
 #             objects (the binding only, ~30-60 s), build_info
 #   selfcheck python -m grove_kernels.selfcheck (every backend vs float64, grove-33b, fwd + every
 #             gradient), once per layout (GROVE_ADJUGATE_LAYOUT=sections, folded)
@@ -31,7 +31,7 @@
 #   sanitize  compute-sanitizer memcheck over one forward + backward of the cuda backend per
 #             layout (a small odd-sized layer)
 #   bench     python -m bench --pass both --layout folded,sections: grove and plain on triton and
-#             cuda, vLLM's plain kernel when carried; grove-33b bf16 uniform, T = 16384 ... 1
+#             cuda, vLLM's plain kernel when present; grove-33b bf16 uniform, T = 16384 ... 1
 #             (largest first: a cut run keeps the rows that matter most); takes the time left
 #   coactive  the same at coactive routing, T = 16384, 4096, if time is left
 #   summary   the table (printed last): folded vs sections per backend, vs vLLM plain, and

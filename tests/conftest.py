@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from helpers import backend, gen  # noqa: F401,E402  (fixtures shared by the test files)
+from helpers import backend, gen, layout  # noqa: F401,E402  (fixtures shared by the test files)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,8 +44,7 @@ def _restore(settings):
 @pytest.fixture(autouse=True)
 def _settings_restored():
     """Tests share one process: a setting one of them leaves changed decides what later files
-    test (a bench run that left the value checks off once failed a test three files on).
-    Blame the test that changed it, and put the setting back."""
+    test. Blame the test that changed it, and put the setting back."""
     before = _process_settings()
     yield
     after = _process_settings()

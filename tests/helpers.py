@@ -1,4 +1,4 @@
-"""Shared pieces of the API tests: seeded inputs, the DESIGN §5 error measure, backends.
+"""Shared pieces of the API tests: seeded inputs, the docs/design.md §5 error measure, backends.
 
     make_grove(T, H, E, I, Ia, S, dtype) -> dict x [T, H], w1 [E, 2I, H], w2 [E, H, I],
                                             a1 [G, 2Ia, H], a2 [G, H, Ia]  (outputs O(1))
@@ -43,10 +43,29 @@ def backend(request):
         yield request.param
 
 
+LAYOUTS = ("sections", "folded")
+
+
+@pytest.fixture(params=LAYOUTS)
+def layout(request, monkeypatch):
+    """Both adjugate layouts: the test body runs with GROVE_ADJUGATE_LAYOUT set to each."""
+    monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", request.param)
+    return request.param
+
+
 @pytest.fixture
 def gen(request):
-    """A generator seeded from the test's id: fresh inputs per test, reproducible per run."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    """A generator seeded from the test's id: fresh inputs per test, reproducible per run.
+    The adjugate layout is left out of the id: both layouts see the same inputs."""
+    nodeid = request.node.nodeid
+    callspec = getattr(request.node, "callspec", None)
+    layout = callspec.params.get("layout") if callspec is not None else None
+    if layout is not None:
+        head, sep, ids = nodeid.partition("[")
+        parts = ids.rstrip("]").split("-")
+        parts.remove(layout)
+        nodeid = head + (sep + "-".join(parts) + "]" if parts else "")
+    return torch.Generator().manual_seed(zlib.crc32(nodeid.encode()))
 
 
 def randn(*shape, gen, scale=1.0, dtype=torch.float32, device="cpu"):
@@ -135,7 +154,7 @@ def rel_err(out, ref):
 
 
 def tolerance(dtype, device="cpu"):
-    """DESIGN §5: fp32 1e-4 (IEEE fp32, torch's default; 1e-3 where the user allowed tf32
+    """docs/design.md §5: fp32 1e-4 (IEEE fp32, torch's default; 1e-3 where the user allowed tf32
     with torch.backends.cuda.matmul.allow_tf32 and the call runs on a GPU), half types 2e-2."""
     if dtype == torch.float32:
         tf32 = torch.device(device).type == "cuda" and torch.backends.cuda.matmul.allow_tf32
@@ -144,7 +163,8 @@ def tolerance(dtype, device="cpu"):
 
 
 def assert_close(out, ref, what, dtype=None, device=None, torch_out=None):
-    """Rel err within DESIGN §5 tolerance; in half types also <= 2x the torch backend's error."""
+    """Rel err within docs/design.md §5 tolerance; in half types also <= 2x the torch backend's
+    error."""
     dtype = dtype if dtype is not None else out.dtype
     device = device if device is not None else out.device
     bound = tolerance(dtype, device)

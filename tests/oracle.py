@@ -1,4 +1,5 @@
-"""Float64 oracle of the public API, written to be read, not to be fast (DESIGN §1, §2, §5).
+"""Float64 oracle of the public API, written to be read, not to be fast (docs/design.md §1, §2,
+§5).
 
 Independent of grove_kernels: plain Python loops over tokens and their selected experts, so
 that the semantics can be checked line by line against the paper and vLLM. Every function

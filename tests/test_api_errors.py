@@ -1,4 +1,4 @@
-"""Bad inputs raise ValueError / TypeError / IndexError naming the argument (DESIGN §2).
+"""Bad inputs raise ValueError / TypeError / IndexError naming the argument (docs/design.md §2).
 
 Each case starts from a valid call (T=5, H=16, E=8, I=12, Ia=4, k=2, S=2, G=4), changes one
 thing, and expects an exception whose message matches the argument's name. Where two

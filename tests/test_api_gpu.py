@@ -1,4 +1,4 @@
-"""The public API on a CUDA GPU, every backend (skipped without CUDA; DESIGN §2, §3, §5).
+"""The public API on a CUDA GPU, every backend (skipped without CUDA; docs/design.md §2, §3, §5).
 
     scaled grove-33b   T=97, H=256, E=32, k=8, I=96, Ia=32, S=2: forward and every gradient
                        against the fp64 CPU oracle, fp32 (IEEE: 1e-4; with tf32 allowed by

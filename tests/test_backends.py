@@ -1,6 +1,7 @@
 """Which backend a call runs on: the configured name, `auto` (measured table, then the fallback
-order), each backend's supports() reasons, the routing / plan stage it is paired with, and the
-numerics flags that follow torch's fp32 setting. No GPU needed: devices are described, not used.
+order), each backend's supports() reasons (refused by backends.get, the one place), the routing
+/ plan stage it is paired with, and the numerics flags that follow torch's fp32 setting. No GPU
+needed: devices are described, not used.
 """
 from types import SimpleNamespace
 
@@ -9,7 +10,7 @@ import torch
 
 import grove_kernels as gk
 from grove_kernels import auto_table, backends
-from grove_kernels.experts import unsupported
+from grove_kernels.backends import unsupported
 
 
 def _call(T=64, H=2048, dtype=torch.bfloat16, device="cuda"):
@@ -17,23 +18,43 @@ def _call(T=64, H=2048, dtype=torch.bfloat16, device="cuda"):
     return SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(T, H))
 
 
-class _Descriptor:
-    def __init__(self, reason=None, runs_on_cpu=False):
-        self.reason, self.runs_on_cpu = reason, runs_on_cpu
+class _Described(backends.Backend):
+    """A backend that is available and answers supports() with `reason`."""
+
+    def __init__(self, name, reason=None):
+        self.name, self.reason = name, reason
 
     def supports(self, x, weights):
         return self.reason
 
 
+class _Gpu(dict):
+    """The described GPU's state: its name, and the cuda / triton backends (assigning a
+    _Described to "cuda" or "triton" replaces that backend in the registry)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__(name="NVIDIA H200")
+        self.monkeypatch = monkeypatch
+        for name in ("cuda", "triton"):
+            self[name] = _Described(name)
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        if key in ("cuda", "triton"):
+            value.name = key
+            self.monkeypatch.setitem(backends.BACKENDS, key, value)
+            self.monkeypatch.setitem(backends._available_cache, key, True)
+
+
+W = (None,) * 4  # weights: the described backends read none
+
+
 @pytest.fixture
 def gpu(monkeypatch):
     """A described sm_90 GPU named `name` on which every backend is available."""
-    state = dict(name="NVIDIA H200", cuda=_Descriptor(), triton=_Descriptor())
+    state = _Gpu(monkeypatch)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: SimpleNamespace(name=state["name"], major=9))
-    real = backends.descriptor
-    monkeypatch.setattr(backends, "descriptor",
-                        lambda name: state[name] if name in ("cuda", "triton") else real(name))
     return state
 
 
@@ -42,36 +63,50 @@ def gpu(monkeypatch):
                                          (16384, "cuda"), (10 ** 6, "cuda")])
 def test_auto_follows_the_measured_h200_table(gpu, T, expected):
     with gk.use_backend("auto"):
-        assert backends.resolve(_call(T)) == expected
+        assert backends.resolve(_call(T), W) == expected
 
 
 def test_auto_falls_back_where_nothing_was_measured(gpu):
     gpu["name"] = "NVIDIA A100-SXM4-80GB"
-    assert backends.resolve(_call(64)) == "cuda"  # the first that supports the call
-    gpu["cuda"] = _Descriptor("hidden_states: the cuda backend runs on sm_90 GPUs")
-    assert backends.resolve(_call(64)) == "triton"
+    assert backends.resolve(_call(64), W) == "cuda"  # the first that supports the call
+    gpu["cuda"] = _Described("x", "hidden_states: the cuda backend runs on sm_90 GPUs")
+    assert backends.resolve(_call(64), W) == "triton"
     gpu["name"] = "NVIDIA H200"
-    assert backends.resolve(_call(1, dtype=torch.float16)) == "triton"  # fp16: not measured
+    assert backends.resolve(_call(1, dtype=torch.float16), W) == "triton"  # fp16: not measured
 
 
 def test_auto_skips_a_measured_backend_that_cannot_run_the_call(gpu):
-    gpu["cuda"] = _Descriptor("w1: the cuda backend needs H, I and Ia multiples of 8")
-    assert backends.resolve(_call(4096)) == "triton"
-    gpu["triton"] = _Descriptor("w1: the triton backend needs contiguous weights")
-    assert backends.resolve(_call(4096)) == "torch"
+    gpu["cuda"] = _Described("x", "w1: the cuda backend needs H, I and Ia multiples of 8")
+    assert backends.resolve(_call(4096), W) == "triton"
+    gpu["triton"] = _Described("x", "w1: the triton backend needs contiguous weights")
+    assert backends.resolve(_call(4096), W) == "torch"
 
 
 def test_a_named_backend_that_cannot_run_the_call_says_why(gpu):
-    gpu["cuda"] = _Descriptor("w1: the cuda backend needs H, I and Ia multiples of 8")
-    with gk.use_backend("cuda"), pytest.raises(ValueError, match="cuda.*multiples of 8"):
-        backends.resolve(_call(64))
+    gpu["cuda"] = _Described("x", "w1: the cuda backend needs H, I and Ia multiples of 8")
+    with gk.use_backend("cuda"):
+        name = backends.resolve(_call(64), W)  # resolution does not re-check a named one
+        assert name == "cuda"
+        with pytest.raises(ValueError, match="cuda.*multiples of 8"):
+            backends.get(name, _call(64), W)  # the op's lookup refuses it
+
+
+def test_registry_holds_one_object_per_backend():
+    assert set(backends.BACKENDS) == set(backends.BACKEND_NAMES) == {"torch", "triton", "cuda"}
+    for name, backend in backends.BACKENDS.items():
+        assert isinstance(backend, backends.Backend) and backend.name == name
+    torch_backend = backends.get("torch", torch.zeros(2, 3), W)
+    from grove_kernels import plan, reference, routing
+
+    assert torch_backend.forward is reference.forward  # bound once: no delegation left
+    assert torch_backend.build_plan is plan.build_plan and torch_backend.topk is routing.topk
 
 
 def test_auto_on_the_cpu_is_torch():
     x = torch.zeros(3, 8)
     with gk.use_backend("auto"):
-        assert backends.resolve(x) == "torch"
-        assert backends.resolve_routing(x.device) == "torch"
+        assert backends.resolve(x, W) == "torch"
+        assert backends.resolve(x) == "torch"  # the routing stage alone
 
 
 def test_auto_table_lookup():
@@ -101,18 +136,14 @@ def test_supports_reasons_name_the_argument():
 
 
 def test_torch_backend_supports_everything():
-    from grove_kernels import reference
-
-    assert reference.supports(torch.zeros(2, 3, dtype=torch.float64), (None,) * 4) is None
+    assert backends.BACKENDS["torch"].supports(torch.zeros(2, 3, dtype=torch.float64), W) is None
 
 
 @pytest.mark.skipif("triton" not in gk.available_backends(), reason="triton unavailable")
 def test_triton_refuses_float64_and_points_to_torch():
-    from grove_kernels import triton as triton_backend
-
     x = torch.zeros(2, 8, dtype=torch.float64)
     w = (torch.zeros(2, 8, 8, dtype=torch.float64), torch.zeros(2, 8, 4, dtype=torch.float64))
-    assert "use the torch backend" in triton_backend.supports(x, w + (None, None))
+    assert "use the torch backend" in backends.BACKENDS["triton"].supports(x, w + (None, None))
     with gk.use_backend("triton"), pytest.raises(ValueError, match="float64"):
         gk.fused_experts(x, *w, torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.int32))
 
@@ -123,10 +154,13 @@ def test_stage_pairs_routing_and_plan_with_the_backend():
     from grove_kernels.triton import plan as triton_plan
     from grove_kernels.triton import routing as triton_routing
 
-    cpu = torch.device("cpu")
-    assert backends.stage("torch", cpu) == (routing, plan)
+    x = torch.zeros(2, 3)
+    torch_backend = backends.get("torch", x)
+    assert (torch_backend.topk, torch_backend.build_plan) == (routing.topk, plan.build_plan)
     # Under the interpreter (how the CPU suite runs Triton) the triton stage runs here too.
-    assert backends.stage("triton", cpu) == (triton_routing, triton_plan)
+    triton_backend = backends.get("triton", x)
+    assert (triton_backend.topk, triton_backend.build_plan) == (triton_routing.topk,
+                                                                triton_plan.build_plan)
 
 
 @pytest.mark.skipif("triton" not in gk.available_backends(), reason="triton unavailable")

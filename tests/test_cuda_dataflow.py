@@ -166,7 +166,7 @@ def _forward_op(x, w1, w2, a1, a2, w, ids, emap, S, on_input, save=False):
 
 def _backward_op(dy, x, w1, w2, a1, a2, w, saved, on_input):
     weights = Weights(w1, w2, a1, a2)
-    plan, act = experts_stage.split_saved(saved, x.shape[0], w.shape[1], weights)
+    plan, act = experts_stage.unflatten_saved(saved, x.shape[0], w.shape[1], weights)
     return experts_stage.backward(cuda_backend, dy, x, weights, plan, act, on_input, LAM, w.dtype)
 
 
@@ -226,13 +226,14 @@ def test_empty_experts_get_zero_weight_gradients(stand_ins, gen):
 
 
 def test_refuses_what_the_kernels_cannot_run():
-    from grove_kernels.cuda import supports
+    from grove_kernels.backends import BACKENDS
 
+    supports = BACKENDS["cuda"].supports
     x = torch.zeros(2, 32)
     w = (torch.zeros(4, 48, 32), torch.zeros(4, 32, 24), None, None)
     assert "sm_90" in supports(x, w)  # no GPU here
     x, w1, w2 = (t.bfloat16() for t in (x, torch.zeros(4, 44, 32), torch.zeros(4, 32, 22)))
-    from grove_kernels.experts import unsupported
+    from grove_kernels.backends import unsupported
 
     assert "multiples of 8" in unsupported("cuda", x, (w1, w2, None, None), lib.DTYPES, 8)
     assert "supports" in unsupported("cuda", x.float(), (w1, w2, None, None), lib.DTYPES, 8)

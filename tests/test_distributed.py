@@ -33,7 +33,7 @@ from bench import cli as bench_cli  # noqa: E402
 from bench import ep_traffic  # noqa: E402
 
 WORLD_SIZES = (1, 2, 4)
-TOL = 1e-12  # float64 (DESIGN §5 asks fp64 references; here both sides are fp64)
+TOL = 1e-12  # float64 (docs/design.md §5 asks fp64 references; here both sides are fp64)
 ALL_TO_ALL_CASES = ("uneven", "shard_3d", "no_token_rank", "t0_rank", "one_group", "top1",
                     "s4", "s4_top3")
 NUMERIC_CASES = ALL_TO_ALL_CASES + ("allreduce_module", "allreduce_functional", "functional",

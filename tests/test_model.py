@@ -4,7 +4,8 @@ from_pretrained, against a naive float64 per-token model written here from the r
 naive: input_ids [B, S] -> embedding -> per layer (RMSNorm -> explicit GQA attention with
 q/k RMSNorm + RoPE -> RMSNorm -> per-token Grove MoE loop or SwiGLU) -> RMSNorm -> lm_head
 -> logits [B, S, V] (float64). Gradients of loss = sum(logits * R) are compared tensor by
-tensor under the released names. Tolerances (DESIGN §5): fp32 <= 1e-4, bf16 <= 2e-2 relative.
+tensor under the released names. Tolerances (docs/design.md §5): fp32 <= 1e-4, bf16 <= 2e-2
+relative.
 """
 import json
 import math
@@ -382,7 +383,7 @@ def test_loading_requires_weights(tmp_path):
 
 # --- backends ------------------------------------------------------------------------------------
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# tf32 tensor-core paths are allowed 1e-3 on the GPU (DESIGN §5).
+# tf32 tensor-core paths are allowed 1e-3 on the GPU (docs/design.md §5).
 DEVICE_FP32_TOL = 1e-3 if DEVICE == "cuda" else FP32_TOL
 
 
@@ -418,8 +419,8 @@ def test_backends_match_torch_and_naive(tmp_path, backend, dtype):
         assert_close(logits, grads, t_logits, t_grads, DEVICE_FP32_TOL)
         assert_close(logits, grads, ref_logits, ref_grads, DEVICE_FP32_TOL)
     else:
-        # Each run is compared at its own routing; DESIGN §5: within 2e-2 and at most twice the
-        # torch backend's error in the same dtype.
+        # Each run is compared at its own routing; docs/design.md §5: within 2e-2 and at most
+        # twice the torch backend's error in the same dtype.
         t_logits, _, t_routed = run("torch")
         t_ref = naive_logits({n: t.double() for n, t in tensors.items()}, cfg, ids,
                              selection_logits=t_routed)

@@ -128,7 +128,7 @@ def test_topk_weight_grad():
 def test_folded_plan_is_deterministic():
     w, ids = _routing(64, 8, 4, seed=5)
     a, b = build_folded_plan(ids, w, 8, 2, 0.05), build_folded_plan(ids, w, 8, 2, 0.05)
-    for x, y in zip(a.tensors(), b.tensors()):
+    for x, y in zip(a.named_tensors().values(), b.named_tensors().values()):
         assert torch.equal(x, y)
 
 
@@ -141,3 +141,40 @@ def test_unknown_layout_is_refused_by_name(monkeypatch):
     ids, w = torch.tensor([[0, 1]] * 3, dtype=torch.int32), torch.ones(3, 2)
     with pytest.raises(ValueError, match="^GROVE_ADJUGATE_LAYOUT"):
         gk.fused_grove_experts(x, w1, w2, a1, a2, w, ids)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("skips", [False, True])
+def test_saved_activations_follow_the_layout(backend, skips):
+    """A training forward on the folded layout saves the folded plan, h [R, 2I + 2Ia] and
+    z [R, I + Ia] with zeros in the adjugate columns of rows that lead no group."""
+    import grove_kernels as gk
+
+    if backend not in gk.available_backends():
+        pytest.skip(f"{backend} unavailable")
+    g = torch.Generator().manual_seed(1)
+    T, H, E, I, Ia, k, S = 9, 16, 8, 5, 3, 4, 2
+    x, w1, w2 = torch.randn(T, H, generator=g), torch.randn(E, 2 * I, H, generator=g), \
+        torch.randn(E, H, I, generator=g)
+    a1, a2 = torch.randn(E // S, 2 * Ia, H, generator=g), torch.randn(E // S, H, Ia, generator=g)
+    w, ids = _routing(T, E, k, seed=2, mode="coselected")
+    emap = None
+    if skips:
+        emap = torch.tensor([0, 1, -1, -1, 2, 3, 4, 5, 6, 7], dtype=torch.int32)
+        ids = ids.long() + 2
+    y, saved = torch.ops.grove.experts_forward(x, w1, w2, a1, a2, w, ids, emap, S, 0.05, False,
+                                               True, backend, "folded")
+    assert len(saved) == 12
+    h, z = saved[-2:]
+    assert h.shape == (T * k, 2 * (I + Ia)) and z.shape == (T * k, I + Ia)
+    token_leader, token_rows, mask = saved[8], saved[5], saved[7]
+    lead = torch.zeros(T * k, dtype=torch.bool)
+    lead[token_rows[token_leader]] = True
+    assert torch.all(h[~lead, 2 * I:] == 0) and torch.all(z[~lead, I:] == 0)
+    assert torch.all(h[lead, 2 * I:] != 0)
+    real = torch.zeros(T * k, dtype=torch.bool)
+    real[token_rows[mask]] = True
+    assert torch.all(h[~real] == 0) and torch.all(z[~real] == 0)
+    ref, saved_ref = torch.ops.grove.experts_forward(x, w1, w2, a1, a2, w, ids, emap, S, 0.05,
+                                                     False, False, backend, "sections")
+    assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)

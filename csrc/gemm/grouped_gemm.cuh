@@ -14,7 +14,7 @@
 //
 // Problem shapes, pointers and leading dimensions live only in device memory, written by
 // grove_grouped_args_fill (grouped_gemm_args.cu); CUTLASS is initialised with host shapes =
-// nullptr (DESIGN §4: initialising with host shapes of an earlier routing leaves output
+// nullptr (docs/design.md §4: initialising with host shapes of an earlier routing leaves output
 // unwritten), so fill + GEMM are stream-ordered, host-sync free and CUDA-graph capturable. In
 // the k-grouped layout a problem with no rows is skipped by CUTLASS (M = 0) and its D zeroed
 // by a separate kernel: CUTLASS leaves a K = 0 accumulator uninitialised.

@@ -1,6 +1,6 @@
 // grouped_gemm_args.cu: writes the device-side arguments of a ptr-array grouped GEMM from a
 // Plan's problem rows (start[P], count[P]) in one small kernel, so a forward never reads the
-// routing back to the host (DESIGN §4: host problem shapes stay null; ~20 torch ops cost
+// routing back to the host (docs/design.md §4: host problem shapes stay null; ~20 torch ops cost
 // 44-200 us); zeroes the weight gradient of k-grouped problems without rows.
 // Torch-free: raw pointers, a cudaStream_t, an int error code.
 #include <cuda_runtime.h>

@@ -14,8 +14,8 @@
 // every thread of every fused kernel and checks that pairing and the bounds.
 //
 // The h = [gate | up] pre-activations are never stored, which saves writing and re-reading
-// [R, 2N] and one launch per forward (DESIGN §3): it serves forwards that keep nothing for a
-// backward; a training forward stores h with the plain GEMM-1 and runs SwiGLU after it.
+// [R, 2N] and one launch per forward (docs/design.md §3): it serves forwards that keep nothing
+// for a backward; a training forward stores h with the plain GEMM-1 and runs SwiGLU after it.
 #pragma once
 
 #include "cute/tensor.hpp"

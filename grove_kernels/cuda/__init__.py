@@ -11,21 +11,9 @@ version (w.data.copy_) is not seen; call release_packed_weights() after one.
 """
 import os
 
-import torch
-
-from ..experts import unsupported
 from .ext import DTYPES, build_info, is_available, is_built, pack_gate_up  # noqa: F401
 
 FUSE_SWIGLU = os.environ.get("GROVE_CUDA_FUSE_SWIGLU", "0") == "1"
-runs_on_cpu = False
-IMPLEMENTATION = "grove_kernels.cuda.backend"
-
-
-def supports(x, weights):
-    if x.device.type != "cuda" or torch.cuda.get_device_properties(x.device).major != 9:
-        return f"hidden_states: the cuda backend runs on sm_90 GPUs (Hopper), got {x.device}"
-    # 16-byte TMA rows: H, I and Ia multiples of 8 elements.
-    return unsupported("cuda", x, weights, DTYPES, multiple_of=8)
 
 
 def release_packed_weights():

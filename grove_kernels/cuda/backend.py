@@ -28,7 +28,7 @@ from .. import cuda as pkg
 from . import ext as lib
 from .packed import packed_gate_up
 
-# Rows per expert up to which the ping-pong 64x128 tile wins (DESIGN §4, GEMM-1, H100).
+# Rows per expert up to which the ping-pong 64x128 tile wins (docs/design.md §4, GEMM-1, H100).
 _PINGPONG_MAX_ROWS_PER_EXPERT = 64
 
 

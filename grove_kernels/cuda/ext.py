@@ -3,8 +3,8 @@
 Loading the extension registers the low-level ops of torch.ops.grove_cuda: the grouped GEMMs
 of gemm_kernels.GEMM_KERNELS (generated from csrc/generate_kernels.py; GEMM-1 with SwiGLU fused
 among them) and the element-wise kernels (gather, SwiGLU, combine); the wrappers here pass
-torch's current CUDA stream. The extension is linked without libtorch_cuda (DESIGN §4), so it
-imports under a CPU torch too; its ops take the CUDA stream as an int (`current_stream_handle()`).
+torch's current CUDA stream. The extension is linked without libtorch_cuda (docs/design.md §4), so
+it imports under a CPU torch too; its ops take the CUDA stream as an int (`current_stream_handle()`).
 """
 import torch
 

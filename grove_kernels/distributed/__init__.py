@@ -1,4 +1,4 @@
-"""Expert parallel Grove MoE on torch.distributed (DESIGN §2).
+"""Expert parallel Grove MoE on torch.distributed (docs/design.md §2).
 
 Groups are sharded whole (rank r of P holds G/P consecutive groups, their S·G/P experts and
 their adjugates), so an adjugate is computed once per (token, group), on its group's rank.

@@ -2,7 +2,7 @@
 
 P ranks, rank r holds the G/P consecutive groups [r·G/P, (r+1)·G/P), their E_l = S·G/P experts
 [r·E_l, (r+1)·E_l) and their adjugates, so an adjugate is computed once per (token, group), by
-the rank of its group (DESIGN §1). Shape letters: T tokens of this rank, H hidden, k slots,
+the rank of its group (docs/design.md §1). Shape letters: T tokens of this rank, H hidden, k slots,
 E = P·E_l global experts, N_s rows this rank sends, N_r rows it receives.
 
 Token-once dispatch (`dispatch_grove_experts`; every rank routes its own tokens):
@@ -47,8 +47,8 @@ import torch.distributed.nn.functional as dist_fn
 import grove_kernels as gk
 
 # torch 2.13 deprecates torch.distributed.nn.functional in favour of _functional_collectives
-# (a private module). The issue contract names the former; silence its FutureWarning for calls
-# made from this module only, so the user's own calls still warn.
+# (a private module); the public API is the former. Silence its FutureWarning for calls made
+# from this module only, so the user's own calls still warn.
 warnings.filterwarnings("ignore", category=FutureWarning, module=__name__,
                         message=r"torch\.distributed\.nn\.functional\.")
 

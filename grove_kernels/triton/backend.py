@@ -1,5 +1,6 @@
 """The `triton` backend's experts stage: forward and backward of the Grove / plain MoE layer over
 a Plan (protocol in grove_kernels/experts.py). One launch per GEMM stage covers both sections.
+FoldedPlans (the folded adjugate layout) go to backend_folded.py.
 
 Forward (launches: GEMM-1, GEMM-2, combine):
     GEMM-1 + SwiGLU   x[token] @ w1|a1 -> z_e [R_e, I], z_a [R_a, Ia]   (a training forward also
@@ -26,7 +27,7 @@ from .gemm_m_grouped import DOT_X, STORE, SWIGLU_BWD, gemm_m_grouped
 def _schedule(plan, x, weights):
     I, Ia = weights.intermediate
     conf = cfg.select(plan, x.shape[1], I, Ia, x.dtype)
-    return conf, block_schedule(plan, conf.block_m) + (conf.block_m,)
+    return conf, block_schedule(plan, conf.block_m)
 
 
 def _b(w, transpose):
@@ -44,6 +45,9 @@ def _b_pair(we, wa, transpose):
 
 
 def forward(x, weights, plan, weight_on_input, y, act):
+    if plan.layout == "folded":
+        from . import backend_folded
+        return backend_folded.forward(x, weights, plan, weight_on_input, y, act)
     H = x.shape[1]
     w1, w2, a1, a2 = weights
     I, Ia = weights.intermediate
@@ -64,33 +68,35 @@ def forward(x, weights, plan, weight_on_input, y, act):
 
 
 def backward(dy, x, weights, plan, weight_on_input, act, grads):
+    if plan.layout == "folded":
+        from . import backend_folded
+        return backend_folded.backward(dy, x, weights, plan, weight_on_input, act, grads)
     H = x.shape[1]
     w1, w2, a1, a2 = weights
     I, Ia = weights.intermediate
     dx, dw1, dw2, da1, da2 = grads
     conf, sched = _schedule(plan, x, weights)
-    start, count = sched[0], sched[1]
     z, h = act.z, act.h
     R = plan.num_rows
     dh = (torch.empty_like(h[0]), torch.empty_like(h[1]) if h[1] is not None else None)
     # Zeroed: tiles past an adjugate's narrower N write no partial, and are summed too.
     rows_bwd = cfg.swiglu_bwd_rows(conf)
-    part = torch.zeros(cfg.tiles(max(I, Ia), rows_bwd[0]), R, dtype=torch.float32,
+    part = torch.zeros(cfg.tiles(max(I, Ia), rows_bwd.bn), R, dtype=torch.float32,
                        device=x.device)
     n = gemm_m_grouped(plan, sched, dy, _b_pair(w2, a2, False), (I, Ia or I), dh,
                        a_gather=True, row_scale=not weight_on_input, epilogue=SWIGLU_BWD, h=h,
                        part=part, config=rows_bwd)
     d_row_weight = part[:n].sum(0)
 
-    gemm_k_grouped(plan, start, count, dy, z, (dw2, da2), gather_a=True,
+    gemm_k_grouped(plan, sched.start, sched.count, dy, z, (dw2, da2), gather_a=True,
                    scale_a=not weight_on_input, config=conf.wgrad)
-    gemm_k_grouped(plan, start, count, dh, x, (dw1, da1), gather_b=True,
+    gemm_k_grouped(plan, sched.start, sched.count, dh, x, (dw1, da1), gather_b=True,
                    scale_b=weight_on_input, config=conf.wgrad)
 
     dx_rows = x.new_empty(R, H)
     b1 = _b_pair(w1, a1, False)
     if weight_on_input:
-        part_x = torch.zeros(cfg.tiles(H, conf.rows[0]), R, dtype=torch.float32,
+        part_x = torch.zeros(cfg.tiles(H, conf.rows.bn), R, dtype=torch.float32,
                              device=x.device)
         n = gemm_m_grouped(plan, sched, dh, b1, (H, H), dx_rows, row_scale=True,
                            epilogue=DOT_X, x=x, part=part_x, config=conf.rows)

@@ -2,7 +2,8 @@
 
 `configs.json` (beside this file) holds measured choices keyed by device name and layer shape
 "H,I,Ia,E,k", each a list of buckets {"max_rows_per_problem": n, "block_m": .., "gemm1": [BN,
-BK, warps, stages], "rows": [...], "wgrad": [BM, BN, BK, warps, stages]}. Shapes or devices not
+BK, warps, stages], "rows": [...], "wgrad": [BM, BN, BK, warps, stages]} (the field orders of
+Tile and WgradTile). Shapes or devices not
 listed use the heuristic below: BM follows the mean rows per expert (T·k / E), since a row
 block mostly padded with masked rows wastes its tensor-core work.
 """
@@ -11,6 +12,7 @@ import functools
 import json
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -20,12 +22,36 @@ from .gemm_common import INTERPRET
 _PATH = os.path.join(os.path.dirname(__file__), "configs.json")
 
 
+class Tile(NamedTuple):
+    """An m-grouped GEMM's tile (GEMM-1, and the row-wise GEMMs: GEMM-2, dGEMM-2, dGEMM-1);
+    its rows are the Config's block_m."""
+    bn: int
+    bk: int
+    num_warps: int
+    num_stages: int
+
+
+class WgradTile(NamedTuple):
+    """A k-grouped (weight-gradient) GEMM's tile: its own BM over the output's rows."""
+    bm: int
+    bn: int
+    bk: int
+    num_warps: int
+    num_stages: int
+
+
 @dataclass(frozen=True)
 class Config:
     block_m: int
-    gemm1: tuple  # BN, BK, num_warps, num_stages
-    rows: tuple  # BN, BK, num_warps, num_stages
-    wgrad: tuple  # BM, BN, BK, num_warps, num_stages
+    gemm1: Tile
+    rows: Tile
+    wgrad: WgradTile
+
+    def __post_init__(self):
+        # Plain tuples (configs.json, the tuner's grids) become the named tiles.
+        object.__setattr__(self, "gemm1", Tile(*self.gemm1))
+        object.__setattr__(self, "rows", Tile(*self.rows))
+        object.__setattr__(self, "wgrad", WgradTile(*self.wgrad))
 
 
 def tiles(n, block):
@@ -61,10 +87,27 @@ def swiglu_bwd_rows(conf):
     silu, d_gate): at four warps and BM·BN = 8192 ptxas spills ~1.8 KB per thread (sm_90 AOT
     compile, ptxas -v). Eight warps and BM·BN <= 8192 keep it within the register file.
     """
-    bn, bk, warps, stages = conf.rows
-    if conf.block_m * bn < 4096:
-        return conf.rows
-    return (min(bn, 8192 // conf.block_m), bk, max(warps, 8), stages)
+    rows = conf.rows
+    if conf.block_m * rows.bn < 4096:
+        return rows
+    return rows._replace(bn=min(rows.bn, 8192 // conf.block_m),
+                         num_warps=max(rows.num_warps, 8))
+
+
+def folded_gemm2_rows(conf):
+    """The rows config for the folded layout's GEMM-2, which holds two [BM, BN] fp32
+    accumulators (expert and adjugate parts, scaled apart) on leader blocks: the bound of
+    swiglu_bwd_rows (eight warps once BM·BN >= 4096) keeps them in registers."""
+    return swiglu_bwd_rows(conf)
+
+
+def folded_dgemm2_rows(conf):
+    """The rows config for the folded layout's dGEMM-2 + SwiGLU backward: the epilogue of
+    swiglu_bwd_rows, inlined twice (expert tile, then the adjugate tiles of leader blocks),
+    spilled 60 B per thread at BM = 64, BN = 128, eight warps (sm_90 AOT, ptxas -v); BM·BN
+    <= 4096 keeps it in registers (183)."""
+    rows = swiglu_bwd_rows(conf)
+    return rows._replace(bn=min(rows.bn, max(16, 4096 // conf.block_m)))
 
 
 def _for_dtype(conf, dtype):
@@ -75,10 +118,10 @@ def _for_dtype(conf, dtype):
 
 
 def _fp32_tiles(conf):
-    g1, rw, wg = conf.gemm1, conf.rows, conf.wgrad
-    return Config(conf.block_m, (g1[0], max(16, g1[1] // 2), g1[2], min(g1[3], 3)),
-                  (rw[0], max(16, rw[1] // 2), rw[2], min(rw[3], 3)),
-                  (wg[0], wg[1], max(16, wg[2] // 2), wg[3], min(wg[4], 3)))
+    def halved(tile):
+        return tile._replace(bk=max(16, tile.bk // 2), num_stages=min(tile.num_stages, 3))
+
+    return Config(conf.block_m, halved(conf.gemm1), halved(conf.rows), halved(conf.wgrad))
 
 
 _forced = []
@@ -122,6 +165,5 @@ def _choose(device_name, num_tokens, top_k, num_experts, H, I, Ia, interpret=INT
         if buckets:
             for b in buckets:
                 if rows_per_problem <= b["max_rows_per_problem"]:
-                    return Config(b["block_m"], tuple(b["gemm1"]), tuple(b["rows"]),
-                                  tuple(b["wgrad"]))
+                    return Config(b["block_m"], b["gemm1"], b["rows"], b["wgrad"])
     return _heuristic(rows_per_problem, interpret)

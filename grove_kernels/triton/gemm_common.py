@@ -11,6 +11,8 @@ A program finds its problem by counting the block_offsets <= its id (P is small)
 when it lies past the last real block: the grid never depends on a device value, so launches
 capture in CUDA graphs.
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -18,15 +20,24 @@ import triton.language as tl
 from . import INTERPRET
 
 
+class Schedule(NamedTuple):
+    """The row blocks of a plan's problems at block height block_m."""
+    start: torch.Tensor  # [P] int32: first row of each problem
+    count: torch.Tensor  # [P] int32: rows of each problem
+    block_offsets: torch.Tensor  # [P+1] int32: first row block of each problem
+    bound: int  # grid axis 0: an upper bound on the row blocks
+    block_m: int  # BM
+
+
 def block_schedule(plan, block_m):
-    """(start [P], count [P], block_offsets [P+1]) int32 and the grid bound on row blocks."""
+    """The Schedule of `plan` at block height block_m."""
     start, count = plan.problem_rows()
     blocks = (count + block_m - 1) // block_m
     block_offsets = torch.zeros(count.numel() + 1, dtype=torch.int32, device=count.device)
     torch.cumsum(blocks, 0, out=block_offsets[1:])
     bound = triton.cdiv(plan.num_expert_rows, block_m) + triton.cdiv(plan.num_adjugate_rows,
                                                                        block_m) + count.numel()
-    return start.to(torch.int32), count.to(torch.int32), block_offsets, bound
+    return Schedule(start.to(torch.int32), count.to(torch.int32), block_offsets, bound, block_m)
 
 
 @triton.jit

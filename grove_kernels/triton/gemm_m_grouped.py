@@ -18,10 +18,10 @@ import triton.language as tl
 
 from .gemm_common import dot_flags, mma, operand, round_to, row_block
 
-# Epilogues.
-STORE = 0
-SWIGLU_BWD = 1
-DOT_X = 2  # partial Σ_n acc·x[token] (router weight applied on the input), then scale
+# The epilogues (the kernel's EPILOGUE constexpr).
+STORE = tl.constexpr(0)  # out = acc · row weight (ROW_SCALE) or acc
+SWIGLU_BWD = tl.constexpr(1)  # dh from g = acc and the saved h; partial Σ_n g·z
+DOT_X = tl.constexpr(2)  # partial Σ_n acc·x[token] (router weight applied on the input), then scale
 
 
 @triton.jit
@@ -62,7 +62,7 @@ def _m_grouped_tile(a_ptr, K, stride_a_gather, row_token_ptr, row_weight_ptr, ro
             w = tl.load(row_weight_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         else:
             w = tl.full((BM,), 1.0, tl.float32)
-        if EPILOGUE == 1:
+        if EPILOGUE == SWIGLU_BWD:
             h_ptrs = h_ptr + local[:, None] * (2 * N) + cols[None, :]
             hg = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
             hu = tl.load(h_ptrs + N, mask=mask, other=0.0).to(tl.float32)
@@ -77,7 +77,7 @@ def _m_grouped_tile(a_ptr, K, stride_a_gather, row_token_ptr, row_weight_ptr, ro
             tl.store(out_ptrs + N, round_to(dz * silu, o_ptr.dtype.element_ty, UPCAST),
                      mask=mask)
         else:
-            if EPILOGUE == 2:
+            if EPILOGUE == DOT_X:
                 xv = tl.load(x_ptr + token[:, None] * stride_xt + cols[None, :], mask=mask,
                              other=0.0)
                 tl.store(part_ptr + pid_n * R + rows, tl.sum(acc * xv.to(tl.float32), axis=1),

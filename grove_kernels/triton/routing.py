@@ -1,5 +1,5 @@
 """Grove routing in one Triton kernel: router logits -> (weights, ids), the semantics of
-grove_kernels/routing.py (DESIGN §1; its ranking rule, README "Routing semantics").
+grove_kernels/routing.py (docs/design.md §1; its ranking rule, README "Routing semantics").
 
     router_logits [T, E] (fp32 | fp16 | bf16 | fp64), selection_bias [E] or None
       _topk_softmax_kernel   cdiv(T, BT) programs, each BT tokens x EP (E padded to a power

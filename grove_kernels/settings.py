@@ -1,0 +1,121 @@
+"""The process-wide settings of grove-kernels, in one object, and the value checks they govern.
+
+    settings.backend          the backend name calls use: torch | triton | cuda | auto
+                              (per thread; GROVE_KERNELS_BACKEND sets the default; auto by default)
+    settings.value_checks     host-side checks of tensor values (ids in range, finite bias):
+                              process-wide, on unless GROVE_KERNELS_VALUE_CHECKS=0
+    settings.adjugate_layout()  sections | folded, read from GROVE_ADJUGATE_LAYOUT on every call
+                              (default sections)
+
+Public setters: grove_kernels.set_backend / use_backend / set_value_checks / value_checks.
+Checks that need tensor values copy to the host, so they are skipped while a CUDA graph is
+being captured; they run inside the custom ops, where torch.compile sees no data-dependent
+Python, and are switched off for serving with `set_value_checks(False)`.
+"""
+import contextlib
+import os
+import threading
+
+import torch
+
+ADJUGATE_LAYOUTS = ("sections", "folded")
+
+
+class Settings(threading.local):
+    """Reading a setting is an attribute read, not a call. `backend` is per thread (an
+    instance attribute once a thread sets it, the class default before); the others are
+    process-wide (class attributes, set through the class)."""
+
+    backend = os.environ.get("GROVE_KERNELS_BACKEND", "auto")
+    value_checks = os.environ.get("GROVE_KERNELS_VALUE_CHECKS", "1") != "0"
+
+    @staticmethod
+    def adjugate_layout():
+        layout = os.environ.get("GROVE_ADJUGATE_LAYOUT", "sections")
+        if layout not in ADJUGATE_LAYOUTS:
+            raise ValueError(f"GROVE_ADJUGATE_LAYOUT: expected one of {ADJUGATE_LAYOUTS}, got "
+                             f"{layout!r}")
+        return layout
+
+
+settings = Settings()
+
+
+def set_value_checks(enabled):
+    """Turn the host-side value checks (ids in range) on or off, for every thread. On by
+    default."""
+    Settings.value_checks = bool(enabled)
+
+
+def value_checks_enabled():
+    return settings.value_checks
+
+
+@contextlib.contextmanager
+def value_checks(enabled):
+    """Set the value checks for a block and restore the caller's setting after it (timing
+    loops switch them off without changing the process for whoever runs next)."""
+    before = settings.value_checks
+    set_value_checks(enabled)
+    try:
+        yield
+    finally:
+        set_value_checks(before)
+
+
+def capturing(t):
+    """True while `t`'s CUDA stream is being captured into a graph (no host reads then)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _skip(t):
+    return t is None or not settings.value_checks or t.numel() == 0 or capturing(t)
+
+
+def ids_in_range(name, ids, low, high):
+    """Raise IndexError unless low <= ids < high; host read, skipped when disabled/capturing."""
+    if _skip(ids):
+        return
+    lo, hi = torch.aminmax(ids)
+    lo, hi = int(lo), int(hi)
+    if lo < low or hi >= high:
+        raise IndexError(f"{name}: values must lie in [{low}, {high}), found min {lo}, max {hi}")
+
+
+def none_out_of_range(name, count, low, high):
+    """Raise IndexError unless `count` (a tensor: how many values of `name` fell outside
+    [low, high), counted on the device) is zero; host read, skipped when disabled/capturing."""
+    if _skip(count):
+        return
+    n = int(count)
+    if n:
+        raise IndexError(f"{name}: values must lie in [{low}, {high}), found {n} outside it")
+
+
+def groups_whole(expert_map, group_size):
+    """Raise ValueError unless every global group of expert_map is wholly on this rank, in one
+    local group, or wholly off it (an adjugate is computed once, by the rank of its group)."""
+    if _skip(expert_map):
+        return
+    local = expert_map.long().view(-1, group_size)
+    on = local >= 0
+    group = torch.where(on, local // group_size, -1)
+    mixed = (on.any(1) & ~on.all(1)) | (group.amax(1) != group.amin(1))
+    if bool(mixed.any()):
+        g = int(mixed.nonzero()[0, 0])
+        raise ValueError(f"expert_map: global group {g} (experts {g * group_size}.."
+                         f"{(g + 1) * group_size - 1}) maps to {local[g].tolist()}; a group's "
+                         f"experts must all lie in one local group or all be off this rank (-1)")
+
+
+def all_finite(name, t):
+    """Raise ValueError unless every value of t is finite (no NaN, no inf); host read, skipped
+    when value checks are off or a CUDA graph is being captured."""
+    if _skip(t):
+        return
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"{name}: expected finite values, found {t[tuple(bad)].item()} at "
+                         f"index {tuple(bad) if len(bad) > 1 else bad[0]} "
+                         f"({int((~finite).sum())} non-finite of {t.numel()})")

@@ -62,8 +62,10 @@ total=${GPU_CHECK_BUDGET_S:-460}
 site=${GPU_CHECK_SITE:-/tmp/grove_site}
 
 # name:budget seconds. The bench's budget is a floor: it also gets whatever earlier stages
-# left unused, minus what the stages after it reserve.
-STAGES=(build:60 selfcheck:45 tests:60 cuda:45 sanitize:40 bench:165 coactive:35 summary:10)
+# left unused, minus what the stages after it reserve. OPTIONAL stages reserve nothing: they
+# run on what is left (coactive: when the uniform bench ends early).
+STAGES=(build:50 selfcheck:40 tests:90 cuda:70 sanitize:35 bench:165 coactive:35 summary:10)
+OPTIONAL=" coactive "
 
 export PYTHONPATH="$site:$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 variants=grove,plain
@@ -167,6 +169,7 @@ selected() {
 reserve_after() {
   local i sum=0
   for ((i = $1 + 1; i < ${#STAGES[@]}; i++)); do
+    [[ $OPTIONAL == *" ${STAGES[i]%%:*} "* ]] && continue
     selected "${STAGES[i]%%:*}" && sum=$((sum + ${STAGES[i]##*:}))
   done
   echo "$sum"
@@ -178,8 +181,12 @@ if ((dry)); then
   for s in "${STAGES[@]}"; do
     name=${s%%:*} budget=${s##*:}
     selected "$name" || continue
-    sum=$((sum + budget))
-    echo "stage $name ${budget}s"
+    if [[ $OPTIONAL == *" $name "* ]]; then
+      echo "stage $name ${budget}s optional (runs on the time left)"
+    else
+      sum=$((sum + budget))
+      echo "stage $name ${budget}s"
+    fi
     stage_cmd "$name" | sed 's/^/    /'
   done
   echo "sum of stage budgets ${sum}s"
@@ -200,7 +207,9 @@ run_stage() {  # index name budget
     limit=$budget
   fi
   ((limit > left)) && limit=$left
-  if ((limit < 10)); then
+  local least=10
+  [[ $OPTIONAL == *" $name "* ]] && least=20
+  if ((limit < least)); then
     echo "$name SKIPPED (${left}s left)" >> "$out/stages.txt"
     echo "== $name: skipped (${left}s left)"
     return

@@ -1,7 +1,7 @@
 """The cuda backend's launches of one call, as the traffic model counts them (the model and its
 byte rules: grove_kernels/traffic.py). Mirrors backend.py launch for launch, with the schedule
-backend.py picks (ping-pong up to _PINGPONG_MAX_ROWS_PER_EXPERT rows per expert, cooperative
-above; weight gradients cooperative) and the CUTLASS tile of that kernel in gemm_kernels.py;
+the backend picks (schedule_for: ping-pong for few rows per expert, cooperative above; weight
+gradients cooperative) and the CUTLASS tile of that kernel in gemm_kernels.py;
 needs neither a GPU nor the extension.
 
     launches(plan, x_shape (T, H), weights_shapes, dtype, layout, pass_, device_name) -> [Launch]
@@ -32,7 +32,7 @@ from .. import cuda as pkg
 from ..traffic import (INDEX_BYTES, WEIGHT_BYTES, Launch, cdiv, distinct_tokens, element_size,
                        real_rows, sm_count, topk_grad_launch, torch_op,
                        zero_activations_launch)
-from .backend import _PINGPONG_MAX_ROWS_PER_EXPERT
+from . import ext
 from .gemm_kernels import GEMM_KERNELS
 
 MAX_BLOCKS = 16384  # csrc/elementwise.cuh kMaxBlocks
@@ -50,8 +50,14 @@ def kernel_for(dtype, grouped, majors, schedule, epilogue=None):
     raise ValueError(f"dtype: no grouped-GEMM kernel {name} {grouped} {majors} {schedule}")
 
 
-def schedule_for(num_tokens, top_k, num_experts):
-    rows_per_expert = num_tokens * top_k / max(num_experts, 1)
+def schedule_for(plan):
+    """The m-grouped GEMMs' schedule of a call: the backend's own rule (ext.m_grouped_schedule
+    where the extension's wrappers define it, else backend.py's threshold)."""
+    rule = getattr(ext, "m_grouped_schedule", None)
+    if rule is not None:
+        return rule(plan)
+    from .backend import _PINGPONG_MAX_ROWS_PER_EXPERT
+    rows_per_expert = plan.num_tokens * plan.top_k / max(plan.num_experts, 1)
     return "pingpong" if rows_per_expert <= _PINGPONG_MAX_ROWS_PER_EXPERT else "coop"
 
 
@@ -173,7 +179,7 @@ def _sections(plan, x_shape, weights_shapes, dtype, pass_, device_name):
     Re, Ra, R = plan.num_expert_rows, plan.num_adjugate_rows, plan.num_rows
     P = s.E + s.G
     train = pass_ == "fwd+bwd"
-    sched = schedule_for(T, plan.top_k, s.E)
+    sched = schedule_for(plan)
     nt = kernel_for(dtype, "m", "nt", sched)
     nn = kernel_for(dtype, "m", "nn", sched)
     tn = kernel_for(dtype, "k", "tn", "coop")
@@ -253,7 +259,7 @@ def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
     rows = real_rows(first, count)
     tokens = distinct_tokens(plan.row_token, rows)
     train = pass_ == "fwd+bwd"
-    sched = schedule_for(T, plan.top_k, E)
+    sched = schedule_for(plan)
     nt = kernel_for(dtype, "m", "nt", sched)
     nn = kernel_for(dtype, "m", "nn", sched)
     tn = kernel_for(dtype, "k", "tn", "coop")

@@ -115,7 +115,7 @@ def _gb(b):
 def format_table(rows, per_launch=True):
     lines = []
     if per_launch:
-        head = (f"  {'launch':<58} {'programs':>9} {'idle':>7} {'read GB':>8} {'write GB':>8} "
+        head = (f"  {'launch':<66} {'programs':>9} {'idle':>7} {'read MB':>9} {'write MB':>9} "
                 f"{'GFLOP':>8}")
         for r in rows:
             if r["variant"] == "plain" and r["layout"] != LAYOUTS[0] and \
@@ -125,8 +125,8 @@ def format_table(rows, per_launch=True):
                          f"T={r['tokens']} {r['pass']}")
             lines.append(head)
             for l in r["launches"]:
-                lines.append(f"  {l['name'][:58]:<58} {l['programs']:>9} {l['idle_programs']:>7} "
-                             f"{_gb(l['read_bytes'])} {_gb(l['write_bytes'])} "
+                lines.append(f"  {l['name'][:66]:<66} {l['programs']:>9} {l['idle_programs']:>7} "
+                             f"{l['read_bytes'] / 1e6:9.1f} {l['write_bytes'] / 1e6:9.1f} "
                              f"{l['flops'] / 1e9:8.1f}")
             lines.append("")
     q = ratios(rows)

@@ -323,3 +323,16 @@ def test_triton_folded_launches_match_the_backend(monkeypatch, T_, E_, routing):
             assert m.idle_programs == (bound - real_blocks) * (m.programs // bound)
         else:
             assert m.idle_programs == 0
+
+
+def test_for_device_models_the_gpu_even_under_the_interpreter():
+    """config.for_device gives the compiled run's tiles, also where TRITON_INTERPRET is set
+    (the tests' case): the traffic model never counts the interpreter's small tiles."""
+    from grove_kernels.triton import config as cfg
+
+    big = cfg.for_device("NVIDIA H200", 16384, 8, 128, 2048, 768, 128, torch.bfloat16)
+    small = cfg.for_device("NVIDIA H200", 16, 8, 128, 2048, 768, 128, torch.bfloat16)
+    assert (big.block_m, small.block_m) == (128, 16)
+    assert big.gemm1.bn == 64 and small.gemm1.bn == 32
+    fp32 = cfg.for_device("NVIDIA H200", 16384, 8, 128, 2048, 768, 128, torch.float32)
+    assert fp32.gemm1.bk == big.gemm1.bk // 2

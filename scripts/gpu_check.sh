@@ -147,7 +147,7 @@ for layout in ("sections", "folded"):
         y = gk.grove_moe(x, logits, w1, w2, a1, a2, top_k=k, group_size=S)
         y.backward(torch.randn_like(y))
     torch.cuda.synchronize()
-    print(layout, "ok", float(y.float().norm()))
+    print(layout, "ok", float(y.detach().float().norm()))
 PYEOF
 EOF
       ;;

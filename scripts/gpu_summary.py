@@ -29,8 +29,10 @@ def load(paths):
             print(f"{path}: not read ({type(exc).__name__}: {exc})")
             continue
         state = "complete" if result.get("complete", True) else "cut short"
+        config = result.get("config", {})
         print(f"{path}: {len(result.get('rows', []))} rows, {state}; device "
-              f"{result.get('device', '?')}, commit {str(result.get('commit'))[:9]}")
+              f"{result.get('device', '?')}, preset {config.get('preset', {}).get('name', '?')}, "
+              f"{config.get('dtype', '?')}, commit {str(result.get('commit'))[:9]}")
         # A bench without the layout axis ran once per layout, into files named by it.
         name = os.path.basename(path)
         hint = next((x for x in ("folded", "sections") if f"_{x}." in name), None)
@@ -74,7 +76,7 @@ def table(rows):
     head = (f"{'routing':<9} {'T':>6} {'backend':<7} {'vLLM':>8} {'plain':>8} {'sections':>8} "
             f"{'folded':>8} {'fold/sect':>9} {'fold/plain':>10} {'fold/vLLM':>9} "
             f"{'f+b sect':>8} {'f+b fold':>8} {'f+b/fwd':>7}")
-    lines = ["gpu_check summary: µs per call, grove-33b (fwd unless f+b)", head, "-" * len(head)]
+    lines = ["gpu_check summary: µs per call (fwd unless f+b)", head, "-" * len(head)]
     for routing, T, backend in combos:
         def get(pass_, variant, layout, be=backend):
             return ix.get((routing, T, pass_, variant, be, layout))

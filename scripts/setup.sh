@@ -6,7 +6,8 @@
 #   auto  wherever nvcc and the CUTLASS headers are (test.sh, CI: the build and its SASS are
 #         tested even without a GPU)
 #   gpu   only where a CUDA GPU is present (demo.sh: on a CPU machine its kernels cannot run)
-# GROVE_BUILD_CUDA=0|1|auto in the environment overrides both. Every run reinstalls with the
+# GROVE_BUILD_CUDA=0|1|auto in the environment overrides both. test_extras=1 (test.sh) also
+# installs what the optional integrations' tests need (transformers 5, accelerate). Every run reinstalls with the
 # caller's choice, so an install without the extension (a demo) never stops a later test.sh
 # from building it; compiled objects are cached in build/grove_cuda/.
 set -euo pipefail
@@ -64,6 +65,12 @@ if [ "$has_gpu" = 0 ]; then
   "$PY" -c "import triton" 2>/dev/null || missing+=("triton==3.6.0")
   "$PY" -c "import numpy, sys; sys.exit(tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 4))" \
     2>/dev/null || missing+=("numpy<2.4")
+fi
+if [ "${test_extras:-0}" = 1 ]; then
+  # The optional transformers integration's tests (accelerate: the transformers Trainer's).
+  "$PY" -c "import transformers, accelerate, sys; \
+            sys.exit(int(transformers.__version__.split('.')[0]) != 5)" 2>/dev/null \
+    || missing+=("transformers>=5,<6" "accelerate")
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]}"

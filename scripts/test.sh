@@ -3,6 +3,7 @@
 # Builds the CUDA extension wherever nvcc and the CUTLASS headers are, GPU or not: its build and
 # SASS (HGMMA) checks run on the CPU.
 cuda_ext=auto
+test_extras=1
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 "$PY" -m pytest -q -ra tests "$@"
 "$PY" -m pytest -q bench --benchmark-disable

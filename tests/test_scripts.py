@@ -126,6 +126,15 @@ def test_fresh_machine_shows_progress(tmp_path):
     assert len(steps) >= 4 and "installing torch" in steps[0] and steps[-1].endswith("ready")
 
 
+def test_only_test_sh_installs_the_transformers_extra(tmp_path):
+    proc, calls = run(tmp_path, "test.sh", FAKE_MISSING="transformers")
+    assert proc.returncode == 0, proc.stderr
+    assert any("transformers>=5,<6" in c and "accelerate" in c for c in calls), calls
+    proc, calls = run(tmp_path, "demo.sh", FAKE_MISSING="transformers")
+    assert proc.returncode == 0, proc.stderr
+    assert not any("transformers" in c for c in calls), calls
+
+
 # scripts/gpu_check.sh: the one GPU run. Checked here without a GPU: its syntax, its stage
 # list and budgets (--dry-run), that a stage that hangs is cut at its own limit while the
 # stages after it still run, and the summary table it prints last.

@@ -39,10 +39,12 @@ def require_matplotlib(option="--plot"):
 
 def series(rows):
     """{(variant, backend, pass, routing): [(T, us, pct_floor), ...] sorted by T}, the keys in
-    the order the sweep first produced them (the legend follows the run)."""
+    the order the sweep first produced them (the legend follows the run). A row's adjugate
+    layout, where it has one, is part of its variant: "grove:folded"."""
     out = {}
     for r in rows:
-        key = (r["variant"], r["backend"], r["pass"], r["routing"])
+        variant = f"{r['variant']}:{r['layout']}" if r.get("layout") else r["variant"]
+        key = (variant, r["backend"], r["pass"], r["routing"])
         out.setdefault(key, []).append((r["T"], r.get("us"), r.get("pct_floor")))
     return {k: sorted(v) for k, v in out.items()}
 

@@ -27,6 +27,7 @@ _COLUMNS = (  # (header, row key, format)
     ("T", "T", "{}"),
     ("pass", "pass", "{}"),
     ("variant", "variant", "{}"),
+    ("layout", "layout", "{}"),
     ("backend", "backend", "{}"),
     ("us", "us", "{:.1f}"),
     ("TFLOP/s", "tflops", "{:.3g}"),

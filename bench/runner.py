@@ -1,11 +1,15 @@
-"""The sweep: (routing, T) problems × passes × variants × backends -> rows (dicts).
+"""The sweep: (routing, T) problems × passes × variants × layouts × backends -> rows (dicts).
 
 For each routing mode and T: logits [T, E] -> gk.grove_topk once (outside timing) -> the cost
 model on the host -> per pass, per variant, per backend: build the callable, run it once and
 check it (rel err of y, or of every gradient, vs the torch backend's result for the same layer
 in the same dtype; NaN/inf flagged), then time it. A variant that cannot run here, or raises,
 becomes an entry of `skipped` with the reason instead of a row: the sweep goes on.
-Each (routing, T, pass, variant, backend) is one cell of the progress bar (bench.progress):
+Layouts: the adjugate layouts (GROVE_ADJUGATE_LAYOUT, set for the build, check and timing of
+a cell, restored when the sweep ends) of the variants whose calls read it (Variant.layouts);
+other variants run once, under the caller's setting, their rows with layout None. References
+are computed under the default layout (sections).
+Each (routing, T, pass, variant, layout, backend) is one cell of the progress bar (bench.progress):
 one line per row on `Config.log`, the bar under them when that stream is a terminal.
 """
 import datetime
@@ -25,8 +29,9 @@ from bench import routing as routing_mod
 from bench import timing, variants as var
 from bench.progress import ProgressBar
 
-ROW_KEYS = ("preset", "routing", "T", "pass", "variant", "backend", "us", "tflops", "gbps",
-            "floor_us", "pct_floor", "distinct_groups")
+ROW_KEYS = ("preset", "routing", "T", "pass", "variant", "layout", "backend", "us", "tflops",
+            "gbps", "floor_us", "pct_floor", "distinct_groups")
+LAYOUT_VAR = "GROVE_ADJUGATE_LAYOUT"
 EXTRA_KEYS = ("vs_baseline", "flops", "bytes", "timing", "rel_err", "check")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,6 +52,20 @@ class Config:
     log: object = field(default=sys.stderr)  # None: silent (--quiet)
     progress: object = None  # the bar: None when `log` is a TTY, False never, True always
     on_row: object = None  # called with the result so far ("complete": False) after each row
+    layouts: tuple = ("sections",)  # adjugate layouts of the variants that read one
+
+
+def variant_layouts(cfg, variant):
+    return cfg.layouts if variant.layouts else (None,)
+
+
+def _set_layout(layout, caller):
+    """GROVE_ADJUGATE_LAYOUT = layout; None: the caller's value (unset when it had none)."""
+    value = layout if layout is not None else caller
+    if value is None:
+        os.environ.pop(LAYOUT_VAR, None)
+    else:
+        os.environ[LAYOUT_VAR] = value
 
 
 def git_commit():
@@ -82,22 +101,25 @@ def _check(cfg, out, ref):
 
 def count_cells(cfg):
     """Cells of the sweep, skipped ones included: the progress bar's total."""
-    per_problem = sum(len(cfg.backends) if v.per_backend else 1 for v in cfg.variants)
+    per_problem = sum((len(cfg.backends) if v.per_backend else 1) * len(variant_layouts(cfg, v))
+                      for v in cfg.variants)
     return len(cfg.routings) * len(cfg.tokens) * len(cfg.passes) * per_problem
 
 
 def run(cfg):
     """Runs the sweep; returns the JSON-ready result dict (rows, skipped, ceilings, ...)."""
     bar = ProgressBar(count_cells(cfg), cfg.log, enabled=cfg.progress)
+    caller_layout = os.environ.get(LAYOUT_VAR)
     try:
         # Host-side id checks read tensors back each call: keep them out of the timings.
         with _validate.value_checks(False):
-            return _run(cfg, bar)
+            return _run(cfg, bar, caller_layout)
     finally:  # also on Ctrl-C: a half-drawn bar would sit in front of the traceback
+        _set_layout(None, caller_layout)
         bar.close()
 
 
-def _run(cfg, bar):
+def _run(cfg, bar, caller_layout):
     device, dtype, preset = cfg.device, cfg.dtype, cfg.preset
     timer = timing.make_timer(device, quick=cfg.quick)
     ceilings = timing.measure_ceilings(device, dtype, timer, quick=cfg.quick)
@@ -130,8 +152,11 @@ def _run(cfg, bar):
             for pass_ in cfg.passes:
                 for variant in cfg.variants:
                     backends = cfg.backends if variant.per_backend else (variant.backend,)
-                    for backend in backends:
-                        bar.step(f"{mode} T={T} {pass_} {variant.name}/{backend}")
+                    cells = [(lay, b) for lay in variant_layouts(cfg, variant) for b in backends]
+                    for layout, backend in cells:
+                        _set_layout(layout, caller_layout)
+                        where = f"{variant.name}/{backend}" + (f" [{layout}]" if layout else "")
+                        bar.step(f"{mode} T={T} {pass_} {where}")
                         reason = var.skip_reason(variant, device, dtype, pass_)
                         if reason:
                             skip(variant, backend, pass_, reason)
@@ -151,9 +176,11 @@ def _run(cfg, bar):
                             key = (variant.layer, pass_)
                             if key not in refs:
                                 try:
+                                    _set_layout("sections", caller_layout)
                                     refs[key] = var.reference(variant.layer, preset, weights, x,
                                                               topk_weights, topk_ids, pass_,
                                                               grad_out)
+                                    _set_layout(layout, caller_layout)
                                 except Exception as exc:  # a broken reference is not the
                                     refs[key] = None      # variant's fault: time it anyway
                                     bar.write(f"reference {key} raised {_fmt_exc(exc)}")
@@ -170,7 +197,7 @@ def _run(cfg, bar):
                             continue
                         c = costs[(variant.layer, pass_)]
                         row = {"preset": preset.name, "routing": mode, "T": T, "pass": pass_,
-                               "variant": variant.name, "backend": backend,
+                               "variant": variant.name, "layout": layout, "backend": backend,
                                **cost_model.row_metrics(c, m.us, ceilings["copy_GBps"],
                                                         ceilings["matmul_TFLOPs"]),
                                "vs_baseline": None, "flops": c.flops, "bytes": c.bytes,
@@ -178,7 +205,7 @@ def _run(cfg, bar):
                         if m.method == "eager" and getattr(timer, "last_capture_error", None):
                             row["capture_error"] = timer.last_capture_error
                         rows.append(row)
-                        bar.write(f"{mode:>8} T={T:<6} {pass_:<7} {variant.name:>16}/{backend:<6} "
+                        bar.write(f"{mode:>8} T={T:<6} {pass_:<7} {where:>27} "
                                   f"{m.us:10.1f} us  {m.method:<5} {verdict}")
                         if cfg.on_row is not None:
                             cfg.on_row(_result(cfg, commit, ceilings, rows, skipped, False))
@@ -204,6 +231,7 @@ def _result(cfg, commit, ceilings, rows, skipped, complete):
             "tokens": list(cfg.tokens),
             "routing": list(cfg.routings),
             "backends": list(cfg.backends),
+            "layouts": list(cfg.layouts),
             "variants": [v.name for v in cfg.variants],
             "passes": list(cfg.passes),
             "dtype": str(dtype).replace("torch.", ""),
@@ -219,13 +247,15 @@ def _fill_baselines(rows, variants):
     """vs_baseline = us / us of the variant's baseline in the same (routing, T, pass, backend):
     the price of the adjugates (grove vs plain) at equal kernel quality."""
     by_name = {v.name: v for v in variants}
-    index = {(r["routing"], r["T"], r["pass"], r["variant"], r["backend"]): r["us"] for r in rows}
+    index = {(r["routing"], r["T"], r["pass"], r["variant"], r["backend"], r.get("layout")): r["us"]
+             for r in rows}
     for r in rows:
         v = by_name.get(r["variant"])
         if v is None or v.baseline is None:
             continue
         base_backend = r["backend"] if v.per_backend else by_name.get(v.baseline, v).backend
-        base = index.get((r["routing"], r["T"], r["pass"], v.baseline, base_backend))
+        where = (r["routing"], r["T"], r["pass"], v.baseline, base_backend)
+        base = index.get(where + (r.get("layout"),)) or index.get(where + (None,))
         if base:
             r["vs_baseline"] = r["us"] / base
 
@@ -250,6 +280,7 @@ def best_plain_training(rows):
         out.append({"routing": key[0], "T": key[1], "pass": key[2], "variant": b["variant"],
                     "backend": b["backend"], "us": b["us"], "timing": b["timing"],
                     "grove_backend": g["backend"] if g else None,
+                    "grove_layout": g.get("layout") if g else None,
                     "grove_us": g["us"] if g else None,
                     "grove_vs_best": g["us"] / b["us"] if g else None})
     return out

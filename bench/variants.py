@@ -67,6 +67,7 @@ class Variant:
     baseline: Optional[str] = None  # variant whose time (same backend) the report divides by
     backward: bool = True
     probe: Optional[Callable] = field(default=None, compare=False)  # (device, dtype) -> reason|None
+    layouts: bool = False  # GROVE_ADJUGATE_LAYOUT changes what it runs (the runner's --layout)
 
     @property
     def per_backend(self):
@@ -159,7 +160,7 @@ def _probe_vllm(device, dtype):
 
 
 VARIANTS = (
-    Variant("grove", "grove", _grove, baseline="plain"),
+    Variant("grove", "grove", _grove, baseline="plain", layouts=True),
     Variant("plain", "plain", _plain, baseline="plain"),
     Variant("grove-2call", "grove", _grove_2call, baseline="plain"),
     Variant("grouped_mm", "grove", _grouped_mm, backend="aten", baseline="grouped_mm-plain",

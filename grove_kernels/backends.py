@@ -44,8 +44,11 @@ class Backend:
         topk(logits, top_k, renormalize, selection_bias) -> (weights [T, k], ids [T, k])
         build_plan(topk_ids, topk_weights, num_experts, group_size, adjugate_scale,
                    expert_map) -> Plan
+        build_folded_plan(same arguments, group_size >= 1) -> FoldedPlan (plan_folded.py)
+        layouts                  the adjugate layouts its experts stage runs
         forward(x, weights, plan, weight_on_input, y, act)
         backward(dy, x, weights, plan, weight_on_input, act, grads) -> d row weight [R]
+                                 (a FoldedPlan: (d row weight [R], d leader weight [R]))
 
     The four stage functions are bound on the object by `load` (a plain attribute afterwards);
     until then the methods below load and delegate.
@@ -53,7 +56,8 @@ class Backend:
 
     name = None
     runs_on_cpu = False
-    _STAGES = ("topk", "build_plan", "forward", "backward")
+    layouts = ("sections",)
+    _STAGES = ("topk", "build_plan", "build_folded_plan", "forward", "backward")
 
     def available(self):
         return True
@@ -76,6 +80,9 @@ class Backend:
     def build_plan(self, *args):
         return self.load().build_plan(*args)
 
+    def build_folded_plan(self, *args):
+        return self.load().build_folded_plan(*args)
+
     def forward(self, *args):
         return self.load().forward(*args)
 
@@ -87,16 +94,18 @@ class Backend:
 
 
 def _torch_stages():
-    from . import plan, reference, routing
+    from . import plan, plan_folded, reference, routing
 
-    return dict(topk=routing.topk, build_plan=plan.build_plan, forward=reference.forward,
+    return dict(topk=routing.topk, build_plan=plan.build_plan,
+                build_folded_plan=plan_folded.build_folded_plan, forward=reference.forward,
                 backward=reference.backward)
 
 
 def _triton_stages():
-    from .triton import backend, plan, routing
+    from .triton import backend, plan, plan_folded, routing
 
-    return dict(topk=routing.topk, build_plan=plan.build_plan, forward=backend.forward,
+    return dict(topk=routing.topk, build_plan=plan.build_plan,
+                build_folded_plan=plan_folded.build_folded_plan, forward=backend.forward,
                 backward=backend.backward)
 
 
@@ -128,6 +137,7 @@ class TorchBackend(Backend):
 
     name = "torch"
     runs_on_cpu = True
+    layouts = ("sections", "folded")
 
     def stages(self):
         return _torch_stages()
@@ -138,6 +148,7 @@ class TritonBackend(Backend):
     before grove_kernels is imported), which is how CI tests them."""
 
     name = "triton"
+    layouts = ("sections", "folded")
     DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
     def __init__(self):
@@ -169,6 +180,7 @@ class CudaBackend(Backend):
     routing and plan in Triton where it runs."""
 
     name = "cuda"
+    layouts = ("sections", "folded")
 
     def available(self):
         try:

@@ -6,6 +6,13 @@ saves for its backward, and the steps shared by all backends, written once.
     backward(backend, dy [T, H], x, weights, plan, act, weight_on_input, adjugate_scale, w_dtype)
         -> dx [T, H], dw1, dw2, da1, da2, d topk_weights [T, k]
 
+With the folded adjugate layout (a FoldedPlan, plan_folded.py) there are only expert rows
+R = T*k and the activations are one buffer each, saved as "h" and "z": h [R, 2I + 2Ia] =
+[gate_e | up_e | gate_a | up_a], z [R, I + Ia] = [z_e | z_a] (unscaled SwiGLU outputs; held as
+Activations((h, None), (z, None))); the adjugate columns hold values on leader rows and zeros
+on every other row. A backend's backward then returns the pair (d row weight [R], d leader
+weight [R]).
+
 Weights (w1 [E, 2I, H], w2 [E, H, I], a1 [G, 2Ia, H] | None, a2 [G, H, Ia] | None) come in two
 *sections*, experts then adjugates, like the plan's rows. Activations are what a training
 forward keeps per plan row of each section: GEMM-1's pre-activations h = [gate | up]
@@ -26,6 +33,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from .plan import Plan
+from .plan_folded import FoldedPlan
 
 
 class Weights(NamedTuple):
@@ -55,6 +63,10 @@ class Activations(NamedTuple):
     @classmethod
     def empty(cls, plan, weights, dtype, device):
         I, Ia = weights.intermediate
+        if plan.layout == "folded":
+            R = plan.num_rows
+            return cls((torch.empty(R, 2 * (I + Ia), dtype=dtype, device=device), None),
+                       (torch.empty(R, I + Ia, dtype=dtype, device=device), None))
         Re, Ra = plan.num_expert_rows, plan.num_adjugate_rows
         new = lambda rows, cols: torch.empty(rows, cols, dtype=dtype, device=device)  # noqa: E731
         if not weights.grove:
@@ -94,31 +106,44 @@ class Grads(NamedTuple):
         return [(self.dw1, self.dw2)] + ([(self.da1, self.da2)] if self.da1 is not None else [])
 
 
-def saved_names(grove):
+def _folded(grove, layout):
+    return grove and layout == "folded"
+
+
+def saved_names(grove, layout="sections"):
     """The names of a training forward's `saved` tensors, in the op's list order."""
+    if _folded(grove, layout):
+        return FoldedPlan.field_names(grove) + ("h", "z")
     return Plan.field_names(grove) + Activations.names(grove)
 
 
 def flatten_saved(plan, act):
     """The op's `saved` list: the plan's tensors and the activations, by name."""
-    named = {**plan.named_tensors(), **act.named()}
-    return [named[n] for n in saved_names(plan.num_groups > 0)]
+    if plan.layout == "folded":
+        named = {**plan.named_tensors(), "h": act.h[0], "z": act.z[0]}
+    else:
+        named = {**plan.named_tensors(), **act.named()}
+    return [named[n] for n in saved_names(plan.num_groups > 0, plan.layout)]
 
 
-def unflatten_saved(saved, T, k, weights):
+def unflatten_saved(saved, T, k, weights, layout="sections"):
     """(Plan, Activations) from a training forward's `saved`."""
-    names = saved_names(weights.grove)
+    names = saved_names(weights.grove, layout)
     if len(saved) != len(names):
         raise ValueError(f"saved: expected the {len(names)} tensors {names}, got {len(saved)}")
     named = dict(zip(names, saved))
     E, G = weights.w1.shape[0], (weights.a1.shape[0] if weights.grove else 0)
+    if _folded(weights.grove, layout):
+        act = Activations((named["h"], None), (named["z"], None))
+        return FoldedPlan.from_named(T, k, E, G, named), act
     return Plan.from_named(T, k, E, G, named), Activations.from_named(named)
 
 
-def saved_tensors(T, k, weights, routing_dtype, dtype, device):
+def saved_tensors(T, k, weights, routing_dtype, dtype, device, layout="sections"):
     """Empty tensors shaped like a training forward's `saved` (the fake kernel's output)."""
     E, G = weights.w1.shape[0], (weights.a1.shape[0] if weights.grove else 0)
-    plan = Plan.empty(T, k, E, G, Plan.weight_dtype(routing_dtype), device)
+    cls = FoldedPlan if _folded(weights.grove, layout) else Plan
+    plan = cls.empty(T, k, E, G, Plan.weight_dtype(routing_dtype), device)
     return flatten_saved(plan, Activations.empty(plan, weights, dtype, device))
 
 
@@ -134,8 +159,13 @@ def forward(backend, x, weights, plan, weight_on_input, save, skips):
         act = Activations.empty(plan, weights, x.dtype, x.device)
         # GEMM-1 never writes rows of no problem (the adjugate section's tail; expert rows of
         # skipped slots); an op output must not hold allocator leftovers.
-        for t in (act.named().values() if skips else act.adjugate()):
-            t.zero_()
+        if plan.layout == "folded":  # nor the adjugate columns of rows that lead no group
+            I = weights.intermediate[0]
+            for t, cols in ((act.h[0], 2 * I), (act.z[0], I)):
+                (t if skips else t[:, cols:]).zero_()
+        else:
+            for t in (act.named().values() if skips else act.adjugate()):
+                t.zero_()
     if T and H:
         backend.forward(x.contiguous(), weights, plan, weight_on_input, y, act)
     elif H == 0 and act is not None:  # K = 0: h and z are zeros
@@ -161,7 +191,10 @@ def backward(backend, dy, x, weights, plan, act, weight_on_input, adjugate_scale
                     else None for t in weights))
     d_row_weight = backend.backward(dy.to(x.dtype).contiguous(), x.contiguous(), weights, plan,
                                     weight_on_input, act, grads)
-    d_topk = plan.topk_weight_grad(d_row_weight, adjugate_scale).to(w_dtype)
+    if plan.layout == "folded":  # (d row weight, d leader weight)
+        d_topk = plan.topk_weight_grad(*d_row_weight, adjugate_scale).to(w_dtype)
+    else:
+        d_topk = plan.topk_weight_grad(d_row_weight, adjugate_scale).to(w_dtype)
     return [g if g is not None else absent() for g in grads] + [d_topk]
 
 

@@ -5,9 +5,9 @@
     grove::experts_forward   x [T, H], w1 [E, 2I, H], w2 [E, H, I], a1 [G, 2Ia, H]?,
                              a2 [G, H, Ia]?, topk_weights [T, k], topk_ids [T, k],
                              expert_map [E_global]?, group_size, adjugate_scale, weight_on_input,
-                             save, backend -> (y [T, H], saved)
+                             save, backend, layout -> (y [T, H], saved)
     grove::experts_backward  dy [T, H], x, w1, w2, a1?, a2?, topk_weights, saved, group_size,
-                             adjugate_scale, weight_on_input, backend
+                             adjugate_scale, weight_on_input, backend, layout
                              -> [dx, dw1, dw2, da1, da2, d topk_weights]
 
 a1/a2 absent means a plain MoE (the vLLM drop-ins). `saved` is empty unless `save`: then it
@@ -20,6 +20,11 @@ is a visible argument: the backward runs on the backend that wrote `saved`, and 
 torch.compile the choice is made at trace time. The op takes the backend object by name
 (backends.get: the one place a backend that cannot run the call is refused; an op called
 directly with "auto" resolves it there) and runs its stages: plan, then experts.
+
+`layout` is the adjugate layout: "sections" (E expert + G adjugate problems, plan.py) or
+"folded" (adjugates on their group's leader expert rows, plan_folded.py). experts() reads it
+per call (settings.adjugate_layout(): GROVE_ADJUGATE_LAYOUT, default sections); calls without
+adjugates always run the sections plan (the layouts coincide there).
 
 Metadata checks (shapes, dtypes, devices) happen once, in api.py; the ops repeat only the group
 count, for callers of torch.ops.grove (the kernels' memory safety rests on it). Value checks
@@ -37,6 +42,7 @@ from . import experts as experts_stage
 from . import settings as values
 from .experts import Weights
 from .routing import weights_dtype
+from .settings import ADJUGATE_LAYOUTS, settings
 
 
 def _check_autodiff(op, *tensors):
@@ -73,6 +79,14 @@ def _check_values(topk_ids, num_experts, expert_map, group_size, grove):
     values.ids_in_range("expert_map", expert_map, -1, num_experts)
     if grove:
         values.groups_whole(expert_map, group_size)
+
+
+def _check_layout(layout, backend, grove):
+    if layout not in ADJUGATE_LAYOUTS:
+        raise ValueError(f"layout: expected one of {ADJUGATE_LAYOUTS}, got {layout!r}")
+    if layout == "folded" and grove and layout not in backend.layouts:
+        raise ValueError(f"GROVE_ADJUGATE_LAYOUT: backend {backend.name!r} does not run the "
+                         f"folded layout; use sections")
 
 
 # ---- routing -------------------------------------------------------------------------------
@@ -133,14 +147,20 @@ def experts_forward(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Optional[
                     a2: Optional[Tensor], topk_weights: Tensor, topk_ids: Tensor,
                     expert_map: Optional[Tensor], group_size: int, adjugate_scale: float,
                     weight_on_input: bool, save: bool = False,
-                    backend: str = "auto") -> Tuple[Tensor, List[Tensor]]:
+                    backend: str = "auto",
+                    layout: str = "sections") -> Tuple[Tensor, List[Tensor]]:
     grove = a1 is not None
     _check_groups(w1, a1, group_size)
     weights = Weights(w1, w2, a1, a2)
     stages = backends.get(backend, hidden_states, weights)
+    _check_layout(layout, stages, grove)
     _check_values(topk_ids, w1.shape[0], expert_map, group_size, grove)
-    plan = stages.build_plan(topk_ids, topk_weights, w1.shape[0], group_size if grove else 0,
-                             adjugate_scale, expert_map)
+    if layout == "folded" and grove:
+        plan = stages.build_folded_plan(topk_ids, topk_weights, w1.shape[0], group_size,
+                                        adjugate_scale, expert_map)
+    else:
+        plan = stages.build_plan(topk_ids, topk_weights, w1.shape[0],
+                                 group_size if grove else 0, adjugate_scale, expert_map)
     return experts_stage.forward(stages, hidden_states, weights, plan, weight_on_input, save,
                                  skips=expert_map is not None or _unchecked(topk_ids))
 
@@ -153,12 +173,12 @@ def _unchecked(topk_ids):
 
 @experts_forward.register_fake
 def _(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
-      adjugate_scale, weight_on_input, save=False, backend="auto"):
+      adjugate_scale, weight_on_input, save=False, backend="auto", layout="sections"):
     saved = []
     if save:
         saved = experts_stage.saved_tensors(hidden_states.shape[0], topk_ids.shape[1],
-                                      Weights(w1, w2, a1, a2), topk_weights.dtype,
-                                      hidden_states.dtype, hidden_states.device)
+                                             Weights(w1, w2, a1, a2), topk_weights.dtype,
+                                             hidden_states.dtype, hidden_states.device, layout)
     return hidden_states.new_empty(hidden_states.shape), saved
 
 
@@ -166,12 +186,13 @@ def _(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_s
 def experts_backward(grad_out: Tensor, hidden_states: Tensor, w1: Tensor, w2: Tensor,
                      a1: Optional[Tensor], a2: Optional[Tensor], topk_weights: Tensor,
                      saved: List[Tensor], group_size: int, adjugate_scale: float,
-                     weight_on_input: bool, backend: str) -> List[Tensor]:
+                     weight_on_input: bool, backend: str,
+                     layout: str = "sections") -> List[Tensor]:
     """[dx, dw1, dw2, da1, da2, d topk_weights]; da1/da2 are empty when a1/a2 are absent.
     saved: the `saved` of an experts_forward run with save=True on the same backend."""
     weights = Weights(w1, w2, a1, a2)
     T, k = topk_weights.shape
-    plan, act = experts_stage.unflatten_saved(saved, T, k, weights)
+    plan, act = experts_stage.unflatten_saved(saved, T, k, weights, layout)
     return experts_stage.backward(backends.get(backend, hidden_states, weights), grad_out,
                                   hidden_states, weights, plan, act, weight_on_input,
                                   adjugate_scale, topk_weights.dtype)
@@ -179,7 +200,7 @@ def experts_backward(grad_out: Tensor, hidden_states: Tensor, w1: Tensor, w2: Te
 
 @experts_backward.register_fake
 def _(grad_out, hidden_states, w1, w2, a1, a2, topk_weights, saved, group_size, adjugate_scale,
-      weight_on_input, backend):
+      weight_on_input, backend, layout="sections"):
     # Contiguous like the real kernels' outputs, whatever the inputs' strides.
     return [hidden_states.new_empty(hidden_states.shape), w1.new_empty(w1.shape),
             w2.new_empty(w2.shape), a1.new_empty(a1.shape) if a1 is not None else w1.new_empty(0),
@@ -191,12 +212,13 @@ def _(grad_out, hidden_states, w1, w2, a1, a2, topk_weights, saved, group_size, 
 # order of experts_backward's list).
 _FORWARD_ARGS = ("hidden_states", "w1", "w2", "a1", "a2", "topk_weights", "topk_ids",
                  "expert_map", "group_size", "adjugate_scale", "weight_on_input", "save",
-                 "backend")
+                 "backend", "layout")
 _GRAD_ARGS = ("hidden_states", "w1", "w2", "a1", "a2", "topk_weights")
 
 
 def _experts_setup(ctx, inputs, output):
     args = dict(zip(_FORWARD_ARGS, inputs))
+    args.setdefault("layout", "sections")  # torch leaves out trailing default arguments
     _, saved = output
     if not args["save"]:
         raise RuntimeError("grove::experts_forward: gradients need the activations; call it "
@@ -204,7 +226,7 @@ def _experts_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*saved)
     ctx.save_for_backward(*(args[n] for n in _GRAD_ARGS), *saved)
     ctx.config = {n: args[n] for n in ("group_size", "adjugate_scale", "weight_on_input",
-                                       "backend")}
+                                       "backend", "layout")}
 
 
 def _experts_backward(ctx, grad_out, grad_saved):
@@ -215,7 +237,8 @@ def _experts_backward(ctx, grad_out, grad_saved):
     if a1 is None:  # a plain MoE: experts_backward's da1 / da2 are empty placeholders
         named.pop("a1", None)
         named.pop("a2", None)
-    return tuple(named.get(n) for n in _FORWARD_ARGS)
+    # One entry per input torch kept (it leaves out trailing arguments equal to their default).
+    return tuple(named.get(n) for n in _FORWARD_ARGS[:len(ctx.needs_input_grad)])
 
 
 experts_forward.register_autograd(_experts_backward, setup_context=_experts_setup)
@@ -229,5 +252,6 @@ def experts(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size, a
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w1, w2, a1, a2, topk_weights))
     backend = backends.resolve(x, Weights(w1, w2, a1, a2), training=save)
+    layout = settings.adjugate_layout() if a1 is not None else "sections"
     return experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
-                           adjugate_scale, weight_on_input, save, backend)[0]
+                           adjugate_scale, weight_on_input, save, backend, layout)[0]

@@ -45,6 +45,7 @@ class Plan:
     token_mask: torch.Tensor  # [T, c] bool: entry is a real row
     group_match: Optional[torch.Tensor]  # [T, k, k] bool: slots j and m select the same group
 
+    layout = "sections"
     _FIELDS = ("row_token", "row_weight", "expert_offsets", "token_rows", "token_weight",
                "token_mask")
     _GROVE_FIELDS = ("adjugate_offsets", "group_match")
@@ -191,3 +192,4 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
         token_rows=rows, token_weight=torch.cat(token_weight, 1), token_mask=mask,
         group_match=group_match,
     )
+

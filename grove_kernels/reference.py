@@ -134,6 +134,9 @@ def _gather_sum(plan, rows, weight):
 
 
 def forward(x, weights, plan, weight_on_input, y, act):
+    if plan.layout == "folded":
+        from . import reference_folded
+        return reference_folded.forward(x, weights, plan, weight_on_input, y, act)
     outs = []
     for token, weight, offsets, wa, wb, h_out, z_out in _sections(plan, weights, act):
         h = gmm(_input_rows(x, token, weight, weight_on_input), wa, offsets, True)
@@ -150,6 +153,9 @@ def forward(x, weights, plan, weight_on_input, y, act):
 
 
 def backward(dy, x, weights, plan, weight_on_input, act, grads):
+    if plan.layout == "folded":
+        from . import reference_folded
+        return reference_folded.backward(dy, x, weights, plan, weight_on_input, act, grads)
     dy = dy.to(_acc(x.dtype))
     d_row_weight, dx_rows = [], []
     for (token, weight, offsets, wa, wb, h, z), (d_wa, d_wb) in zip(

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from helpers import backend, gen  # noqa: F401,E402  (fixtures shared by the test files)
+from helpers import backend, gen, layout  # noqa: F401,E402  (fixtures shared by the test files)
 
 try:
     from hypothesis import HealthCheck, settings

@@ -43,10 +43,29 @@ def backend(request):
         yield request.param
 
 
+LAYOUTS = ("sections", "folded")
+
+
+@pytest.fixture(params=LAYOUTS)
+def layout(request, monkeypatch):
+    """Both adjugate layouts: the test body runs with GROVE_ADJUGATE_LAYOUT set to each."""
+    monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", request.param)
+    return request.param
+
+
 @pytest.fixture
 def gen(request):
-    """A generator seeded from the test's id: fresh inputs per test, reproducible per run."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    """A generator seeded from the test's id: fresh inputs per test, reproducible per run.
+    The adjugate layout is left out of the id: both layouts see the same inputs."""
+    nodeid = request.node.nodeid
+    callspec = getattr(request.node, "callspec", None)
+    layout = callspec.params.get("layout") if callspec is not None else None
+    if layout is not None:
+        head, sep, ids = nodeid.partition("[")
+        parts = ids.rstrip("]").split("-")
+        parts.remove(layout)
+        nodeid = head + (sep + "-".join(parts) + "]" if parts else "")
+    return torch.Generator().manual_seed(zlib.crc32(nodeid.encode()))
 
 
 def randn(*shape, gen, scale=1.0, dtype=torch.float32, device="cpu"):

@@ -55,7 +55,7 @@ def test_forward_mode_ad_is_refused_by_name(backend, gen):
         assert _grove(p, w, ids).shape == (T, H)
 
 
-def test_zero_hidden_size(backend, gen):
+def test_zero_hidden_size(backend, layout, gen):
     _, w, ids = _layer(gen)
     p = dict(x=torch.randn(T, 0), w1=torch.randn(E, 2 * I, 0), w2=torch.randn(E, 0, I),
              a1=torch.randn(E // S, 2 * Ia, 0), a2=torch.randn(E // S, 0, Ia))

@@ -71,7 +71,7 @@ def _grove_oracle(p, w, ids, S, lam):
 
 @DTYPES
 @pytest.mark.parametrize("case", list(GROVE_CASES))
-def test_fused_grove_experts(backend, gen, case, dtype):
+def test_fused_grove_experts(backend, layout, gen, case, dtype):
     c = _case(case)
     p, w, ids = _grove_inputs(c, gen, dtype)
     before = {n: t.clone() for n, t in p.items()}
@@ -88,7 +88,7 @@ def test_fused_grove_experts(backend, gen, case, dtype):
     assert_close(y, ref, "y", torch_out=backend_reference(call, backend))
 
 
-def test_fused_grove_experts_default_scale(backend, gen):
+def test_fused_grove_experts_default_scale(backend, layout, gen):
     """adjugate_scale defaults to 0.05 and group_size to 2 (docs/design.md §1)."""
     c = _case("coselected")
     p, w, ids = _grove_inputs(c, gen, torch.float32)
@@ -96,7 +96,7 @@ def test_fused_grove_experts_default_scale(backend, gen):
     assert_close(y, _grove_oracle(p, w, ids, 2, 0.05), "y")
 
 
-def test_adjugate_matches_two_call_emulation(backend, gen):
+def test_adjugate_matches_two_call_emulation(backend, layout, gen):
     """Co-selected experts of a group: one adjugate with the summed weight equals, by
     linearity, the released two-call emulation (adjugates as a second fused call with
     ids // S). An independent cross-check of the oracle; a double-counted adjugate
@@ -195,7 +195,7 @@ MOE_CASES = {
 
 @DTYPES
 @pytest.mark.parametrize("case", list(MOE_CASES))
-def test_grove_moe(backend, gen, case, dtype):
+def test_grove_moe(backend, layout, gen, case, dtype):
     c = {**BASE, "renormalize": True, "bias": False, **MOE_CASES[case]}
     p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, dtype)
     logits = router_logits(c["T"], c["E"], gen, dtype)
@@ -339,7 +339,7 @@ def test_fused_moe_expert_map(backend, gen):
 
 
 @DTYPES
-def test_empty_batch(backend, gen, dtype):
+def test_empty_batch(backend, layout, gen, dtype):
     H, E = 40, 8
     p = make_grove(0, H, E, 24, 8, 2, gen, dtype)
     w, ids = routing(0, E, 2, gen)

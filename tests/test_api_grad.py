@@ -67,11 +67,11 @@ GROVE_CASES = {
 
 @GRAD_DTYPES
 @pytest.mark.parametrize("case", list(GROVE_CASES))
-def test_fused_grove_experts_grad(backend, gen, case, dtype):
+def test_fused_grove_experts_grad(backend, layout, gen, case, dtype):
     _grove_grad(backend, gen, {**BASE, **GROVE_CASES[case]}, dtype)
 
 
-def test_fused_grove_experts_grad_fp16(backend, gen):
+def test_fused_grove_experts_grad_fp16(backend, layout, gen):
     _grove_grad(backend, gen, {**BASE, **GROVE_CASES["coselected"]}, torch.float16)
 
 
@@ -114,7 +114,7 @@ MOE_CASES = {
 
 @GRAD_DTYPES
 @pytest.mark.parametrize("case", list(MOE_CASES))
-def test_grove_moe_grad(backend, gen, case, dtype):
+def test_grove_moe_grad(backend, layout, gen, case, dtype):
     c = {**BASE, "renormalize": True, "bias": False, **MOE_CASES[case]}
     T, H, E, S, k = c["T"], c["H"], c["E"], c["S"], c["k"]
     inputs = make_grove(T, H, E, c["I"], c["Ia"], S, gen, dtype)
@@ -140,7 +140,7 @@ def test_grove_moe_grad(backend, gen, case, dtype):
     _compare(grads, inputs, ref, dtype, torch_run[1] if torch_run else None)
 
 
-def test_selection_bias_gets_no_gradient(backend, gen):
+def test_selection_bias_gets_no_gradient(backend, layout, gen):
     """A bias that requires grad is a selection input only: no gradient, logits' still right."""
     T, E, k, S = 29, 8, 2, 2
     p = make_grove(T, 40, E, 24, 8, S, gen)
@@ -232,7 +232,7 @@ def test_fused_experts_grad(backend, gen, case, dtype):
 
 
 @pytest.mark.parametrize("fn_name", ["fused_grove_experts", "grove_moe", "fused_experts"])
-def test_empty_batch_backward(backend, gen, fn_name):
+def test_empty_batch_backward(backend, layout, gen, fn_name):
     H, E = 40, 8
     p = {n: leaf(t) for n, t in make_grove(0, H, E, 24, 8, 2, gen).items()}
     w, ids = routing(0, E, 2, gen)
@@ -252,3 +252,40 @@ def test_empty_batch_backward(backend, gen, fn_name):
     assert p["x"].grad is not None and p["x"].grad.shape == (0, H)
     for name, t in leaves.items():
         assert t.grad is None or (t.grad.shape == t.shape and torch.all(t.grad == 0)), name
+
+
+# ----------------------------------------------------------------------------- expert parallel
+
+@GRAD_DTYPES
+@pytest.mark.parametrize("k", [2, 3])
+def test_fused_grove_experts_expert_map_grad(backend, layout, gen, k, dtype):
+    """Groups 1 and 3 of 4 on this rank (local experts 0..3): slots of the others are skipped.
+    A skipped slot is, for the oracle, local expert 0 with weight 0 (it adds 0 to its term and
+    to its group's weight), so every value and gradient but its own d topk_weights is equal."""
+    T, H, I, Ia, S, E_global = 23, 24, 12, 6, 2, 8
+    emap = torch.tensor([-1, -1, 0, 1, -1, -1, 2, 3], dtype=torch.int32)
+    inputs = make_grove(T, H, 4, I, Ia, S, gen, dtype)
+    w, ids = routing(T, E_global, k, gen)
+    inputs["topk_weights"] = w
+    dy = randn(T, H, gen=gen, dtype=dtype)
+
+    def fn(x, w1, w2, a1, a2, topk_weights):
+        return gk.fused_grove_experts(x, w1, w2, a1, a2, topk_weights, ids, group_size=S,
+                                      adjugate_scale=LAM, expert_map=emap)
+
+    def run():
+        return _backward(fn, inputs, dy)
+
+    y, grads = run()
+    local = emap.long()[ids]
+    off = local < 0
+    assert off.any() and not off.all(dim=1).all()
+    ref = {n: to64(t, requires_grad=True) for n, t in inputs.items()}
+    y_ref = oracle.grove_layer(ref["x"], ref["w1"], ref["w2"], ref["a1"], ref["a2"],
+                               ref["topk_weights"] * (~off), local.clamp(min=0), S, LAM)
+    y_ref.backward(to64(dy))
+    assert_close(y, y_ref, "y", dtype=dtype)
+    assert torch.all(grads["topk_weights"][off] == 0)
+    ref["topk_weights"].grad[off] = 0
+    torch_run = backend_reference(run, backend)
+    _compare(grads, inputs, ref, dtype, torch_run[1] if torch_run else None)

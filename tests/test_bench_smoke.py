@@ -31,8 +31,8 @@ from bench import cost, plot, progress, report  # noqa: E402
 from bench.presets import Preset  # noqa: E402
 
 TOP_KEYS = ("device", "torch", "commit", "date", "ceilings", "rows")
-ROW_KEYS = ("preset", "routing", "T", "pass", "variant", "backend", "us", "tflops", "gbps",
-            "floor_us", "pct_floor", "distinct_groups")
+ROW_KEYS = ("preset", "routing", "T", "pass", "variant", "layout", "backend", "us", "tflops",
+            "gbps", "floor_us", "pct_floor", "distinct_groups")
 RATE_KEYS = ("us", "tflops", "gbps", "floor_us", "pct_floor", "distinct_groups")
 REQUIRED_VARIANTS = ("grove", "plain", "grove-2call")
 SMOKE_TOKENS = (1, 16, 64)
@@ -216,6 +216,38 @@ def test_partial_results_after_every_row():
     assert [len(r["rows"]) for r in seen] == [1, 2]
     assert [r["complete"] for r in seen] == [False, False] and result["complete"] is True
     assert seen[-1]["rows"] == result["rows"]
+
+
+def test_layout_axis(monkeypatch):
+    """--layout folded,sections: the Grove layer of gk runs under each adjugate layout (a row
+    each, checked against the same reference), other variants once with layout None; the
+    caller's GROVE_ADJUGATE_LAYOUT is restored."""
+    from bench import cli, runner
+
+    monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", "sections")
+    args = ["--smoke", "--tokens", "3", "--pass", "fwd+bwd", "--variants", "grove,plain",
+            "--layout", "folded,sections", "--backends", "torch"]
+    parser = cli.build_parser()
+    cfg = cli.config_from_args(parser.parse_args(args), parser)
+    cfg.log = None
+    seen = []
+    real_build = runner.var.build
+
+    def build(variant, *a, **kw):
+        seen.append((variant.name, os.environ.get("GROVE_ADJUGATE_LAYOUT")))
+        return real_build(variant, *a, **kw)
+
+    monkeypatch.setattr(runner.var, "build", build)
+    result = runner.run(cfg)
+    got = [(r["variant"], r["layout"], r["check"]) for r in result["rows"]]
+    assert got == [("grove", "folded", "ok"), ("grove", "sections", "ok"), ("plain", None, "ok")]
+    # (the references are built too, under sections)
+    assert seen[0] == ("grove", "folded")
+    assert set(seen) == {("grove", "folded"), ("grove", "sections"), ("plain", "sections")}
+    assert os.environ["GROVE_ADJUGATE_LAYOUT"] == "sections"
+    assert result["config"]["layouts"] == ["folded", "sections"]
+    with pytest.raises(SystemExit):
+        cli.config_from_args(parser.parse_args(["--layout", "diagonal"]), parser)
 
 
 def test_table_printed(smoke):

@@ -126,3 +126,29 @@ def test_tuner_smoke_writes_buckets(tmp_path):
     assert buckets[1]["max_rows_per_problem"] == float("inf")
     for b in buckets:
         assert b["fwd_us"] > 0 and b["fwd_bwd_us"] > 0 and len(b["wgrad"]) == 5
+
+
+FOLDED_PLAN = ["_folded_slots_kernel", "_plan_scan_kernel", "_folded_offsets_kernel",
+               "_folded_scatter_kernel"]
+
+
+def test_folded_launches(launches, monkeypatch):
+    """GROVE_ADJUGATE_LAYOUT=folded runs the folded plan and kernels, forward and backward;
+    the sections layout stays the default."""
+    monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", "folded")
+    x, w1, w2, a1, a2, logits = _layer()
+    leaves = [t.requires_grad_() for t in (x, w1, w2, a1, a2, logits)]
+    with gk.use_backend("triton"):
+        y = gk.grove_moe(leaves[0], leaves[5], *leaves[1:5], top_k=3)
+        assert launches == ["_topk_softmax_kernel"] + FOLDED_PLAN + [
+            "_folded_gemm1_kernel", "_folded_k_concat_kernel", "_combine_rows_kernel"]
+        del launches[:]
+        y.backward(torch.randn_like(y))
+    assert launches == ["_folded_dgemm2_kernel", "_folded_wgrad_kernel", "_folded_wgrad_kernel",
+                        "_folded_k_concat_kernel", "_combine_rows_kernel"]
+    monkeypatch.delenv("GROVE_ADJUGATE_LAYOUT")
+    del launches[:]
+    with gk.use_backend("triton"):
+        gk.grove_moe(x.detach(), logits.detach(), w1.detach(), w2.detach(), a1.detach(),
+                     a2.detach(), top_k=3)
+    assert launches[5] == "_gemm1_swiglu_kernel"

@@ -1,5 +1,6 @@
 """The `triton` backend's experts stage: forward and backward of the Grove / plain MoE layer over
 a Plan (protocol in grove_kernels/experts.py). One launch per GEMM stage covers both sections.
+FoldedPlans (the folded adjugate layout) go to backend_folded.py.
 
 Forward (launches: GEMM-1, GEMM-2, combine):
     GEMM-1 + SwiGLU   x[token] @ w1|a1 -> z_e [R_e, I], z_a [R_a, Ia]   (a training forward also
@@ -48,6 +49,9 @@ def _b_pair(we, wa, transpose):
 
 
 def forward(x, weights, plan, weight_on_input, y, act):
+    if plan.layout == "folded":
+        from . import backend_folded
+        return backend_folded.forward(x, weights, plan, weight_on_input, y, act)
     H = x.shape[1]
     w1, w2, a1, a2 = weights
     I, Ia = weights.intermediate
@@ -68,6 +72,9 @@ def forward(x, weights, plan, weight_on_input, y, act):
 
 
 def backward(dy, x, weights, plan, weight_on_input, act, grads):
+    if plan.layout == "folded":
+        from . import backend_folded
+        return backend_folded.backward(dy, x, weights, plan, weight_on_input, act, grads)
     H = x.shape[1]
     w1, w2, a1, a2 = weights
     I, Ia = weights.intermediate

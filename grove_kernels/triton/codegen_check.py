@@ -9,6 +9,8 @@ grove-33b shapes) and counts in the PTX:
     cp16       16-byte asynchronous global->shared copies (vectorized, pipelined loads)
 A kernel that loses its stride specializations compiles with no cp.async at all: this check
 catches that, and GPU-only compile errors, on a CPU machine. Must run WITHOUT TRITON_INTERPRET.
+The folded adjugate layout's kernels (gemm_folded.py, wgrad_folded.py) are listed first;
+`--folded` compiles those alone. Options: --json, --heuristic (every bucket, bf16 and fp32).
 """
 import json
 import os
@@ -22,14 +24,20 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from . import gemm1_swiglu, gemm_k_grouped, gemm_m_grouped  # noqa: E402
+from . import gemm1_swiglu, gemm_folded, gemm_k_grouped, gemm_m_grouped, wgrad_folded  # noqa
 
 # Integer arguments that are multiples of 16 at grove-33b shapes (H=2048, I=768, Ia=128).
 _ALIGNED_INTS = {"stride_xt", "s_w1_p", "s_w1_n", "s_a1_p", "s_a1_n", "K", "N_E", "N_A", "K_E",
                  "K_A", "s_be_p", "s_be", "s_ba_p", "s_ba", "stride_a_gather",
-                 "stride_out_shared", "M_E", "M_A", "s_oe_p", "s_oa_p", "stride_b_gather"}
+                 "stride_out_shared", "M_E", "M_A", "s_oe_p", "s_oa_p", "stride_b_gather",
+                 # the folded layout's kernels (I + Ia = 896, 2I + 2Ia = 1792)
+                 "I", "IA", "stride_z", "stride_h", "stride_a", "A_OFF", "s_be_k", "s_be_n",
+                 "s_ba_k", "s_ba_n", "N", "stride_o", "stride_dy", "s_w2_p", "s_w2_k",
+                 "s_w2_n", "s_a2_p", "s_a2_k", "s_a2_n", "stride_b", "A_COL", "B_COL"}
 _INDEX_PTRS = {"row_token_ptr": "*i64", "row_weight_ptr": "*fp32", "block_offsets": "*i32",
                "prob_start": "*i32", "prob_count": "*i32", "part_ptr": "*fp32",
+               "leader_ends": "*i64", "expert_offsets": "*i64", "leader_weight_ptr": "*fp32",
+               "part_e_ptr": "*fp32", "part_a_ptr": "*fp32",
                "token_rows_ptr": "*i64", "token_mask_ptr": "*i1", "ids_ptr": "*i32",
                "weights_ptr": "*fp32", "bias_ptr": "*fp32"}
 
@@ -69,7 +77,30 @@ def config_jobs(conf, dtype="bf16"):
     rw, rs = conf.rows.num_warps, conf.rows.num_stages
     ww, ws = conf.wgrad.num_warps, conf.wgrad.num_stages
     m = gemm_m_grouped
-    return [
+    # Folded layout: unit strides are JIT specializations (an int argument equal to 1); the
+    # weights' last dimension is the unit one, so per launch these operand strides are 1.
+    f1 = dict(P_POW2=256, BM=bm, BN=conf.gemm1.bn, BK=conf.gemm1.bk, s_w1_k=1, s_a1_k=1, **dot)
+
+    def frows(r, **kw):
+        return dict(P_POW2=256, BM=bm, BN=r.bn, BK=r.bk, **dot, **kw)
+
+    fg2, fbwd = cfg.folded_gemm2_rows(conf), cfg.folded_dgemm2_rows(conf)
+    fwg = dict(wg, S=2)
+    folded = [
+        ("folded_gemm1", gemm_folded._folded_gemm1_kernel, dict(f1, STORE_H=False), gw, gs),
+        ("folded_gemm1+h", gemm_folded._folded_gemm1_kernel, dict(f1, STORE_H=True), gw, gs),
+        ("folded_gemm2", gemm_folded._folded_k_concat_kernel,
+         frows(fg2, SCALE=True, s_be_k=1, s_ba_k=1), fg2.num_warps, fg2.num_stages),
+        ("folded_dgemm2", gemm_folded._folded_dgemm2_kernel,
+         frows(fbwd, s_w2_n=1, s_a2_n=1), fbwd.num_warps, fbwd.num_stages),
+        ("folded_dgemm1", gemm_folded._folded_k_concat_kernel,
+         frows(conf.rows, SCALE=False, s_be_n=1, s_ba_n=1), rw, rs),
+        ("folded_wgrad_dw2", wgrad_folded._folded_wgrad_kernel,
+         dict(fwg, GATHER_A=True, GATHER_B=False, SCALE_A=True), ww, ws),
+        ("folded_wgrad_dw1", wgrad_folded._folded_wgrad_kernel,
+         dict(fwg, GATHER_A=False, GATHER_B=True, SCALE_A=False), ww, ws),
+    ]
+    return folded + [
         ("gemm1_swiglu", gemm1_swiglu._gemm1_swiglu_kernel, dict(g1, STORE_H=False), gw, gs),
         ("gemm1_swiglu+h", gemm1_swiglu._gemm1_swiglu_kernel, dict(g1, STORE_H=True), gw, gs),
         ("gemm2", m._gemm_m_grouped_kernel,
@@ -137,13 +168,14 @@ def offset_report():
     launch config_jobs lists (kernels added there are covered), bf16 and fp32."""
     from . import config as cfg
 
+    import torch
+
     out = {}
-    for dtype in ("bf16", "fp32"):
-        conf = cfg._heuristic(64)
-        for label, kernel, constexprs, warps, stages in config_jobs(conf, dtype):
-            compiled = _compile(kernel, dict(constexprs, IEEE=dtype == "fp32"), warps, stages,
-                                dtype)
-            out[f"{label} {dtype}"] = narrow_products(compiled.asm["ttir"])
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        conf = cfg._for_dtype(cfg._heuristic(64), dtype)
+        for label, kernel, constexprs, warps, stages in config_jobs(conf, name):
+            compiled = _compile(kernel, constexprs, warps, stages, name)
+            out[f"{label} {name}"] = narrow_products(compiled.asm["ttir"])
     for label, kernel, constexprs in _other_kernels():
         out[label] = narrow_products(_compile(kernel, constexprs, 4, 1).asm["ttir"])
     return out
@@ -186,16 +218,25 @@ def _report(label, compiled, **extra):
                 registers=regs, spill_bytes=spill)
 
 
-def check():
+def _every(label):
+    return True
+
+
+def _folded_only(label):
+    return label.startswith("folded")
+
+
+def check(select=_every):
     """Every launch of the heuristic's 64-rows-per-expert Config (BM = 64: wgmma territory;
     BM < 64 tiles run on mma.sync by design) in bf16."""
     from . import config as cfg
 
     return [_report(label, _compile(kernel, constexprs, warps, stages))
-            for label, kernel, constexprs, warps, stages in config_jobs(cfg._heuristic(64))]
+            for label, kernel, constexprs, warps, stages in config_jobs(cfg._heuristic(64))
+            if select(label)]
 
 
-def heuristic_usage():
+def heuristic_usage(select=_every):
     """Shared memory, registers and spills of every launch under each heuristic bucket's
     Config, in bf16 and fp32 (fp32 halves BK): [{"rows_per_problem", "dtype", "kernel", ...}]."""
     import torch
@@ -207,6 +248,8 @@ def heuristic_usage():
         for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
             conf = cfg._for_dtype(cfg._heuristic(rows_per_problem), dtype)
             for label, kernel, constexprs, warps, stages in config_jobs(conf, name):
+                if not select(label):
+                    continue
                 compiled = _compile(kernel, constexprs, warps, stages, name)
                 out.append(_report(label, compiled, rows_per_problem=rows_per_problem,
                                    dtype=name))
@@ -217,10 +260,11 @@ def main():
     if "--offsets" in sys.argv:
         print(json.dumps(offset_report()))
         return
+    select = _folded_only if "--folded" in sys.argv else _every  # the folded layout's alone
     if "--heuristic" in sys.argv:
-        print(json.dumps(heuristic_usage()))
+        print(json.dumps(heuristic_usage(select)))
         return
-    rows = check()
+    rows = check(select)
     if "--json" in sys.argv:
         print(json.dumps(rows))
         return

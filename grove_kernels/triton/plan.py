@@ -244,3 +244,4 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
         keys, token_weight, mask_bytes, counts, totals[1], row_token, row_weight, token_rows,
         T * k, E, P, T * ka, K=k, B=_BLOCK_SLOTS, HAS_GROUPS=G > 0, num_warps=_SCATTER_WARPS)
     return plan
+

@@ -125,8 +125,9 @@ _SSA = re.compile(r"^\s*(%[\w.#-]+)(?::\d+)? = ([\w.]+)(.*)$")
 def narrow_products(ttir):
     """The 32-bit multiplications of two run-time values (row x stride, program id x size)
     that reach a pointer offset in the TTIR `ttir`: each such product overflows silently past
-    2^31 elements, so offsets must be formed in 64 bits. A product with a constant (a tile
-    size: the index of one dimension, whose size the host bounds) is not reported."""
+    2^31 elements, so offsets must be formed in 64 bits. Not reported: a product with a
+    constant (a tile size: the index of one dimension, whose size the host bounds) and one of
+    launch sizes alone (arguments, no program id: tile counts of the grid)."""
     out = []
     for func in re.split(r"\btt\.func\b", ttir)[1:]:
         # Sibling regions (the branches of an scf.if) reuse SSA names: a name maps to every
@@ -144,6 +145,14 @@ def narrow_products(ttir):
                 op in ("tt.splat", "tt.broadcast", "tt.expand_dims") and all(map(const, ops)))
                 for op, ops, _ in defs[v])
 
+        def sizes_only(v, depth=0):  # launch sizes: arguments, constants and their arithmetic
+            if v not in defs:
+                return True  # a function argument (or a loop's block argument)
+            return depth < 8 and all(
+                op.startswith("arith.") and op != "arith.constant" and
+                all(sizes_only(o, depth + 1) for o in ops) or op == "arith.constant"
+                for op, ops, _ in defs[v])
+
         seen = set()
         stack = [d[1][1] for ds in defs.values() for d in ds
                  if d[0] == "tt.addptr" and len(d[1]) == 2]
@@ -154,7 +163,8 @@ def narrow_products(ttir):
             seen.add(v)
             for op, operands, body in defs[v]:
                 if op == "arith.muli" and re.search(r":\s*(tensor<[\dx]*)?i32>?\s*$", body) \
-                        and not any(const(o) for o in operands):
+                        and not any(const(o) for o in operands) \
+                        and not all(sizes_only(o) for o in operands):
                     out.append(f"{v} = {op}{body}")
                 if op in ("arith.addi", "arith.subi", "arith.muli", "arith.extsi",
                           "arith.extui", "tt.splat", "tt.broadcast", "tt.expand_dims",

@@ -160,7 +160,7 @@ def _k_loop(acc, a_ptr, stride_a, a_col, rows, row_ok, K, b_ptr, s_k, s_n, cols,
             BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     ks = tl.arange(0, BK)
     a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_a + a_col + ks[None, :]
-    b_ptrs = b_ptr + ks[:, None] * s_k + cols[None, :].to(tl.int64) * s_n
+    b_ptrs = b_ptr + ks[:, None].to(tl.int64) * s_k + cols[None, :].to(tl.int64) * s_n
     for k0 in range(0, K, BK):
         k_ok = (k0 + ks) < K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -238,7 +238,7 @@ def _dgemm2_tile(dy_ptr, stride_dy, token, rows, row_ok, weight_ptr, b_ptr, s_k,
     col_ok = cols < N
     ks = tl.arange(0, BK)
     a_ptrs = dy_ptr + token[:, None] * stride_dy + ks[None, :]
-    b_ptrs = b_ptr + ks[:, None].to(tl.int64) * s_k + cols[None, :] * s_n
+    b_ptrs = b_ptr + ks[:, None].to(tl.int64) * s_k + cols[None, :].to(tl.int64) * s_n
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         k_ok = (k0 + ks) < K

@@ -28,24 +28,25 @@ import torch
 from .plan import Plan
 
 
-class Weights(NamedTuple):
+class _WeightTensors(NamedTuple):
     w1: torch.Tensor
     w2: torch.Tensor
     a1: Optional[torch.Tensor]
     a2: Optional[torch.Tensor]
 
-    @property
-    def grove(self):
-        return self.a1 is not None
 
-    @property
-    def intermediate(self):
-        """(I, Ia): the SwiGLU widths of the sections (Ia = 0 without adjugates)."""
-        return self.w1.shape[1] // 2, (self.a1.shape[1] // 2 if self.grove else 0)
+class Weights(_WeightTensors):
+    """(w1, w2, a1, a2), unpacked like a tuple, with what every stage asks of them as plain
+    attributes (reading one is not a call back into this module):
+        grove          a1 is present (False: a plain MoE)
+        intermediate   (I, Ia), the SwiGLU widths of the sections (Ia = 0 without adjugates)
+    """
 
-    def sections(self):
-        """(W1, W2) of each section present: experts, then adjugates."""
-        return [(self.w1, self.w2)] + ([(self.a1, self.a2)] if self.grove else [])
+    def __new__(cls, w1, w2, a1=None, a2=None):
+        self = super().__new__(cls, w1, w2, a1, a2)
+        self.grove = a1 is not None
+        self.intermediate = (w1.shape[1] // 2, a1.shape[1] // 2 if a1 is not None else 0)
+        return self
 
 
 class Activations(NamedTuple):

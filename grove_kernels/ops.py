@@ -134,15 +134,16 @@ def experts_forward(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Optional[
                     expert_map: Optional[Tensor], group_size: int, adjugate_scale: float,
                     weight_on_input: bool, save: bool = False,
                     backend: str = "auto") -> Tuple[Tensor, List[Tensor]]:
+    # The stages in layer order, each file entered once: backend lookup, value checks, plan,
+    # experts (docs/design.md §3.1).
     grove = a1 is not None
     _check_groups(w1, a1, group_size)
-    weights = Weights(w1, w2, a1, a2)
-    stages = backends.get(backend, hidden_states, weights)
+    stages = backends.get(backend, hidden_states, (w1, w2, a1, a2))
     _check_values(topk_ids, w1.shape[0], expert_map, group_size, grove)
     plan = stages.build_plan(topk_ids, topk_weights, w1.shape[0], group_size if grove else 0,
                              adjugate_scale, expert_map)
-    return experts_stage.forward(stages, hidden_states, weights, plan, weight_on_input, save,
-                                 skips=expert_map is not None)
+    return experts_stage.forward(stages, hidden_states, Weights(w1, w2, a1, a2), plan,
+                                 weight_on_input, save, skips=expert_map is not None)
 
 
 @experts_forward.register_fake
@@ -221,7 +222,6 @@ def experts(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size, a
     _check_autodiff("grove::experts_forward", x, w1, w2, a1, a2, topk_weights)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w1, w2, a1, a2, topk_weights))
-    backend = backends.resolve(x, Weights(w1, w2, a1, a2), training=save,
-                               top_k=topk_ids.shape[1])
+    backend = backends.resolve(x, (w1, w2, a1, a2), training=save, top_k=topk_ids.shape[1])
     return experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
                            adjugate_scale, weight_on_input, save, backend)[0]

@@ -99,6 +99,9 @@ class Plan:
         self.expert_weight = self.row_weight[:Re]
         self.adjugate_token = self.row_token[Re:] if grove else None
         self.adjugate_weight = self.row_weight[Re:] if grove else None
+        # The unified-GEMM view (start [E+G], count [E+G] int64, absolute rows); a plan filled
+        # in place after construction is rebuilt (dataclasses.replace) to refresh it.
+        self.problem_start, self.problem_count = self.problem_rows()
 
     def topk_weight_grad(self, d_row_weight, adjugate_scale):
         """d topk_weights [T, k] from d(row weight) [R]: an expert row's weight is w_tj, an

@@ -2,9 +2,9 @@
 # The tests, by tier (docs/design.md §5). Usage: bash scripts/test.sh [--quick] [pytest args]
 #   --quick  the unit tier only (torch backend, plan, routing, errors, API): no CUDA build, no
 #            reinstall when nothing changed
-#   default  (CI) every tier that can run here: unit, toolchain (nvcc, SASS, Triton codegen, the
-#            wheel; the CUDA extension is built wherever nvcc and the CUTLASS headers are, GPU or
-#            not), interpreter (Triton kernels; under its interpreter on two workers where there
+#   default  (CI) every tier that can run here: unit, toolchain (nvcc, SASS, Triton codegen,
+#            torch.compile, the wheel; the CUDA extension is built wherever nvcc and the CUTLASS
+#            headers are, GPU or not), e2e (the reference model, expert parallel), interpreter (Triton kernels; under its interpreter on two workers where there
 #            are two cores), gpu (skipped without CUDA); then the tests of the bench and of
 #            these scripts, which live beside them.
 quick=0
@@ -25,7 +25,7 @@ if [ "$quick" = 1 ]; then
   exit $?
 fi
 rc=0
-"$PY" -m pytest -q -ra -m "unit or toolchain or gpu" "${workers[@]}" tests "$@" || rc=1
+"$PY" -m pytest -q -ra -m "unit or toolchain or e2e or gpu" "${workers[@]}" tests "$@" || rc=1
 "$PY" -m pytest -q -ra -m interpreter "${workers[@]}" tests "$@" || rc=1
 "$PY" -m pytest -q -ra bench scripts --benchmark-disable || rc=1
 exit $rc

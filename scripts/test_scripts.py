@@ -98,7 +98,7 @@ def test_test_sh_builds_cuda_wherever_nvcc_is(tmp_path, gpu):
     else:
         assert "already installed" in proc.stdout and "build_cuda" not in calls
     runs = [c for c in calls if c.startswith("run pytest")]
-    assert runs == ["run pytest -q -ra -m unit or toolchain or gpu -n 2 tests",
+    assert runs == ["run pytest -q -ra -m unit or toolchain or e2e or gpu -n 2 tests",
                     "run pytest -q -ra -m interpreter -n 2 tests",
                     "run pytest -q -ra bench scripts --benchmark-disable"]
 

@@ -5,7 +5,8 @@ changed.
 Every test belongs to one tier (a marker, registered in pyproject.toml; docs/design.md §5):
     unit         torch backend, plan, routing, errors, API (no Triton kernel runs)
     interpreter  Triton kernels (under TRITON_INTERPRET without a GPU)
-    toolchain    nvcc, SASS, Triton's AOT codegen, the wheel
+    toolchain    nvcc, SASS, Triton's AOT codegen, torch.compile, the wheel
+    e2e          end to end: the reference Grove model, expert parallel over processes
     gpu          needs a CUDA GPU
 A file's tier is in _FILE_TIERS; in other files a test run on the triton backend is
 `interpreter`, on the cuda backend `gpu`, and an explicit marker wins.
@@ -24,12 +25,13 @@ import pytest  # noqa: E402
 from helpers import backend, gen  # noqa: F401,E402  (fixtures shared by the test files)
 
 
-TIERS = ("gpu", "toolchain", "interpreter", "unit")  # the first that applies wins
+TIERS = ("gpu", "toolchain", "interpreter", "e2e", "unit")  # the first that applies wins
 _FILE_TIERS = {
     "test_triton_backend.py": "interpreter", "test_triton_plan.py": "interpreter",
     "test_cuda_build.py": "toolchain", "test_cuda_host_checks.py": "toolchain",
     "test_triton_codegen.py": "toolchain", "test_wheel.py": "toolchain",
     "test_api_gpu.py": "gpu", "test_cuda_ops_gpu.py": "gpu",
+    "test_model.py": "e2e", "test_distributed.py": "e2e",
 }
 _BACKEND_TIERS = {"triton": "interpreter", "cuda": "gpu"}
 

@@ -31,7 +31,7 @@ class Schedule(NamedTuple):
 
 def block_schedule(plan, block_m):
     """The Schedule of `plan` at block height block_m."""
-    start, count = plan.problem_rows()
+    start, count = plan.problem_start, plan.problem_count
     blocks = (count + block_m - 1) // block_m
     block_offsets = torch.zeros(count.numel() + 1, dtype=torch.int32, device=count.device)
     torch.cumsum(blocks, 0, out=block_offsets[1:])

@@ -25,6 +25,7 @@ Rows of one key come out ordered by (block, rank in block), i.e. by slot index t
 stable order of the torch plan. The adjugate section keeps only its first T*ka candidates,
 leaders then non-leaders in slot order, exactly the torch plan's truncated stable sort.
 """
+import dataclasses
 import struct
 
 import torch
@@ -212,7 +213,7 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
         expert_offsets.zero_()
         if G:
             adjugate_offsets.zero_()
-        return plan
+        return dataclasses.replace(plan)  # derived views from the filled tensors
 
     ids = topk_ids.contiguous()
     weights = topk_weights.contiguous()
@@ -243,4 +244,4 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
     _plan_scatter_kernel[(NB,)](
         keys, token_weight, mask_bytes, counts, totals[1], row_token, row_weight, token_rows,
         T * k, E, P, T * ka, K=k, B=_BLOCK_SLOTS, HAS_GROUPS=G > 0, num_warps=_SCATTER_WARPS)
-    return plan
+    return dataclasses.replace(plan)  # derived views from the filled tensors

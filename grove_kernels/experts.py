@@ -26,6 +26,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from .plan import Plan
+from .routing import acc_dtype
 
 
 class _WeightTensors(NamedTuple):
@@ -119,7 +120,7 @@ def unflatten_saved(saved, T, k, weights):
 def saved_tensors(T, k, weights, routing_dtype, dtype, device):
     """Empty tensors shaped like a training forward's `saved` (the fake kernel's output)."""
     E, G = weights.w1.shape[0], (weights.a1.shape[0] if weights.grove else 0)
-    plan = Plan.empty(T, k, E, G, Plan.weight_dtype(routing_dtype), device)
+    plan = Plan.empty(T, k, E, G, acc_dtype(routing_dtype), device)
     return flatten_saved(plan, Activations.empty(plan, weights, dtype, device))
 
 

@@ -84,6 +84,22 @@ class GroveBlock(nn.Module):
         self.expert_bias = new
         return result
 
+    def reset_parameters(self):
+        """nn.Linear's default init per expert, U(±1/sqrt(fan_in)), the router's own, a zero
+        bias. Parameters on the meta device have no values to set."""
+        for p in (self.w1, self.w2, self.a1, self.a2):
+            if p.device.type == "meta":
+                continue
+            bound = 1.0 / math.sqrt(p.shape[-1])
+            with torch.no_grad():
+                p.uniform_(-bound, bound, generator=self._init_generator(p))
+        self.gate.reset_parameters()
+        self.expert_bias.zero_()
+
+    def _init_generator(self, p):
+        """The random stream of p's init: torch's default one."""
+        return None
+
     def extra_repr(self):
         return (f"H={self.hidden_size}, I={self.intermediate_size}, E={self.num_experts}, "
                 f"k={self.top_k}, S={self.group_size}, Ia={self.adjugate_intermediate_size}, "
@@ -145,14 +161,6 @@ class GroveMoE(GroveBlock):
                          adjugate_intermediate_size, adjugate_scale, renormalize,
                          local_experts=num_experts, device=device, dtype=dtype)
         self.reset_parameters()
-
-    def reset_parameters(self):
-        # nn.Linear's default init, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-        for p in (self.w1, self.w2, self.a1, self.a2):
-            bound = 1.0 / math.sqrt(p.shape[-1])
-            nn.init.uniform_(p, -bound, bound)
-        self.gate.reset_parameters()
-        self.expert_bias.zero_()
 
     def forward(self, hidden_states):
         x, weights, ids = self.route(hidden_states)

@@ -36,7 +36,7 @@ from . import backends
 from . import experts as experts_stage
 from . import settings as values
 from .experts import Weights
-from .routing import weights_dtype
+from .routing import acc_dtype
 
 
 def _check_autodiff(op, *tensors):
@@ -88,7 +88,7 @@ def _topk(router_logits: Tensor, top_k: int, renormalize: bool, selection_bias: 
 @_topk.register_fake
 def _(router_logits, top_k, renormalize, selection_bias, backend="auto"):
     T = router_logits.shape[0]
-    return (router_logits.new_empty(T, top_k, dtype=weights_dtype(router_logits.dtype)),
+    return (router_logits.new_empty(T, top_k, dtype=acc_dtype(router_logits.dtype)),
             router_logits.new_empty(T, top_k, dtype=torch.int32))
 
 
@@ -103,8 +103,7 @@ def _topk_setup(ctx, inputs, output):
 
 def _topk_backward(ctx, grad_weights, grad_ids):
     router_logits, weights, ids = ctx.saved_tensors
-    p = torch.softmax(router_logits.to(torch.promote_types(router_logits.dtype, torch.float32)),
-                      dim=-1)
+    p = torch.softmax(router_logits.to(acc_dtype(router_logits.dtype)), dim=-1)
     dw = grad_weights.to(p.dtype)
     idx = ids.long()
     if ctx.renormalize:

@@ -4,20 +4,16 @@
     backend.py      the experts stage: forward and backward dataflow over those ops
     packed.py       the packed copies of w1 / a1 the fused GEMM-1 reads
 
-FUSE_SWIGLU (opt-in, `GROVE_CUDA_FUSE_SWIGLU=1`): the forward's GEMM-1 runs with SwiGLU in its
+settings.fuse_swiglu (opt-in, `GROVE_CUDA_FUSE_SWIGLU=1`, grove_kernels.settings.set_fuse_swiglu):
+the forward's GEMM-1 runs with SwiGLU in its
 epilogue, reading a copy of w1 / a1 with gate and up rows interleaved (pack_gate_up), kept per
 weight tensor while its version is unchanged. For frozen weights only: a write torch does not
 version (w.data.copy_) is not seen; call release_packed_weights() after one.
 """
-import os
-
 from .ext import DTYPES, build_info, is_available, is_built, pack_gate_up  # noqa: F401
 
-FUSE_SWIGLU = os.environ.get("GROVE_CUDA_FUSE_SWIGLU", "0") == "1"
-
-
 def release_packed_weights():
-    """Drop the packed copies of w1 / a1 kept for the fused GEMM-1 (FUSE_SWIGLU), including
+    """Drop the packed copies of w1 / a1 kept for the fused GEMM-1 (settings.fuse_swiglu), including
     those pinned for captured CUDA graphs: call it after changing weights in a way torch does
     not version, and only once no graph captured with the old copies will replay."""
     from .packed import packed_gate_up

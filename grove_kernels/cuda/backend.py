@@ -5,7 +5,7 @@ stage is one launch over both sections (experts, adjugates); kernels are named b
 
 Forward (x [T, H]; R = R_e + R_a plan rows; N = I for experts, Ia for adjugates):
     gather          x[row_token] (· w when the router weight is applied on the input) -> xg [R, H]
-    GEMM-1   m-grouped nt, SwiGLU fused (FUSE_SWIGLU, packed w1 / a1): xg @ w1|a1 -> z
+    GEMM-1   m-grouped nt, SwiGLU fused (settings.fuse_swiglu, packed w1 / a1): xg @ w1|a1 -> z
              otherwise m-grouped nt -> h [R, 2N], then the SwiGLU kernel -> z [R, N]
     GEMM-2   m-grouped nt  z @ w2|a2 -> o [R, H]
     combine         y_t = Σ_j token_weight[t, j] · o[token_rows[t, j]]  (fp32, slot order)
@@ -24,7 +24,7 @@ Backward (h and z from the activations; no GEMM-1):
 """
 import torch
 
-from .. import cuda as pkg
+from ..settings import settings
 from . import ext as lib
 from .packed import packed_gate_up
 
@@ -74,7 +74,7 @@ def _gather(c, src, weight):
 
 def _packed_weights(c, w1, a1):
     """Packed (w1, a1) for the fused GEMM-1, or None (not enabled, or not packed yet)."""
-    if not pkg.FUSE_SWIGLU:
+    if not settings.fuse_swiglu:
         return None
     packed = [packed_gate_up.get(w) for w in ((w1, a1) if c.grove else (w1,))]
     if any(p is None for p in packed):

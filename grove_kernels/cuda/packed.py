@@ -6,13 +6,8 @@
 """
 import weakref
 
-import torch
-
+from ..settings import capturing as _capturing  # (tests replace it here)
 from .ext import pack_gate_up
-
-
-def _capturing(t):
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class PackedGateUp:

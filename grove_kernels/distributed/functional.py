@@ -45,6 +45,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
 import grove_kernels as gk
+from grove_kernels.routing import acc_dtype
 
 # torch 2.13 deprecates torch.distributed.nn.functional in favour of _functional_collectives
 # (a private module); the public API is the former. Silence its FutureWarning for calls made
@@ -235,7 +236,7 @@ def dispatch_grove_experts(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids
     y_back = dist_fn.all_to_all_single(y_part.new_empty(n_send, H), y_part.contiguous(), send,
                                        recv, group=group)
 
-    acc = torch.promote_types(x.dtype, torch.float32)
+    acc = acc_dtype(x.dtype)
     y = y_back.new_zeros(T, H, dtype=acc)
     start = 0
     for p in range(P):

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ..plan import Plan
+from ..routing import acc_dtype
 
 # Slots per block: the scatter's rank is a [B, B] comparison, so B bounds its registers.
 # B = 64 with 2 scatter warps was the fastest on an H100 (E=128, k=8, T = 64 ... 16384:
@@ -204,7 +205,7 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
     E = num_experts
     G = E // group_size if group_size else 0
     ka = min(k, G)
-    acc = Plan.weight_dtype(topk_weights.dtype)
+    acc = acc_dtype(topk_weights.dtype)
     plan = Plan.empty(T, k, E, G, acc, device)
     row_token, row_weight, token_rows = plan.row_token, plan.row_weight, plan.token_rows
     token_weight, token_mask, group_match = plan.token_weight, plan.token_mask, plan.group_match

@@ -101,7 +101,9 @@ setup(
     package_data={"grove_kernels": ["triton/configs.json", "auto_tables/*.json"]},
     python_requires=">=3.10",
     install_requires=["numpy", "safetensors"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    # transformers: grove_kernels.integrations.transformers (the Trainer also needs accelerate)
+    extras_require={"test": ["pytest", "pytest-benchmark"],
+                    "transformers": ["transformers>=5,<6"]},
     ext_modules=ext_modules,
     cmdclass=_cmdclass(ext_modules),
 )

@@ -8,11 +8,12 @@
 #   gpu   only where a CUDA GPU is present (demo.sh: on a CPU machine its kernels cannot run)
 #   keep  whatever this checkout was last installed with; without the extension on a first
 #         install (test.sh --quick)
-# GROVE_BUILD_CUDA=0|1|auto in the environment overrides them. The install is skipped when the
-# package imported is this checkout's and build/install.stamp records the same setup.py,
-# pyproject.toml, csrc/ sources and build choice; otherwise it reinstalls with the caller's
-# choice, so an install without the extension (a demo) never stops a later test.sh from
-# building it. Compiled objects are cached in build/grove_cuda/.
+# GROVE_BUILD_CUDA=0|1|auto in the environment overrides them. test_extras=1 (test.sh) also
+# installs what the optional integrations' tests need (transformers 5, accelerate). The install
+# is skipped when the package imported is this checkout's and build/install.stamp records the
+# same setup.py, pyproject.toml, csrc/ sources and build choice; otherwise it reinstalls with
+# the caller's choice, so an install without the extension (a demo) never stops a later
+# test.sh from building it. Compiled objects are cached in build/grove_cuda/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
@@ -68,6 +69,12 @@ if [ "$has_gpu" = 0 ]; then
   "$PY" -c "import triton" 2>/dev/null || missing+=("triton==3.6.0")
   "$PY" -c "import numpy, sys; sys.exit(tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 4))" \
     2>/dev/null || missing+=("numpy<2.4")
+fi
+if [ "${test_extras:-0}" = 1 ]; then
+  # The optional transformers integration's tests (accelerate: the transformers Trainer's).
+  "$PY" -c "import transformers, accelerate, sys; \
+            sys.exit(int(transformers.__version__.split('.')[0]) != 5)" 2>/dev/null \
+    || missing+=("transformers>=5,<6" "accelerate")
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]}"

@@ -4,15 +4,21 @@
 #            reinstall when nothing changed
 #   default  (CI) every tier that can run here: unit, toolchain (nvcc, SASS, Triton codegen,
 #            torch.compile, the wheel; the CUDA extension is built wherever nvcc and the CUTLASS
-#            headers are, GPU or not), e2e (the reference model, expert parallel), interpreter (Triton kernels; under its interpreter on two workers where there
-#            are two cores), gpu (skipped without CUDA); then the tests of the bench and of
-#            these scripts, which live beside them.
+#            headers are, GPU or not), e2e (the reference model, expert parallel),
+#            interpreter (Triton kernels; under its interpreter without a GPU), gpu (skipped
+#            without CUDA); then the tests of the bench and of these scripts, which live beside
+#            them. Installs the optional integrations' test dependencies (transformers 5).
 quick=0
 if [ "${1:-}" = --quick ]; then
   quick=1
   shift
 fi
-if [ "$quick" = 1 ]; then cuda_ext=keep; else cuda_ext=auto; fi
+if [ "$quick" = 1 ]; then
+  cuda_ext=keep
+else
+  cuda_ext=auto
+  test_extras=1
+fi
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 set +e
 # Two pytest workers where there are two cores (a worker's start costs ~10 s of imports; more

@@ -167,3 +167,12 @@ def test_fresh_machine_shows_progress(tmp_path):
     assert not any(" -q" in c for c in pips), pips
     steps = [line for line in proc.stdout.splitlines() if line.startswith("[setup")]
     assert len(steps) >= 4 and "installing torch" in steps[0] and steps[-1].endswith("ready")
+
+
+def test_only_test_sh_installs_the_transformers_extra(tmp_path):
+    proc, calls = run(tmp_path, "test.sh", FAKE_MISSING="transformers")
+    assert proc.returncode == 0, proc.stderr
+    assert any("transformers>=5,<6" in c and "accelerate" in c for c in calls), calls
+    proc, calls = run(tmp_path, "demo.sh", FAKE_MISSING="transformers")
+    assert proc.returncode == 0, proc.stderr
+    assert not any("transformers" in c for c in calls), calls

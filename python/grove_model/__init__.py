@@ -6,6 +6,10 @@
   write_random_checkpoint(dir, config, seed) -> {released name: tensor}   (for tests)
 
 model.model.layers[i].mlp is a grove_kernels.GroveMoE on sparse layers.
+
+Needs no transformers. grove_kernels.integrations.transformers.GroveMoeForCausalLM (the model
+for transformers: KV cache, generate, Trainer) builds its Grove blocks and dense MLPs with this
+package's make_grove_block / DenseMLP and is tested equal to this model on its checkpoints.
 """
 from .checkpoint import (CheckpointError, load_weights, random_tensors, read_checkpoint,
                          released_shapes, released_tensors, save_weights, write_random_checkpoint,

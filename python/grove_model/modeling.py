@@ -110,13 +110,15 @@ class DenseMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def make_grove_block(config: GroveMoeConfig, *, device=None, dtype=None) -> gk.GroveMoE:
-    """The Grove MoE block of a sparse layer; norm_topk_prob maps to GroveMoE's renormalize."""
-    return gk.GroveMoE(
+def make_grove_block(config: GroveMoeConfig, *, device=None, dtype=None, cls=gk.GroveMoE,
+                     **kwargs) -> gk.GroveMoE:
+    """The Grove MoE block of a sparse layer; norm_topk_prob maps to GroveMoE's renormalize.
+    cls (a GroveMoE subclass) and kwargs serve models that extend the block."""
+    return cls(
         config.hidden_size, config.moe_intermediate_size, config.num_experts,
         config.num_experts_per_tok, config.experts_per_group,
         config.adjugate_intermediate_size, config.adjugate_scale,
-        renormalize=config.norm_topk_prob, device=device, dtype=dtype)
+        renormalize=config.norm_topk_prob, device=device, dtype=dtype, **kwargs)
 
 
 class DecoderLayer(nn.Module):

@@ -48,10 +48,8 @@ class GroveBlock(nn.Module):
         for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
                             ("num_experts", num_experts), ("group_size", group_size),
                             ("adjugate_intermediate_size", adjugate_intermediate_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k: expected an int in [1, {num_experts}], got {top_k!r}")
+            _validate.positive_int(name, value)
+        _validate.positive_int("top_k", top_k, num_experts, "num_experts")
         if num_experts % group_size:
             raise ValueError(f"group_size: must divide num_experts={num_experts}, got {group_size}")
         self.hidden_size = H = hidden_size

@@ -6,7 +6,8 @@ Every test belongs to one tier (a marker, registered in pyproject.toml; docs/des
     unit         torch backend, plan, routing, errors, API (no Triton kernel runs)
     interpreter  Triton kernels (under TRITON_INTERPRET without a GPU)
     toolchain    nvcc, SASS, Triton's AOT codegen, torch.compile, the wheel
-    e2e          end to end: the reference Grove model, expert parallel over processes
+    e2e          end to end: the reference Grove model, the transformers integration,
+                 expert parallel over processes
     gpu          needs a CUDA GPU
 A file's tier is in _FILE_TIERS; in other files a test run on the triton backend is
 `interpreter`, on the cuda backend `gpu`, and an explicit marker wins.
@@ -32,6 +33,7 @@ _FILE_TIERS = {
     "test_triton_codegen.py": "toolchain", "test_wheel.py": "toolchain",
     "test_api_gpu.py": "gpu", "test_cuda_ops_gpu.py": "gpu",
     "test_model.py": "e2e", "test_distributed.py": "e2e",
+    "test_transformers_integration.py": "e2e",
 }
 _BACKEND_TIERS = {"triton": "interpreter", "cuda": "gpu"}
 

@@ -42,7 +42,7 @@ class _Call:
         self.I, self.Ia = weights.intermediate
         # The row kernels take fp32 weights; the plan's follow topk_weights (fp64 possible).
         self.row_weight, self.token_weight = plan.row_weight.float(), plan.token_weight.float()
-        self.start, self.count = plan.problem_rows()
+        self.start, self.count = plan.problem_start, plan.problem_count
         self.end_e = plan.expert_offsets[plan.num_experts:]
         self.end_a = plan.adjugate_offsets[plan.num_groups:] if self.grove else None
         rows_per_expert = plan.num_tokens * plan.top_k / max(plan.num_experts, 1)

@@ -122,7 +122,7 @@ def grouped_gemm(a, b, out, start, count, kernel):
                              silu(gate) * up
         m_grouped_nn         a [R_s, K], b [P_s, K, N], out [R_s, N]
         k_grouped_tn         a [R_s, M], b [R_s, N], out [P_s, M, N]   (weight gradients)
-    start, count [sum P_s] int32/int64 absolute plan rows (Plan.problem_rows()).
+    start, count [sum P_s] int32/int64 absolute plan rows (Plan.problem_start, problem_count).
     Runs on torch's current stream; no host synchronisation.
     """
     _require()

@@ -46,6 +46,29 @@ with_heartbeat() {
   return "$rc"
 }
 
+stamp_file=${GROVE_INSTALL_STAMP:-build/install.stamp}
+# What an install depends on: the packaging files, the CUDA sources, the build choice, the
+# interpreter. Python sources are not in it: the install is editable.
+install_key() {
+  { echo "$1 $("$PY" -c 'import sys; print(sys.executable)')"
+    cat setup.py pyproject.toml
+    if [ "$1" != 0 ]; then find csrc -type f | LC_ALL=C sort | xargs cat; fi
+  } | sha256sum | cut -d' ' -f1
+}
+installed_here() {  # the grove_kernels that imports (from elsewhere than the cwd) is this one
+  [ "$(cd / && "$PY" -c 'import os, grove_kernels; print(os.path.dirname(os.path.realpath(grove_kernels.__file__)))' 2>/dev/null)" = "$PWD/grove_kernels" ]
+}
+
+# The quick path (test.sh --quick: keep the last install): nothing to probe or install when
+# this checkout is installed, unchanged, with the build choice its stamp records.
+if [ "${cuda_ext:-}" = keep ] && [ -z "${GROVE_BUILD_CUDA:-}" ] && [ -f "$stamp_file" ]; then
+  kept=$(cut -d' ' -f1 "$stamp_file")
+  if [ "$(cat "$stamp_file")" = "$kept $(install_key "$kept")" ] && installed_here; then
+    step "grove-kernels already installed from this checkout (GROVE_BUILD_CUDA=$kept, unchanged)"
+    step "ready"
+    return 0 2>/dev/null || exit 0
+  fi
+fi
 if ! "$PY" -c "import torch" 2>/dev/null; then
   # The CPU wheel of this exact version is what CPU machines here carry locally.
   step "installing torch 2.13.0 (CPU wheel)"
@@ -80,19 +103,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]}"
   pip_install "${missing[@]}"
 fi
-
-stamp_file=${GROVE_INSTALL_STAMP:-build/install.stamp}
-# What an install depends on: the packaging files, the CUDA sources, the build choice, the
-# interpreter. Python sources are not in it: the install is editable.
-install_key() {
-  { echo "$1 $("$PY" -c 'import sys; print(sys.executable)')"
-    cat setup.py pyproject.toml
-    if [ "$1" != 0 ]; then find csrc -type f | LC_ALL=C sort | xargs cat; fi
-  } | sha256sum | cut -d' ' -f1
-}
-installed_here() {  # the grove_kernels that imports (from elsewhere than the cwd) is this one
-  [ "$(cd / && "$PY" -c 'import os, grove_kernels; print(os.path.dirname(os.path.realpath(grove_kernels.__file__)))' 2>/dev/null)" = "$PWD/grove_kernels" ]
-}
 
 build=${GROVE_BUILD_CUDA:-}
 if [ -z "$build" ]; then

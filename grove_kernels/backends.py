@@ -260,22 +260,25 @@ def _auto_candidates(x, training):
     return ([measured] if measured else []) + [n for n in fallback if n != measured]
 
 
-def _auto(x, weights, training):
+def _auto(x, weights, training, layout="sections"):
     if weights is None:  # the routing stage alone
         return "triton" if x.device.type == "cuda" and _available("triton") else "torch"
     for name in _auto_candidates(x, training):
+        if layout not in BACKENDS[name].layouts:  # the adjugate layout asked for
+            continue
         if _available(name) and BACKENDS[name].supports(x, weights) is None:
             return name
     return "torch"
 
 
-def resolve(x, weights=None, training=False):
+def resolve(x, weights=None, training=False, layout="sections"):
     """The name of the backend that runs a call on x [T, H] (router logits for the routing
     stage alone: weights None) with weights (w1, w2, a1, a2): the configured one, or the
-    choice of `auto`. training: the call saves activations for a backward."""
+    choice of `auto`. training: the call saves activations for a backward; layout: the
+    adjugate layout of the call (auto skips backends that do not run it)."""
     name = settings.backend
     if name == "auto":
-        return _auto(x, weights, training)
+        return _auto(x, weights, training, layout)
     _check_name(name)
     return name
 

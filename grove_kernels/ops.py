@@ -244,7 +244,7 @@ def experts(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size, a
     _check_autodiff("grove::experts_forward", x, w1, w2, a1, a2, topk_weights)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w1, w2, a1, a2, topk_weights))
-    backend = backends.resolve(x, Weights(w1, w2, a1, a2), training=save)
     layout = settings.adjugate_layout() if a1 is not None else "sections"
+    backend = backends.resolve(x, Weights(w1, w2, a1, a2), training=save, layout=layout)
     return experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
                            adjugate_scale, weight_on_input, save, backend, layout)[0]

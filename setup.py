@@ -11,7 +11,7 @@ nvidia-cutlass==4.2.0.0) are found, with a CUDA torch or a CPU one alike:
 
 How (docs/design.md §4): every csrc/**/*.cu is torch-free and compiled by nvcc for sm_90a into
 objects cached under build/grove_cuda/ (csrc/build_cuda.py; parallel, bounded by cores and memory);
-csrc/bindings.cpp is compiled by g++ as a torch CppExtension and linked with those objects and
+csrc/bindings*.cpp are compiled by g++ as a torch CppExtension and linked with those objects and
 cudart (rpath to the toolkit), never against libtorch_cuda, so the extension also links and
 imports under the CPU torch wheel. The target is fixed (sm_90a) and no GPU is ever queried at
 build time. GROVE_CUDA_JOBS=N overrides the number of parallel nvcc jobs.
@@ -55,7 +55,7 @@ def _cuda_extension():
     return [
         CppExtension(
             "grove_kernels._C",
-            [os.path.join("csrc", "bindings.cpp")],
+            [os.path.join("csrc", "bindings.cpp"), os.path.join("csrc", "bindings_rows.cpp")],
             include_dirs=[os.path.join(ROOT, "csrc", "include")],
             extra_compile_args={"cxx": ["-O2"]},
             library_dirs=[lib_dir],
@@ -71,7 +71,7 @@ def _cmdclass(ext_modules):
     from torch.utils.cpp_extension import BuildExtension
 
     class BuildWithCudaObjects(BuildExtension):
-        """Compiles the csrc .cu objects (cached) first, then builds and links bindings.cpp."""
+        """Compiles the csrc .cu objects (cached) first, then builds and links bindings*.cpp."""
 
         def build_extensions(self):
             try:

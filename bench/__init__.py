@@ -16,7 +16,10 @@ usual form), grouped_mm_index_add (the bench's first such layer, kept as a varia
 (Liger-Kernel's fused MoE and ScatterMoE as the bench calls them), variants (what is timed),
 runner (the sweep), progress (stderr lines + progress bar), report (table, JSON, CSV, result
 file names), plot (the PNG; matplotlib, optional; `python -m bench.plot RESULT.json` redraws a
-saved run), cli (argparse); conftest + test_bench_layer (the pytest-benchmark suite),
-test_grouped_mm_layer and test_anchors (those layers against the float64 oracle).
+saved run), cli (argparse), ep_traffic (`--ep-world-size`: bytes an expert-parallel layer
+sends), traffic (`--traffic`: the modelled HBM bytes and FLOPs of every launch of the triton and
+cuda backends, per adjugate layout, from grove_kernels/traffic.py; no GPU); conftest +
+test_bench_layer (the pytest-benchmark suite), test_grouped_mm_layer and test_anchors (those
+layers against the float64 oracle).
 tests/test_bench_smoke.py runs `--smoke`. Recorded runs live in bench/results/.
 """

@@ -71,9 +71,10 @@ def build_parser():
                    "bench's first one); liger, liger-2call, scattermoe: the training anchors "
                    "(GPU only; skipped with the reason where not importable); "
                    "bench/variants.py describes each")
-    p.add_argument("--layout", type=_csv_list, default=("sections",),
-                   help="comma list of adjugate layouts, sections|folded (default sections): "
-                   "GROVE_ADJUGATE_LAYOUT for each call of the gk Grove layer; rows carry it")
+    p.add_argument("--layout", type=_csv_list, default=None,
+                   help="comma list of adjugate layouts, sections|folded (default sections; "
+                   "both with --traffic): GROVE_ADJUGATE_LAYOUT for each call of the gk Grove "
+                   "layer; rows carry it")
     p.add_argument("--pass", dest="pass_", choices=sorted(PASS_CHOICES), default="both")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default bf16 on GPU, fp32 on CPU")
@@ -98,6 +99,14 @@ def build_parser():
                    help="instead of timing: bytes per token an expert-parallel layer sends "
                    "over P simulated ranks (token-once vs per-expert vs released dispatch; "
                    "bench/ep_traffic.py); uses --preset, --tokens, --routing, --dtype, --json")
+    p.add_argument("--traffic", action="store_true",
+                   help="instead of timing: the modelled HBM bytes and FLOPs of every launch "
+                   "(triton, cuda x sections, folded x grove, plain; no GPU needed; "
+                   "bench/traffic.py); uses --preset, --tokens, --routing, --pass, --dtype, "
+                   "--backends, --json")
+    p.add_argument("--traffic-device", metavar="NAME", default=None,
+                   help="the GPU --traffic models, as torch.cuda.get_device_name() says it "
+                   "(default NVIDIA H200): its tile configurations and SM count")
     return p
 
 
@@ -128,7 +137,7 @@ def config_from_args(args, parser):
     unknown = [n for n in names if n not in VARIANTS_BY_NAME]
     if unknown:
         parser.error(f"--variants: unknown {unknown}; known: {list(VARIANTS_BY_NAME)}")
-    layouts = tuple(dict.fromkeys(args.layout))
+    layouts = tuple(dict.fromkeys(args.layout or ("sections",)))
     bad = [lay for lay in layouts if lay not in ("sections", "folded")]
     if bad or not layouts:
         parser.error(f"--layout: unknown {bad}; choose from sections, folded")
@@ -176,6 +185,9 @@ def main(argv=None):
     if args.ep_world_size:
         from bench import ep_traffic
         return ep_traffic.main(args, parser)
+    if args.traffic:
+        from bench import traffic
+        return traffic.main(args, parser)
     cfg = config_from_args(args, parser)
     results_png = check_outputs(args, parser)
     if args.quiet:

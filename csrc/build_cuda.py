@@ -225,6 +225,27 @@ def count_hgmma(obj, cuobjdump=None):
     return sum("HGMMA" in line for line in proc.stdout.splitlines())
 
 
+def resource_usage(obj, cuobjdump=None):
+    """[(function, registers, stack bytes, local bytes)] of every kernel in an object file
+    (cuobjdump -res-usage). A register spill shows as stack / local memory."""
+    cuobjdump = cuobjdump or find_cuobjdump()
+    if cuobjdump is None:
+        raise RuntimeError("cuobjdump not found (CUDA toolkit or triton/backends/nvidia/bin)")
+    out = subprocess.run([cuobjdump, "-res-usage", obj], capture_output=True, text=True,
+                         check=True).stdout
+    usage, function = [], None
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Function "):
+            function = line[len("Function "):].rstrip(":")
+        elif line.startswith("REG:") and function is not None:
+            fields = dict(f.split(":", 1) for f in line.split() if ":" in f)
+            usage.append((function, int(fields["REG"]), int(fields["STACK"]),
+                          int(fields["LOCAL"])))
+            function = None
+    return usage
+
+
 def is_gemm_source(src):
     """True for a grouped-GEMM kernel (csrc/gemm/instantiations/, from generate_kernels.py)."""
     return os.path.relpath(src, CSRC).startswith(os.path.join("gemm", "instantiations") + os.sep)
@@ -235,7 +256,8 @@ def main(argv=None):
     parser.add_argument("--build-dir", default=DEFAULT_BUILD_DIR)
     parser.add_argument("--jobs", type=int, default=None)
     parser.add_argument("--check-sass", action="store_true",
-                        help="fail unless every GEMM kernel object's SASS contains HGMMA")
+                        help="fail unless every GEMM kernel object's SASS contains HGMMA and "
+                             "no kernel uses stack or local memory (spills)")
     args = parser.parse_args(argv)
     t0 = time.time()
     objects = compile_objects(args.build_dir, args.jobs)
@@ -243,13 +265,17 @@ def main(argv=None):
     if args.check_sass:
         bad = []
         for src, obj in objects.items():
-            if is_gemm_source(src):
-                n = count_hgmma(obj)
-                print(f"{os.path.relpath(obj, ROOT)}: {n} HGMMA")
-                if n == 0:
-                    bad.append(src)
+            usage = resource_usage(obj)
+            regs = sorted({r for _, r, _, _ in usage})
+            spills = [f for f, _, stack, local in usage if stack or local]
+            hgmma = count_hgmma(obj) if is_gemm_source(src) else None
+            print(f"{os.path.relpath(obj, ROOT)}: {len(usage)} kernels, registers {regs}, "
+                  f"{len(spills)} with stack/local memory"
+                  + ("" if hgmma is None else f", {hgmma} HGMMA"))
+            if spills or hgmma == 0:
+                bad.append(src)
         if bad:
-            print("no HGMMA in: " + ", ".join(bad), file=sys.stderr)
+            print("no HGMMA, or spills, in: " + ", ".join(bad), file=sys.stderr)
             return 1
     return 0
 

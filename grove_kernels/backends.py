@@ -180,6 +180,7 @@ class CudaBackend(Backend):
     routing and plan in Triton where it runs."""
 
     name = "cuda"
+    layouts = ("sections", "folded")
 
     def available(self):
         try:

@@ -1,65 +1,241 @@
 #!/usr/bin/env bash
-# The measurements of a GPU machine (no network assumed: nothing is installed beyond the
-# package itself, run from the source tree). Usage:
-#   bash scripts/gpu_check.sh OUT_DIR [all|build|tests|sanitize|tune|bench]   (default: all)
-#   build  grove_kernels._C in place (nvcc + CUTLASS headers: CUTLASS_WHEEL=path/to/
-#          nvidia_cutlass-4.2.0.0-py3-none-any.whl installs them offline; objects already in
-#          build/grove_cuda with the same nvcc are reused, e.g. built elsewhere by
-#          `python csrc/build_cuda.py`).
-#   tests  python -m grove_kernels.selfcheck (every backend against float64 at grove-33b) and
-#          the GPU tests (every backend against the float64 reference, graph capture, no syncs)
-#   sanitize  compute-sanitizer memcheck over the cuda backend's op tests and a mid-size layer
-#   tune   the Triton tile tuner at grove-33b shapes (TUNE_BUDGET_S, default 240 s)
-#          -> OUT_DIR/configs.json, also copied to grove_kernels/triton/ for the bench
-#   bench  the benchmark protocol of docs/design.md §6 -> OUT_DIR/<device>_<date>.{json,png};
-#          with vLLM's kernel beside ours when a vLLM shim is in .anchors/vllm/shim
-#          (git-ignored)
-# Afterwards copy OUT_DIR/configs.json to grove_kernels/triton/ and the results to
-# bench/results/.
+# The GPU check: one run on an H200 (or H100) machine that builds the cuda backend, checks every
+# backend against float64 on both adjugate layouts, runs compute-sanitizer over the cuda
+# backend, and times the Grove layer (folded and sections) beside the plain layer and vLLM's
+# kernel. A GPU machine has no network: everything it needs travels with the checkout.
+#
+#   bash scripts/gpu_check.sh [--dry-run] [--stages a,b,...] [OUT_DIR]
+#
+# OUT_DIR defaults to $OUT, else ./gpu_check_out.
+# --dry-run prints the stages, their time limits and commands, and runs nothing (no GPU needed).
+#
+# What the GPU machine needs beside the checkout, prepared on a CPU machine from the repository
+# root (all three paths are git-ignored: copy them along with the tree):
+#   python3 csrc/build_cuda.py            # the CUDA objects -> build/grove_cuda: the GPU
+#                                         # machine's nvcc finds them in its cache (same nvcc)
+#   python3 -m pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl   # CUTLASS headers
+#   mkdir -p .anchors && cp -r <the vLLM anchor directory> .anchors/vllm   # optional: vLLM's
+#                                         # fused_experts beside ours (its shim/ goes on PYTHONPATH)
+# then run `bash scripts/gpu_check.sh` there, with build/grove_cuda, .whl and .anchors present.
+#
+# Stages (each under its own `timeout`, so one that hangs or fails never takes another's time;
+# the whole run stays under GPU_CHECK_BUDGET_S, default 460 s, and a stage that no longer fits
+# is skipped and says so):
+#   build     CUTLASS wheel into a private site dir, the extension in place from the prepared
+#             objects (the binding only, ~30-60 s), build_info
+#   selfcheck python -m grove_kernels.selfcheck (every backend vs float64, grove-33b, fwd + every
+#             gradient), once per layout (GROVE_ADJUGATE_LAYOUT=sections, folded)
+#   tests     the gpu-marked tests of torch and triton (both layouts: the tests' layout fixture)
+#   cuda      the gpu-marked tests of the cuda backend (its ops, folded ops, the API), in their
+#             own process: a CUDA error poisons the context
+#   sanitize  compute-sanitizer memcheck over one forward + backward of the cuda backend per
+#             layout (a small odd-sized layer)
+#   bench     python -m bench --pass both --layout folded,sections: grove and plain on triton and
+#             cuda, vLLM's plain kernel when present; grove-33b bf16 uniform, T = 16384 ... 1
+#             (largest first: a cut run keeps the rows that matter most); takes the time left
+#   coactive  the same at coactive routing, T = 16384, 4096, if time is left
+#   summary   the table (printed last): folded vs sections per backend, vs vLLM plain, and
+#             fwd+bwd / fwd (scripts/gpu_summary.py over the bench JSON files)
+# Every stage writes OUT_DIR/<stage>.log; the bench JSON files and OUT_DIR/stages.txt (stage,
+# exit status, seconds) are the record. Tests run verbose: a stage cut by its limit still lists
+# each test that passed or failed; the bench rewrites its JSON after every row.
 set -uo pipefail
-out=${1:?usage: bash scripts/gpu_check.sh OUT_DIR [all|build|tests|sanitize|tune|bench]}
-stage=${2:-all}
+
+dry=0
+only=""
+out=""
+while (($#)); do
+  case $1 in
+    --dry-run) dry=1 ;;
+    --stages) only=${2:?--stages needs a list}; shift ;;
+    --stages=*) only=${1#--stages=} ;;
+    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
+    -*) echo "unknown option: $1" >&2; exit 2 ;;
+    *) out=$1 ;;
+  esac
+  shift
+done
+out=${out:-${OUT:-gpu_check_out}}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-mkdir -p "$out"
 PY=${PYTHON:-python3}
-export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-variants=grove,plain,grove-2call,grouped_mm,grouped_mm-plain
+total=${GPU_CHECK_BUDGET_S:-460}
+site=${GPU_CHECK_SITE:-/tmp/grove_site}
+
+# name:budget seconds. The bench's budget is a floor: it also gets whatever earlier stages
+# left unused, minus what the stages after it reserve. OPTIONAL stages reserve nothing: they
+# run on what is left (coactive: when the uniform bench ends early).
+STAGES=(build:50 selfcheck:40 tests:90 cuda:70 sanitize:35 bench:165 coactive:35 summary:10)
+OPTIONAL=" coactive "
+
+export PYTHONPATH="$site:$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+variants=grove,plain
 if [[ -d .anchors/vllm/shim ]]; then
   export PYTHONPATH="$PWD/.anchors/vllm/shim:$PYTHONPATH"
   variants+=,vllm
 fi
-case $stage in all|build|tests|sanitize|tune|bench) ;; *) echo "unknown stage: $stage" >&2; exit 2 ;; esac
-if [[ $stage == all || $stage == build ]]; then
-  if [[ -n ${CUTLASS_WHEEL:-} ]] && ! "$PY" -c "import cutlass_library" 2>/dev/null; then
-    "$PY" -m pip install -q --no-deps --no-index "$CUTLASS_WHEEL"
+tokens=16384,4096,1024,256,64,1
+# The kernel backends this machine runs (cuda only when the build stage produced it).
+pick_backends="B=\$(\"$PY\" -c \"import grove_kernels as gk; print(','.join(b for b in ('triton', 'cuda') if b in gk.available_backends()))\")"
+
+# The bench of one routing: one run with the layout axis, or, where this checkout's bench has
+# no --layout, one run per layout through GROVE_ADJUGATE_LAYOUT (JSON files named by layout,
+# which the summary reads the layout from).
+bench_cmd() {  # routing tokens lines
+  cat <<EOF
+$pick_backends
+if "$PY" -m bench --help | grep -q -- --layout; then
+  "$PY" -m bench --pass both --layout folded,sections --routing $1 --tokens $2 \\
+    --variants $variants --backends "\$B" --quick --json "$out/bench_$1.json" 2>&1 | tail -$3
+else
+  echo "this bench has no --layout: one run per layout (GROVE_ADJUGATE_LAYOUT), T in two parts"
+  part=0
+  for toks in \$(echo $2 | cut -d, -f1-2) \$(echo $2 | cut -d, -f3-); do
+    part=\$((part + 1))
+    GROVE_ADJUGATE_LAYOUT=folded "$PY" -m bench --pass both --routing $1 --tokens \$toks \\
+      --variants grove --backends "\$B" --quick \\
+      --json "$out/bench_$1_\${part}_folded.json" 2>&1 | tail -$3
+    GROVE_ADJUGATE_LAYOUT=sections "$PY" -m bench --pass both --routing $1 --tokens \$toks \\
+      --variants $variants --backends "\$B" --quick \\
+      --json "$out/bench_$1_\${part}_sections.json" 2>&1 | tail -$3
+  done
+fi
+EOF
+}
+
+stage_cmd() {
+  case $1 in
+    build) cat <<EOF
+mkdir -p "$site"
+ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1 && "$PY" -m pip install -q --no-index --no-deps --target "$site" .whl/nvidia_cutlass-*.whl
+GROVE_BUILD_CUDA=1 "$PY" setup.py -q build_ext --inplace 2>&1 | tail -20
+"$PY" -c "import grove_kernels.cuda as c; i = c.build_info(); print(i); raise SystemExit(0 if i['backend_available'] else 1)"
+EOF
+      ;;
+    selfcheck) cat <<EOF
+rc=0
+for layout in sections folded; do
+  echo "== GROVE_ADJUGATE_LAYOUT=\$layout"
+  GROVE_ADJUGATE_LAYOUT=\$layout "$PY" -m grove_kernels.selfcheck || rc=1
+done
+exit \$rc
+EOF
+      ;;
+    tests) cat <<EOF
+GROVE_TEST_BACKENDS=torch,triton "$PY" -m pytest -v -m gpu tests -rfs --tb=line -p no:cacheprovider \\
+  --ignore-glob='tests/test_cuda*' --ignore=tests/test_distributed.py
+EOF
+      ;;
+    cuda) cat <<EOF
+GROVE_TEST_BACKENDS=cuda "$PY" -m pytest -v -m gpu -rfs --tb=line -p no:cacheprovider \\
+  tests/test_api_gpu.py \$(ls tests/test_cuda*gpu*.py tests/test_*folded*cuda*.py tests/test_cuda*folded*.py 2>/dev/null | sort -u)
+EOF
+      ;;
+    sanitize) cat <<EOF
+compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 "$PY" - <<'PYEOF'
+import os, torch, grove_kernels as gk
+assert "cuda" in gk.available_backends(), "cuda backend not available"
+g = torch.Generator().manual_seed(0)
+T, H, E, k, I, S, Ia = 37, 256, 16, 4, 96, 2, 32
+def r(*s, scale=1.0):
+    return (torch.randn(*s, generator=g) * scale).cuda().to(torch.bfloat16).requires_grad_()
+for layout in ("sections", "folded"):
+    os.environ["GROVE_ADJUGATE_LAYOUT"] = layout
+    x, w1, w2 = r(T, H), r(E, 2 * I, H, scale=H ** -0.5), r(E, H, I, scale=I ** -0.5)
+    a1, a2 = r(E // S, 2 * Ia, H, scale=H ** -0.5), r(E // S, H, Ia, scale=Ia ** -0.5)
+    logits = torch.randn(T, E, generator=g).cuda().requires_grad_()
+    with gk.use_backend("cuda"):
+        y = gk.grove_moe(x, logits, w1, w2, a1, a2, top_k=k, group_size=S)
+        y.backward(torch.randn_like(y))
+    torch.cuda.synchronize()
+    print(layout, "ok", float(y.detach().float().norm()))
+PYEOF
+EOF
+      ;;
+    bench) bench_cmd uniform "$tokens" 80 ;;
+    coactive) bench_cmd coactive 16384,4096 40 ;;
+    summary) cat <<EOF
+"$PY" scripts/gpu_summary.py "$out"/bench_*.json
+EOF
+      ;;
+  esac
+}
+
+selected() {
+  [[ -z $only ]] && return 0
+  [[ ",$only," == *",$1,"* ]]
+}
+
+# Seconds the stages after index $1 reserve (selected ones only).
+reserve_after() {
+  local i sum=0
+  for ((i = $1 + 1; i < ${#STAGES[@]}; i++)); do
+    [[ $OPTIONAL == *" ${STAGES[i]%%:*} "* ]] && continue
+    selected "${STAGES[i]%%:*}" && sum=$((sum + ${STAGES[i]##*:}))
+  done
+  echo "$sum"
+}
+
+if ((dry)); then
+  echo "gpu_check: total budget ${total}s; OUT_DIR $out"
+  sum=0
+  for s in "${STAGES[@]}"; do
+    name=${s%%:*} budget=${s##*:}
+    selected "$name" || continue
+    if [[ $OPTIONAL == *" $name "* ]]; then
+      echo "stage $name ${budget}s optional (runs on the time left)"
+    else
+      sum=$((sum + budget))
+      echo "stage $name ${budget}s"
+    fi
+    stage_cmd "$name" | sed 's/^/    /'
+  done
+  echo "sum of stage budgets ${sum}s"
+  ((sum <= total)) || { echo "stage budgets exceed the total" >&2; exit 1; }
+  exit 0
+fi
+
+mkdir -p "$out"
+: > "$out/stages.txt"
+start=$SECONDS
+run_stage() {  # index name budget
+  local i=$1 name=$2 budget=$3 left limit rc t0 status
+  left=$((total - (SECONDS - start)))
+  limit=$((left - $(reserve_after "$i")))
+  if [[ $name == bench ]]; then
+    ((limit < budget)) && limit=$budget
+  elif ((limit > budget)); then
+    limit=$budget
   fi
-  GROVE_BUILD_CUDA=1 "$PY" setup.py -q build_ext --inplace 2>&1 | tail -5
-  "$PY" -c "import grove_kernels.cuda as c; print(c.build_info())"
-fi
-if [[ $stage == all || $stage == tests ]]; then
-  "$PY" -m grove_kernels.selfcheck 2>&1 | tee "$out/selfcheck.log" | tail -8
-  # The cuda backend's tests get their own processes, so a CUDA error there (which poisons
-  # the context) cannot fail the torch/triton tests.
-  GROVE_TEST_BACKENDS=torch,triton "$PY" -m pytest -q -m gpu tests \
-    --ignore=tests/test_cuda_ops_gpu.py 2>&1 | tee "$out/gpu_tests.log" | tail -15
-  "$PY" -m pytest -q -m gpu tests/test_cuda_ops_gpu.py 2>&1 | tee "$out/gpu_cuda_ops.log" | tail -15
-  GROVE_TEST_BACKENDS=cuda "$PY" -m pytest -q -m gpu tests/test_api_gpu.py 2>&1 \
-    | tee "$out/gpu_cuda_api.log" | tail -15
-fi
-if [[ $stage == all || $stage == sanitize ]]; then
-  GROVE_TEST_BACKENDS=cuda compute-sanitizer --tool memcheck --error-exitcode 9 \
-    "$PY" -m pytest -q -x tests/test_cuda_ops_gpu.py \
-    "tests/test_api_gpu.py::test_fused_grove_experts_grad_gpu" 2>&1 \
-    | tee "$out/sanitize.log" | tail -15
-fi
-if [[ $stage == all || $stage == tune ]]; then
-  "$PY" -m grove_kernels.triton.tune --budget-s "${TUNE_BUDGET_S:-240}" \
-    --out "$out/configs.json" > "$out/tune.log" 2>&1
-  tail -3 "$out/tune.log"
-  cp "$out/configs.json" grove_kernels/triton/configs.json 2>/dev/null
-fi
-if [[ $stage == all || $stage == bench ]]; then
-  "$PY" -m bench --pass both --routing uniform,coactive,skewed --results-dir "$out" \
-    --variants "$variants" --backends "${BENCH_BACKENDS:-triton,cuda}" 2>&1 \
-    | tee "$out/bench.log" | tail -60
-fi
+  ((limit > left)) && limit=$left
+  local least=10
+  [[ $OPTIONAL == *" $name "* ]] && least=20
+  if ((limit < least)); then
+    echo "$name SKIPPED (${left}s left)" >> "$out/stages.txt"
+    echo "== $name: skipped (${left}s left)"
+    return
+  fi
+  echo "== $name (limit ${limit}s)"
+  t0=$SECONDS
+  if [[ $name == summary ]]; then  # the last thing printed, in full
+    timeout -k 5 "$limit" bash -c "$(stage_cmd "$name")" 2>&1 | tee "$out/$name.log"
+    rc=${PIPESTATUS[0]}
+  else
+    timeout -k 5 "$limit" bash -c "$(stage_cmd "$name")" > "$out/$name.log" 2>&1
+    rc=$?
+    tail -15 "$out/$name.log"
+  fi
+  status=ok
+  ((rc == 124 || rc == 137)) && status=TIMEOUT
+  ((rc != 0 && rc != 124 && rc != 137)) && status=FAILED
+  echo "$name $status rc=$rc $((SECONDS - t0))s" >> "$out/stages.txt"
+  [[ $name == summary ]] || echo "== $name: $status (rc $rc, $((SECONDS - t0))s)"
+}
+last=$((${#STAGES[@]} - 1))
+for i in "${!STAGES[@]}"; do
+  ((i == last)) && break
+  selected "${STAGES[i]%%:*}" && run_stage "$i" "${STAGES[i]%%:*}" "${STAGES[i]##*:}"
+done
+echo "== stages"
+cat "$out/stages.txt"
+selected "${STAGES[last]%%:*}" && run_stage "$last" "${STAGES[last]%%:*}" "${STAGES[last]##*:}"
+exit 0

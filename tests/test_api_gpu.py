@@ -10,6 +10,8 @@
     cuda, opt-in       FUSE_SWIGLU: GEMM-1 with SwiGLU fused (packed w1/a1) against the oracle,
                        repacked after an in-place update, graph replay on pinned packs; a
                        one-row input with strides (1, 1)
+The Grove tests run both adjugate layouts (the `layout` fixture sets GROVE_ADJUGATE_LAYOUT to
+sections, then folded), each backend on each.
 
 Before each checked call the caching allocator is filled with NaN, so an output element a
 kernel forgets to write shows up as NaN (which never passes).
@@ -84,7 +86,7 @@ def _grove_oracle(p, w, ids, S=SMALL["S"], lam=LAM):
 
 @ALL_DTYPES
 @pytest.mark.parametrize("kind", ["random", "coselected", "sparse", "one_expert"])
-def test_fused_grove_experts_gpu(backend, gen, kind, dtype):
+def test_fused_grove_experts_gpu(backend, layout, gen, kind, dtype):
     p, w, ids = _grove(gen, dtype, kind)
 
     def call():
@@ -99,7 +101,7 @@ def test_fused_grove_experts_gpu(backend, gen, kind, dtype):
 
 @ALL_DTYPES
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
-def test_grove_moe_gpu(backend, gen, bias, dtype):
+def test_grove_moe_gpu(backend, layout, gen, bias, dtype):
     c = SMALL
     p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, dtype, DEV)
     logits = router_logits(c["T"], c["E"], gen, torch.float32, DEV)
@@ -153,7 +155,7 @@ def test_tiny_batches_gpu(backend, gen, T):
     assert_close(y, _grove_oracle(p, w, ids), "y")
 
 
-def test_full_grove33b_bf16(backend):
+def test_full_grove33b_bf16(backend, layout):
     c = dict(T=64, H=2048, E=128, I=768, Ia=128, k=8, S=2)
     g = torch.Generator(device=DEV).manual_seed(33)
 
@@ -199,7 +201,7 @@ def _check_grads(backend, fn, inputs, dy, ref, y_ref, dtype):
 
 @GRAD_DTYPES
 @pytest.mark.parametrize("kind", ["random", "coselected"])
-def test_fused_grove_experts_grad_gpu(backend, gen, kind, dtype):
+def test_fused_grove_experts_grad_gpu(backend, layout, gen, kind, dtype):
     p, w, ids = _grove(gen, dtype, kind)
     inputs = dict(p, topk_weights=w)
     dy = randn(*p["x"].shape, gen=gen, dtype=dtype, device=DEV)
@@ -215,7 +217,7 @@ def test_fused_grove_experts_grad_gpu(backend, gen, kind, dtype):
 
 
 @GRAD_DTYPES
-def test_grove_moe_grad_gpu(backend, gen, dtype):
+def test_grove_moe_grad_gpu(backend, layout, gen, dtype):
     c = SMALL
     p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, dtype, DEV)
     inputs = dict(p, router_logits=router_logits(c["T"], c["E"], gen, torch.float32, DEV))
@@ -253,7 +255,7 @@ def test_fused_experts_grad_gpu(backend, gen, on_input, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_deterministic_gpu(backend, gen, dtype):
+def test_deterministic_gpu(backend, layout, gen, dtype):
     p, w, ids = _grove(gen, dtype, "random")
     inputs = dict(p, topk_weights=w)
     dy = randn(*p["x"].shape, gen=gen, dtype=dtype, device=DEV)
@@ -272,7 +274,7 @@ def test_deterministic_gpu(backend, gen, dtype):
 # ----------------------------------------------------------------------------- serving
 
 
-def test_no_host_sync(backend, gen):
+def test_no_host_sync(backend, layout, gen):
     """With value checks off, a bf16 forward never synchronizes with the host."""
     c = SMALL
     p, w, ids = _grove(gen, torch.bfloat16)
@@ -337,7 +339,7 @@ class _Captured:
         return self.y
 
 
-def test_cuda_graph_replay(backend, gen):
+def test_cuda_graph_replay(backend, layout, gen):
     """Capture once (value checks on: skipped automatically while capturing), then replay
     with new routing written into the captured topk_ids / topk_weights."""
     cap = _Captured(gen, warmups=2)
@@ -369,9 +371,9 @@ def cuda_fused(monkeypatch):
     configs = []
     real = cuda_ext.grouped_gemm
 
-    def spy(a, b, out, start, count, config):
+    def spy(a, b, out, start, count, config, *rest, **kw):
         configs.append(config)
-        return real(a, b, out, start, count, config)
+        return real(a, b, out, start, count, config, *rest, **kw)
 
     monkeypatch.setattr(cuda_ext, "grouped_gemm", spy)
     with gk.use_backend("cuda"):
@@ -382,7 +384,7 @@ def cuda_fused(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("c", [SMALL, dict(SMALL, T=1), dict(SMALL, I=24, Ia=8, T=33)],
                          ids=["small", "T1", "narrow"])
-def test_cuda_fused_swiglu_forward(cuda_fused, gen, dtype, c):
+def test_cuda_fused_swiglu_forward(cuda_fused, layout, gen, dtype, c):
     p, w, ids = _grove(gen, dtype, c=c)
     for attempt in range(2):
         poison()
@@ -398,7 +400,7 @@ def test_cuda_fused_swiglu_forward(cuda_fused, gen, dtype, c):
     assert_close(y, _grove_oracle(p, w, ids, c["S"]), "y after w1 changed")
 
 
-def test_cuda_fused_swiglu_graph_replay(cuda_fused, gen):
+def test_cuda_fused_swiglu_graph_replay(cuda_fused, layout, gen):
     cap = _Captured(gen, warmups=1)  # the warm-up packs w1 / a1 eagerly
     assert all("_m_grouped_nt_swiglu_" in cfg for cfg in cuda_fused[::2])  # each call's GEMM-1
     with torch.no_grad():
@@ -422,13 +424,13 @@ def test_cuda_one_row_with_odd_strides(gen):
     assert_close(y, _grove_oracle(p, w, ids, c["S"]), "y")
 
 
-def test_cuda_training_backward_reads_saved_preactivations(gen, monkeypatch):
+def test_cuda_training_backward_reads_saved_preactivations(layout, gen, monkeypatch):
     if not cuda_backend.is_available():
         pytest.skip("needs grove_kernels._C and an sm_90 GPU")
     configs = []
     real = cuda_ext.grouped_gemm
     monkeypatch.setattr(cuda_ext, "grouped_gemm",
-                        lambda *a: configs.append(a[-1]) or real(*a))
+                        lambda *a, **kw: configs.append(a[5]) or real(*a, **kw))
     p, w, ids = _grove(gen, torch.bfloat16)
     x, w1, w2, a1, a2, wt = (leaf(t) for t in (p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w))
     with gk.use_backend("cuda"):

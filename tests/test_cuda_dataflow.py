@@ -115,7 +115,7 @@ def _swiglu_bwd(g, h, row_weight, end, dh, d_row_weight):
 
 def _combine_rows(rows, token_rows, token_mask, token_weight, out):
     assert token_weight is None or token_weight.dtype == torch.float32
-    v = rows.float()[token_rows] * token_mask[..., None]
+    v = torch.where(token_mask[..., None], rows.float()[token_rows], 0.0)  # masked: skipped
     if token_weight is not None:
         v = v * token_weight[..., None]
     out.copy_(_round(v.sum(1), out))

@@ -8,11 +8,16 @@
     cuda/grouped_gemm_args_check.cu   gemm/grouped_gemm_args.cu: the argument checks of every
                                       layout and the per-problem shapes / addresses / leading
                                       dims the fill kernel writes (same function, run on the
-                                      host), clamping included
+                                      host), clamping included, problems sharing one B
+                                      (b_shared: the folded adjugates)
     cuda/grouped_layouts_check.cu     the stride types CUTLASS derives for A, B and D of every
                                       kernel of the table, filled from one int64 as the device
                                       does: every element's offset matches the torch tensors of
                                       the contract
+    cuda/folded_rows_check.cu         folded.cu's row walk: each real row's expert (binary
+                                      search of the offsets) and whether it leads its group,
+                                      against a linear scan, empty experts, padding and
+                                      corrupt offsets included
 The kernels come from GROVE_FOR_EACH_GEMM_KERNEL (csrc/generate_kernels.py's table), so the
 checks cover exactly what is built.
 
@@ -62,3 +67,7 @@ def test_grouped_gemm_args_on_the_host(tmp_path):
 def test_grouped_layouts_on_the_host(tmp_path):
     out = _build_and_run("grouped_layouts_check", tmp_path)
     assert _checked(out) == [k.name for k in GEMM_KERNELS]
+
+
+def test_folded_rows_on_the_host(tmp_path):
+    _build_and_run("folded_rows_check", tmp_path)

@@ -8,6 +8,10 @@ torch computed in fp32 (skipped elsewhere; the CPU checks are in test_cuda_build
     row kernels    gather (± row weight), SwiGLU forward / backward with d row weight,
                    combine (± slot weights), rows_dot_scale; padding rows never written, odd
                    widths and misaligned views (scalar path), bitwise determinism
+    folded layout  SwiGLU forward (z, pre-scaled zs, zero_h) / backward (d row weight and d
+                   leader weight) and scale_folded over expert rows with leader prefixes,
+                   padding rows and an empty expert; every m-grouped kernel over two sections
+                   on one row buffer with b_shared = S, nothing written off the leader rows
 """
 import pytest
 import torch
@@ -253,3 +257,141 @@ def test_rows_dot_scale(dtype, H):
     assert (dot[~real] == 0).all()
     _close(rows[real], (before.float() * plan.row_weight[:, None])[real], dtype)
     assert torch.equal(rows[~real], before[~real])
+
+
+# ------------------------------------------------------------------------- folded layout
+
+
+def _folded_plan(T=96, k=4, seed=0, coselected=False):
+    """A folded plan over 12 local experts (S = 4, G = 3; global experts 4..7, a whole group,
+    on another rank: their slots become padding rows), expert 9 empty; about half the slots
+    co-selected within a group when `coselected`."""
+    from grove_kernels.plan_folded import build_folded_plan
+
+    gen = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([e for e in range(16) if e != 13])  # global 13 = local 9
+    ids = torch.stack([allowed[torch.randperm(len(allowed), generator=gen)[:k]]
+                       for _ in range(T)])
+    if coselected:  # slot 1 in slot 0's group
+        ids[:, 1] = ids[:, 0] // 4 * 4 + (ids[:, 0] + 1) % 4
+        ids[:, 1] = torch.where(ids[:, 1] == 13, ids[:, 0] // 4 * 4 + (ids[:, 0] + 2) % 4,
+                                ids[:, 1])
+    w = torch.rand(T, k, generator=gen) + 0.1
+    emap = torch.tensor([0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7, 8, 9, 10, 11], dtype=torch.int32)
+    plan = build_folded_plan(ids.to(DEV), w.to(DEV), 12, 4, 0.5, emap.to(DEV))
+    R = plan.num_rows
+    r = torch.arange(R, device=DEV)
+    e = torch.searchsorted(plan.expert_offsets[1:12].contiguous(), r, right=True)
+    real = r < plan.expert_offsets[12]
+    lead = real & (r < plan.leader_ends[e.clamp(max=11)])
+    assert (~real).any() and (real & ~lead).any() and lead.any()
+    return plan, gen, real, lead
+
+
+FOLDED_I, FOLDED_IA = 96, 32
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("offset", [0, 1], ids=["vector", "misaligned"])
+def test_swiglu_folded_forward_and_scale(dtype, offset):
+    plan, gen, real, lead = _folded_plan(coselected=True)
+    I, Ia, R = FOLDED_I, FOLDED_IA, plan.num_rows
+    W, Z = 2 * (I + Ia), I + Ia
+    h = _rand(gen, R, W + offset, dtype=dtype, scale=2.0)[:, offset:]
+    w, lw = plan.row_weight, plan.leader_weight
+    z = torch.full((R, Z + offset), SENTINEL, dtype=dtype, device=DEV)[:, offset:]
+    zs = torch.full((R, Z), SENTINEL, dtype=dtype, device=DEV)
+    h_zeroed = h.clone()
+    lib.swiglu_folded_fwd(h_zeroed, I, plan.expert_offsets, plan.leader_ends, w, lw, z, zs,
+                          zero_h=True)
+    silu = torch.nn.functional.silu
+    hf = h.float()
+    ze = silu(hf[:, :I]) * hf[:, I:2 * I]
+    za = silu(hf[:, 2 * I:2 * I + Ia]) * hf[:, 2 * I + Ia:]
+    _close(z[real, :I], ze[real], dtype)
+    _close(z[lead, I:], za[lead], dtype)
+    assert (z[real & ~lead, I:] == 0).all() and (z[~real] == SENTINEL).all()
+    _close(zs[real, :I], (w[:, None] * ze)[real], dtype)
+    _close(zs[lead, I:], (lw[:, None] * za)[lead], dtype)
+    assert (zs[real & ~lead, I:] == 0).all() and (zs[~real] == SENTINEL).all()
+    assert (h_zeroed[real & ~lead, 2 * I:] == 0).all()
+    keep = lead | ~real
+    assert torch.equal(h_zeroed[keep], h[keep]) and torch.equal(h_zeroed[:, :2 * I], h[:, :2 * I])
+    # Without zero_h, h is only read; z alone, zs alone; bitwise the same values.
+    z2 = torch.full_like(z, SENTINEL)
+    h_kept = h.clone()
+    lib.swiglu_folded_fwd(h_kept, I, plan.expert_offsets, plan.leader_ends, None, None, z2, None)
+    assert torch.equal(h_kept, h) and torch.equal(z2, z)
+    # scale_folded on the rounded z: in place and out of place alike, zs within rounding.
+    zs2 = torch.full((R, Z), SENTINEL, dtype=dtype, device=DEV)
+    lib.scale_folded(z, I, plan.expert_offsets, plan.leader_ends, w, lw, zs2)
+    lib.scale_folded(z2, I, plan.expert_offsets, plan.leader_ends, w, lw, z2)
+    assert torch.equal(z2, zs2) and (zs2[~real] == SENTINEL).all()
+    _close(zs2[real], zs[real], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_swiglu_folded_backward(dtype):
+    plan, gen, real, lead = _folded_plan(coselected=True, seed=1)
+    I, Ia, R = FOLDED_I, FOLDED_IA, plan.num_rows
+    W, Z = 2 * (I + Ia), I + Ia
+    h = _rand(gen, R, W, dtype=dtype, scale=2.0)
+    g = _rand(gen, R, Z, dtype=dtype)
+    g[~lead, I:] = float("nan")  # never read off the leader rows
+    w, lw = plan.row_weight, plan.leader_weight
+    dh = torch.full((R, W), SENTINEL, dtype=dtype, device=DEV)
+    drw = torch.full((R,), SENTINEL, dtype=torch.float32, device=DEV)
+    dlw = torch.full((R,), SENTINEL, dtype=torch.float32, device=DEV)
+    lib.swiglu_folded_bwd(g, h, I, plan.expert_offsets, plan.leader_ends, w, lw, dh, drw, dlw)
+    h64 = h.double().requires_grad_()
+    g64 = torch.nan_to_num(g.double())
+    silu = torch.nn.functional.silu
+    ze = silu(h64[:, :I]) * h64[:, I:2 * I]
+    za = silu(h64[:, 2 * I:2 * I + Ia]) * h64[:, 2 * I + Ia:]
+    lwm = torch.where(lead, lw, 0.0).double()
+    ((ze * g64[:, :I]).sum(1) * w.double() + (za * g64[:, I:]).sum(1) * lwm).sum().backward()
+    _close(dh[real], h64.grad[real], dtype)
+    assert (dh[real & ~lead, 2 * I:] == 0).all() and (dh[~real] == SENTINEL).all()
+    _close(drw[real], (ze.detach() * g64[:, :I]).sum(1)[real], torch.float16)
+    _close(dlw[lead], (za.detach() * g64[:, I:]).sum(1)[lead], torch.float16)
+    assert (drw[~real] == 0).all() and (dlw[~lead] == 0).all()
+    again = [torch.empty_like(t) for t in (dh, drw, dlw)]
+    lib.swiglu_folded_bwd(g, h, I, plan.expert_offsets, plan.leader_ends, w, lw, *again)
+    assert torch.equal(again[0][real], dh[real]) and torch.equal(again[1], drw)
+    assert torch.equal(again[2], dlw)  # deterministic
+
+
+@pytest.mark.parametrize("kernel", [k for k in GEMM_KERNELS if k.grouped == "m"],
+                         ids=[k.name for k in GEMM_KERNELS if k.grouped == "m"])
+def test_grouped_gemm_folded_problems(kernel):
+    """GEMM-1 / dGEMM-2 / dGEMM-1 of the folded layout: two sections on ONE row buffer, the
+    second over the leader prefixes with b_shared = S (problem e reads b[e // S]), writing
+    other columns of the same output."""
+    plan, gen, real, lead = _folded_plan(coselected=True, seed=2)
+    dtype, swiglu, nt = DTYPES[kernel.dtype], kernel.epilogue == SWIGLU, kernel.majors == "nt"
+    E, G, S, R, K = 12, 3, 4, plan.num_rows, 256
+    N = (192, 64)
+    a = _rand(gen, R, K, dtype=dtype)
+    b = [_rand(gen, *((P, n, K) if nt else (P, K, n)), dtype=dtype, scale=K ** -0.5)
+         for P, n in ((E, N[0]), (G, N[1]))]
+    width = [n // 2 for n in N] if swiglu else list(N)
+    out = torch.full((R, sum(width)), SENTINEL, dtype=dtype, device=DEV)
+    off, ends = plan.expert_offsets, plan.leader_ends
+    start = torch.cat([off[:-1], off[:-1] + R])
+    count = torch.cat([off[1:] - off[:-1], ends - off[:-1]])
+    lib.grouped_gemm([a, a], b, [out[:, :width[0]], out[:, width[0]:]], start, count,
+                     kernel.name, b_shared=[1, S])
+    torch.cuda.synchronize()
+    for e in range(E):
+        for s, (r0, r1) in enumerate([(off[e], off[e + 1]), (off[e], ends[e])]):
+            r0, r1 = int(r0), int(r1)
+            if r1 == r0:
+                continue
+            wt = b[s][e if s == 0 else e // S].float()
+            ref = a[r0:r1].float() @ (wt.t() if nt else wt)
+            ref = _swiglu_packed(ref) if swiglu else ref
+            cols = slice(0, width[0]) if s == 0 else slice(width[0], None)
+            got = out[r0:r1, cols].float()
+            assert (got - ref).norm() <= 1e-2 * max(ref.norm(), 1e-6), (kernel.name, e, s)
+    assert (out[~real] == SENTINEL).all()
+    assert (out[real & ~lead, width[0]:] == SENTINEL).all()  # no adjugate off the leaders

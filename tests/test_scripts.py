@@ -133,3 +133,101 @@ def test_only_test_sh_installs_the_transformers_extra(tmp_path):
     proc, calls = run(tmp_path, "demo.sh", FAKE_MISSING="transformers")
     assert proc.returncode == 0, proc.stderr
     assert not any("transformers" in c for c in calls), calls
+
+
+# scripts/gpu_check.sh: the one GPU run. Checked here without a GPU: its syntax, its stage
+# list and budgets (--dry-run), that a stage that hangs is cut at its own limit while the
+# stages after it still run, and the summary table it prints last.
+GPU_CHECK = os.path.join(ROOT, "scripts", "gpu_check.sh")
+GPU_STAGES = ["build", "selfcheck", "tests", "cuda", "sanitize", "bench", "coactive", "summary"]
+
+
+def test_gpu_check_syntax():
+    proc = subprocess.run(["bash", "-n", GPU_CHECK], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_gpu_check_dry_run_lists_the_stages(tmp_path):
+    proc = subprocess.run(["bash", GPU_CHECK, "--dry-run", str(tmp_path)], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    stages = [line.split()[1] for line in lines if line.startswith("stage ")]
+    assert stages == GPU_STAGES
+    budgets = [int(line.split()[2].rstrip("s")) for line in lines
+               if line.startswith("stage ") and "optional" not in line]
+    total = int(lines[0].split("total budget ")[1].split("s")[0])
+    assert sum(budgets) <= total <= 8 * 60  # the script fits 8 minutes of a 15-minute lease
+    text = proc.stdout
+    assert "--pass both --layout folded,sections" in text
+    assert "--tokens 16384,4096,1024,256,64,1" in text and "--routing coactive" in text
+    assert "compute-sanitizer --tool memcheck" in text
+    for layout in ("sections", "folded"):
+        assert layout in text.split("stage selfcheck")[1].split("stage tests")[0]
+    assert not any(p in text for p in ("../shared", "/work/")), "paths outside the repository"
+    assert not os.listdir(tmp_path), "a dry run writes nothing"
+
+
+FAKE_GPU_PYTHON = r"""#!/usr/bin/env bash
+echo "$*" >> "$FAKE_LOG"
+case "$*" in
+  *"-m pytest"*) sleep 60 ;;
+  *gpu_summary.py*) echo "SUMMARY TABLE" ;;
+esac
+exit 0
+"""
+
+
+def test_gpu_check_a_hanging_stage_is_cut_and_the_summary_comes_last(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_GPU_PYTHON)
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(fake), FAKE_LOG=str(tmp_path / "log"),
+               GPU_CHECK_BUDGET_S="24")
+    proc = subprocess.run(["bash", GPU_CHECK, "--stages", "tests,summary", str(out)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    status = (out / "stages.txt").read_text().split("\n")
+    assert status[0].startswith("tests TIMEOUT"), status
+    assert status[1].startswith("summary ok"), status
+    assert proc.stdout.rstrip().endswith("SUMMARY TABLE")
+    assert "-m pytest -v -m gpu" in (tmp_path / "log").read_text()
+
+
+def test_gpu_summary_table(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_summary", os.path.join(ROOT, "scripts", "gpu_summary.py"))
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+
+    def row(variant, backend, us, pass_="fwd", layout=None, check="ok"):
+        r = dict(routing="uniform", T=4096, variant=variant, backend=backend, us=us,
+                 check=check, **{"pass": pass_})
+        if layout:
+            r["layout"] = layout
+        return r
+
+    rows = [row("vllm", "vllm", 800.0), row("plain", "cuda", 750.0),
+            row("grove", "cuda", 1000.0, layout="sections"),
+            row("grove", "cuda", 700.0, layout="folded"),
+            row("grove", "cuda", 2800.0, "fwd+bwd", "folded"),
+            row("grove", "triton", 1300.0, check="MISMATCH")]  # no layout field: sections
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"rows": rows, "complete": False}))
+    text = summary.table(summary.load([str(path)]))
+    cuda = [line for line in text.splitlines() if " cuda " in line][0].split()
+    assert cuda[:7] == ["uniform", "4096", "cuda", "800", "750", "1000", "700"]
+    assert cuda[7:10] == ["0.70", "0.93", "0.88"]  # folded / sections, / plain, / vLLM
+    assert cuda[-1] == "4.00"  # fwd+bwd / fwd of the folded layout
+    triton = [line for line in text.splitlines() if " triton " in line][0]
+    assert "1300!" in triton
+    # A bench without the layout axis: one file per layout, the layout in the file's name.
+    folded = tmp_path / "bench_uniform_1_folded.json"
+    folded.write_text(json.dumps({"rows": [row("grove", "triton", 650.0)]}))
+    text = summary.table(summary.load([str(path), str(folded)]))
+    triton = [line for line in text.splitlines() if " triton " in line][0].split()
+    assert triton[5:7] == ["1300!", "650"]

@@ -41,8 +41,8 @@ __host__ __device__ int section_of(const Sections& secs, int p) {
   return si;
 }
 
-// The arguments of problem p (host-callable: tests/cuda/grouped_gemm_args_check.cu runs it on
-// the CPU).
+// The arguments of problem p (host-callable: grove_grouped_args_fill_host and
+// tests/cuda/grouped_gemm_args_check.cu run it on the CPU).
 template <typename Index>
 __host__ __device__ void fill_problem(int layout, const Sections& secs, const Index* start,
                                       const Index* count, int p, GroveGroupedArgsView out) {
@@ -69,7 +69,7 @@ __host__ __device__ void fill_problem(int layout, const Sections& secs, const In
     out.shapes[3 * p + 1] = sec.n;
     out.shapes[3 * p + 2] = sec.k;
     out.ptr_a[p] = a + row * sec.lda;
-    out.ptr_b[p] = b + j * sec.b_problem_stride;
+    out.ptr_b[p] = b + (j / sec.b_shared) * sec.b_problem_stride;
     out.ptr_d[p] = d + row * sec.ldd;
   }
   out.ld_a[p] = sec.lda;
@@ -126,10 +126,10 @@ int check_sections(int layout, const GroveGemmSection* sections, int num_section
               (s.rows == 0 || (s.a && s.d)) && (s.num_problems == 0 || (s.b && s.d)) &&
               aligned16(s.a) && aligned16(s.b) && aligned16(s.d) && s.lda % 8 == 0 &&
               s.ldb % 8 == 0 && s.ldd % 8 == 0 && s.n % (swiglu ? 16 : 8) == 0 &&
-              s.ldd >= (swiglu ? s.n / 2 : s.n);
+              s.ldd >= (swiglu ? s.n / 2 : s.n) && s.b_shared >= 1;
     if (layout == GROVE_GEMM_K_GROUPED_TN) {
       // A rows hold M values, B rows N values; D_j = d + j * d_problem_stride.
-      ok = ok && s.m > 0 && s.m % 8 == 0 && s.lda >= s.m && s.ldb >= s.n &&
+      ok = ok && s.b_shared == 1 && s.m > 0 && s.m % 8 == 0 && s.lda >= s.m && s.ldb >= s.n &&
            s.d_problem_stride % 8 == 0 && s.d_problem_stride >= s.ldd * (s.m - 1) + s.n;
     } else {
       const int64_t b_row = layout == GROVE_GEMM_M_GROUPED_NN ? s.n : s.k;  // B's row extent
@@ -196,6 +196,27 @@ int grove_grouped_args_fill(int layout, const GroveGemmSection* sections, int nu
         num_problems, view);
   }
   return cudaGetLastError() == cudaSuccess ? GROVE_OK : GROVE_ERR_CUDA;
+}
+
+int grove_grouped_args_fill_host(int layout, const GroveGemmSection* sections, int num_sections,
+                                 const void* start, const void* count, int index_bytes,
+                                 int num_problems, void* args) {
+  if (!args || (index_bytes != 4 && index_bytes != 8)) return GROVE_ERR_INVALID_ARGUMENT;
+  Sections secs;
+  int rc = check_sections(layout, sections, num_sections, num_problems, &secs);
+  if (rc != GROVE_OK) return rc;
+  if (num_problems == 0) return GROVE_OK;
+  if (!start || !count) return GROVE_ERR_INVALID_ARGUMENT;
+  const GroveGroupedArgsView view = grove_grouped_args_view(args, num_problems);
+  for (int p = 0; p < num_problems; ++p) {
+    if (index_bytes == 4)
+      fill_problem(layout, secs, static_cast<const int32_t*>(start),
+                   static_cast<const int32_t*>(count), p, view);
+    else
+      fill_problem(layout, secs, static_cast<const int64_t*>(start),
+                   static_cast<const int64_t*>(count), p, view);
+  }
+  return GROVE_OK;
 }
 
 int grove_grouped_zero_empty(int dtype, const GroveGemmSection* sections, int num_sections,

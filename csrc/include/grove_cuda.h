@@ -51,7 +51,8 @@ const char* grove_cuda_error_string(int code);
 // M_GROUPED_NT (GEMM-1, GEMM-2), M_GROUPED_NN (dGEMM-2, dGEMM-1): M = the problem's rows,
 //   N = n_s, K = k_s.
 //   A_p = a_s + local_row * lda_s     [M, K] K-major (rows of the section's [rows_s, K] buffer)
-//   B_p = b_s + j * b_problem_stride_s
+//   B_p = b_s + (j / b_shared_s) * b_problem_stride_s   (b_shared_s problems read one B: the
+//         folded layout's adjugate problems, one per expert, read the A1 of the expert's group)
 //         nt: [N, K] K-major, row stride ldb_s (w1 / w2 as stored)
 //         nn: [K, N] N-major, row stride ldb_s (w2 / w1 as stored, read as [K, N])
 //   D_p = d_s + local_row * ldd_s     [M, N] row-major
@@ -65,6 +66,9 @@ const char* grove_cuda_error_string(int code);
 //   D_p = d_s + j * d_problem_stride_s   [M, N] row-major, row stride ldd_s (dW_j)
 //   Problems without rows are zeroed (grove_grouped_zero_empty), not left to CUTLASS.
 // Rows outside [row_base_s, row_base_s + rows_s) are clamped away (never out of bounds).
+// Two sections may read the same row buffers (a_s, d_s views of one tensor): the folded
+// layout's GEMM-1 runs each expert over all its rows (section 0) and, over its leader prefix,
+// the adjugate of its group (section 1) on the same gathered rows, writing other columns of h.
 // ---------------------------------------------------------------------------------------------
 #define GROVE_MAX_SECTIONS 2
 
@@ -91,6 +95,7 @@ typedef struct GroveGemmSection {
   int64_t rows;                 // rows of the section's row buffers
   int32_t m, n, k;              // m: k-grouped only; k: m-grouped only
   int32_t first_problem, num_problems;
+  int32_t b_shared;             // m-grouped: problems per B (>= 1); k-grouped: 1
 } GroveGemmSection;
 
 // The device arguments of a CUTLASS ptr-array grouped GEMM, laid out in one buffer:
@@ -104,6 +109,13 @@ size_t grove_grouped_args_bytes(int num_problems);
 int grove_grouped_args_fill(int layout, const GroveGemmSection* sections, int num_sections,
                             const void* start, const void* count, int index_bytes,
                             int num_problems, void* args, cudaStream_t stream);
+
+// The same arguments computed on the host into a host buffer of grove_grouped_args_bytes(P)
+// bytes, by the function the fill kernel runs (start / count are host arrays here): lets a CPU
+// test compare plan -> problems with the contract. Operand addresses are never dereferenced.
+int grove_grouped_args_fill_host(int layout, const GroveGemmSection* sections, int num_sections,
+                                 const void* start, const void* count, int index_bytes,
+                                 int num_problems, void* args);
 
 // K_GROUPED_TN: zero D_p (m_s x n_s, row stride ldd_s) of every problem with count[p] == 0.
 // dtype: GROVE_DTYPE_BF16 or GROVE_DTYPE_FP16. One launch; no host sync.

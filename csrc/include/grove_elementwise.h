@@ -4,6 +4,7 @@
 //                applied in place with the dot product its gradient needs
 //   swiglu.cu    SwiGLU forward and backward (with d row weight)
 //   combine.cu   combine rows back into tokens, in slot order
+//   folded.cu    SwiGLU forward / backward and the row scales of the folded layout
 //
 // Same conventions as grove_cuda.h: raw device pointers, sizes, a cudaStream_t; no allocation,
 // no host synchronisation; returns GROVE_OK (0) or a GROVE_ERR_* code of grove_cuda.h.
@@ -88,6 +89,52 @@ int grove_combine_rows(int dtype, const void* rows, int64_t ldr, int64_t R,
                        const int64_t* token_rows, const uint8_t* token_mask,
                        const float* token_weight, int64_t T, int64_t C, int64_t H, void* out,
                        int64_t ldo, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// The folded layout (folded.cu): R = T*k rows, expert rows only, sorted by expert; the rows of
+// expert e are [offsets[e], offsets[e+1]) and its *leader* rows (those that carry the adjugate
+// of their (token, group)) the prefix [offsets[e], leader_ends[e]); rows past offsets[E] are
+// padding. Per row, h [R, 2I + 2Ia] = [gate_e | up_e | gate_a | up_a] and z [R, I + Ia] =
+// [z_e | z_a]; the adjugate columns are meaningful on leader rows only. A row's expert is
+// found by a binary search of offsets (device arrays, never read on the host; entries are
+// clamped so that a corrupt plan never addresses outside [0, R)). I and Ia are multiples of 8.
+typedef struct GroveFoldedRows {
+  int64_t rows;                // R: rows of every row buffer
+  int64_t num_experts;         // E >= 1
+  const int64_t* offsets;      // [E + 1] device: expert_offsets
+  const int64_t* leader_ends;  // [E] device: absolute ends of the leader prefixes
+} GroveFoldedRows;
+
+// SwiGLU forward on the folded layout, both parts of a row in one block. For every real row r
+// (r < offsets[E]), with silu(g) = g / (1 + expf(-g)), lead = r is a leader row:
+//   z[r]  = [silu(gate_e) * up_e | lead ? silu(gate_a) * up_a : 0]                (z non-NULL)
+//   zs[r] = [row_weight[r] * z_e | lead ? leader_weight[r] * z_a : 0], from the fp32 values
+//           (one rounding), the scaled rows GEMM-2 reads                           (zs non-NULL)
+//   h[r, 2I:] = 0 when r is not a leader and zero_h != 0 (a saved h holds zeros there)
+// row_weight / leader_weight are required when zs is given. h [R, ldh], z [R, ldz], zs [R, ldzs].
+int grove_swiglu_folded_fwd(int dtype, void* h, int64_t ldh, int64_t I, int64_t Ia,
+                            GroveFoldedRows rows, const float* row_weight,
+                            const float* leader_weight, int zero_h, void* z, int64_t ldz,
+                            void* zs, int64_t ldzs, cudaStream_t stream);
+
+// zs[r] = [row_weight[r] * z_e | lead ? leader_weight[r] * z_a : 0] for every real row (z_a is
+// not read on other rows); zs == z (in place) is allowed.
+int grove_scale_folded(int dtype, const void* z, int64_t ldz, int64_t I, int64_t Ia,
+                       GroveFoldedRows rows, const float* row_weight, const float* leader_weight,
+                       void* zs, int64_t ldzs, cudaStream_t stream);
+
+// SwiGLU backward on the folded layout. g [R, I + Ia] = dY.[W2_e | A2_g] of the row (g_a read
+// on leader rows only), h as saved. For every real row, with the formulas of grove_swiglu_bwd:
+//   dh[r] = [SwiGLU'(g_e, h_e) * row_weight[r] | lead ? SwiGLU'(g_a, h_a) * leader_weight[r] : 0]
+// and for EVERY row r in [0, R) (0 on padding):
+//   d_row_weight[r]    = sum_n g_e * silu(gate_e) * up_e
+//   d_leader_weight[r] = lead ? sum_n g_a * silu(gate_a) * up_a : 0
+// (fp32, fixed order). row_weight, leader_weight, d_row_weight and d_leader_weight are
+// required. g [R, ldg], h [R, ldh], dh [R, lddh].
+int grove_swiglu_folded_bwd(int dtype, const void* g, int64_t ldg, const void* h, int64_t ldh,
+                            int64_t I, int64_t Ia, GroveFoldedRows rows, const float* row_weight,
+                            const float* leader_weight, void* dh, int64_t lddh,
+                            float* d_row_weight, float* d_leader_weight, cudaStream_t stream);
 
 #ifdef __cplusplus
 }  // extern "C"

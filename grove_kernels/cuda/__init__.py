@@ -1,8 +1,10 @@
 """The `cuda` backend: CUTLASS 3.x grouped GEMMs for Hopper (sm_90a) and CUDA row kernels.
 
     ext.py          the extension grove_kernels._C (built from csrc/) and thin op wrappers
-    backend.py      the experts stage: forward and backward dataflow over those ops
-    packed.py       the packed copies of w1 / a1 the fused GEMM-1 reads
+    backend.py      the experts stage: forward and backward dataflow over those ops (the
+                    sections layout; the folded one in folded.py)
+    packed.py       the packed weight copies: w1 / a1 for the fused GEMM-1, [w2 | a2] for
+                    the folded layout's GEMM-2
 
 FUSE_SWIGLU (opt-in, `GROVE_CUDA_FUSE_SWIGLU=1`): the forward's GEMM-1 runs with SwiGLU in its
 epilogue, reading a copy of w1 / a1 with gate and up rows interleaved (pack_gate_up), kept per
@@ -17,9 +19,11 @@ FUSE_SWIGLU = os.environ.get("GROVE_CUDA_FUSE_SWIGLU", "0") == "1"
 
 
 def release_packed_weights():
-    """Drop the packed copies of w1 / a1 kept for the fused GEMM-1 (FUSE_SWIGLU), including
-    those pinned for captured CUDA graphs: call it after changing weights in a way torch does
-    not version, and only once no graph captured with the old copies will replay."""
-    from .packed import packed_gate_up
+    """Drop the packed weight copies (w1 / a1 for the fused GEMM-1, [w2 | a2] for the folded
+    GEMM-2), including those pinned for captured CUDA graphs: call it after changing weights
+    in a way torch does not version, and only once no graph captured with the old copies will
+    replay."""
+    from .packed import packed_down, packed_gate_up
 
     packed_gate_up.clear()
+    packed_down.clear()

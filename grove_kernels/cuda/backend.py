@@ -3,6 +3,14 @@ kernels (gather, SwiGLU, combine), over a Plan (protocol in grove_kernels/expert
 stage is one launch over both sections (experts, adjugates); kernels are named by what varies
 (ext.gemm_kernel: m- or k-grouped, operand majors, epilogue, schedule).
 
+Two adjugate layouts, by the plan's: `sections` (below: E expert + G adjugate problems, the
+adjugate rows gathered and combined separately) and `folded` (cuda/folded.py, whose docstring
+lists each launch, its problems and what it reads and writes: the adjugates ride on their
+group's leader expert rows; 1 gather, GEMM-1 with 2E problems, one SwiGLU row kernel, GEMM-2
+with 2E problems, the combine over k rows per token).
+
+Sections layout, every launch (R_e = T·k, R_a = T·min(k, G) rows; counts are per call):
+
 Forward (x [T, H]; R = R_e + R_a plan rows; N = I for experts, Ia for adjugates):
     gather          x[row_token] (· w when the router weight is applied on the input) -> xg [R, H]
     GEMM-1   m-grouped nt, SwiGLU fused (FUSE_SWIGLU, packed w1 / a1): xg @ w1|a1 -> z
@@ -26,11 +34,8 @@ import torch
 
 from .. import cuda as pkg
 from . import ext as lib
+from . import folded
 from .packed import packed_gate_up
-
-# Rows per expert up to which the ping-pong 64x128 tile wins (docs/design.md §4, GEMM-1, H100).
-_PINGPONG_MAX_ROWS_PER_EXPERT = 64
-
 
 class _Call:
     """Sizes of one call and the per-section views every stage uses."""
@@ -45,9 +50,7 @@ class _Call:
         self.start, self.count = plan.problem_rows()
         self.end_e = plan.expert_offsets[plan.num_experts:]
         self.end_a = plan.adjugate_offsets[plan.num_groups:] if self.grove else None
-        rows_per_expert = plan.num_tokens * plan.top_k / max(plan.num_experts, 1)
-        self.schedule = ("pingpong" if rows_per_expert <= _PINGPONG_MAX_ROWS_PER_EXPERT
-                         else "coop")
+        self.schedule = lib.m_grouped_schedule(plan)
         self.dtype = x.dtype
 
     def split(self, t):
@@ -104,6 +107,8 @@ def _gemm1_swiglu(c, xg, w1, a1, act):
 
 
 def forward(x, weights, plan, weight_on_input, y, act):
+    if plan.layout == "folded":
+        return folded.forward(x, weights, plan, weight_on_input, y, act)
     c = _Call(x, weights, plan)
     w1, w2, a1, a2 = weights
     xg = _gather(c, x, c.row_weight if weight_on_input else None)
@@ -115,6 +120,8 @@ def forward(x, weights, plan, weight_on_input, y, act):
 
 
 def backward(dy, x, weights, plan, weight_on_input, act, grads):
+    if plan.layout == "folded":
+        return folded.backward(dy, x, weights, plan, weight_on_input, act, grads)
     c = _Call(x, weights, plan)
     w1, w2, a1, a2 = weights
     dx, dw1, dw2, da1, da2 = grads

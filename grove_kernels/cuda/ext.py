@@ -21,7 +21,8 @@ else:
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES = tuple(dict.fromkeys(_TORCH_DTYPES[k.dtype] for k in GEMM_KERNELS))
 _KNOWN_OPS = ("grouped_gemm", "grouped_gemm_kernels", "grouped_gemm_workspace_size",
-              "gather_rows", "swiglu_fwd", "swiglu_bwd", "combine_rows", "rows_dot_scale")
+              "grouped_gemm_args", "gather_rows", "swiglu_fwd", "swiglu_bwd", "combine_rows",
+              "rows_dot_scale", "swiglu_folded_fwd", "scale_folded", "swiglu_folded_bwd")
 
 
 def is_built():
@@ -101,6 +102,17 @@ def gemm_kernel(dtype, grouped, majors, *, epilogue=None, schedule):
     return found[0].name
 
 
+# Rows per expert up to which the ping-pong 64x128 tile wins (docs/design.md §4, GEMM-1, H100).
+_PINGPONG_MAX_ROWS_PER_EXPERT = 64
+
+
+def m_grouped_schedule(plan):
+    """The schedule of a plan's m-grouped GEMMs: "pingpong" for few rows per expert, else
+    "coop" (the weight gradients always run "coop")."""
+    rows_per_expert = plan.num_tokens * plan.top_k / max(plan.num_experts, 1)
+    return "pingpong" if rows_per_expert <= _PINGPONG_MAX_ROWS_PER_EXPERT else "coop"
+
+
 def pack_gate_up(w):
     """w [P, 2N, H] (rows 0..N-1 gate, N..2N-1 up) -> the B operand of the fused GEMM-1:
     the same rows interleaved in blocks of 8, row 16q + r = gate row 8q + r and row
@@ -112,23 +124,51 @@ def pack_gate_up(w):
     return blocks.transpose(1, 2).reshape(P, N2, H)
 
 
-def grouped_gemm(a, b, out, start, count, kernel):
+def grouped_gemm(a, b, out, start, count, kernel, b_shared=None):
     """For every plan problem p: D_p = A_p @ B_p (layouts in csrc/include/grove_cuda.h).
 
-    kernel: a name of GEMM_KERNELS (gemm_kernel()); a, b, out: lists of 1 or 2 sections
-    (experts, adjugates), by the kernel's grouped axis and majors:
+    kernel: a name of GEMM_KERNELS (gemm_kernel()); a, b, out: lists of 1 or 2 sections, by
+    the kernel's grouped axis and majors:
         m_grouped_nt         a [R_s, K], b [P_s, N, K], out [R_s, N]
         m_grouped_nt_swiglu  the same with b packed by pack_gate_up, out [R_s, N / 2] =
                              silu(gate) * up
         m_grouped_nn         a [R_s, K], b [P_s, K, N], out [R_s, N]
         k_grouped_tn         a [R_s, M], b [R_s, N], out [P_s, M, N]   (weight gradients)
-    start, count [sum P_s] int32/int64 absolute plan rows (Plan.problem_rows()).
+    start, count [sum P_s] int32/int64 absolute rows: section s's rows are numbered from
+    R_0 + ... + R_{s-1} on (two sections may view one row buffer).
+    b_shared: None, or per section the problems that read one B (m-grouped; section s then has
+    b[s].shape[0] * b_shared[s] problems; the folded adjugates: S experts per a1 / a2).
     Runs on torch's current stream; no host synchronisation.
     """
     _require()
     torch.ops.grove_cuda.grouped_gemm(list(a), list(b), list(out), start, count, kernel,
-                                      current_stream_handle(a[0].device))
+                                      current_stream_handle(a[0].device), list(b_shared or []))
     return out
+
+
+def grouped_gemm_args(a, b, out, start, count, kernel, b_shared=None):
+    """The device arguments grouped_gemm would fill for these operands, computed on the host by
+    the same fill function (start / count on the CPU; operands anywhere: only their addresses
+    are used), decoded: {"shapes": [P, 3] (M, N, K), "a" / "b" / "d": [P] addresses,
+    "ld": [P, 3] (A, B, D)} as int64 tensors."""
+    _require()
+    P = int(start.numel())
+    buf = torch.ops.grove_cuda.grouped_gemm_args(list(a), list(b), list(out), start, count,
+                                                 kernel, list(b_shared or []))
+    if P == 0:
+        return {"shapes": torch.zeros(0, 3, dtype=torch.int64),
+                **{n: torch.zeros(0, dtype=torch.int64) for n in "abd"},
+                "ld": torch.zeros(0, 3, dtype=torch.int64)}
+
+    def align(n):
+        return (n + 127) // 128 * 128
+    blocks, at = [], 0
+    for size in [P * 12] + [P * 8] * 6:  # shapes int32[P][3], 3 pointer and 3 int64 blocks
+        blocks.append(buf[at:at + size])
+        at += align(size)
+    shapes = blocks[0].view(torch.int32).view(P, 3).long()
+    a_, b_, d_, lda, ldb, ldd = (blk.view(torch.int64) for blk in blocks[1:])
+    return {"shapes": shapes, "a": a_, "b": b_, "d": d_, "ld": torch.stack([lda, ldb, ldd], 1)}
 
 
 def _stream(t):
@@ -167,6 +207,35 @@ def rows_dot_scale(rows, x, row_token, row_weight, rows_e, end_e, end_a, dot):
     torch.ops.grove_cuda.rows_dot_scale(rows, x, row_token, row_weight, rows_e, end_e, end_a,
                                         dot, _stream(rows))
     return rows
+
+
+def swiglu_folded_fwd(h, I, offsets, leader_ends, row_weight, leader_weight, z, zs,
+                      zero_h=False):
+    """Folded layout: z = [silu(g_e)·u_e | leader ? silu(g_a)·u_a : 0] (unscaled; when z is
+    given) and zs = [w·z_e | λΣw·z_a] (when zs is given) from h [R, 2I + 2Ia]."""
+    _require()
+    torch.ops.grove_cuda.swiglu_folded_fwd(h, I, offsets, leader_ends, row_weight,
+                                           leader_weight, zero_h, z, zs, _stream(h))
+    return z, zs
+
+
+def scale_folded(z, I, offsets, leader_ends, row_weight, leader_weight, zs):
+    """Folded layout: zs = [w·z_e | leader ? λΣw·z_a : 0] (zs may be z: in place)."""
+    _require()
+    torch.ops.grove_cuda.scale_folded(z, I, offsets, leader_ends, row_weight, leader_weight, zs,
+                                      _stream(z))
+    return zs
+
+
+def swiglu_folded_bwd(g, h, I, offsets, leader_ends, row_weight, leader_weight, dh,
+                      d_row_weight, d_leader_weight):
+    """Folded layout: dh [R, 2I + 2Ia] from g [R, I + Ia] and h; d row weight and d leader
+    weight [R] (fp32; 0 on padding and, for the latter, on rows that lead no group)."""
+    _require()
+    torch.ops.grove_cuda.swiglu_folded_bwd(g, h, I, offsets, leader_ends, row_weight,
+                                           leader_weight, dh, d_row_weight, d_leader_weight,
+                                           _stream(g))
+    return dh
 
 
 def is_available():

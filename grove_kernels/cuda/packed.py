@@ -1,8 +1,16 @@
-"""Packed copies of w1 / a1 for the cuda backend's fused GEMM-1 (opt-in: cuda.FUSE_SWIGLU).
+"""Packed weight copies the cuda backend's GEMMs read, kept per weight tensor while its version
+is unchanged.
 
-    w [P, 2N, H] (gate rows, then up rows) -> pack_gate_up(w): the same rows interleaved in
-    blocks of 8, so each thread's wgmma fragment holds gate and up of the same outputs
-    (csrc/gemm/swiglu_epilogue.cuh). Extra memory: one copy of w1 and a1.
+    gate/up (opt-in: cuda.FUSE_SWIGLU) w [P, 2N, H] (gate rows, then up rows) ->
+        pack_gate_up(w): the same rows interleaved in blocks of 8, so each thread's wgmma
+        fragment holds gate and up of the same outputs (csrc/gemm/swiglu_epilogue.cuh).
+        Extra memory: one copy of w1 and a1.
+    down (the folded layout's GEMM-2) w2 [E, H, I], a2 [G, H, Ia] -> pack_down(w2, a2)
+        [E, H, I + Ia], row n of expert e = [W2_e[n] | A2_{e // S}[n]]: leader rows run
+        K = I + Ia against it in one problem. Extra memory: one copy of w2 plus S copies of
+        a2, E·H·(I + Ia) elements (470 MB in bf16 at grove-33b); kept across inference
+        forwards (those that save no activations); a training forward packs per call and frees
+        the copy after GEMM-2 (its weights change every step; the backward needs no copy).
 """
 import weakref
 
@@ -15,19 +23,23 @@ def _capturing(t):
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-class PackedGateUp:
-    """cuda.pack_gate_up copies of w1 / a1 for the fused GEMM-1 (opt-in: cuda.FUSE_SWIGLU).
+def pack_down(w2, a2):
+    """[W2_e | A2_{e // S}] along K, S = E / G: [E, H, I + Ia] (one copy)."""
+    return torch.cat([w2, a2.repeat_interleave(w2.shape[0] // a2.shape[0], dim=0)], dim=2)
 
-    One copy per live weight tensor, made on its first eager forward and replaced when the
-    tensor's version changes (an in-place update made through torch). Writes torch does not
-    version (w.data.copy_, collectives or kernels writing through data_ptr) are NOT seen: with
-    FUSE_SWIGLU on, weights must stay frozen, or release_packed_weights() be called after
+
+class PackedCopies:
+    """pack(*weights) per live tuple of weight tensors, made on its first eager call and
+    replaced when a tensor's version changes (an in-place update made through torch). Writes
+    torch does not version (w.data.copy_, collectives or kernels writing through data_ptr) are
+    NOT seen: the weights must stay frozen, or release_packed_weights() be called after
     changing them. Never packs while a CUDA graph is being captured; a graph captured with a
     packed copy keeps reading that copy, so it is pinned (kept alive) until release.
     """
 
-    def __init__(self):
-        self._entries = {}  # id(w) -> (weakref to w, state of w, packed copy)
+    def __init__(self, pack):
+        self._pack = pack
+        self._entries = {}  # ids of the weights -> (weakrefs, states, packed copy)
         self._pinned = []  # packed copies that captured graphs may read
 
     @staticmethod
@@ -36,12 +48,14 @@ class PackedGateUp:
         version = None if w.is_inference() else w._version
         return (version, w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device)
 
-    def get(self, w):
-        """The packed copy of w, or None while capturing a graph without one."""
-        key, state = id(w), self._state(w)
+    def get(self, *weights):
+        """The packed copy of weights, or None while capturing a graph without one."""
+        key = tuple(id(w) for w in weights)
+        state = tuple(self._state(w) for w in weights)
         entry = self._entries.get(key)
-        valid = entry is not None and entry[0]() is w and entry[1] == state
-        if _capturing(w):
+        valid = (entry is not None and all(r() is w for r, w in zip(entry[0], weights))
+                 and entry[1] == state)
+        if _capturing(weights[0]):
             if not valid:
                 return None
             if not any(p is entry[2] for p in self._pinned):
@@ -49,8 +63,8 @@ class PackedGateUp:
             return entry[2]
         if not valid:
             entries = self._entries
-            ref = weakref.ref(w, lambda _, k=key: entries.pop(k, None))
-            entry = (ref, state, pack_gate_up(w))
+            refs = tuple(weakref.ref(w, lambda _, k=key: entries.pop(k, None)) for w in weights)
+            entry = (refs, state, self._pack(*weights))
             self._entries[key] = entry
         return entry[2]
 
@@ -59,4 +73,5 @@ class PackedGateUp:
         self._pinned.clear()
 
 
-packed_gate_up = PackedGateUp()
+packed_gate_up = PackedCopies(pack_gate_up)
+packed_down = PackedCopies(pack_down)

@@ -67,8 +67,8 @@ def _table():
         return {}
 
 
-def _heuristic(rows_per_problem):
-    if INTERPRET:
+def _heuristic(rows_per_problem, interpret=INTERPRET):
+    if interpret:
         # The interpreter's cost is programs x loop trips: small tiles, few of each.
         return Config(16, (16, 32, 1, 1), (32, 32, 1, 1), (16, 32, 16, 1, 1))
     if rows_per_problem <= 16:
@@ -114,6 +114,10 @@ def _for_dtype(conf, dtype):
     """fp32 operands take twice the shared memory per stage: halve BK, cap the stages."""
     if dtype != torch.float32 or INTERPRET:
         return conf
+    return _fp32_tiles(conf)
+
+
+def _fp32_tiles(conf):
     def halved(tile):
         return tile._replace(bk=max(16, tile.bk // 2), num_stages=min(tile.num_stages, 3))
 
@@ -140,12 +144,26 @@ def select(plan, H, I, Ia, dtype):
 
 
 def _select(plan, H, I, Ia):
-    rows_per_problem = plan.num_tokens * plan.top_k / max(plan.num_experts, 1)
+    device = None
     if not INTERPRET and torch.cuda.is_available():
-        key = f"{H},{I},{Ia},{plan.num_experts},{plan.top_k}"
-        buckets = _table().get(torch.cuda.get_device_name(), {}).get(key)
+        device = torch.cuda.get_device_name()
+    return _choose(device, plan.num_tokens, plan.top_k, plan.num_experts, H, I, Ia)
+
+
+def for_device(device_name, num_tokens, top_k, num_experts, H, I, Ia, dtype):
+    """The Config a compiled (not interpreted) run on the GPU named `device_name`
+    (torch.cuda.get_device_name()) selects; needs no GPU (the traffic model's view)."""
+    conf = _choose(device_name, num_tokens, top_k, num_experts, H, I, Ia, interpret=False)
+    return _fp32_tiles(conf) if dtype == torch.float32 else conf
+
+
+def _choose(device_name, num_tokens, top_k, num_experts, H, I, Ia, interpret=INTERPRET):
+    rows_per_problem = num_tokens * top_k / max(num_experts, 1)
+    if device_name is not None:
+        key = f"{H},{I},{Ia},{num_experts},{top_k}"
+        buckets = _table().get(device_name, {}).get(key)
         if buckets:
             for b in buckets:
                 if rows_per_problem <= b["max_rows_per_problem"]:
                     return Config(b["block_m"], b["gemm1"], b["rows"], b["wgrad"])
-    return _heuristic(rows_per_problem)
+    return _heuristic(rows_per_problem, interpret)

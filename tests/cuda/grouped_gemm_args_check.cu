@@ -32,6 +32,7 @@ std::vector<GroveGemmSection> sections(int layout) {
     g.b = fake(0x10000000 * (s + 1));
     g.d = const_cast<char*>(fake(0x40000000 + 0x1000000 * s));
     g.rows = R[s];
+    g.b_shared = 1;
     g.first_problem = s == 0 ? 0 : P[0];
     g.num_problems = P[s];
     g.row_base = s == 0 ? 0 : R[0];
@@ -53,9 +54,11 @@ std::vector<GroveGemmSection> sections(int layout) {
   return out;
 }
 
+// shared: b_shared of the second section (m-grouped): its 3 problems read B (j / shared).
 template <typename Index>
-void check_fill(int layout) {
+void check_fill(int layout, int shared = 1) {
   std::vector<GroveGemmSection> secs = sections(layout);
+  secs[1].b_shared = shared;
   const int P = 8;
   // Absolute plan rows: experts 0..39, adjugates 40..63. Problem 2 and 6 are empty; problem 4
   // is corrupt (starts past its section) and problem 7 overruns it: both are clamped.
@@ -86,7 +89,7 @@ void check_fill(int layout) {
       M = rows;
       K = g.k;
       a = addr(g.a) + 2 * row * g.lda;
-      b = addr(g.b) + 2 * j * g.b_problem_stride;
+      b = addr(g.b) + 2 * (j / g.b_shared) * g.b_problem_stride;
       d = addr(g.d) + 2 * row * g.ldd;
     }
     expect(v.shapes[3 * p] == M, "M", layout, p, v.shapes[3 * p], M);
@@ -123,6 +126,12 @@ void check_rejects() {
   secs[1].first_problem = 4;  // sections must tile [0, P)
   rejected(GROVE_GEMM_K_GROUPED_TN, secs, "sections overlap");
   rejected(7, sections(GROVE_GEMM_M_GROUPED_NT), "unknown layout");
+  secs = sections(GROVE_GEMM_M_GROUPED_NT);
+  secs[1].b_shared = 0;
+  rejected(GROVE_GEMM_M_GROUPED_NT, secs, "b_shared < 1");
+  secs = sections(GROVE_GEMM_K_GROUPED_TN);
+  secs[1].b_shared = 2;  // weight gradients own their D: one problem per B
+  rejected(GROVE_GEMM_K_GROUPED_TN, secs, "k-grouped b_shared != 1");
 }
 
 }  // namespace
@@ -132,6 +141,10 @@ int main() {
                      GROVE_GEMM_M_GROUPED_NN, GROVE_GEMM_K_GROUPED_TN}) {
     check_fill<int32_t>(layout);
     check_fill<int64_t>(layout);
+    if (layout != GROVE_GEMM_K_GROUPED_TN) {  // the folded adjugates: S experts per a1 / a2
+      check_fill<int32_t>(layout, 2);
+      check_fill<int64_t>(layout, 3);
+    }
   }
   check_rejects();
   if (failures) std::printf("%d failures\n", failures);

@@ -1,0 +1,376 @@
+"""The `cuda` backend on the folded adjugate layout (grove_kernels/cuda/folded.py), on the CPU:
+its dataflow against the float64 oracle, with the kernels replaced by stand-ins.
+
+    grouped GEMMs   where grove_kernels._C is built (nvcc + CUTLASS; it imports under CPU
+                    torch), the stand-in asks the extension for the argument buffer the device
+                    fill would write (grouped_gemm_args: the same bindings and the same fill
+                    function, run on the host) and executes every problem from those raw
+                    shapes, addresses and leading dimensions, checking that each operand lies
+                    inside its section's tensor: plan -> CUTLASS problems is tested for real.
+                    Without the extension: a stand-in written from csrc/include/grove_cuda.h.
+    row kernels     stand-ins written from csrc/include/grove_elementwise.h (folded section)
+                    and the sections ones of test_cuda_dataflow.py.
+Buffers are poisoned with NaN by the stand-ins' allocator: reading a row no kernel wrote, or
+an adjugate column of a row that leads no group, shows up as a NaN.
+What this cannot prove: that the CUDA kernels honour the contracts (tests/test_cuda_ops_gpu.py
+and tests/test_api_gpu.py, on an sm_90 GPU).
+"""
+import pytest
+import torch
+
+import oracle
+import test_cuda_dataflow as sections_df
+from helpers import make_grove, rel_err, routing, to64
+from test_cuda_dataflow import CALLS, stand_ins  # noqa: F401  (fixture)
+
+import grove_kernels.cuda as cuda_pkg
+from grove_kernels import experts as experts_stage
+from grove_kernels.cuda import backend as cuda_backend
+from grove_kernels.cuda import ext as lib
+from grove_kernels.cuda import packed
+from grove_kernels.experts import Weights
+from grove_kernels.plan_folded import build_folded_plan
+
+LAM = 0.5
+# The extension imports here (test_cuda_build.py checks that its ops are this tree's): use its
+# host fill.
+REAL_FILL = "grouped_gemm_args" in lib.registered_ops()
+
+
+def _round(t, like):
+    return t.to(like.dtype)
+
+
+# ------------------------------------------------------------------ GEMMs from the real fill
+
+def _flat(t):
+    """A 1-D tensor over t's whole storage (the addresses the kernels see)."""
+    n = t.untyped_storage().nbytes() // t.element_size()
+    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (n,), (1,))
+
+
+def _operand(t, addr, shape, stride, what):
+    """The [shape] view at raw address `addr` with `stride`, asserted to lie inside view t."""
+    base = t.untyped_storage().data_ptr()
+    offset, rem = divmod(addr - base, t.element_size())
+    assert rem == 0 and offset >= 0, f"{what}: address outside its tensor's storage"
+    n = t.untyped_storage().nbytes() // t.element_size()
+    idx = torch.arange(n)
+    if any(s == 0 for s in shape):
+        return torch.as_strided(_flat(t), shape, stride, 0)
+    want = torch.as_strided(idx, shape, stride, offset).flatten()
+    assert want.max() < n, f"{what}: past the end of its storage"
+    mine = torch.as_strided(idx, t.shape, t.stride(), t.storage_offset()).flatten()
+    assert torch.isin(want, mine).all(), f"{what}: elements outside its section's tensor"
+    return torch.as_strided(_flat(t), shape, stride, offset)
+
+
+def _fill_gemm(a, b, out, start, count, kernel, *, b_shared=None):
+    """Run every problem from the argument buffer the real fill writes (grove_cuda.h)."""
+    CALLS.append(kernel)
+    grouped, majors, swiglu = sections_df._kind(kernel)
+    shared = list(b_shared or [1] * len(a))
+    args = lib.grouped_gemm_args(a, b, out, start.cpu(), count.cpu(), kernel, shared)
+    per_section = [o.shape[0] if grouped == "k" else bb.shape[0] * sh
+                   for o, bb, sh in zip(out, b, shared)]
+    s, first = 0, 0
+    for p in range(start.numel()):
+        while p >= first + per_section[s]:
+            first += per_section[s]
+            s += 1
+        M, N, K = args["shapes"][p].tolist()
+        lda, ldb, ldd = args["ld"][p].tolist()
+        pa, pb, pd = (int(args[n][p]) for n in "abd")
+        what = f"{kernel} problem {p} (section {s})"
+        if grouped == "k":
+            if K == 0:  # zeroed by grove_grouped_zero_empty, from the same clamped rows
+                assert M == 0
+                _operand(out[s], pd, (out[s].shape[1], N), (ldd, 1), what + " D").zero_()
+                continue
+            A = _operand(a[s], pa, (K, M), (lda, 1), what + " A")
+            B = _operand(b[s], pb, (K, N), (ldb, 1), what + " B")
+            D = _operand(out[s], pd, (M, N), (ldd, 1), what + " D")
+            D.copy_(_round(A.float().t() @ B.float(), D))
+            continue
+        if M == 0:
+            continue
+        A = _operand(a[s], pa, (M, K), (lda, 1), what + " A").float()
+        if majors == "nt":
+            B = _operand(b[s], pb, (N, K), (ldb, 1), what + " B").float().t()
+        else:
+            B = _operand(b[s], pb, (K, N), (ldb, 1), what + " B").float()
+        acc = A @ B
+        width = N // 2 if swiglu else N
+        D = _operand(out[s], pd, (M, width), (ldd, 1), what + " D")
+        D.copy_(_round(sections_df._swiglu_packed(acc) if swiglu else acc, D))
+    return out
+
+
+def _contract_gemm(a, b, out, start, count, kernel, *, b_shared=None):
+    """grove_cuda.h without the extension: section s's rows count from R_0 + ... + R_{s-1};
+    B_p of an m-grouped problem j is b[s][j // b_shared[s]]."""
+    CALLS.append(kernel)
+    grouped, majors, swiglu = sections_df._kind(kernel)
+    shared = list(b_shared or [1] * len(a))
+    base, first, bounds = 0, 0, []
+    for s in range(len(a)):
+        P = out[s].shape[0] if grouped == "k" else b[s].shape[0] * shared[s]
+        bounds.append((base, first, P))
+        base += a[s].shape[0]
+        first += P
+    for p, (st, c) in enumerate(zip(start.tolist(), count.tolist())):
+        s = max(i for i, (_, f, _) in enumerate(bounds) if p >= f)
+        row_base, f, _ = bounds[s]
+        j, rows = p - f, slice(st - row_base, st - row_base + c)
+        A = a[s][rows].float()
+        if grouped == "k":
+            out[s][j] = _round(A.t() @ b[s][rows].float(), out[s])
+        elif c:
+            B = b[s][j // shared[s]].float()
+            acc = A @ (B.t() if majors == "nt" else B)
+            out[s][rows] = _round(sections_df._swiglu_packed(acc) if swiglu else acc, out[s])
+    return out
+
+
+# ------------------------------------------------------------- folded row kernels (contract)
+
+def _rows(offsets, leader_ends, R):
+    """(real [R], lead [R]) of grove_elementwise.h's folded section."""
+    r = torch.arange(R)
+    E = leader_ends.numel()
+    e = (torch.searchsorted(offsets[1:E].contiguous(), r, right=True)).clamp(max=E - 1)
+    real = r < offsets[E].clamp(0, R)
+    return real, real & (r >= offsets[e]) & (r < leader_ends[e])
+
+
+def _swiglu_folded_fwd(h, I, offsets, leader_ends, row_weight, leader_weight, z, zs,
+                       zero_h=False):
+    R, Ia = h.shape[0], h.shape[1] // 2 - I
+    real, lead = _rows(offsets, leader_ends, R)
+    hf = h.float()
+    silu = torch.nn.functional.silu
+    ze = silu(hf[:, :I]) * hf[:, I:2 * I]
+    za = torch.where(lead[:, None], silu(hf[:, 2 * I:2 * I + Ia]) * hf[:, 2 * I + Ia:], 0.0)
+    if z is not None:
+        z[real] = _round(torch.cat([ze, za], 1), z)[real]
+    if zs is not None:
+        lw = torch.where(lead, leader_weight, 0.0)[:, None]
+        zs[real] = _round(torch.cat([row_weight[:, None] * ze, lw * za], 1), zs)[real]
+    if zero_h:
+        h[real & ~lead, 2 * I:] = 0
+    return z, zs
+
+
+def _scale_folded(z, I, offsets, leader_ends, row_weight, leader_weight, zs):
+    real, lead = _rows(offsets, leader_ends, z.shape[0])
+    zf = z.float()
+    za = torch.where(lead[:, None], leader_weight[:, None] * zf[:, I:], 0.0)
+    zs[real] = _round(torch.cat([row_weight[:, None] * zf[:, :I], za], 1), zs)[real]
+    return zs
+
+
+def _swiglu_folded_bwd(g, h, I, offsets, leader_ends, row_weight, leader_weight, dh,
+                       d_row_weight, d_leader_weight):
+    R, Ia = g.shape[0], g.shape[1] - I
+    real, lead = _rows(offsets, leader_ends, R)
+    parts = []
+    sums = []
+    for (g0, n, h0), w in (((0, I, 0), row_weight), ((I, Ia, 2 * I), leader_weight)):
+        gv = g[:, g0:g0 + n].float()
+        gate, up = h[:, h0:h0 + n].float(), h[:, h0 + n:h0 + 2 * n].float()
+        s = torch.sigmoid(gate)
+        parts += [w[:, None] * gv * up * s * (1 + gate * (1 - s)), w[:, None] * gv * gate * s]
+        sums.append((gv * gate * s * up).sum(1))
+    adj = torch.cat(parts[2:], 1)
+    dhv = torch.cat(parts[:2] + [torch.where(lead[:, None], adj, 0.0)], 1)
+    dh[real] = _round(dhv, dh)[real]
+    d_row_weight.copy_(torch.where(real, sums[0], 0.0))
+    d_leader_weight.copy_(torch.where(lead, sums[1], 0.0))
+    return dh
+
+
+@pytest.fixture
+def folded(stand_ins, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(lib, "grouped_gemm", _fill_gemm if REAL_FILL else _contract_gemm)
+    for name, fn in [("swiglu_folded_fwd", _swiglu_folded_fwd),
+                     ("scale_folded", _scale_folded), ("swiglu_folded_bwd", _swiglu_folded_bwd)]:
+        monkeypatch.setattr(lib, name, fn)
+    packed.packed_down.clear()
+    yield
+    packed.packed_down.clear()
+
+
+# ------------------------------------------------------------------------------ dataflow
+
+GRADS = ["x", "w1", "w2", "a1", "a2", "topk_weights"]
+SHAPE = dict(H=32, E=8, I=24, Ia=16)
+
+
+def _case(gen, T, k, S, kind, dtype=torch.bfloat16, emap=None, E=SHAPE["E"]):
+    p = make_grove(T, SHAPE["H"], E, SHAPE["I"], SHAPE["Ia"], S, gen, dtype)
+    w, ids = routing(T, E, k, gen, kind, S)
+    return p, w, ids
+
+
+def _run(p, w, ids, S, emap=None, save=True):
+    weights = Weights(p["w1"], p["w2"], p["a1"], p["a2"])
+    plan = build_folded_plan(ids, w, p["w1"].shape[0], S, LAM, emap)
+    y, saved = experts_stage.forward(cuda_backend, p["x"], weights, plan, False, save,
+                                     emap is not None)
+    if not save:
+        return y, None, None, None
+    kept = [t.clone() for t in saved]
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
+    T, k = ids.shape
+    plan2, act = experts_stage.unflatten_saved(saved, T, k, weights, "folded")
+    grads = experts_stage.backward(cuda_backend, dy, p["x"], weights, plan2, act, False, LAM,
+                                   w.dtype)
+    assert all(torch.equal(a, b) for a, b in zip(saved, kept))  # saved is read only
+    return y, dy, grads, saved
+
+
+def _reference(p, w, ids, dy, S):
+    leaves = [to64(t, True) for t in (p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w)]
+    y = oracle.grove_layer(*leaves[:5], leaves[5], ids, S, LAM)
+    if dy is None:
+        return y, None
+    return y, torch.autograd.grad(y, leaves, to64(dy))
+
+
+def _check(y, grads, ref_y, ref_g):
+    assert rel_err(y, ref_y) <= 2e-2, "y"
+    for name, got, ref in zip(GRADS, grads or [], ref_g or []):
+        assert torch.isfinite(got).all(), name
+        assert rel_err(got, ref) <= 2e-2, name
+
+
+GRID = [  # (T, k, S, kind)
+    (1, 4, 2, "random"), (13, 4, 2, "random"), (13, 4, 2, "coselected"), (13, 4, 2, "sparse"),
+    (13, 4, 2, "one_expert"), (13, 1, 2, "random"), (13, 4, 1, "random"), (13, 4, 4, "random"),
+    (13, 4, 4, "coselected"), (7, 8, 4, "coselected"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("T, k, S, kind", GRID, ids=[f"T{t}k{k}S{s}-{n}" for t, k, s, n in GRID])
+def test_folded_dataflow_matches_oracle(folded, gen, T, k, S, kind, dtype):
+    p, w, ids = _case(gen, T, k, S, kind, dtype)
+    CALLS.clear()
+    y, dy, grads, saved = _run(p, w, ids, S)
+    # forward: GEMM-1 and GEMM-2; backward: dGEMM-2, dW2/dA2, dW1/dA1, dGEMM-1: one launch each
+    assert [sections_df._kind(c)[:2] for c in CALLS] == [
+        ("m", "nt"), ("m", "nt"), ("m", "nn"), ("k", "tn"), ("k", "tn"), ("m", "nn")]
+    _check(y, grads, *_reference(p, w, ids, dy, S))
+
+
+def test_saved_activations_follow_the_folded_layout(folded, gen):
+    S, T, k = 2, 13, 4
+    p, w, ids = _case(gen, T, k, S, "coselected")
+    _, _, _, saved = _run(p, w, ids, S)
+    plan = build_folded_plan(ids, w, SHAPE["E"], S, LAM)
+    h, z = saved[-2:]
+    I, Ia, R = SHAPE["I"], SHAPE["Ia"], T * k
+    assert h.shape == (R, 2 * (I + Ia)) and z.shape == (R, I + Ia)
+    assert not h.isnan().any() and not z.isnan().any()
+    _, lead = _rows(plan.expert_offsets, plan.leader_ends, R)
+    assert 0 < lead.sum() < R  # coselected: some rows lead no group
+    assert (h[~lead, 2 * I:] == 0).all() and (z[~lead, I:] == 0).all()
+    assert (h[lead, 2 * I:] != 0).any(1).all()
+    # z is unscaled: silu(gate) * up of h, rounded once
+    hf = h.float()
+    ze = torch.nn.functional.silu(hf[:, :I]) * hf[:, I:2 * I]
+    assert rel_err(z[:, :I], ze.double()) <= 1e-2
+
+
+def test_expert_map_and_empty_experts(folded, gen):
+    S, T, k = 2, 13, 4
+    E = SHAPE["E"]
+    emap = torch.tensor([0, 1, -1, -1, 2, 3, 4, 5], dtype=torch.int32)  # group 1 elsewhere
+    p = make_grove(T, SHAPE["H"], 6, SHAPE["I"], SHAPE["Ia"], S, gen, torch.bfloat16)
+    w, ids = routing(T, E, k, gen, "random", S)
+    y, dy, grads, saved = _run(p, w, ids, S, emap)
+    assert not any(t.isnan().any() for t in saved if t.is_floating_point())
+    # The oracle on local ids, the skipped slots (experts of another rank) at weight 0.
+    local = emap.long()[ids.long()]
+    on_rank = local >= 0
+    assert (~on_rank).any() and on_rank.any()
+    leaves = [to64(t, True) for t in (p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w)]
+    w_local = leaves[5] * on_rank
+    ref_y = oracle.grove_layer(*leaves[:5], w_local, local.clamp(min=0), S, LAM)
+    ref_g = torch.autograd.grad(ref_y, leaves, to64(dy))
+    _check(y, grads, ref_y, ref_g)
+
+
+def test_empty_experts_and_groups_get_zero_gradients(folded, gen):
+    S, T, k = 2, 13, 2
+    p, w, ids = _case(gen, T, k, S, "sparse")
+    ids = ids.clamp(max=3)  # experts 4.. and groups 2.. have no rows
+    ids[:, 1] = (ids[:, 0] + 1) % 4
+    _, _, (dx, dw1, dw2, da1, da2, dtw), _ = _run(p, w, ids, S)
+    assert (dw1[4:] == 0).all() and (dw2[4:] == 0).all()
+    assert (da1[2:] == 0).all() and (da2[2:] == 0).all()
+    assert torch.isfinite(dx).all() and torch.isfinite(dtw).all()
+
+
+def test_float64_router_weights(folded, gen):
+    p, w, ids = _case(gen, 13, 4, 2, "random")
+    y, dy, grads, _ = _run(p, w.double(), ids, 2)
+    ref_y, ref_g = _reference(p, w.double(), ids, dy, 2)
+    assert grads[-1].dtype == torch.float64
+    _check(y, grads, ref_y, ref_g)
+
+
+@pytest.mark.parametrize("kind", ["random", "coselected"])
+def test_fused_swiglu_inference(folded, gen, monkeypatch, kind):
+    monkeypatch.setattr(cuda_pkg, "FUSE_SWIGLU", True)
+    packed.packed_gate_up.clear()
+    p, w, ids = _case(gen, 13, 4, 2, kind)
+    CALLS.clear()
+    y = _run(p, w, ids, 2, save=False)[0]
+    assert "swiglu" in CALLS[0] and [sections_df._kind(c)[:2] for c in CALLS] == [
+        ("m", "nt"), ("m", "nt")]
+    assert rel_err(y, _reference(p, w, ids, None, 2)[0]) <= 2e-2
+
+
+def test_inference_packs_the_down_projection_once(folded, gen):
+    p, w, ids = _case(gen, 13, 4, 2, "random")
+    y1 = _run(p, w, ids, 2, save=False)[0]
+    (entry,) = packed.packed_down._entries.values()
+    y2 = _run(p, w, ids, 2, save=False)[0]
+    assert packed.packed_down._entries[next(iter(packed.packed_down._entries))] is entry
+    assert torch.equal(y1, y2)  # deterministic
+    with torch.no_grad():
+        p["a2"].mul_(2)  # versioned in-place update: repacked
+    y3 = _run(p, w, ids, 2, save=False)[0]
+    assert not torch.equal(y1, y3)
+    assert rel_err(y3, _reference(p, w, ids, None, 2)[0]) <= 2e-2
+
+
+def test_training_forward_does_not_keep_a_pack(folded, gen):
+    p, w, ids = _case(gen, 13, 4, 2, "random")
+    _run(p, w, ids, 2, save=True)
+    assert not packed.packed_down._entries
+
+
+@pytest.mark.skipif(not REAL_FILL, reason="needs grove_kernels._C (nvcc + CUTLASS) for the fill")
+def test_fill_rejects_bad_b_shared(gen):
+    p, w, ids = _case(gen, 5, 2, 2, "random")
+    plan = build_folded_plan(ids, w, SHAPE["E"], 2, LAM)
+    R, E = plan.num_rows, SHAPE["E"]
+    xg = torch.zeros(R, SHAPE["H"], dtype=torch.bfloat16)
+    h = torch.zeros(R, 2 * (SHAPE["I"] + SHAPE["Ia"]), dtype=torch.bfloat16)
+    I = SHAPE["I"]
+    start = torch.zeros(2 * E, dtype=torch.int64)
+    kernel = lib.gemm_kernel(torch.bfloat16, "m", "nt", schedule="coop")
+    args = lib.grouped_gemm_args([xg, xg], [p["w1"], p["a1"]], [h[:, :2 * I], h[:, 2 * I:]],
+                                 start, start.clone(), kernel, [1, 2])
+    assert (args["shapes"][:, 0] == 0).all()  # no rows: M = 0, nothing scheduled
+    # the adjugate problems of experts 2j and 2j + 1 read a1[j]
+    base, step = p["a1"].data_ptr(), p["a1"].stride(0) * 2
+    assert args["b"][E:].tolist() == [base + (j // 2) * step for j in range(E)]
+    with pytest.raises(RuntimeError, match="one entry per problem"):
+        lib.grouped_gemm_args([xg, xg], [p["w1"], p["a1"]], [h[:, :2 * I], h[:, 2 * I:]],
+                              start, start.clone(), kernel, [1, 1])
+    with pytest.raises(RuntimeError, match=r"b_shared\[1\] must be >= 1"):
+        lib.grouped_gemm_args([xg, xg], [p["w1"], p["a1"]], [h[:, :2 * I], h[:, 2 * I:]],
+                              start, start.clone(), kernel, [1, 0])

@@ -76,6 +76,9 @@ class Backend:
     name = None
     runs_on_cpu = False
     layouts = ("sections",)
+    # The layout a call gets when GROVE_ADJUGATE_LAYOUT is unset: the one measured faster on
+    # this backend (bench/results/h200_2026-12-04_layouts.md).
+    default_layout = "sections"
     _STAGES = ("topk", "build_plan", "build_folded_plan", "forward", "backward")
 
     def available(self):
@@ -167,6 +170,8 @@ class TritonBackend(Backend):
     before grove_kernels is imported), which is how CI tests them."""
 
     name = "triton"
+    # H200, 2026-12-04: folded 0.86-1.00x the sections layout's forward at every T.
+    default_layout = "folded"
     layouts = ("sections", "folded")
     DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -321,23 +326,27 @@ def _auto_candidates(x, weights, training, top_k):
     return ([measured] if measured else []) + [n for n in fallback if n != measured]
 
 
-def _auto(x, weights, training, top_k=None):
+def _auto(x, weights, training, top_k=None, layout=None):
     if weights is None:  # the routing stage alone
         return "triton" if x.device.type == "cuda" and _available("triton") else "torch"
     for name in _auto_candidates(x, weights, training, top_k):
+        if layout is not None and layout not in BACKENDS[name].layouts:
+            continue  # the adjugate layout asked for
         if _available(name) and BACKENDS[name].supports(x, weights) is None:
             return name
     return "torch"
 
 
-def resolve(x, weights=None, training=False, top_k=None):
+def resolve(x, weights=None, training=False, top_k=None, layout=None):
     """The name of the backend that runs a call on x [T, H] (router logits for the routing
     stage alone: weights None) with weights (w1, w2, a1, a2) and top_k experts per token: the
     configured one, or the choice of `auto` for the call's pass (training: it saves for a
-    backward, which runs on the same backend)."""
+    backward, which runs on the same backend). layout: the adjugate layout the caller asked
+    for (GROVE_ADJUGATE_LAYOUT), None for the backend's default; auto skips backends that do
+    not run it."""
     name = settings.backend
     if name == "auto":
-        return _auto(x, weights, training, top_k)
+        return _auto(x, weights, training, top_k, layout)
     _check_name(name)
     return name
 

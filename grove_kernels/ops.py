@@ -23,7 +23,7 @@ directly with "auto" resolves it there) and runs its stages: plan, then experts.
 
 `layout` is the adjugate layout: "sections" (E expert + G adjugate problems, plan.py) or
 "folded" (adjugates on their group's leader expert rows, plan_folded.py). experts() reads it
-per call (settings.adjugate_layout(): GROVE_ADJUGATE_LAYOUT, default sections); calls without
+per call (settings.adjugate_layout(): GROVE_ADJUGATE_LAYOUT, else the backend's default_layout); calls without
 adjugates always run the sections plan (the layouts coincide there).
 
 Metadata checks (shapes, dtypes, devices) happen once, in api.py; the ops repeat only the group
@@ -245,7 +245,9 @@ def experts(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size, a
     _check_autodiff("grove::experts_forward", x, w1, w2, a1, a2, topk_weights)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w1, w2, a1, a2, topk_weights))
-    backend = backends.resolve(x, (w1, w2, a1, a2), training=save, top_k=topk_ids.shape[1])
-    layout = settings.adjugate_layout() if a1 is not None else "sections"
+    asked = settings.adjugate_layout() if a1 is not None else "sections"
+    backend = backends.resolve(x, Weights(w1, w2, a1, a2), training=save,
+                               top_k=topk_ids.shape[1], layout=asked)
+    layout = asked or backends.BACKENDS[backend].default_layout
     return experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
                            adjugate_scale, weight_on_input, save, backend, layout)[0]

@@ -111,15 +111,19 @@ def test_training_calls_keep_what_the_backward_needs(backend, gen, monkeypatch):
     saves = []
     real = ops.experts_forward
     monkeypatch.setattr(ops, "experts_forward",
-                        lambda *a: saves.append((a[-2], a[-1])) or real(*a))
+                        lambda *a: saves.append(a[11:14]) or real(*a))  # save, backend, layout
     x, w1, w2, a1, a2, w, ids = _experts_args(gen, "grove", True, backend)[:7]
     y = gk.fused_grove_experts(x, w1, w2, a1, a2, w, ids, group_size=S, adjugate_scale=LAM)
     y.sum().backward()
-    assert saves == [(True, backend)] and x.grad is not None
+    assert saves == [(True, backend, "sections")] and x.grad is not None
     with torch.no_grad():
         gk.fused_grove_experts(x, w1, w2, a1, a2, w, ids, group_size=S, adjugate_scale=LAM)
     gk.fused_experts(x.detach(), w1.detach(), w2.detach(), w.detach(), ids)
-    assert saves[1:] == [(False, backend), (False, backend)]
+    assert saves[1:] == [(False, backend, "sections"), (False, backend, "sections")]
+    monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", "folded")  # read per call; plain calls: sections
+    gk.fused_grove_experts(x, w1, w2, a1, a2, w, ids, group_size=S, adjugate_scale=LAM)
+    gk.fused_experts(x.detach(), w1.detach(), w2.detach(), w.detach(), ids)
+    assert [s[2] for s in saves[3:]] == ["folded", "sections"]
 
 
 def test_gradients_need_the_saved_activations(backend, gen):

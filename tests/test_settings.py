@@ -11,7 +11,7 @@ from grove_kernels.settings import Settings, settings
 
 def test_adjugate_layout_is_read_per_call(monkeypatch):
     monkeypatch.delenv("GROVE_ADJUGATE_LAYOUT", raising=False)
-    assert settings.adjugate_layout() == "sections"
+    assert settings.adjugate_layout() is None  # unset: the backend's default_layout
     monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", "folded")
     assert settings.adjugate_layout() == "folded"
     monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", "sections")
@@ -45,3 +45,42 @@ def test_fuse_swiglu_is_opt_in_and_process_wide(monkeypatch):
     monkeypatch.setattr(Settings, "fuse_swiglu", False)
     gk.settings.set_fuse_swiglu(True)
     assert settings.fuse_swiglu is True
+
+
+@pytest.mark.parametrize("default", ["sections", "folded"])
+def test_unset_layout_takes_the_backends_default(monkeypatch, default):
+    """Without GROVE_ADJUGATE_LAYOUT a call runs its backend's default_layout (measured per
+    backend); the variable overrides it."""
+    import torch
+
+    from grove_kernels import backends
+
+    torch_backend = backends.BACKENDS["torch"]
+    torch_backend.load()  # binds the stages on the object; the spies replace them after
+    monkeypatch.setattr(type(torch_backend), "default_layout", default)
+    built = []
+    for stage in ("build_plan", "build_folded_plan"):
+        real = getattr(torch_backend, stage)
+        monkeypatch.setattr(torch_backend, stage,
+                            lambda *a, _s=stage, _r=real: built.append(_s) or _r(*a))
+    g = torch.Generator().manual_seed(0)
+    T, H, E, k, I, S, Ia = 5, 8, 4, 2, 4, 2, 2
+    x = torch.randn(T, H, generator=g)
+    w1, w2 = torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
+    a1, a2 = torch.randn(E // S, 2 * Ia, H, generator=g), torch.randn(E // S, H, Ia, generator=g)
+    logits = torch.randn(T, E, generator=g)
+    monkeypatch.delenv("GROVE_ADJUGATE_LAYOUT", raising=False)
+    with gk.use_backend("torch"):
+        gk.grove_moe(x, logits, w1, w2, a1, a2, top_k=k, group_size=S)
+        assert built == ["build_folded_plan" if default == "folded" else "build_plan"]
+        other = "sections" if default == "folded" else "folded"
+        monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", other)
+        gk.grove_moe(x, logits, w1, w2, a1, a2, top_k=k, group_size=S)
+    assert built[1] == ("build_folded_plan" if other == "folded" else "build_plan")
+
+
+def test_triton_defaults_to_the_folded_layout():
+    from grove_kernels import backends
+
+    assert backends.BACKENDS["triton"].default_layout == "folded"
+    assert backends.BACKENDS["cuda"].default_layout == "sections"

@@ -49,7 +49,7 @@ import os
 
 import torch
 
-from .settings import settings
+from .settings import ADJUGATE_LAYOUTS, LAYOUT_VARIABLE, settings
 
 
 class Backend:
@@ -335,6 +335,22 @@ def _auto(x, weights, training, top_k=None, layout=None):
         if _available(name) and BACKENDS[name].supports(x, weights) is None:
             return name
     return "torch"
+
+
+def requested_layout():
+    """The adjugate layout GROVE_ADJUGATE_LAYOUT asks for, read on every call; None when unset.
+    Read here, beside the backend choice it steers, so a call enters settings.py once."""
+    layout = os.environ.get(LAYOUT_VARIABLE)
+    if layout is not None and layout not in ADJUGATE_LAYOUTS:
+        raise ValueError(f"{LAYOUT_VARIABLE}: expected one of {ADJUGATE_LAYOUTS}, got "
+                         f"{layout!r}")
+    return layout
+
+
+def layout(name, requested):
+    """The layout a call on backend `name` runs: the requested one, else the backend's
+    default_layout."""
+    return requested or BACKENDS[name].default_layout
 
 
 def resolve(x, weights=None, training=False, top_k=None, layout=None):

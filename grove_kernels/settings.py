@@ -4,10 +4,10 @@
                               (per thread; GROVE_KERNELS_BACKEND sets the default; auto by default)
     settings.value_checks     host-side checks of tensor values (ids in range, finite bias):
                               process-wide, on unless GROVE_KERNELS_VALUE_CHECKS=0
-    settings.adjugate_layout()  sections | folded as set by GROVE_ADJUGATE_LAYOUT, read on every
-                              call; None when unset: each backend's measured default then
-                              (Backend.default_layout: folded on triton, sections on torch and
-                              cuda; bench/results/h200_2026-12-04_layouts.md)
+    GROVE_ADJUGATE_LAYOUT     sections | folded: the adjugate layout, read on every call by
+                              backends.requested_layout (where the backend is chosen, so a call
+                              enters each file once); unset: each backend's default_layout
+                              (folded on triton, sections on torch and cuda)
     settings.fuse_swiglu      the cuda backend's GEMM-1 with SwiGLU in its epilogue, reading
                               packed copies of w1 / a1 (opt-in, process-wide; frozen weights
                               only; GROVE_CUDA_FUSE_SWIGLU=1 or set_fuse_swiglu(True))
@@ -25,6 +25,7 @@ import threading
 import torch
 
 ADJUGATE_LAYOUTS = ("sections", "folded")
+LAYOUT_VARIABLE = "GROVE_ADJUGATE_LAYOUT"
 
 
 class Settings(threading.local):
@@ -35,14 +36,6 @@ class Settings(threading.local):
     backend = os.environ.get("GROVE_KERNELS_BACKEND", "auto")
     value_checks = os.environ.get("GROVE_KERNELS_VALUE_CHECKS", "1") != "0"
     fuse_swiglu = os.environ.get("GROVE_CUDA_FUSE_SWIGLU", "0") == "1"
-
-    @staticmethod
-    def adjugate_layout():
-        layout = os.environ.get("GROVE_ADJUGATE_LAYOUT")
-        if layout is not None and layout not in ADJUGATE_LAYOUTS:
-            raise ValueError(f"GROVE_ADJUGATE_LAYOUT: expected one of {ADJUGATE_LAYOUTS}, got "
-                             f"{layout!r}")
-        return layout
 
 
 settings = Settings()

@@ -104,13 +104,18 @@ TOP_LAYERS = ("api.py", "_validate.py", "ops.py", "backends.py", "settings.py", 
 
 @pytest.mark.interpreter
 @pytest.mark.skipif("triton" not in gk.available_backends(), reason="triton unavailable")
-def test_triton_forward_enters_the_layers_above_the_kernels_once(gen):
+@pytest.mark.parametrize("layout", ["sections", "folded"])
+def test_triton_forward_enters_the_layers_above_the_kernels_once(gen, monkeypatch, layout):
+    monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", layout)
     entries, resolves = trace_forward("triton", _layer(gen))
     assert resolves == ["resolve"]
     for layer in TOP_LAYERS:
         assert entries.count(layer) <= 1, f"{layer} re-entered; path {entries}"
     top = [f for f in entries if f in TOP_LAYERS]
-    assert top == ["api.py", "_validate.py", "ops.py", "backends.py", "settings.py", "plan.py",
+    # The folded plan is built in plan_folded.py (not a layer above the kernels: the folded
+    # kernels read its fields).
+    plan = ["plan.py"] if layout == "sections" else []
+    assert top == ["api.py", "_validate.py", "ops.py", "backends.py", "settings.py", *plan,
                    "experts.py"], entries
 
 

@@ -188,7 +188,7 @@ def test_auto_skips_backends_without_the_layout(monkeypatch):
 
     if "triton" not in gk.available_backends():
         pytest.skip("triton unavailable")
-    monkeypatch.setattr(backends, "_auto_candidates", lambda x, training: ["triton", "torch"])
+    monkeypatch.setattr(backends, "_auto_candidates", lambda *args: ["triton", "torch"])
     monkeypatch.setattr(backends.BACKENDS["triton"], "layouts", ("sections",))
     x, w1, w2 = torch.randn(3, 8), torch.randn(4, 4, 8), torch.randn(4, 8, 2)
     a1, a2 = torch.randn(2, 4, 8), torch.randn(2, 8, 2)

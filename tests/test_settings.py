@@ -6,23 +6,24 @@ import threading
 import pytest
 
 import grove_kernels as gk
+from grove_kernels import backends
 from grove_kernels.settings import Settings, settings
 
 
 def test_adjugate_layout_is_read_per_call(monkeypatch):
     monkeypatch.delenv("GROVE_ADJUGATE_LAYOUT", raising=False)
-    assert settings.adjugate_layout() is None  # unset: the backend's default_layout
+    assert backends.requested_layout() is None  # unset: the backend's default_layout
     monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", "folded")
-    assert settings.adjugate_layout() == "folded"
+    assert backends.requested_layout() == "folded"
     monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", "sections")
-    assert settings.adjugate_layout() == "sections"
+    assert backends.requested_layout() == "sections"
 
 
 @pytest.mark.parametrize("bad", ["", "Folded", "fold", "sections,folded"])
 def test_unknown_adjugate_layout_names_the_variable(monkeypatch, bad):
     monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", bad)
     with pytest.raises(ValueError, match="GROVE_ADJUGATE_LAYOUT"):
-        settings.adjugate_layout()
+        backends.requested_layout()
 
 
 def test_backend_is_per_thread_value_checks_per_process():
@@ -53,8 +54,6 @@ def test_unset_layout_takes_the_backends_default(monkeypatch, default):
     backend); the variable overrides it."""
     import torch
 
-    from grove_kernels import backends
-
     torch_backend = backends.BACKENDS["torch"]
     torch_backend.load()  # binds the stages on the object; the spies replace them after
     monkeypatch.setattr(type(torch_backend), "default_layout", default)
@@ -80,7 +79,5 @@ def test_unset_layout_takes_the_backends_default(monkeypatch, default):
 
 
 def test_triton_defaults_to_the_folded_layout():
-    from grove_kernels import backends
-
     assert backends.BACKENDS["triton"].default_layout == "folded"
     assert backends.BACKENDS["cuda"].default_layout == "sections"

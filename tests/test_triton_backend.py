@@ -15,7 +15,9 @@ if "triton" in gk.available_backends():
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Names of the Triton kernels launched, in order."""
+    """Names of the Triton kernels launched, in order; the sections layout unless a test
+    asks for another (triton's default is folded)."""
+    monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", "sections")
     from grove_kernels.triton.combine import _combine_rows_kernel
 
     # JITFunction when compiled, InterpretedFunction under TRITON_INTERPRET=1.
@@ -117,7 +119,7 @@ FOLDED_PLAN = ["_folded_slots_kernel", "_plan_scan_kernel", "_folded_offsets_ker
 
 def test_folded_launches(launches, monkeypatch):
     """GROVE_ADJUGATE_LAYOUT=folded runs the folded plan and kernels, forward and backward;
-    the sections layout stays the default."""
+    unset, triton runs its default_layout (folded too); =sections runs the sections kernels."""
     monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", "folded")
     x, w1, w2, a1, a2, logits = _layer()
     leaves = [t.requires_grad_() for t in (x, w1, w2, a1, a2, logits)]
@@ -129,9 +131,14 @@ def test_folded_launches(launches, monkeypatch):
         y.backward(torch.randn_like(y))
     assert launches == ["_folded_dgemm2_kernel", "_folded_wgrad_kernel", "_folded_wgrad_kernel",
                         "_folded_k_concat_kernel", "_combine_rows_kernel"]
+    args = [t.detach() for t in (x, logits, w1, w2, a1, a2)]
     monkeypatch.delenv("GROVE_ADJUGATE_LAYOUT")
     del launches[:]
     with gk.use_backend("triton"):
-        gk.grove_moe(x.detach(), logits.detach(), w1.detach(), w2.detach(), a1.detach(),
-                     a2.detach(), top_k=3)
+        gk.grove_moe(*args, top_k=3)
+    assert launches[5] == "_folded_gemm1_kernel"
+    monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", "sections")
+    del launches[:]
+    with gk.use_backend("triton"):
+        gk.grove_moe(*args, top_k=3)
     assert launches[5] == "_gemm1_swiglu_kernel"

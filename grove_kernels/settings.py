@@ -6,8 +6,12 @@
                               process-wide, on unless GROVE_KERNELS_VALUE_CHECKS=0
     settings.adjugate_layout()  sections | folded, read from GROVE_ADJUGATE_LAYOUT on every call
                               (default sections)
+    settings.fuse_swiglu      the cuda backend's GEMM-1 with SwiGLU in its epilogue, reading
+                              packed copies of w1 / a1 (opt-in, process-wide; frozen weights
+                              only; GROVE_CUDA_FUSE_SWIGLU=1 or set_fuse_swiglu(True))
 
-Public setters: grove_kernels.set_backend / use_backend / set_value_checks / value_checks.
+Setters: grove_kernels.set_backend / use_backend / set_value_checks, settings.value_checks
+(a context manager), settings.set_fuse_swiglu.
 Checks that need tensor values copy to the host, so they are skipped while a CUDA graph is
 being captured; they run inside the custom ops, where torch.compile sees no data-dependent
 Python, and are switched off for serving with `set_value_checks(False)`.
@@ -28,6 +32,7 @@ class Settings(threading.local):
 
     backend = os.environ.get("GROVE_KERNELS_BACKEND", "auto")
     value_checks = os.environ.get("GROVE_KERNELS_VALUE_CHECKS", "1") != "0"
+    fuse_swiglu = os.environ.get("GROVE_CUDA_FUSE_SWIGLU", "0") == "1"
 
     @staticmethod
     def adjugate_layout():
@@ -45,6 +50,13 @@ def set_value_checks(enabled):
     """Turn the host-side value checks (ids in range) on or off, for every thread. On by
     default."""
     Settings.value_checks = bool(enabled)
+
+
+def set_fuse_swiglu(enabled):
+    """The cuda backend's fused GEMM-1 + SwiGLU for later forwards, in every thread (opt-in;
+    for frozen weights: call grove_kernels.cuda.release_packed_weights() after changing them
+    in a way torch does not version)."""
+    Settings.fuse_swiglu = bool(enabled)
 
 
 def value_checks_enabled():

@@ -184,6 +184,7 @@ def _fwd_bwd(fn, args, dy):
     return y.detach(), [a.grad for a in leaves if a.is_floating_point() and a.dim() > 1]
 
 
+@pytest.mark.toolchain  # torch.compile: Dynamo tracing, Inductor codegen
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("fn_name", ["grove_moe", "fused_experts", "fused_experts_ep"])
@@ -201,6 +202,7 @@ def test_compile_fullgraph(backend, gen, fn_name, dtype, compiler):
         assert rel_err(a, b) <= 1e-6, f"grad {i}"
 
 
+@pytest.mark.toolchain  # torch.compile: Dynamo tracing, Inductor codegen
 def test_compile_dynamic_tokens(backend, gen):
     """One compiled graph serves several T (symbolic T through the fake kernels), T = 0 too."""
     torch._dynamo.reset()
@@ -211,6 +213,7 @@ def test_compile_dynamic_tokens(backend, gen):
         assert rel_err(compiled(*args), _fused_experts(*args)) <= 1e-6
 
 
+@pytest.mark.toolchain  # torch.compile: Dynamo tracing, Inductor codegen
 def test_compile_inductor(backend, gen):
     """The default compiler too (C++ codegen on the CPU), forward and backward."""
     torch._dynamo.reset()

@@ -23,7 +23,7 @@ import test_cuda_dataflow as sections_df
 from helpers import make_grove, rel_err, routing, to64
 from test_cuda_dataflow import CALLS, stand_ins  # noqa: F401  (fixture)
 
-import grove_kernels.cuda as cuda_pkg
+from grove_kernels.settings import Settings
 from grove_kernels import experts as experts_stage
 from grove_kernels.cuda import backend as cuda_backend
 from grove_kernels.cuda import ext as lib
@@ -322,7 +322,7 @@ def test_float64_router_weights(folded, gen):
 
 @pytest.mark.parametrize("kind", ["random", "coselected"])
 def test_fused_swiglu_inference(folded, gen, monkeypatch, kind):
-    monkeypatch.setattr(cuda_pkg, "FUSE_SWIGLU", True)
+    monkeypatch.setattr(Settings, "fuse_swiglu", True)
     packed.packed_gate_up.clear()
     p, w, ids = _case(gen, 13, 4, 2, kind)
     CALLS.clear()

@@ -111,23 +111,6 @@ def test_non_contiguous_weights_are_refused_by_name():
         gk.fused_grove_experts(x, w1_t, w2, a1, a2, w, ids)
 
 
-def test_tuner_smoke_writes_buckets(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("the smoke tuner runs under the interpreter")
-    from grove_kernels.triton import tune
-
-    out = tmp_path / "configs.json"
-    tune.main(["--smoke", "--tokens", "5,40", "--out", str(out)])
-    import json
-
-    buckets = json.loads(out.read_text())["interpreter"]["32,16,16,8,2"]
-    assert [b["T"] for b in buckets] == [5, 40]
-    assert buckets[0]["max_rows_per_problem"] == (5 * 2 / 8 + 40 * 2 / 8) / 2
-    assert buckets[1]["max_rows_per_problem"] == float("inf")
-    for b in buckets:
-        assert b["fwd_us"] > 0 and b["fwd_bwd_us"] > 0 and len(b["wgrad"]) == 5
-
-
 FOLDED_PLAN = ["_folded_slots_kernel", "_plan_scan_kernel", "_folded_offsets_kernel",
                "_folded_scatter_kernel"]
 

@@ -1,7 +1,7 @@
 """Packed weight copies the cuda backend's GEMMs read, kept per weight tensor while its version
 is unchanged.
 
-    gate/up (opt-in: cuda.FUSE_SWIGLU) w [P, 2N, H] (gate rows, then up rows) ->
+    gate/up (opt-in: settings.fuse_swiglu) w [P, 2N, H] (gate rows, then up rows) ->
         pack_gate_up(w): the same rows interleaved in blocks of 8, so each thread's wgmma
         fragment holds gate and up of the same outputs (csrc/gemm/swiglu_epilogue.cuh).
         Extra memory: one copy of w1 and a1.
@@ -25,11 +25,8 @@ import weakref
 
 import torch
 
+from ..settings import capturing as _capturing  # (tests replace it here)
 from .ext import pack_gate_up
-
-
-def _capturing(t):
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def pack_down(w2, a2):

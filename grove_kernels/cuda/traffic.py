@@ -31,7 +31,7 @@ mirrors the forward (dx rows 2R: the adjugate term gets its own).
 """
 import torch
 
-from .. import cuda as pkg
+from ..settings import settings
 from ..traffic import (INDEX_BYTES, WEIGHT_BYTES, Launch, cdiv, distinct_tokens, element_size,
                        real_rows, sm_count, topk_grad_launch, torch_op,
                        zero_activations_launch)
@@ -193,7 +193,7 @@ def _sections(plan, x_shape, weights_shapes, dtype, pass_, device_name):
         out.append(zero_activations_launch(plan, I, Ia, e))
     out.append(_gather("gather x", s, R, H, e))
     xg = s.real * H * e
-    fused = pkg.FUSE_SWIGLU and not train
+    fused = settings.fuse_swiglu and not train
     if fused:
         sw = kernel_for(dtype, "m", "nt", sched, epilogue="swiglu")
         out += m_grouped("GEMM-1 + SwiGLU", s.problems(2 * s.n, Hs), sw, e, device_name,
@@ -284,7 +284,7 @@ def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
     out.append(row_kernel("gather x", R_alloc, R, tokens * H * e + R * INDEX_BYTES,
                           R * H * e, R * (H * e + INDEX_BYTES)))
     xg = R * H * e
-    fused = pkg.FUSE_SWIGLU and not train
+    fused = settings.fuse_swiglu and not train
     g1 = two(all_rows, leaders, full(2 * I), full(H), full(2 * Ia), full(H))
     if fused:
         sw = kernel_for(dtype, "m", "nt", sched, epilogue="swiglu")

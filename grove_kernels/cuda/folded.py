@@ -60,7 +60,7 @@ import torch
 
 from ..settings import settings
 from . import ext as lib
-from . import packed
+from . import packed as copies
 from .packed import pack_down, packed_down, packed_gate_up
 
 class _Folded:
@@ -141,7 +141,7 @@ def forward(x, weights, plan, weight_on_input, y, act):
     del xg  # the largest buffer of the call: free before GEMM-2 allocates o
     # A captured training step packs inside the graph: replays follow the optimizer's updates,
     # which a pinned copy would miss (no Python runs to see the versions change).
-    capturing = packed._capturing(w2)
+    capturing = copies._capturing(w2)
     down = None if capturing and act is not None else packed_down.get(w2, a2)
     if down is None:  # captured: a training step, or no eager call packed the weights yet
         down = pack_down(w2, a2)

@@ -10,7 +10,9 @@ settings.fuse_swiglu (opt-in, `GROVE_CUDA_FUSE_SWIGLU=1`, grove_kernels.settings
 the forward's GEMM-1 runs with SwiGLU in its
 epilogue, reading a copy of w1 / a1 with gate and up rows interleaved (pack_gate_up), kept per
 weight tensor while its version is unchanged. For frozen weights only: a write torch does not
-version (w.data.copy_) is not seen; call release_packed_weights() after one.
+version (w.data.copy_) is not seen; call release_packed_weights() after one. The folded layout's
+GEMM-2 reads a packed [w2 | a2] copy kept the same way, in training too (repacked when an
+optimizer step bumps the versions): the same caveat holds for weights written around torch.
 """
 from .ext import DTYPES, build_info, is_available, is_built, pack_gate_up  # noqa: F401
 

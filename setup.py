@@ -97,6 +97,8 @@ setup(
     packages=find_packages(include=["grove_kernels", "grove_kernels.*"])
     + find_packages("python", include=["grove_model", "grove_model.*"]),
     package_dir={"grove_model": "python/grove_model"},
+    # Measured tables: Triton tile configurations, auto's backend choices per device.
+    package_data={"grove_kernels": ["triton/configs.json", "auto_tables/*.json"]},
     python_requires=">=3.10",
     install_requires=["numpy", "safetensors"],
     # transformers: grove_kernels.integrations.transformers (the Trainer also needs accelerate)

@@ -1,7 +1,8 @@
 """The sweep's stderr chatter: one line per row, and a progress bar under them on a terminal.
 
 A GPU sweep (docs/design.md §6: 7 T × routings × passes × variants × backends) runs for
-minutes and its per-row lines scroll by; the bar says how many cells are done and which one is running.
+minutes and its per-row lines scroll by; the bar says how many cells are done and which one is
+running.
 It is drawn only when the stream is a TTY: a log file or a pipe (CI, `2> log`) gets the
 plain lines and no carriage returns. `stream=None` (`--quiet`) silences everything.
 

@@ -4,8 +4,8 @@ y and every gradient (x, w1, w2, a1, a2, topk_weights) of ⟨y, g⟩.
 
 torch 2.13 runs torch._grouped_mm on the CPU for fp32/bf16 (no float64 kernel), so this is
 the code the GPU times, run in fp32 (docs/design.md §5: rel. err ≤ 1e-4) and bf16 (≤ 2e-2)
-against float64. grouped_mm leaves the rows past its last offset uninitialised on the CPU too, so the
-duplicate-group rows of the adjugate section are garbage here as on a GPU: the routings with
+against float64. grouped_mm leaves the rows past its last offset uninitialised on the CPU too, so
+the duplicate-group rows of the adjugate section are garbage here as on a GPU: the routings with
 many duplicates (`coselected`: every token picks both experts of its groups) fail unless the
 masks hold. Freed NaN buffers before each call make that garbage likelier to be NaN.
 

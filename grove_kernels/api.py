@@ -183,7 +183,8 @@ def _check_inplace(inplace, hidden_states, **differentiable):
 
 
 def _experts(x, w1, w2, topk_weights, topk_ids, inplace, weight_on_input, expert_map):
-    y = ops.experts(x, w1, w2, None, None, topk_weights, topk_ids, expert_map, 1, 0.0,
+    # A plain MoE: no a1 / a2, group_size 0 (no groups), as in its plan.
+    y = ops.experts(x, w1, w2, None, None, topk_weights, topk_ids, expert_map, 0, 0.0,
                     bool(weight_on_input))
     return x.copy_(y) if inplace else y
 

@@ -20,17 +20,36 @@ A call is resolved once, before its op runs (resolve: the configured name, or th
 refuses a backend that cannot run the call (a kernel given what it cannot run would read out
 of bounds, and the ops are public: torch.ops.grove.*).
 
-`auto` on a GPU takes the backend measured fastest for the device, dtype and token count
-(auto_table.py), else the first of cuda, triton that supports the call; on a CPU, torch.
+`auto` on a GPU takes the backend measured fastest for the device, dtype, layer shape, pass
+(inference or training) and token count, else the first of cuda, triton that supports the
+call; on a CPU, torch. The measurements: one JSON file per device in
+grove_kernels/auto_tables/ (named like vLLM's per-device config files:
+`device_name=NVIDIA_H200.json`), written from bench records by
+`python -m grove_kernels.tools.fill_auto_table bench/results/*.json`:
+
+    {"device": "NVIDIA H200", "sources": [record file, commit, date, ...],
+     "tables": [{"dtype": "bfloat16", "shape": {"H": .., "I": .., "Ia": .., "E": .., "k": ..},
+                 "pass": "inference" | "training",
+                 "buckets": [[largest T, backend], ..., [null, backend]],
+                 "measured": {T: {backend: µs}}}]}
+
+The pass is `inference` (forward only: timed `fwd` rows) or `training` (a forward that saves
+for a backward: timed `fwd+bwd` rows, since the backward runs on the forward's backend). A
+bucket's bound is the geometric mean of the two measured token counts it separates; beyond the
+measured range the nearest bucket holds. A device, dtype, shape or pass not measured gives
+None: resolution then takes the first of cuda, triton that supports the call.
+
 Resolution reads only metadata, so torch.compile folds it into the graph (the token-count
 bucket becomes a guard on T).
 """
 import contextlib
+import functools
+import json
+import os
 
 import torch
 
-from . import auto_table
-from .settings import settings
+from .settings import ADJUGATE_LAYOUTS, LAYOUT_VARIABLE, settings
 
 
 class Backend:
@@ -57,6 +76,9 @@ class Backend:
     name = None
     runs_on_cpu = False
     layouts = ("sections",)
+    # The layout a call gets when GROVE_ADJUGATE_LAYOUT is unset: the one measured faster on
+    # this backend (bench/results/h200_2026-12-04_layouts.md).
+    default_layout = "sections"
     _STAGES = ("topk", "build_plan", "build_folded_plan", "forward", "backward")
 
     def available(self):
@@ -148,6 +170,8 @@ class TritonBackend(Backend):
     before grove_kernels is imported), which is how CI tests them."""
 
     name = "triton"
+    # H200, 2026-12-04: folded 0.86-1.00x the sections layout's forward at every T.
+    default_layout = "folded"
     layouts = ("sections", "folded")
     DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -252,31 +276,93 @@ def use_backend(name):
         settings.backend = previous
 
 
-def _auto_candidates(x, training):
+# ---- auto's measured tables -----------------------------------------------------------------
+
+TABLES_DIR = os.path.join(os.path.dirname(__file__), "auto_tables")
+PASSES = ("inference", "training")
+
+
+def file_name(device_name):
+    return "device_name=" + device_name.replace(" ", "_") + ".json"
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(device_name):
+    try:
+        with open(os.path.join(TABLES_DIR, file_name(device_name))) as f:
+            return json.load(f)["tables"]
+    except FileNotFoundError:
+        return []
+
+
+def shape_of(H, I, Ia, E, k):  # noqa: E741
+    return {"H": H, "I": I, "Ia": Ia, "E": E, "k": k}
+
+
+def lookup(device_name, dtype, shape, training, num_tokens):
+    """The measured backend for this call, or None when nothing was measured for it."""
+    dtype_name = str(dtype).replace("torch.", "")
+    want = PASSES[bool(training)]
+    for table in _tables(device_name):
+        if (table["dtype"], table["pass"], table["shape"]) == (dtype_name, want, shape):
+            for bound, name in table["buckets"]:
+                if bound is None or num_tokens <= bound:
+                    return name
+            return table["buckets"][-1][1]
+    return None
+
+
+def _auto_candidates(x, weights, training, top_k):
     if x.device.type != "cuda":
         return ["torch"]
     props = torch.cuda.get_device_properties(x.device)
-    measured = auto_table.lookup(props.name, x.dtype, x.shape[0])
+    measured = None
+    if weights[0] is not None and top_k is not None:
+        E, I2, H = weights[0].shape
+        Ia = weights[2].shape[1] // 2 if weights[2] is not None else 0
+        shape = shape_of(H, I2 // 2, Ia, E, top_k)
+        measured = lookup(props.name, x.dtype, shape, training, x.shape[0])
     fallback = ["cuda", "triton", "torch"]
     return ([measured] if measured else []) + [n for n in fallback if n != measured]
 
 
-def _auto(x, weights, training):
+def _auto(x, weights, training, top_k=None, layout=None):
     if weights is None:  # the routing stage alone
         return "triton" if x.device.type == "cuda" and _available("triton") else "torch"
-    for name in _auto_candidates(x, training):
+    for name in _auto_candidates(x, weights, training, top_k):
+        if layout is not None and layout not in BACKENDS[name].layouts:
+            continue  # the adjugate layout asked for
         if _available(name) and BACKENDS[name].supports(x, weights) is None:
             return name
     return "torch"
 
 
-def resolve(x, weights=None, training=False):
+def requested_layout():
+    """The adjugate layout GROVE_ADJUGATE_LAYOUT asks for, read on every call; None when unset.
+    Read here, beside the backend choice it steers, so a call enters settings.py once."""
+    layout = os.environ.get(LAYOUT_VARIABLE)
+    if layout is not None and layout not in ADJUGATE_LAYOUTS:
+        raise ValueError(f"{LAYOUT_VARIABLE}: expected one of {ADJUGATE_LAYOUTS}, got "
+                         f"{layout!r}")
+    return layout
+
+
+def layout(name, requested):
+    """The layout a call on backend `name` runs: the requested one, else the backend's
+    default_layout."""
+    return requested or BACKENDS[name].default_layout
+
+
+def resolve(x, weights=None, training=False, top_k=None, layout=None):
     """The name of the backend that runs a call on x [T, H] (router logits for the routing
-    stage alone: weights None) with weights (w1, w2, a1, a2): the configured one, or the
-    choice of `auto`. training: the call saves activations for a backward."""
+    stage alone: weights None) with weights (w1, w2, a1, a2) and top_k experts per token: the
+    configured one, or the choice of `auto` for the call's pass (training: it saves for a
+    backward, which runs on the same backend). layout: the adjugate layout the caller asked
+    for (GROVE_ADJUGATE_LAYOUT), None for the backend's default; auto skips backends that do
+    not run it."""
     name = settings.backend
     if name == "auto":
-        return _auto(x, weights, training)
+        return _auto(x, weights, training, top_k, layout)
     _check_name(name)
     return name
 

@@ -34,26 +34,28 @@ import torch
 
 from .plan import Plan
 from .plan_folded import FoldedPlan
+from .routing import acc_dtype
 
 
-class Weights(NamedTuple):
+class _WeightTensors(NamedTuple):
     w1: torch.Tensor
     w2: torch.Tensor
     a1: Optional[torch.Tensor]
     a2: Optional[torch.Tensor]
 
-    @property
-    def grove(self):
-        return self.a1 is not None
 
-    @property
-    def intermediate(self):
-        """(I, Ia): the SwiGLU widths of the sections (Ia = 0 without adjugates)."""
-        return self.w1.shape[1] // 2, (self.a1.shape[1] // 2 if self.grove else 0)
+class Weights(_WeightTensors):
+    """(w1, w2, a1, a2), unpacked like a tuple, with what every stage asks of them as plain
+    attributes (reading one is not a call back into this module):
+        grove          a1 is present (False: a plain MoE)
+        intermediate   (I, Ia), the SwiGLU widths of the sections (Ia = 0 without adjugates)
+    """
 
-    def sections(self):
-        """(W1, W2) of each section present: experts, then adjugates."""
-        return [(self.w1, self.w2)] + ([(self.a1, self.a2)] if self.grove else [])
+    def __new__(cls, w1, w2, a1=None, a2=None):
+        self = super().__new__(cls, w1, w2, a1, a2)
+        self.grove = a1 is not None
+        self.intermediate = (w1.shape[1] // 2, a1.shape[1] // 2 if a1 is not None else 0)
+        return self
 
 
 class Activations(NamedTuple):
@@ -143,7 +145,7 @@ def saved_tensors(T, k, weights, routing_dtype, dtype, device, layout="sections"
     """Empty tensors shaped like a training forward's `saved` (the fake kernel's output)."""
     E, G = weights.w1.shape[0], (weights.a1.shape[0] if weights.grove else 0)
     cls = FoldedPlan if _folded(weights.grove, layout) else Plan
-    plan = cls.empty(T, k, E, G, Plan.weight_dtype(routing_dtype), device)
+    plan = cls.empty(T, k, E, G, acc_dtype(routing_dtype), device)
     return flatten_saved(plan, Activations.empty(plan, weights, dtype, device))
 
 

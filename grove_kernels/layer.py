@@ -48,10 +48,8 @@ class GroveBlock(nn.Module):
         for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
                             ("num_experts", num_experts), ("group_size", group_size),
                             ("adjugate_intermediate_size", adjugate_intermediate_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k: expected an int in [1, {num_experts}], got {top_k!r}")
+            _validate.positive_int(name, value)
+        _validate.positive_int("top_k", top_k, num_experts, "num_experts")
         if num_experts % group_size:
             raise ValueError(f"group_size: must divide num_experts={num_experts}, got {group_size}")
         self.hidden_size = H = hidden_size
@@ -83,6 +81,22 @@ class GroveBlock(nn.Module):
             new = new.float() if bias.is_meta else bias.to(device=new.device)
         self.expert_bias = new
         return result
+
+    def reset_parameters(self):
+        """nn.Linear's default init per expert, U(±1/sqrt(fan_in)), the router's own, a zero
+        bias. Parameters on the meta device have no values to set."""
+        for p in (self.w1, self.w2, self.a1, self.a2):
+            if p.device.type == "meta":
+                continue
+            bound = 1.0 / math.sqrt(p.shape[-1])
+            with torch.no_grad():
+                p.uniform_(-bound, bound, generator=self._init_generator(p))
+        self.gate.reset_parameters()
+        self.expert_bias.zero_()
+
+    def _init_generator(self, p):
+        """The random stream of p's init: torch's default one."""
+        return None
 
     def extra_repr(self):
         return (f"H={self.hidden_size}, I={self.intermediate_size}, E={self.num_experts}, "
@@ -150,14 +164,6 @@ class GroveMoE(GroveBlock):
                          adjugate_intermediate_size, adjugate_scale, renormalize,
                          local_experts=num_experts, device=device, dtype=dtype)
         self.reset_parameters()
-
-    def reset_parameters(self):
-        # nn.Linear's default init, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-        for p in (self.w1, self.w2, self.a1, self.a2):
-            bound = 1.0 / math.sqrt(p.shape[-1])
-            nn.init.uniform_(p, -bound, bound)
-        self.gate.reset_parameters()
-        self.expert_bias.zero_()
 
     def forward(self, hidden_states):
         x, weights, ids = self.route(hidden_states)

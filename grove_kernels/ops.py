@@ -23,7 +23,8 @@ directly with "auto" resolves it there) and runs its stages: plan, then experts.
 
 `layout` is the adjugate layout: "sections" (E expert + G adjugate problems, plan.py) or
 "folded" (adjugates on their group's leader expert rows, plan_folded.py). experts() reads it
-per call (settings.adjugate_layout(): GROVE_ADJUGATE_LAYOUT, default sections); calls without
+per call (backends.requested_layout(): GROVE_ADJUGATE_LAYOUT, else the backend's
+default_layout); calls without
 adjugates always run the sections plan (the layouts coincide there).
 
 Metadata checks (shapes, dtypes, devices) happen once, in api.py; the ops repeat only the group
@@ -41,8 +42,8 @@ from . import backends
 from . import experts as experts_stage
 from . import settings as values
 from .experts import Weights
-from .routing import weights_dtype
-from .settings import ADJUGATE_LAYOUTS, settings
+from .routing import acc_dtype
+from .settings import ADJUGATE_LAYOUTS
 
 
 def _check_autodiff(op, *tensors):
@@ -102,7 +103,7 @@ def _topk(router_logits: Tensor, top_k: int, renormalize: bool, selection_bias: 
 @_topk.register_fake
 def _(router_logits, top_k, renormalize, selection_bias, backend="auto"):
     T = router_logits.shape[0]
-    return (router_logits.new_empty(T, top_k, dtype=weights_dtype(router_logits.dtype)),
+    return (router_logits.new_empty(T, top_k, dtype=acc_dtype(router_logits.dtype)),
             router_logits.new_empty(T, top_k, dtype=torch.int32))
 
 
@@ -117,8 +118,7 @@ def _topk_setup(ctx, inputs, output):
 
 def _topk_backward(ctx, grad_weights, grad_ids):
     router_logits, weights, ids = ctx.saved_tensors
-    p = torch.softmax(router_logits.to(torch.promote_types(router_logits.dtype, torch.float32)),
-                      dim=-1)
+    p = torch.softmax(router_logits.to(acc_dtype(router_logits.dtype)), dim=-1)
     dw = grad_weights.to(p.dtype)
     idx = ids.long()
     if ctx.renormalize:
@@ -149,10 +149,11 @@ def experts_forward(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Optional[
                     weight_on_input: bool, save: bool = False,
                     backend: str = "auto",
                     layout: str = "sections") -> Tuple[Tensor, List[Tensor]]:
+    # The stages in layer order, each file entered once: backend lookup, value checks, plan,
+    # experts (docs/design.md §3.1).
     grove = a1 is not None
     _check_groups(w1, a1, group_size)
-    weights = Weights(w1, w2, a1, a2)
-    stages = backends.get(backend, hidden_states, weights)
+    stages = backends.get(backend, hidden_states, (w1, w2, a1, a2))
     _check_layout(layout, stages, grove)
     _check_values(topk_ids, w1.shape[0], expert_map, group_size, grove)
     if layout == "folded" and grove:
@@ -161,7 +162,8 @@ def experts_forward(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Optional[
     else:
         plan = stages.build_plan(topk_ids, topk_weights, w1.shape[0],
                                  group_size if grove else 0, adjugate_scale, expert_map)
-    return experts_stage.forward(stages, hidden_states, weights, plan, weight_on_input, save,
+    return experts_stage.forward(stages, hidden_states, Weights(w1, w2, a1, a2), plan,
+                                 weight_on_input, save,
                                  skips=expert_map is not None or _unchecked(topk_ids))
 
 
@@ -251,7 +253,9 @@ def experts(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size, a
     _check_autodiff("grove::experts_forward", x, w1, w2, a1, a2, topk_weights)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w1, w2, a1, a2, topk_weights))
-    backend = backends.resolve(x, Weights(w1, w2, a1, a2), training=save)
-    layout = settings.adjugate_layout() if a1 is not None else "sections"
+    asked = backends.requested_layout() if a1 is not None else "sections"
+    backend = backends.resolve(x, (w1, w2, a1, a2), training=save, top_k=topk_ids.shape[1],
+                               layout=asked)
+    layout = backends.layout(backend, asked)
     return experts_forward(x, w1, w2, a1, a2, topk_weights, topk_ids, expert_map, group_size,
                            adjugate_scale, weight_on_input, save, backend, layout)[0]

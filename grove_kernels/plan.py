@@ -29,6 +29,8 @@ from typing import Optional
 
 import torch
 
+from .routing import acc_dtype
+
 
 @dataclass
 class Plan:
@@ -84,11 +86,6 @@ class Plan:
         fields.setdefault("group_match", None)
         return cls(num_tokens=T, top_k=k, num_experts=E, num_groups=G, **fields)
 
-    @staticmethod
-    def weight_dtype(topk_weights_dtype):
-        """Row weights are fp32 (fp64 for fp64 routing weights, the reference runs)."""
-        return torch.promote_types(topk_weights_dtype, torch.float32)
-
     def __post_init__(self):
         # Derived sizes and section views are plain attributes: reading one is no call into
         # this module (every stage reads them). Views, so a plan filled in place sees them.
@@ -100,6 +97,9 @@ class Plan:
         self.expert_weight = self.row_weight[:Re]
         self.adjugate_token = self.row_token[Re:] if grove else None
         self.adjugate_weight = self.row_weight[Re:] if grove else None
+        # The unified-GEMM view (start [E+G], count [E+G] int64, absolute rows); a plan filled
+        # in place after construction is rebuilt (dataclasses.replace) to refresh it.
+        self.problem_start, self.problem_count = self.problem_rows()
 
     def topk_weight_grad(self, d_row_weight, adjugate_scale):
         """d topk_weights [T, k] from d(row weight) [R]: an expert row's weight is w_tj, an
@@ -148,7 +148,7 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
         n = expert_map.shape[0]
         ids = torch.where((ids >= 0) & (ids < n), expert_map.long()[ids.clamp(0, n - 1)], -1)
     valid = (ids >= 0) & (ids < num_experts)
-    w = torch.where(valid, topk_weights.to(Plan.weight_dtype(topk_weights.dtype)), 0.0)
+    w = torch.where(valid, topk_weights.to(acc_dtype(topk_weights.dtype)), 0.0)
     E = num_experts
     G = E // group_size if group_size else 0
 

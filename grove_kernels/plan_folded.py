@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan import Plan
+from .routing import acc_dtype
 
 
 @dataclass
@@ -80,8 +80,6 @@ class FoldedPlan:
         return cls(num_tokens=T, top_k=k, num_experts=E, num_groups=G,
                    **{n: tensors[n] for n in cls._FIELDS})
 
-    weight_dtype = staticmethod(Plan.weight_dtype)
-
     @property
     def group_size(self):  # S
         return self.num_experts // self.num_groups
@@ -131,7 +129,7 @@ def build_folded_plan(topk_ids, topk_weights, num_experts, group_size, adjugate_
         n = expert_map.shape[0]
         ids = torch.where((ids >= 0) & (ids < n), expert_map.long()[ids.clamp(0, n - 1)], -1)
     valid = (ids >= 0) & (ids < E)
-    w = torch.where(valid, topk_weights.to(Plan.weight_dtype(topk_weights.dtype)), 0.0)
+    w = torch.where(valid, topk_weights.to(acc_dtype(topk_weights.dtype)), 0.0)
     group_match, leader, lead_w = leaders(ids, valid, w, S, adjugate_scale)
 
     # key 2e: leader rows of e; 2e + 1: its other rows; 2E: skipped slots (the tail).

@@ -20,6 +20,8 @@ a sync on a GPU (fp16/fp32 there) and free on the CPU.
 import torch
 import torch.nn.functional as F
 
+from .routing import acc_dtype
+
 # Tests flip this to exercise the per-problem loop where _grouped_mm would be taken.
 use_grouped_mm = True
 
@@ -88,18 +90,13 @@ def gmm_wgrad(a, b, offsets, num_problems):
     return out
 
 
-def _acc(dtype):
-    """Accumulation dtype: fp32, or fp64 for the float64 reference runs."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def swiglu(h):
-    gate, up = h.to(_acc(h.dtype)).chunk(2, dim=-1)
+    gate, up = h.to(acc_dtype(h.dtype)).chunk(2, dim=-1)
     return (F.silu(gate) * up).to(h.dtype)
 
 
 def swiglu_backward(h, dz):
-    gate, up = h.to(_acc(h.dtype)).chunk(2, dim=-1)
+    gate, up = h.to(acc_dtype(h.dtype)).chunk(2, dim=-1)
     sig = torch.sigmoid(gate)
     silu = gate * sig
     dz = dz.to(gate.dtype)
@@ -126,7 +123,7 @@ def _input_rows(x, token, weight, weight_on_input):
 
 def _gather_sum(plan, rows, weight):
     """Σ_j weight[t, j] · rows[token_rows[t, j]] in fp32, slots in fixed order: [T, H]."""
-    acc = rows.new_zeros(plan.num_tokens, rows.shape[-1], dtype=_acc(rows.dtype))
+    acc = rows.new_zeros(plan.num_tokens, rows.shape[-1], dtype=acc_dtype(rows.dtype))
     for j in range(plan.token_rows.shape[1]):
         part = rows[plan.token_rows[:, j]].to(acc.dtype) * weight[:, j, None]
         acc += torch.where(plan.token_mask[:, j, None], part, 0.0)
@@ -156,7 +153,7 @@ def backward(dy, x, weights, plan, weight_on_input, act, grads):
     if plan.layout == "folded":
         from . import reference_folded
         return reference_folded.backward(dy, x, weights, plan, weight_on_input, act, grads)
-    dy = dy.to(_acc(x.dtype))
+    dy = dy.to(acc_dtype(x.dtype))
     d_row_weight, dx_rows = [], []
     for (token, weight, offsets, wa, wb, h, z), (d_wa, d_wb) in zip(
             _sections(plan, weights, act), grads.sections()):

@@ -21,6 +21,7 @@ over the S experts of each group in expert order (deterministic); dX = Σ_j dX r
 import torch
 
 from . import reference as ref
+from .routing import acc_dtype
 
 
 def _leader_rows(plan):
@@ -41,7 +42,7 @@ def _per_expert(a, S):
 def _group_sum(d, S):
     """[E, ...] per-expert partials -> [G, ...], experts of a group summed in order."""
     G = d.shape[0] // S
-    parts = d.view(G, S, *d.shape[1:]).to(ref._acc(d.dtype))
+    parts = d.view(G, S, *d.shape[1:]).to(acc_dtype(d.dtype))
     total = parts[:, 0].clone()
     for s in range(1, S):
         total += parts[:, s]
@@ -70,7 +71,7 @@ def forward(x, weights, plan, weight_on_input, y, act):
         h[:, 2 * I:].copy_(ha)
         z[:, :I].copy_(ze)
         z[:, I:].copy_(za)
-    acc = ref._acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     o = (ref.gmm(ze, w2, off, True).to(acc) * plan.row_weight[:, None].to(acc)
          + ref.gmm(za, _per_expert(a2, S), off, True).to(acc)
          * plan.leader_weight[:, None].to(acc))
@@ -86,7 +87,7 @@ def backward(dy, x, weights, plan, weight_on_input, act, grads):
     h, z = act.h[0], act.z[0]
     he, ha, ze, za = h[:, :2 * I], h[:, 2 * I:], z[:, :I], z[:, I:]
     a1e, a2e = _per_expert(a1, S), _per_expert(a2, S)
-    acc = ref._acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     dyr = dy.to(acc)[plan.row_token]
     w = plan.row_weight[:, None].to(acc)
     lw = plan.leader_weight[:, None].to(acc)

@@ -12,16 +12,14 @@ backend selects the same experts: ties are common (a zero-initialised router, bf
 sigmoid(l) rounding to 1.0 for l >~ 17 in fp32), and an order left to torch.topk differs from
 an argmax loop's. A NaN logit leaves its own token's weights NaN (softmax) and its ids in range.
 """
+import functools
+
 import torch
 
-
-def _acc(dtype):
-    return torch.promote_types(dtype, torch.float32)
-
-
-def weights_dtype(logits_dtype):
-    """Dtype of the routing weights: fp64 keeps the fp64 reference runs exact (gradcheck)."""
-    return torch.float64 if logits_dtype == torch.float64 else torch.float32
+# The accumulation dtype of a float dtype, and so that of routing and row weights: fp32, or
+# fp64 for fp64 (the float64 runs stay exact: gradcheck). The one such helper of the package;
+# a partial of a C function, so calling it enters no Python frame of another layer.
+acc_dtype = functools.partial(torch.promote_types, type2=torch.float32)
 
 
 def _rank_key(t):
@@ -43,7 +41,7 @@ def rank(logits, scores):
 
 
 def topk(router_logits, top_k, renormalize, selection_bias):
-    logits = router_logits.to(_acc(router_logits.dtype))
+    logits = router_logits.to(acc_dtype(router_logits.dtype))
     if selection_bias is None:
         # sigmoid is monotone: ranking the logits themselves avoids its saturation ties.
         scores = logits
@@ -53,4 +51,4 @@ def topk(router_logits, top_k, renormalize, selection_bias):
     weights = torch.softmax(logits, dim=-1).gather(1, ids)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
-    return weights.to(weights_dtype(router_logits.dtype)), ids.to(torch.int32)
+    return weights.to(acc_dtype(router_logits.dtype)), ids.to(torch.int32)

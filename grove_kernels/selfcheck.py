@@ -1,8 +1,8 @@
 """`python -m grove_kernels.selfcheck`: every available backend against the float64 reference.
 
 On the best device present (a GPU when there is one) it runs the Grove layer, forward and
-backward, at the grove-33b shapes on a GPU (H 2048, E 128, k 8, I 768, S 2, Ia 128) or at a
-small preset on a CPU, and compares outputs and all six gradients with the torch backend run
+backward, at the grove-33b shapes on a GPU (H 2048, E 128, k 8, I 768, S 2, Ia 128) or at the
+`mini` preset on a CPU (grove_kernels/presets.py), and compares outputs and all six gradients with the torch backend run
 in float64 on the CPU (docs/design.md §5 tolerances). Exits 1 if any comparison fails.
 """
 import argparse
@@ -11,11 +11,7 @@ import sys
 import torch
 
 import grove_kernels as gk
-
-PRESETS = {  # H, E, k, I, S, Ia
-    "grove-33b": (2048, 128, 8, 768, 2, 128),
-    "small": (256, 16, 4, 96, 2, 32),
-}
+from grove_kernels.presets import PRESETS
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
@@ -60,9 +56,11 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=None)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    preset = args.preset or ("grove-33b" if device.type == "cuda" else "small")
-    T = args.tokens or (64 if device.type == "cuda" else 33)
-    H, E, k, I, S, Ia = PRESETS[preset]
+    preset = args.preset or ("grove-33b" if device.type == "cuda" else "mini")
+    p = PRESETS[preset]
+    T = args.tokens or (64 if device.type == "cuda" else p.cpu_tokens[0])
+    H, E, k, I, S, Ia = p.hidden, p.experts, p.top_k, p.intermediate, p.group_size, \
+        p.adj_intermediate
     dtypes = [torch.bfloat16] if device.type == "cuda" else [torch.float32, torch.bfloat16]
     inputs = _inputs(T, H, E, k, I, S, Ia, seed=0)
     with gk.use_backend("torch"):

@@ -4,10 +4,16 @@
                               (per thread; GROVE_KERNELS_BACKEND sets the default; auto by default)
     settings.value_checks     host-side checks of tensor values (ids in range, finite bias):
                               process-wide, on unless GROVE_KERNELS_VALUE_CHECKS=0
-    settings.adjugate_layout()  sections | folded, read from GROVE_ADJUGATE_LAYOUT on every call
-                              (default sections)
+    GROVE_ADJUGATE_LAYOUT     sections | folded: the adjugate layout, read on every call by
+                              backends.requested_layout (where the backend is chosen, so a call
+                              enters each file once); unset: each backend's default_layout
+                              (folded on triton, sections on torch and cuda)
+    settings.fuse_swiglu      the cuda backend's GEMM-1 with SwiGLU in its epilogue, reading
+                              packed copies of w1 / a1 (opt-in, process-wide; frozen weights
+                              only; GROVE_CUDA_FUSE_SWIGLU=1 or set_fuse_swiglu(True))
 
-Public setters: grove_kernels.set_backend / use_backend / set_value_checks / value_checks.
+Setters: grove_kernels.set_backend / use_backend / set_value_checks, settings.value_checks
+(a context manager), settings.set_fuse_swiglu.
 Checks that need tensor values copy to the host, so they are skipped while a CUDA graph is
 being captured; they run inside the custom ops, where torch.compile sees no data-dependent
 Python, and are switched off for serving with `set_value_checks(False)`.
@@ -19,6 +25,7 @@ import threading
 import torch
 
 ADJUGATE_LAYOUTS = ("sections", "folded")
+LAYOUT_VARIABLE = "GROVE_ADJUGATE_LAYOUT"
 
 
 class Settings(threading.local):
@@ -28,14 +35,7 @@ class Settings(threading.local):
 
     backend = os.environ.get("GROVE_KERNELS_BACKEND", "auto")
     value_checks = os.environ.get("GROVE_KERNELS_VALUE_CHECKS", "1") != "0"
-
-    @staticmethod
-    def adjugate_layout():
-        layout = os.environ.get("GROVE_ADJUGATE_LAYOUT", "sections")
-        if layout not in ADJUGATE_LAYOUTS:
-            raise ValueError(f"GROVE_ADJUGATE_LAYOUT: expected one of {ADJUGATE_LAYOUTS}, got "
-                             f"{layout!r}")
-        return layout
+    fuse_swiglu = os.environ.get("GROVE_CUDA_FUSE_SWIGLU", "0") == "1"
 
 
 settings = Settings()
@@ -45,6 +45,13 @@ def set_value_checks(enabled):
     """Turn the host-side value checks (ids in range) on or off, for every thread. On by
     default."""
     Settings.value_checks = bool(enabled)
+
+
+def set_fuse_swiglu(enabled):
+    """The cuda backend's fused GEMM-1 + SwiGLU for later forwards, in every thread (opt-in;
+    for frozen weights: call grove_kernels.cuda.release_packed_weights() after changing them
+    in a way torch does not version)."""
+    Settings.fuse_swiglu = bool(enabled)
 
 
 def value_checks_enabled():

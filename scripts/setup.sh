@@ -6,10 +6,14 @@
 #   auto  wherever nvcc and the CUTLASS headers are (test.sh, CI: the build and its SASS are
 #         tested even without a GPU)
 #   gpu   only where a CUDA GPU is present (demo.sh: on a CPU machine its kernels cannot run)
-# GROVE_BUILD_CUDA=0|1|auto in the environment overrides both. test_extras=1 (test.sh) also
-# installs what the optional integrations' tests need (transformers 5, accelerate). Every run reinstalls with the
-# caller's choice, so an install without the extension (a demo) never stops a later test.sh
-# from building it; compiled objects are cached in build/grove_cuda/.
+#   keep  whatever this checkout was last installed with; without the extension on a first
+#         install (test.sh --quick)
+# GROVE_BUILD_CUDA=0|1|auto in the environment overrides them. test_extras=1 (test.sh) also
+# installs what the optional integrations' tests need (transformers 5, accelerate). The install
+# is skipped when the package imported is this checkout's and build/install.stamp records the
+# same setup.py, pyproject.toml, csrc/ sources and build choice; otherwise it reinstalls with
+# the caller's choice, so an install without the extension (a demo) never stops a later
+# test.sh from building it. Compiled objects are cached in build/grove_cuda/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
@@ -42,6 +46,29 @@ with_heartbeat() {
   return "$rc"
 }
 
+stamp_file=${GROVE_INSTALL_STAMP:-build/install.stamp}
+# What an install depends on: the packaging files, the CUDA sources, the build choice, the
+# interpreter. Python sources are not in it: the install is editable.
+install_key() {
+  { echo "$1 $("$PY" -c 'import sys; print(sys.executable)')"
+    cat setup.py pyproject.toml
+    if [ "$1" != 0 ]; then find csrc -type f | LC_ALL=C sort | xargs cat; fi
+  } | sha256sum | cut -d' ' -f1
+}
+installed_here() {  # the grove_kernels that imports (from elsewhere than the cwd) is this one
+  [ "$(cd / && "$PY" -c 'import os, grove_kernels; print(os.path.dirname(os.path.realpath(grove_kernels.__file__)))' 2>/dev/null)" = "$PWD/grove_kernels" ]
+}
+
+# The quick path (test.sh --quick: keep the last install): nothing to probe or install when
+# this checkout is installed, unchanged, with the build choice its stamp records.
+if [ "${cuda_ext:-}" = keep ] && [ -z "${GROVE_BUILD_CUDA:-}" ] && [ -f "$stamp_file" ]; then
+  kept=$(cut -d' ' -f1 "$stamp_file")
+  if [ "$(cat "$stamp_file")" = "$kept $(install_key "$kept")" ] && installed_here; then
+    step "grove-kernels already installed from this checkout (GROVE_BUILD_CUDA=$kept, unchanged)"
+    step "ready"
+    return 0 2>/dev/null || exit 0
+  fi
+fi
 if ! "$PY" -c "import torch" 2>/dev/null; then
   # The CPU wheel of this exact version is what CPU machines here carry locally.
   step "installing torch 2.13.0 (CPU wheel)"
@@ -55,7 +82,7 @@ missing=()
 "$PY" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" \
   2>/dev/null || missing+=("setuptools>=64")
 for mod_pkg in wheel:wheel numpy:numpy safetensors:safetensors pytest:pytest \
-               pytest_benchmark:pytest-benchmark hypothesis:hypothesis; do
+               pytest_benchmark:pytest-benchmark xdist:pytest-xdist hypothesis:hypothesis; do
   "$PY" -c "import ${mod_pkg%%:*}" 2>/dev/null || missing+=("${mod_pkg#*:}")
 done
 if [ "$has_gpu" = 0 ]; then
@@ -79,7 +106,17 @@ fi
 
 build=${GROVE_BUILD_CUDA:-}
 if [ -z "$build" ]; then
-  if [ "${cuda_ext:-auto}" = gpu ] && [ "$has_gpu" = 0 ]; then build=0; else build=auto; fi
+  case ${cuda_ext:-auto} in
+    gpu) if [ "$has_gpu" = 0 ]; then build=0; else build=auto; fi ;;
+    keep) if [ -f "$stamp_file" ]; then build=$(cut -d' ' -f1 "$stamp_file"); else build=0; fi ;;
+    *) build=auto ;;
+  esac
+fi
+if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$build $(install_key "$build")" ] \
+    && installed_here; then
+  step "grove-kernels already installed from this checkout (GROVE_BUILD_CUDA=$build, unchanged)"
+  step "ready"
+  return 0 2>/dev/null || exit 0
 fi
 if [ "$build" = 0 ]; then
   why=$([ "$has_gpu" = 0 ] && echo ", no GPU here" || true)
@@ -108,4 +145,6 @@ fi
 step "installing grove-kernels (editable, GROVE_BUILD_CUDA=$build)"
 GROVE_BUILD_CUDA=$build with_heartbeat "pip install -e ." \
   pip_install --no-build-isolation -e .
+mkdir -p "$(dirname "$stamp_file")"
+echo "$build $(install_key "$build")" > "$stamp_file"
 step "ready"

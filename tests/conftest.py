@@ -1,5 +1,17 @@
-"""Shared pytest set-up: the `backend` and `gen` fixtures, the `gpu` marker that skips where
-CUDA is absent, and a guard that fails a test which leaves a process-wide setting changed."""
+"""Shared pytest set-up: the `backend` and `gen` fixtures, the test tiers, the `gpu` tier
+skipped where CUDA is absent, and a guard that fails a test which leaves a process-wide setting
+changed.
+
+Every test belongs to one tier (a marker, registered in pyproject.toml; docs/design.md §5):
+    unit         torch backend, plan, routing, errors, API (no Triton kernel runs)
+    interpreter  Triton kernels (under TRITON_INTERPRET without a GPU)
+    toolchain    nvcc, SASS, Triton's AOT codegen, torch.compile, the wheel
+    e2e          end to end: the reference Grove model, the transformers integration,
+                 expert parallel over processes
+    gpu          needs a CUDA GPU
+A file's tier is in _FILE_TIERS; in other files a test run on the triton backend is
+`interpreter`, on the cuda backend `gpu`, and an explicit marker wins.
+"""
 import os
 
 import torch
@@ -28,12 +40,36 @@ if settings is not None:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+TIERS = ("gpu", "toolchain", "interpreter", "e2e", "unit")  # the first that applies wins
+_FILE_TIERS = {
+    "test_triton_backend.py": "interpreter", "test_triton_plan.py": "interpreter",
+    "test_cuda_build.py": "toolchain", "test_cuda_host_checks.py": "toolchain",
+    "test_triton_codegen.py": "toolchain", "test_wheel.py": "toolchain",
+    "test_api_gpu.py": "gpu", "test_cuda_ops_gpu.py": "gpu",
+    "test_model.py": "e2e", "test_distributed.py": "e2e",
+    "test_transformers_integration.py": "e2e",
+}
+_BACKEND_TIERS = {"triton": "interpreter", "cuda": "gpu"}
+
+
+def _tier(item):
+    marked = [t for t in TIERS if item.get_closest_marker(t) is not None]
+    if marked:
+        return marked[0]
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    by_backend = [_BACKEND_TIERS[v] for k, v in params.items()
+                  if k in ("backend", "name") and isinstance(v, str) and v in _BACKEND_TIERS]
+    if by_backend:
+        return min(by_backend, key=TIERS.index)
+    return _FILE_TIERS.get(item.path.name, "unit")
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        tier = _tier(item)
+        item.add_marker(tier)
+        if tier == "gpu" and not torch.cuda.is_available():
             item.add_marker(skip)
 
 

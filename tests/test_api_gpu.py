@@ -7,7 +7,7 @@
     no host sync       forward under torch.cuda.set_sync_debug_mode("error"), value checks off
     CUDA graph         capture fused_grove_experts (bf16) once, rewrite topk_ids/topk_weights
                        in place, replay: equals eager on the new routing
-    cuda, opt-in       FUSE_SWIGLU: GEMM-1 with SwiGLU fused (packed w1/a1) against the oracle,
+    cuda, opt-in       settings.fuse_swiglu: GEMM-1 with SwiGLU fused (packed w1/a1) against the oracle,
                        repacked after an in-place update, graph replay on pinned packs; a
                        one-row input with strides (1, 1)
 The Grove tests run both adjugate layouts (the `layout` fixture sets GROVE_ADJUGATE_LAYOUT to
@@ -22,6 +22,7 @@ import torch
 import grove_kernels as gk
 import grove_kernels.cuda as cuda_backend
 from grove_kernels.cuda import ext as cuda_ext
+from grove_kernels.settings import Settings
 import oracle
 from helpers import (
     BACKENDS,
@@ -366,7 +367,7 @@ def test_device_mismatch(backend, gen, arg):
 def cuda_fused(monkeypatch):
     if not cuda_backend.is_available():
         pytest.skip("needs grove_kernels._C and an sm_90 GPU")
-    monkeypatch.setattr(cuda_backend, "FUSE_SWIGLU", True)
+    monkeypatch.setattr(Settings, "fuse_swiglu", True)
     cuda_backend.release_packed_weights()
     configs = []
     real = cuda_ext.grouped_gemm

@@ -111,15 +111,19 @@ def test_training_calls_keep_what_the_backward_needs(backend, gen, monkeypatch):
     saves = []
     real = ops.experts_forward
     monkeypatch.setattr(ops, "experts_forward",
-                        lambda *a: saves.append((a[-2], a[-1])) or real(*a))
+                        lambda *a: saves.append(a[11:14]) or real(*a))  # save, backend, layout
     x, w1, w2, a1, a2, w, ids = _experts_args(gen, "grove", True, backend)[:7]
     y = gk.fused_grove_experts(x, w1, w2, a1, a2, w, ids, group_size=S, adjugate_scale=LAM)
     y.sum().backward()
-    assert saves == [(True, backend)] and x.grad is not None
+    assert saves == [(True, backend, "sections")] and x.grad is not None
     with torch.no_grad():
         gk.fused_grove_experts(x, w1, w2, a1, a2, w, ids, group_size=S, adjugate_scale=LAM)
     gk.fused_experts(x.detach(), w1.detach(), w2.detach(), w.detach(), ids)
-    assert saves[1:] == [(False, backend), (False, backend)]
+    assert saves[1:] == [(False, backend, "sections"), (False, backend, "sections")]
+    monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", "folded")  # read per call; plain calls: sections
+    gk.fused_grove_experts(x, w1, w2, a1, a2, w, ids, group_size=S, adjugate_scale=LAM)
+    gk.fused_experts(x.detach(), w1.detach(), w2.detach(), w.detach(), ids)
+    assert [s[2] for s in saves[3:]] == ["folded", "sections"]
 
 
 def test_gradients_need_the_saved_activations(backend, gen):
@@ -184,6 +188,7 @@ def _fwd_bwd(fn, args, dy):
     return y.detach(), [a.grad for a in leaves if a.is_floating_point() and a.dim() > 1]
 
 
+@pytest.mark.toolchain  # torch.compile: Dynamo tracing, Inductor codegen
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("fn_name", ["grove_moe", "fused_experts", "fused_experts_ep"])
@@ -201,6 +206,7 @@ def test_compile_fullgraph(backend, gen, fn_name, dtype, compiler):
         assert rel_err(a, b) <= 1e-6, f"grad {i}"
 
 
+@pytest.mark.toolchain  # torch.compile: Dynamo tracing, Inductor codegen
 def test_compile_dynamic_tokens(backend, gen):
     """One compiled graph serves several T (symbolic T through the fake kernels), T = 0 too."""
     torch._dynamo.reset()
@@ -211,6 +217,7 @@ def test_compile_dynamic_tokens(backend, gen):
         assert rel_err(compiled(*args), _fused_experts(*args)) <= 1e-6
 
 
+@pytest.mark.toolchain  # torch.compile: Dynamo tracing, Inductor codegen
 def test_compile_inductor(backend, gen):
     """The default compiler too (C++ codegen on the CPU), forward and backward."""
     torch._dynamo.reset()

@@ -3,19 +3,33 @@ order), each backend's supports() reasons (refused by backends.get, the one plac
 / plan stage it is paired with, and the numerics flags that follow torch's fp32 setting. No GPU
 needed: devices are described, not used.
 """
+import glob
+import json
+import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import grove_kernels as gk
-from grove_kernels import auto_table, backends
+from grove_kernels import backends
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from grove_kernels.backends import unsupported
 
 
 def _call(T=64, H=2048, dtype=torch.bfloat16, device="cuda"):
     """A stand-in for x: resolution reads only its device, dtype and shape."""
     return SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(T, H))
+
+
+def _w(*shape):
+    return SimpleNamespace(shape=shape)
+
+
+# grove-33b's weights, described: resolution reads their shapes only.
+GROVE_33B = (_w(128, 1536, 2048), _w(128, 2048, 768), _w(64, 256, 2048), _w(64, 2048, 128))
+PLAIN_33B = GROVE_33B[:2] + (None, None)
 
 
 class _Described(backends.Backend):
@@ -46,7 +60,7 @@ class _Gpu(dict):
             self.monkeypatch.setitem(backends._available_cache, key, True)
 
 
-W = (None,) * 4  # weights: the described backends read none
+W = GROVE_33B
 
 
 @pytest.fixture
@@ -63,23 +77,38 @@ def gpu(monkeypatch):
                                          (16384, "cuda"), (10 ** 6, "cuda")])
 def test_auto_follows_the_measured_h200_table(gpu, T, expected):
     with gk.use_backend("auto"):
-        assert backends.resolve(_call(T), W) == expected
+        assert backends.resolve(_call(T), W, top_k=8) == expected
+        assert backends.resolve(_call(T), PLAIN_33B, top_k=8) == expected  # plain: same winners
+
+
+@pytest.mark.parametrize("T", [1, 64, 1024, 16384])
+def test_auto_for_training_follows_the_forward_backward_timings(gpu, T):
+    """On the H200 triton's forward + backward beat cuda's by 6-11% at T >= 1024 (the
+    bench records of 2026-11-28), while cuda's forward alone wins there."""
+    with gk.use_backend("auto"):
+        assert backends.resolve(_call(T), W, training=True, top_k=8) == "triton"
+
+
+def test_auto_needs_the_measured_shape(gpu):
+    other = (_w(128, 1024, 2048),) + GROVE_33B[1:]  # I = 512: not measured
+    assert backends.resolve(_call(64), other, top_k=8) == "cuda"  # the fallback order
+    assert backends.resolve(_call(64), W, top_k=4) == "cuda"  # k = 4: not measured
 
 
 def test_auto_falls_back_where_nothing_was_measured(gpu):
     gpu["name"] = "NVIDIA A100-SXM4-80GB"
-    assert backends.resolve(_call(64), W) == "cuda"  # the first that supports the call
+    assert backends.resolve(_call(64), W, top_k=8) == "cuda"  # the first that supports it
     gpu["cuda"] = _Described("x", "hidden_states: the cuda backend runs on sm_90 GPUs")
-    assert backends.resolve(_call(64), W) == "triton"
+    assert backends.resolve(_call(64), W, top_k=8) == "triton"
     gpu["name"] = "NVIDIA H200"
-    assert backends.resolve(_call(1, dtype=torch.float16), W) == "triton"  # fp16: not measured
+    assert backends.resolve(_call(1, dtype=torch.float16), W, top_k=8) == "triton"  # fp16
 
 
 def test_auto_skips_a_measured_backend_that_cannot_run_the_call(gpu):
     gpu["cuda"] = _Described("x", "w1: the cuda backend needs H, I and Ia multiples of 8")
-    assert backends.resolve(_call(4096), W) == "triton"
+    assert backends.resolve(_call(4096), W, top_k=8) == "triton"
     gpu["triton"] = _Described("x", "w1: the triton backend needs contiguous weights")
-    assert backends.resolve(_call(4096), W) == "torch"
+    assert backends.resolve(_call(4096), W, top_k=8) == "torch"
 
 
 def test_a_named_backend_that_cannot_run_the_call_says_why(gpu):
@@ -110,14 +139,37 @@ def test_auto_on_the_cpu_is_torch():
 
 
 def test_auto_table_lookup():
-    assert auto_table.lookup("NVIDIA H200", torch.bfloat16, 1) == "cuda"
-    assert auto_table.lookup("NVIDIA H200", torch.bfloat16, 64) == "triton"
-    assert auto_table.lookup("NVIDIA H200", torch.float16, 64) is None
-    assert auto_table.lookup("NVIDIA H100 80GB HBM3", torch.bfloat16, 64) is None
-    for (_, _), buckets in auto_table.TABLE.items():
-        bounds = [b for b, _ in buckets if b is not None]
-        assert bounds == sorted(bounds) and buckets[-1][0] is None
-        assert all(name in backends.BACKEND_NAMES for _, name in buckets)
+    shape = backends.shape_of(2048, 768, 128, 128, 8)
+    assert backends.lookup("NVIDIA H200", torch.bfloat16, shape, False, 1) == "cuda"
+    assert backends.lookup("NVIDIA H200", torch.bfloat16, shape, False, 64) == "triton"
+    assert backends.lookup("NVIDIA H200", torch.bfloat16, shape, True, 64) == "triton"
+    assert backends.lookup("NVIDIA H200", torch.float16, shape, False, 64) is None
+    assert backends.lookup("NVIDIA H100 80GB HBM3", torch.bfloat16, shape, False, 64) is None
+    for f in os.listdir(backends.TABLES_DIR):
+        for table in backends._tables(f[len("device_name="):-len(".json")].replace("_", " ")):
+            bounds = [b for b, _ in table["buckets"] if b is not None]
+            assert bounds == sorted(bounds) and table["buckets"][-1][0] is None
+            assert all(name in backends.BACKEND_NAMES for _, name in table["buckets"])
+            assert table["pass"] in backends.PASSES
+
+
+def test_fill_auto_table_reproduces_the_shipped_h200_table(tmp_path):
+    from grove_kernels.tools import fill_auto_table
+
+    records = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "h200_2026-11-28*.json")))
+    assert fill_auto_table.main(records + ["--out-dir", str(tmp_path)]) == 0
+    name = backends.file_name("NVIDIA H200")
+    with open(tmp_path / name) as f, open(os.path.join(backends.TABLES_DIR, name)) as g:
+        assert json.load(f) == json.load(g)
+
+
+def test_fill_auto_table_buckets():
+    from grove_kernels.tools.fill_auto_table import buckets
+
+    measured = {1: {"cuda": 80, "triton": 90}, 64: {"cuda": 380, "triton": 360},
+                256: {"cuda": 400, "triton": 470}, 1024: {"cuda": 500, "triton": 560}}
+    assert buckets(measured) == [[8, "cuda"], [128, "triton"], [None, "cuda"]]
+    assert buckets({16: {"triton": 1.0, "cuda": 2.0}}) == [[None, "triton"]]
 
 
 def test_supports_reasons_name_the_argument():

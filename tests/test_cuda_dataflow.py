@@ -23,6 +23,7 @@ from grove_kernels.cuda import ext as lib  # noqa: E402
 from grove_kernels.cuda import packed  # noqa: E402
 from grove_kernels.experts import Weights  # noqa: E402
 from grove_kernels.plan import build_plan  # noqa: E402
+from grove_kernels.settings import Settings  # noqa: E402
 
 if lib.is_available():  # a real sm_90 device: the GPU tests cover the real kernels
     pytest.skip("stand-ins only where the kernels cannot run", allow_module_level=True)
@@ -254,7 +255,7 @@ def _forward_reference(p, w, ids, grove=True, S=2):
 
 @pytest.fixture
 def fused(monkeypatch):
-    monkeypatch.setattr(cuda_pkg, "FUSE_SWIGLU", True)
+    monkeypatch.setattr(Settings, "fuse_swiglu", True)
 
 
 def _gemm1_configs(p, w, ids, calls, grove=True):
@@ -277,10 +278,10 @@ def test_fused_swiglu_when_enabled(stand_ins, gen, monkeypatch, grove, dtype):
     p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, dtype)
     w, ids = routing(c["T"], c["E"], c["k"], gen, "coselected", c["S"])
     dt = "bf16" if dtype == torch.bfloat16 else "fp16"
-    assert cuda_pkg.FUSE_SWIGLU is False  # opt-in
+    assert Settings.fuse_swiglu is False  # opt-in
     assert all(cfg.startswith(f"sm90_{dt}_m_grouped_nt_") and "swiglu" not in cfg
                for cfg in _gemm1_configs(p, w, ids, 2, grove))
-    monkeypatch.setattr(cuda_pkg, "FUSE_SWIGLU", True)
+    monkeypatch.setattr(Settings, "fuse_swiglu", True)
     assert all(cfg.startswith(f"sm90_{dt}_m_grouped_nt_swiglu_")
                for cfg in _gemm1_configs(p, w, ids, 2, grove))
 

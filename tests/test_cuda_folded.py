@@ -23,7 +23,7 @@ import test_cuda_dataflow as sections_df
 from helpers import make_grove, rel_err, routing, to64
 from test_cuda_dataflow import CALLS, stand_ins  # noqa: F401  (fixture)
 
-import grove_kernels.cuda as cuda_pkg
+from grove_kernels.settings import Settings
 from grove_kernels import experts as experts_stage
 from grove_kernels.cuda import backend as cuda_backend
 from grove_kernels.cuda import ext as lib
@@ -322,7 +322,7 @@ def test_float64_router_weights(folded, gen):
 
 @pytest.mark.parametrize("kind", ["random", "coselected"])
 def test_fused_swiglu_inference(folded, gen, monkeypatch, kind):
-    monkeypatch.setattr(cuda_pkg, "FUSE_SWIGLU", True)
+    monkeypatch.setattr(Settings, "fuse_swiglu", True)
     packed.packed_gate_up.clear()
     p, w, ids = _case(gen, 13, 4, 2, kind)
     CALLS.clear()
@@ -346,10 +346,85 @@ def test_inference_packs_the_down_projection_once(folded, gen):
     assert rel_err(y3, _reference(p, w, ids, None, 2)[0]) <= 2e-2
 
 
-def test_training_forward_does_not_keep_a_pack(folded, gen):
+def test_training_packs_once_per_weight_version(folded, gen):
+    """A training loop packs [W2 | A2] once per optimizer step: forwards of one step (micro-
+    batches, recomputes) share the copy, the step's in-place update makes a new one."""
+    p, w, ids = _case(gen, 13, 4, 2, "coselected")
+    y1, _, g1, _ = _run(p, w, ids, 2, save=True)
+    (entry,) = packed.packed_down._entries.values()
+    y2, _, g2, _ = _run(p, w, ids, 2, save=True)
+    (again,) = packed.packed_down._entries.values()
+    assert again is entry  # not repacked
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    for name in ("w2", "a2"):  # an optimizer step: versioned in-place updates
+        with torch.no_grad():
+            p[name].sub_(0.5 * torch.randn(p[name].shape, generator=gen).to(p[name].dtype))
+        y3, dy, g3, _ = _run(p, w, ids, 2, save=True)
+        (fresh,) = packed.packed_down._entries.values()
+        assert fresh is not entry and fresh[2] is not entry[2]
+        entry = fresh
+        assert not torch.equal(y1, y3)
+        _check(y3, g3, *_reference(p, w, ids, dy, 2))
+
+
+def test_captured_training_forward_packs_inside_the_graph(folded, gen, monkeypatch):
+    """Under CUDA-graph capture a training forward packs per replay (a pinned copy would miss
+    the optimizer's updates); an inference forward reads the copy an eager call made."""
     p, w, ids = _case(gen, 13, 4, 2, "random")
-    _run(p, w, ids, 2, save=True)
-    assert not packed.packed_down._entries
+    _run(p, w, ids, 2, save=False)
+    (entry,) = packed.packed_down._entries.values()
+    monkeypatch.setattr(packed, "_capturing", lambda t: True)
+    y, dy, grads, _ = _run(p, w, ids, 2, save=True)
+    assert not packed.packed_down._pinned
+    _check(y, grads, *_reference(p, w, ids, dy, 2))
+    _run(p, w, ids, 2, save=False)
+    assert len(packed.packed_down._pinned) == 1 and packed.packed_down._pinned[0] is entry[2]
+
+
+def test_gemm2_reads_the_packed_copy_not_w2(folded, gen, monkeypatch):
+    """Every GEMM-2 problem reads [W2_e | A2_g] (the non-leader rows its first I columns), so
+    the forward's GEMMs never read w2; the backward's dGEMM-2 does (nn, as stored)."""
+    seen = []
+    inner = lib.grouped_gemm
+
+    def spy(a, b, out, start, count, kernel, **kw):
+        seen.append((sections_df._kind(kernel)[:2], [t.untyped_storage().data_ptr() for t in b]))
+        return inner(a, b, out, start, count, kernel, **kw)
+
+    monkeypatch.setattr(lib, "grouped_gemm", spy)
+    p, w, ids = _case(gen, 13, 4, 2, "coselected")
+    for save in (False, True):
+        seen.clear()
+        _run(p, w, ids, 2, save=save)
+        w2 = p["w2"].untyped_storage().data_ptr()
+        forward = [s for s in seen if s[0] == ("m", "nt")]
+        assert len(forward) == 2 and all(w2 not in ptrs for _, ptrs in forward)
+        (entry,) = packed.packed_down._entries.values()
+        assert forward[1][1] == [entry[2].untyped_storage().data_ptr()] * 2
+
+
+@pytest.mark.skipif(not REAL_FILL, reason="needs grove_kernels._C (nvcc + CUTLASS) for the fill")
+def test_fill_of_gemm2_on_the_packed_copy(gen):
+    """The non-leader problems: B = the packed copy's expert block, ldb = I + Ia, K = I."""
+    S, E, H, I, Ia = 2, SHAPE["E"], SHAPE["H"], SHAPE["I"], SHAPE["Ia"]
+    p, w, ids = _case(gen, 13, 4, S, "coselected")
+    plan = build_folded_plan(ids, w, E, S, LAM)
+    R, Z = plan.num_rows, I + Ia
+    down = packed.pack_down(p["w2"], p["a2"])
+    zs = torch.zeros(R, Z, dtype=torch.bfloat16)
+    o = torch.zeros(R, H, dtype=torch.bfloat16)
+    off, ends = plan.expert_offsets, plan.leader_ends
+    start = torch.cat([off[:-1], ends + R])
+    count = torch.cat([ends - off[:-1], off[1:] - ends])
+    kernel = lib.gemm_kernel(torch.bfloat16, "m", "nt", schedule="coop")
+    args = lib.grouped_gemm_args([zs, zs[:, :I]], [down, down[:, :, :I]], [o, o], start, count,
+                                 kernel, [1, 1])
+    block = [down.data_ptr() + j * H * Z * down.element_size() for j in range(E)]
+    assert args["b"].tolist() == block * 2
+    assert (args["ld"][:, 1] == Z).all()
+    assert args["shapes"][:E, 2].tolist() == [Z] * E and args["shapes"][E:, 2].tolist() == [I] * E
+    assert args["shapes"][:, 1].tolist() == [H] * 2 * E
+    assert args["shapes"][:, 0].tolist() == count.tolist()
 
 
 @pytest.mark.skipif(not REAL_FILL, reason="needs grove_kernels._C (nvcc + CUTLASS) for the fill")

@@ -178,3 +178,25 @@ def test_saved_activations_follow_the_layout(backend, skips):
     ref, saved_ref = torch.ops.grove.experts_forward(x, w1, w2, a1, a2, w, ids, emap, S, 0.05,
                                                      False, False, backend, "sections")
     assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_skips_backends_without_the_layout(monkeypatch):
+    """`auto` picks among the backends that run the call's adjugate layout; a backend named
+    explicitly that does not run it is refused by name."""
+    import grove_kernels as gk
+    from grove_kernels import backends
+
+    if "triton" not in gk.available_backends():
+        pytest.skip("triton unavailable")
+    monkeypatch.setattr(backends, "_auto_candidates", lambda *args: ["triton", "torch"])
+    monkeypatch.setattr(backends.BACKENDS["triton"], "layouts", ("sections",))
+    x, w1, w2 = torch.randn(3, 8), torch.randn(4, 4, 8), torch.randn(4, 8, 2)
+    a1, a2 = torch.randn(2, 4, 8), torch.randn(2, 8, 2)
+    weights = (w1, w2, a1, a2)
+    with gk.use_backend("auto"):
+        assert backends.resolve(x, weights, layout="sections") == "triton"
+        assert backends.resolve(x, weights, layout="folded") == "torch"
+    ids, w = torch.tensor([[0, 1]] * 3, dtype=torch.int32), torch.ones(3, 2)
+    monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", "folded")
+    with gk.use_backend("triton"), pytest.raises(ValueError, match="GROVE_ADJUGATE_LAYOUT"):
+        gk.fused_grove_experts(x, w1, w2, a1, a2, w, ids)

@@ -15,7 +15,9 @@ if "triton" in gk.available_backends():
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Names of the Triton kernels launched, in order."""
+    """Names of the Triton kernels launched, in order; the sections layout unless a test
+    asks for another (triton's default is folded)."""
+    monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", "sections")
     from grove_kernels.triton.combine import _combine_rows_kernel
 
     # JITFunction when compiled, InterpretedFunction under TRITON_INTERPRET=1.
@@ -111,30 +113,13 @@ def test_non_contiguous_weights_are_refused_by_name():
         gk.fused_grove_experts(x, w1_t, w2, a1, a2, w, ids)
 
 
-def test_tuner_smoke_writes_buckets(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("the smoke tuner runs under the interpreter")
-    from grove_kernels.triton import tune
-
-    out = tmp_path / "configs.json"
-    tune.main(["--smoke", "--tokens", "5,40", "--out", str(out)])
-    import json
-
-    buckets = json.loads(out.read_text())["interpreter"]["32,16,16,8,2"]
-    assert [b["T"] for b in buckets] == [5, 40]
-    assert buckets[0]["max_rows_per_problem"] == (5 * 2 / 8 + 40 * 2 / 8) / 2
-    assert buckets[1]["max_rows_per_problem"] == float("inf")
-    for b in buckets:
-        assert b["fwd_us"] > 0 and b["fwd_bwd_us"] > 0 and len(b["wgrad"]) == 5
-
-
 FOLDED_PLAN = ["_folded_slots_kernel", "_plan_scan_kernel", "_folded_offsets_kernel",
                "_folded_scatter_kernel"]
 
 
 def test_folded_launches(launches, monkeypatch):
     """GROVE_ADJUGATE_LAYOUT=folded runs the folded plan and kernels, forward and backward;
-    the sections layout stays the default."""
+    unset, triton runs its default_layout (folded too); =sections runs the sections kernels."""
     monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", "folded")
     x, w1, w2, a1, a2, logits = _layer()
     leaves = [t.requires_grad_() for t in (x, w1, w2, a1, a2, logits)]
@@ -146,9 +131,14 @@ def test_folded_launches(launches, monkeypatch):
         y.backward(torch.randn_like(y))
     assert launches == ["_folded_dgemm2_kernel", "_folded_wgrad_kernel", "_folded_wgrad_kernel",
                         "_folded_k_concat_kernel", "_combine_rows_kernel"]
+    args = [t.detach() for t in (x, logits, w1, w2, a1, a2)]
     monkeypatch.delenv("GROVE_ADJUGATE_LAYOUT")
     del launches[:]
     with gk.use_backend("triton"):
-        gk.grove_moe(x.detach(), logits.detach(), w1.detach(), w2.detach(), a1.detach(),
-                     a2.detach(), top_k=3)
+        gk.grove_moe(*args, top_k=3)
+    assert launches[5] == "_folded_gemm1_kernel"
+    monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", "sections")
+    del launches[:]
+    with gk.use_backend("triton"):
+        gk.grove_moe(*args, top_k=3)
     assert launches[5] == "_gemm1_swiglu_kernel"

@@ -13,7 +13,7 @@ Sections layout, every launch (R_e = T·k, R_a = T·min(k, G) rows; counts are p
 
 Forward (x [T, H]; R = R_e + R_a plan rows; N = I for experts, Ia for adjugates):
     gather          x[row_token] (· w when the router weight is applied on the input) -> xg [R, H]
-    GEMM-1   m-grouped nt, SwiGLU fused (FUSE_SWIGLU, packed w1 / a1): xg @ w1|a1 -> z
+    GEMM-1   m-grouped nt, SwiGLU fused (settings.fuse_swiglu, packed w1 / a1): xg @ w1|a1 -> z
              otherwise m-grouped nt -> h [R, 2N], then the SwiGLU kernel -> z [R, N]
     GEMM-2   m-grouped nt  z @ w2|a2 -> o [R, H]
     combine         y_t = Σ_j token_weight[t, j] · o[token_rows[t, j]]  (fp32, slot order)
@@ -32,7 +32,7 @@ Backward (h and z from the activations; no GEMM-1):
 """
 import torch
 
-from .. import cuda as pkg
+from ..settings import settings
 from . import ext as lib
 from . import folded
 from .packed import packed_gate_up
@@ -47,7 +47,7 @@ class _Call:
         self.I, self.Ia = weights.intermediate
         # The row kernels take fp32 weights; the plan's follow topk_weights (fp64 possible).
         self.row_weight, self.token_weight = plan.row_weight.float(), plan.token_weight.float()
-        self.start, self.count = plan.problem_rows()
+        self.start, self.count = plan.problem_start, plan.problem_count
         self.end_e = plan.expert_offsets[plan.num_experts:]
         self.end_a = plan.adjugate_offsets[plan.num_groups:] if self.grove else None
         self.schedule = lib.m_grouped_schedule(plan)
@@ -77,7 +77,7 @@ def _gather(c, src, weight):
 
 def _packed_weights(c, w1, a1):
     """Packed (w1, a1) for the fused GEMM-1, or None (not enabled, or not packed yet)."""
-    if not pkg.FUSE_SWIGLU:
+    if not settings.fuse_swiglu:
         return None
     packed = [packed_gate_up.get(w) for w in ((w1, a1) if c.grove else (w1,))]
     if any(p is None for p in packed):

@@ -9,18 +9,23 @@ Forward
     GEMM-1     m-grouped nt, P = 2E, one launch, both sections read the same xg rows:
                  experts    rows [off[e], off[e+1]) @ w1[e]^T       -> h[:, :2I]
                  adjugates  rows [off[e], leader_ends[e]) @ a1[e // S]^T -> h[:, 2I:]
-               h [R, W] (ldc = W; the training forward's saved h). With FUSE_SWIGLU
+               h [R, W] (ldc = W; the training forward's saved h). With settings.fuse_swiglu
                (inference): nt_swiglu on pack_gate_up(w1 / a1) -> z [R, Z] directly.
     SwiGLU     swiglu_folded_fwd, one block per row over both parts (full warps):
                h -> zs [R, Z] = [w·z_e | λΣw·z_a] (+ z unscaled, training). After the fused
                GEMM-1: scale_folded z -> zs in place.                              1 launch
                xg is freed here (the allocator reuses it for o).
-    GEMM-2     m-grouped nt, P = 2E, one launch:
-                 leader rows [off[e], leader_ends[e])  zs [., Z] @ [W2_e | A2_g]^T  (K = Z)
-                 other rows  [leader_ends[e], off[e+1]) zs[:, :I] @ W2_e^T          (K = I)
-               -> o [R, H]; [W2_e | A2_g] is packed.pack_down (an E·H·Z copy: 470 MB bf16
-               at grove-33b; kept across inference forwards, made per call and freed after
-               GEMM-2 by a training forward, whose weights change every step)
+    GEMM-2     m-grouped nt, P = 2E, one launch, both sections read the packed
+               D = [W2_e | A2_g] [E, H, Z] (packed.pack_down), never w2 itself:
+                 leader rows [off[e], leader_ends[e])  zs [., Z] @ D_e^T          (K = Z)
+                 other rows  [leader_ends[e], off[e+1]) zs[:, :I] @ D_e[:, :I]^T  (K = I,
+                             ldb = Z: the first I columns of the same rows)
+               -> o [R, H]. W2_e is read once per call, A2_g once per expert of g that has
+               leader rows. D is an E·H·Z copy (470 MB bf16 at grove-33b) kept while w2 and
+               a2 keep their versions, in training as in inference: a training loop repacks
+               once per optimizer step (read w2, a2, write D: ~1 GB of traffic at grove-33b),
+               not per forward; writes torch does not version are not seen (packed.py). A
+               training forward captured in a CUDA graph packs per replay instead (+~1 GB)
     combine    y_t = Σ_j o[token_rows[t, j]] (k rows, weights already in zs)      1 launch
 Rounding: the row weights are applied to z before GEMM-2, in fp32 on the unrounded SwiGLU
 output, and w·z is rounded once to bf16 / fp16 (the sections layout rounds z, then applies w in
@@ -53,8 +58,9 @@ Returns (d row weight, d leader weight); the plan turns them into d topk_weights
 """
 import torch
 
-from .. import cuda as pkg
+from ..settings import settings
 from . import ext as lib
+from . import packed as copies
 from .packed import pack_down, packed_down, packed_gate_up
 
 class _Folded:
@@ -109,7 +115,7 @@ def _gemm1(c, xg, w1, a1, act):
     I, Ia, R = c.I, c.Ia, c.R
     zs = xg.new_empty(R, I + Ia)
     packed = None
-    if act is None and pkg.FUSE_SWIGLU:
+    if act is None and settings.fuse_swiglu:
         packed = (packed_gate_up.get(w1), packed_gate_up.get(a1))
     if packed is not None and all(p is not None for p in packed):
         # SwiGLU in GEMM-1's epilogue writes unscaled z into zs, then the scales in place.
@@ -133,11 +139,17 @@ def forward(x, weights, plan, weight_on_input, y, act):
     xg = _gather(c, x)
     zs = _gemm1(c, xg, w1, a1, act)
     del xg  # the largest buffer of the call: free before GEMM-2 allocates o
-    down = packed_down.get(w2, a2) if act is None else None
-    if down is None:  # a training forward, or a graph captured before any eager call
+    # A captured training step packs inside the graph: replays follow the optimizer's updates,
+    # which a pinned copy would miss (no Python runs to see the versions change).
+    capturing = copies._capturing(w2)
+    down = None if capturing and act is not None else packed_down.get(w2, a2)
+    if down is None:  # captured: a training step, or no eager call packed the weights yet
         down = pack_down(w2, a2)
+    # Every row reads the packed copy: leader rows all K = I + Ia columns, the others its first
+    # I (ldb = I + Ia), so w2 itself is not read and each expert's W2_e is read once.
     o = x.new_empty(c.R, x.shape[1])
-    c.gemm([zs, zs[:, :c.I]], [down, w2], [o, o], (c.leaders, c.others), "m", "nt")
+    c.gemm([zs, zs[:, :c.I]], [down, down[:, :, :c.I]], [o, o], (c.leaders, c.others), "m",
+           "nt")
     lib.combine_rows(o, plan.token_rows, plan.token_mask, None, y)
 
 

@@ -1,26 +1,32 @@
 """Packed weight copies the cuda backend's GEMMs read, kept per weight tensor while its version
 is unchanged.
 
-    gate/up (opt-in: cuda.FUSE_SWIGLU) w [P, 2N, H] (gate rows, then up rows) ->
+    gate/up (opt-in: settings.fuse_swiglu) w [P, 2N, H] (gate rows, then up rows) ->
         pack_gate_up(w): the same rows interleaved in blocks of 8, so each thread's wgmma
         fragment holds gate and up of the same outputs (csrc/gemm/swiglu_epilogue.cuh).
         Extra memory: one copy of w1 and a1.
     down (the folded layout's GEMM-2) w2 [E, H, I], a2 [G, H, Ia] -> pack_down(w2, a2)
         [E, H, I + Ia], row n of expert e = [W2_e[n] | A2_{e // S}[n]]: leader rows run
-        K = I + Ia against it in one problem. Extra memory: one copy of w2 plus S copies of
-        a2, E·H·(I + Ia) elements (470 MB in bf16 at grove-33b); kept across inference
-        forwards (those that save no activations); a training forward packs per call and frees
-        the copy after GEMM-2 (its weights change every step; the backward needs no copy).
+        K = I + Ia against it, the other rows its first I columns (ldb = I + Ia), so GEMM-2
+        reads no w2. Extra memory: one copy of w2 plus S copies of a2, E·H·(I + Ia) elements
+        (470 MB in bf16 at grove-33b), kept while w2 and a2 keep their versions, in training
+        as in inference: a training loop packs once per optimizer step (the step's in-place
+        update bumps the versions), not once per forward; gradient-accumulation micro-batches
+        and activation-checkpointing recomputes of one step share the copy. Each repack reads
+        w2 and a2 and writes the copy (~1 GB of traffic at grove-33b, bf16). The copy stays
+        allocated between steps (the backward does not read it).
+Staleness: the key is (version, data_ptr, shape, stride, dtype, device) of each weight. A write
+torch does not version (w.data.copy_, w.data.add_, collectives or kernels writing through
+data_ptr, as some mixed-precision optimizers do when copying master weights back) is NOT
+seen and the forward would read the old weights: after such a write call
+grove_kernels.cuda.release_packed_weights().
 """
 import weakref
 
 import torch
 
+from ..settings import capturing as _capturing  # (tests replace it here)
 from .ext import pack_gate_up
-
-
-def _capturing(t):
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def pack_down(w2, a2):
@@ -32,9 +38,10 @@ class PackedCopies:
     """pack(*weights) per live tuple of weight tensors, made on its first eager call and
     replaced when a tensor's version changes (an in-place update made through torch). Writes
     torch does not version (w.data.copy_, collectives or kernels writing through data_ptr) are
-    NOT seen: the weights must stay frozen, or release_packed_weights() be called after
-    changing them. Never packs while a CUDA graph is being captured; a graph captured with a
-    packed copy keeps reading that copy, so it is pinned (kept alive) until release.
+    NOT seen: change the weights only through torch's in-place ops (as torch.optim does), or
+    call release_packed_weights() after changing them otherwise. Never packs while a CUDA
+    graph is being captured; a graph captured with a packed copy keeps reading that copy, so
+    it is pinned (kept alive) until release.
     """
 
     def __init__(self, pack):
@@ -63,8 +70,10 @@ class PackedCopies:
             return entry[2]
         if not valid:
             entries = self._entries
+            entries.pop(key, None)  # the stale copy goes first: one copy at a time at peak
             refs = tuple(weakref.ref(w, lambda _, k=key: entries.pop(k, None)) for w in weights)
-            entry = (refs, state, self._pack(*weights))
+            with torch.no_grad():  # a copy attached to the weights' graph would keep them alive
+                entry = (refs, state, self._pack(*weights))
             self._entries[key] = entry
         return entry[2]
 

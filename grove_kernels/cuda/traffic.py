@@ -22,13 +22,16 @@ Sections layout (backend.py):
 
 Folded layout (folded.py): one gather of the R = T*k expert rows; GEMM-1 over 2E problems (all
 rows of e against w1[e], its leader prefix against a1[e // S]) -> h; one SwiGLU row kernel ->
-z scaled; GEMM-2 over 2E problems (leader rows against the packed [W2_e | A2_g], K = I + Ia;
-the others against w2[e]) -> o; combine of k rows. The training forward packs [W2 | A2] per
-call (two torch ops); the backward mirrors it (dx rows 2R: the adjugate term gets its own).
+z scaled; GEMM-2 over 2E problems, all against the packed [W2_e | A2_g] (leader rows K = I + Ia,
+the others its first I columns, ldb = I + Ia: each expert's W2_e read once) -> o; combine of k
+rows. The packed copy is kept while w2 and a2 keep their versions (inference and training
+alike: a training loop repacks once per optimizer step), so no eager call counts the pack (a
+training forward captured in a CUDA graph packs per replay: not modelled); the backward
+mirrors the forward (dx rows 2R: the adjugate term gets its own).
 """
 import torch
 
-from .. import cuda as pkg
+from ..settings import settings
 from ..traffic import (INDEX_BYTES, WEIGHT_BYTES, Launch, cdiv, distinct_tokens, element_size,
                        real_rows, sm_count, topk_grad_launch, torch_op,
                        zero_activations_launch)
@@ -190,7 +193,7 @@ def _sections(plan, x_shape, weights_shapes, dtype, pass_, device_name):
         out.append(zero_activations_launch(plan, I, Ia, e))
     out.append(_gather("gather x", s, R, H, e))
     xg = s.real * H * e
-    fused = pkg.FUSE_SWIGLU and not train
+    fused = settings.fuse_swiglu and not train
     if fused:
         sw = kernel_for(dtype, "m", "nt", sched, epilogue="swiglu")
         out += m_grouped("GEMM-1 + SwiGLU", s.problems(2 * s.n, Hs), sw, e, device_name,
@@ -281,7 +284,7 @@ def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
     out.append(row_kernel("gather x", R_alloc, R, tokens * H * e + R * INDEX_BYTES,
                           R * H * e, R * (H * e + INDEX_BYTES)))
     xg = R * H * e
-    fused = pkg.FUSE_SWIGLU and not train
+    fused = settings.fuse_swiglu and not train
     g1 = two(all_rows, leaders, full(2 * I), full(H), full(2 * Ia), full(H))
     if fused:
         sw = kernel_for(dtype, "m", "nt", sched, epilogue="swiglu")
@@ -294,14 +297,15 @@ def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
         out.append(row_kernel("SwiGLU (folded)", R_alloc, R,
                               (R * 2 * I + L * 2 * Ia) * e + R * 4 + L * 4,
                               R * Z * e * (2 if train else 1)))
-    if train:  # packed per call while the weights take gradients
-        out.append(torch_op("torch: pack [W2 | A2] (repeat_interleave, cat)",
-                            (G * H * Ia + E * H * Ia + E * H * I) * e,
-                            (E * H * Ia + E * H * Z) * e, E * H * Z))
+    # Both sections read the packed [W2_e | A2_g] (kept across calls: packed once per weight
+    # version, not counted here): a leader problem reads its H x Z block, a non-leader problem
+    # the first I columns of the same rows, so an expert with both kinds of rows reads H x Z.
     g2 = Problems(cat([leaders[0], others[0]]), cat([leaders[1], others[1]]), full(H, 2 * E),
                   cat([full(Z), full(I)]), cat([experts, E + experts]))
+    has_lead, has_other = lead > 0, (count - lead) > 0
+    down = int((has_lead * H * Z + (has_other & ~has_lead) * H * I).sum())
     out += m_grouped("GEMM-2 (folded)", g2, nt, e, device_name, a_distinct=(L * Z + (R - L) * I)
-                     * e)
+                     * e, b_elements=down)
     out.append(combine("combine", plan, H, e, weighted=False))
     if not train:
         return out

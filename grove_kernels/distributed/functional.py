@@ -53,7 +53,9 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
 import grove_kernels as gk
+from grove_kernels import _validate
 from grove_kernels import api as gk_api
+from grove_kernels.routing import acc_dtype
 
 # torch 2.13 deprecates torch.distributed.nn.functional in favour of _functional_collectives
 # (a private module); the public API is the former. Silence its FutureWarning for calls made
@@ -232,8 +234,7 @@ def local_expert_range(num_experts, group_size, world_size, rank):
     """(first, last + 1) global expert of `rank`: whole groups, G/P consecutive ones per rank."""
     for name, value in (("num_experts", num_experts), ("group_size", group_size),
                         ("world_size", world_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        _validate.positive_int(name, value)
     if num_experts % group_size:
         raise ValueError(f"group_size: must divide num_experts={num_experts}, got {group_size}")
     G = num_experts // group_size
@@ -288,21 +289,14 @@ def _check(x, w1, w2, a1, a2, topk_weights, topk_ids, group_size):
     for name, t, ndim in (("hidden_states", x, 2), ("w1", w1, 3), ("w2", w2, 3), ("a1", a1, 3),
                           ("a2", a2, 3), ("topk_weights", topk_weights, 2),
                           ("topk_ids", topk_ids, 2)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != ndim:
-            raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (that of hidden_states), got "
-                             f"{t.device}")
-        if name in ("w1", "w2", "a1", "a2") and t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (that of hidden_states), got "
-                            f"{t.dtype}")
+        _validate.tensor(name, t, ndim)
+    _validate.same_device("hidden_states", x, w1=w1, w2=w2, a1=a1, a2=a2,
+                          topk_weights=topk_weights, topk_ids=topk_ids)
+    _validate.same_dtype("hidden_states", x, w1=w1, w2=w2, a1=a1, a2=a2)
     if w1.shape[2] != x.shape[1] or a1.shape[2] != x.shape[1]:
         raise ValueError(f"w1, a1: expected [.., .., H={x.shape[1]}] (H of hidden_states), got "
                          f"{tuple(w1.shape)} and {tuple(a1.shape)}")
-    if topk_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"topk_ids: expected int32 or int64, got {topk_ids.dtype}")
+    _validate.tensor("topk_ids", topk_ids, 2, _validate.INDEX_DTYPES)
     if not topk_weights.is_floating_point():
         raise TypeError(f"topk_weights: expected a floating dtype, got {topk_weights.dtype}")
     T, H = x.shape
@@ -311,8 +305,7 @@ def _check(x, w1, w2, a1, a2, topk_weights, topk_ids, group_size):
                          f"hidden_states), got {tuple(topk_weights.shape)} and "
                          f"{tuple(topk_ids.shape)}")
     E_l = w1.shape[0]
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size: expected a positive int, got {group_size!r}")
+    _validate.positive_int("group_size", group_size)
     if E_l % group_size or a1.shape[0] != E_l // group_size:
         raise ValueError(f"w1, a1: a rank holds whole groups: expected E_l = group_size · G_l "
                          f"local experts, got w1 {tuple(w1.shape)}, a1 {tuple(a1.shape)}, "
@@ -374,7 +367,7 @@ def dispatch_grove_experts(hidden_states, w1, w2, a1, a2, topk_weights, topk_ids
     y_back = dist_fn.all_to_all_single(y_part.new_empty(n_send, H), y_part.contiguous(), send,
                                        recv, group=group)
 
-    acc = torch.promote_types(x.dtype, torch.float32)
+    acc = acc_dtype(x.dtype)
     y = y_back.new_zeros(T, H, dtype=acc)
     start = 0
     for p in range(P):

@@ -11,7 +11,6 @@ The module holds only the local shard; the router (gate weight, expert_bias) is 
 `from_full(layer)` and `shard(...)` load the shard of this rank from a full gk.GroveMoE or
 from full checkpoint tensors.
 """
-import math
 
 import torch
 import torch.distributed as dist
@@ -76,19 +75,14 @@ class ExpertParallelGroveMoE(GroveBlock):
             self.reset_parameters()
 
     def reset_parameters(self):
-        # GroveMoE's init (U(±1/sqrt(fan_in)) per expert) from a per-rank stream: ranks seeded
-        # alike must not start with identical experts.
-        seed = int(torch.randint(2 ** 62, (1,)).item()) + self.rank
-        for p in (self.w1, self.w2, self.a1, self.a2):
-            if p.device.type == "meta":
-                continue
-            gen = torch.Generator(p.device).manual_seed(seed)
-            bound = 1.0 / math.sqrt(p.shape[-1])
-            with torch.no_grad():
-                p.uniform_(-bound, bound, generator=gen)
-        self.gate.reset_parameters()
-        self.expert_bias.zero_()
+        # GroveMoE's init from a per-rank stream (ranks seeded alike must not start with
+        # identical experts), then the router of the first rank everywhere.
+        self._seed = int(torch.randint(2 ** 62, (1,)).item()) + self.rank
+        super().reset_parameters()
         self.broadcast_router()
+
+    def _init_generator(self, p):
+        return torch.Generator(p.device).manual_seed(self._seed)
 
     @torch.no_grad()
     def broadcast_router(self):

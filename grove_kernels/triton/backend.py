@@ -63,7 +63,7 @@ def forward(x, weights, plan, weight_on_input, y, act):
         if weights.grove:
             za = x.new_empty(plan.num_adjugate_rows, Ia)
         he = ha = None
-    gemm1_swiglu(x, plan, sched, w1, a1, ze, za, he, ha, scale_input=weight_on_input,
+    gemm1_swiglu(x, plan, sched, w1, a1, ze, za, he, ha, weight_on_input=weight_on_input,
                  config=conf.gemm1)
     o = x.new_empty(plan.num_rows, H)
     gemm_m_grouped(plan, sched, (ze, za), _b_pair(w2, a2, True), (H, H), o,
@@ -88,7 +88,7 @@ def backward(dy, x, weights, plan, weight_on_input, act, grads):
     part = torch.zeros(cfg.tiles(max(I, Ia), rows_bwd.bn), R, dtype=torch.float32,
                        device=x.device)
     n = gemm_m_grouped(plan, sched, dy, _b_pair(w2, a2, False), (I, Ia or I), dh,
-                       a_gather=True, row_scale=not weight_on_input, epilogue=SWIGLU_BWD, h=h,
+                       gather_a=True, row_scale=not weight_on_input, epilogue=SWIGLU_BWD, h=h,
                        part=part, config=rows_bwd)
     d_row_weight = part[:n].sum(0)
 

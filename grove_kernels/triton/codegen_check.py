@@ -64,8 +64,8 @@ def config_jobs(conf, dtype="bf16"):
 
     bm = conf.block_m
     # fp32 operands: IEEE dots, torch's default (gemm_common.dot_flags).
-    dot = dict(UPCAST=False, IEEE=dtype == "fp32")
-    g1 = dict(P_POW2=256, BM=bm, BN=conf.gemm1.bn, BK=conf.gemm1.bk, SCALE_INPUT=False, **dot)
+    dot = dict(INTERPRET=False, IEEE=dtype == "fp32")
+    g1 = dict(P_POW2=256, BM=bm, BN=conf.gemm1.bn, BK=conf.gemm1.bk, WEIGHT_ON_INPUT=False, **dot)
 
     def rows(r, epilogue, **kw):
         return dict(P_POW2=256, BM=bm, BN=r.bn, BK=r.bk, ROW_SCALE=True, **dot,

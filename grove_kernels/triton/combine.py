@@ -13,7 +13,7 @@ from .gemm_common import INTERPRET, round_to
 
 @triton.jit
 def _combine_rows_kernel(rows_ptr, stride_r, token_rows_ptr, token_mask_ptr, out_ptr, stride_o,
-                         H, C: tl.constexpr, BH: tl.constexpr, INTERPRETED: tl.constexpr):
+                         H, C: tl.constexpr, BH: tl.constexpr, INTERPRET: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BH + tl.arange(0, BH)
     col_ok = cols < H
@@ -23,7 +23,7 @@ def _combine_rows_kernel(rows_ptr, stride_r, token_rows_ptr, token_mask_ptr, out
         if real:
             r = tl.load(token_rows_ptr + t * C + j)
             acc += tl.load(rows_ptr + r * stride_r + cols, mask=col_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t * stride_o + cols, round_to(acc, out_ptr.dtype.element_ty, INTERPRETED),
+    tl.store(out_ptr + t * stride_o + cols, round_to(acc, out_ptr.dtype.element_ty, INTERPRET),
              mask=col_ok)
 
 
@@ -34,5 +34,5 @@ def combine_rows(rows, plan, out, block_h=None):
     BH = block_h or min(1024, triton.next_power_of_2(H))
     _combine_rows_kernel[(T, triton.cdiv(H, BH))](
         rows, rows.stride(0), plan.token_rows, plan.token_mask, out, out.stride(0), H,
-        C=plan.token_rows.shape[1], BH=BH, INTERPRETED=INTERPRET, num_warps=4)
+        C=plan.token_rows.shape[1], BH=BH, INTERPRET=INTERPRET, num_warps=4)
     return out

@@ -19,7 +19,7 @@ from .gemm_common import dot_flags, mma, round_to, row_block
 def _gemm1_tile(x_ptr, stride_xt, row_token_ptr, row_weight_ptr, rows, row_ok, w_ptr, s_n, N,
                 z_ptr, h_ptr, row0, K, pid_n,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                SCALE_INPUT: tl.constexpr, STORE_H: tl.constexpr, UPCAST: tl.constexpr,
+                WEIGHT_ON_INPUT: tl.constexpr, STORE_H: tl.constexpr, INTERPRET: tl.constexpr,
                 IEEE: tl.constexpr):
     n0 = pid_n * BN
     if n0 < N:
@@ -37,13 +37,13 @@ def _gemm1_tile(x_ptr, stride_xt, row_token_ptr, row_weight_ptr, rows, row_ok, w
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             bg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             bu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc_g = mma(acc_g, a, bg, UPCAST, IEEE)
-            acc_u = mma(acc_u, a, bu, UPCAST, IEEE)
+            acc_g = mma(acc_g, a, bg, INTERPRET, IEEE)
+            acc_u = mma(acc_u, a, bu, INTERPRET, IEEE)
             a_ptrs += BK
             g_ptrs += BK
             u_ptrs += BK
 
-        if SCALE_INPUT:
+        if WEIGHT_ON_INPUT:
             # (w·x) W = w·(x W): scaling the fp32 accumulators keeps x unrounded.
             w = tl.load(row_weight_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
             acc_g = acc_g * w[:, None]
@@ -52,11 +52,11 @@ def _gemm1_tile(x_ptr, stride_xt, row_token_ptr, row_weight_ptr, rows, row_ok, w
         mask = row_ok[:, None] & col_ok[None, :]
         if STORE_H:
             h_ptrs = h_ptr + out_rows[:, None] * (2 * N) + cols[None, :]
-            tl.store(h_ptrs, round_to(acc_g, h_ptr.dtype.element_ty, UPCAST), mask=mask)
-            tl.store(h_ptrs + N, round_to(acc_u, h_ptr.dtype.element_ty, UPCAST), mask=mask)
+            tl.store(h_ptrs, round_to(acc_g, h_ptr.dtype.element_ty, INTERPRET), mask=mask)
+            tl.store(h_ptrs + N, round_to(acc_u, h_ptr.dtype.element_ty, INTERPRET), mask=mask)
         z = acc_g * tl.sigmoid(acc_g) * acc_u
         tl.store(z_ptr + out_rows[:, None] * N + cols[None, :],
-                 round_to(z, z_ptr.dtype.element_ty, UPCAST), mask=mask)
+                 round_to(z, z_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 # The expert and adjugate branches each inline the whole tile: no value flows out of them, so
@@ -71,7 +71,7 @@ def _gemm1_swiglu_kernel(
     ze_ptr, za_ptr, he_ptr, ha_ptr, ROWS_E,
     K,
     P_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    SCALE_INPUT: tl.constexpr, STORE_H: tl.constexpr, UPCAST: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr, STORE_H: tl.constexpr, INTERPRET: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(1)
@@ -79,14 +79,14 @@ def _gemm1_swiglu_kernel(
     if p < E:
         _gemm1_tile(x_ptr, stride_xt, row_token_ptr, row_weight_ptr, rows, row_ok,
                     w1_ptr + p.to(tl.int64) * s_w1_p, s_w1_n, N_E, ze_ptr, he_ptr, 0, K, pid_n,
-                    BM, BN, BK, SCALE_INPUT, STORE_H, UPCAST, IEEE)
+                    BM, BN, BK, WEIGHT_ON_INPUT, STORE_H, INTERPRET, IEEE)
     elif p < P:
         _gemm1_tile(x_ptr, stride_xt, row_token_ptr, row_weight_ptr, rows, row_ok,
                     a1_ptr + (p - E).to(tl.int64) * s_a1_p, s_a1_n, N_A, za_ptr, ha_ptr, ROWS_E,
-                    K, pid_n, BM, BN, BK, SCALE_INPUT, STORE_H, UPCAST, IEEE)
+                    K, pid_n, BM, BN, BK, WEIGHT_ON_INPUT, STORE_H, INTERPRET, IEEE)
 
 
-def gemm1_swiglu(x, plan, sched, w1, a1, ze, za, he=None, ha=None, scale_input=False,
+def gemm1_swiglu(x, plan, sched, w1, a1, ze, za, he=None, ha=None, weight_on_input=False,
                  config=None):
     """Launch GEMM-1 + SwiGLU over every problem of `plan` (sched from block_schedule)."""
     start, count, block_offsets, bound, BM = sched
@@ -106,6 +106,6 @@ def gemm1_swiglu(x, plan, sched, w1, a1, ze, za, he=None, ha=None, scale_input=F
         (ha if ha is not None else he) if store_h else ze,
         plan.num_expert_rows, x.shape[1],
         P_POW2=max(16, triton.next_power_of_2(P)), BM=BM, BN=BN, BK=BK,
-        SCALE_INPUT=scale_input, STORE_H=store_h, **dot_flags(x.dtype),
+        WEIGHT_ON_INPUT=weight_on_input, STORE_H=store_h, **dot_flags(x.dtype),
         num_warps=warps, num_stages=stages,
     )

@@ -31,7 +31,7 @@ class Schedule(NamedTuple):
 
 def block_schedule(plan, block_m):
     """The Schedule of `plan` at block height block_m."""
-    start, count = plan.problem_rows()
+    start, count = plan.problem_start, plan.problem_count
     blocks = (count + block_m - 1) // block_m
     block_offsets = torch.zeros(count.numel() + 1, dtype=torch.int32, device=count.device)
     torch.cumsum(blocks, 0, out=block_offsets[1:])
@@ -64,11 +64,11 @@ def row_block(block_offsets, prob_start, prob_count, P, P_POW2: tl.constexpr, BM
 
 
 @triton.jit
-def mma(acc, a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def mma(acc, a, b, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
     # The interpreter treats bf16 as raw uint16 bits in tl.dot: compute in fp32 there. fp32
     # operands run in IEEE fp32 unless torch allows tf32 (torch.backends.cuda.matmul.allow_tf32),
     # where tl.dot's default would silently use tf32.
-    if UPCAST:
+    if INTERPRET:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
@@ -77,7 +77,7 @@ def mma(acc, a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 def dot_flags(dtype):
     """The numerics constexprs of a GEMM launch with operands of `dtype` (see mma)."""
-    return dict(UPCAST=INTERPRET,
+    return dict(INTERPRET=INTERPRET,
                 IEEE=dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
 
 
@@ -91,10 +91,10 @@ def operand(t, gather):
 
 
 @triton.jit
-def round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+def round_to(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     """fp32 -> dtype with round-to-nearest-even, also under the interpreter (whose casts to
     bf16 truncate: twice the rounding error of a GPU)."""
-    if INTERPRETED and dtype == tl.bfloat16:
+    if INTERPRET and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True).to(dtype)

@@ -79,7 +79,7 @@ def _leader_block(block_offsets, prob_start, prob_count, leader_ends, E,
 def _gemm1_tile(x_ptr, stride_xt, token, rows, row_ok, w_ptr, s_n, s_k, N, z_ptr, stride_z,
                 z_col, h_ptr, stride_h, h_col, K, tile,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STORE_H: tl.constexpr,
-                UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                INTERPRET: tl.constexpr, IEEE: tl.constexpr):
     cols = tile * BN + tl.arange(0, BN)
     col_ok = cols < N
     ks = tl.arange(0, BK)
@@ -93,8 +93,8 @@ def _gemm1_tile(x_ptr, stride_xt, token, rows, row_ok, w_ptr, s_n, s_k, N, z_ptr
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         bg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         bu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc_g = mma(acc_g, a, bg, UPCAST, IEEE)
-        acc_u = mma(acc_u, a, bu, UPCAST, IEEE)
+        acc_g = mma(acc_g, a, bg, INTERPRET, IEEE)
+        acc_u = mma(acc_u, a, bu, INTERPRET, IEEE)
         a_ptrs += BK
         g_ptrs += BK * s_k
         u_ptrs += BK * s_k
@@ -102,11 +102,11 @@ def _gemm1_tile(x_ptr, stride_xt, token, rows, row_ok, w_ptr, s_n, s_k, N, z_ptr
     r64 = rows.to(tl.int64)[:, None]
     if STORE_H:
         h_ptrs = h_ptr + r64 * stride_h + h_col + cols[None, :]
-        tl.store(h_ptrs, round_to(acc_g, h_ptr.dtype.element_ty, UPCAST), mask=mask)
-        tl.store(h_ptrs + N, round_to(acc_u, h_ptr.dtype.element_ty, UPCAST), mask=mask)
+        tl.store(h_ptrs, round_to(acc_g, h_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        tl.store(h_ptrs + N, round_to(acc_u, h_ptr.dtype.element_ty, INTERPRET), mask=mask)
     z = acc_g * tl.sigmoid(acc_g) * acc_u
     tl.store(z_ptr + r64 * stride_z + z_col + cols[None, :],
-             round_to(z, z_ptr.dtype.element_ty, UPCAST), mask=mask)
+             round_to(z, z_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -116,7 +116,7 @@ def _folded_gemm1_kernel(
     a1_ptr, s_a1_p, s_a1_n, s_a1_k, IA,
     z_ptr, stride_z, h_ptr, stride_h, K, n_e, n_a,
     P_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    STORE_H: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    STORE_H: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(1)
     p, rows, row_ok, lead_ok, leader_block = _leader_block(block_offsets, prob_start,
@@ -125,13 +125,13 @@ def _folded_gemm1_kernel(
         token = tl.load(row_token_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         _gemm1_tile(x_ptr, stride_xt, token, rows, row_ok, w1_ptr + p.to(tl.int64) * s_w1_p,
                     s_w1_n, s_w1_k, I, z_ptr, stride_z, 0, h_ptr, stride_h, 0, K, pid_n,
-                    BM, BN, BK, STORE_H, UPCAST, IEEE)
+                    BM, BN, BK, STORE_H, INTERPRET, IEEE)
         if leader_block:
             a1_g = a1_ptr + (p // S).to(tl.int64) * s_a1_p
             for tile in range(pid_n, n_a, n_e):
                 _gemm1_tile(x_ptr, stride_xt, token, rows, lead_ok, a1_g, s_a1_n, s_a1_k, IA,
                             z_ptr, stride_z, I, h_ptr, stride_h, 2 * I, K, tile,
-                            BM, BN, BK, STORE_H, UPCAST, IEEE)
+                            BM, BN, BK, STORE_H, INTERPRET, IEEE)
 
 
 def folded_gemm1(x, plan, sched, w1, a1, z, h=None, config=None):
@@ -157,7 +157,7 @@ def folded_gemm1(x, plan, sched, w1, a1, z, h=None, config=None):
 
 @triton.jit
 def _k_loop(acc, a_ptr, stride_a, a_col, rows, row_ok, K, b_ptr, s_k, s_n, cols, col_ok,
-            BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+            BK: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
     ks = tl.arange(0, BK)
     a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_a + a_col + ks[None, :]
     b_ptrs = b_ptr + ks[:, None].to(tl.int64) * s_k + cols[None, :].to(tl.int64) * s_n
@@ -165,7 +165,7 @@ def _k_loop(acc, a_ptr, stride_a, a_col, rows, row_ok, K, b_ptr, s_k, s_n, cols,
         k_ok = (k0 + ks) < K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(acc, a, b, UPCAST, IEEE)
+        acc = mma(acc, a, b, INTERPRET, IEEE)
         a_ptrs += BK
         b_ptrs += BK * s_k
     return acc
@@ -178,7 +178,7 @@ def _folded_k_concat_kernel(
     be_ptr, s_be_p, s_be_k, s_be_n, ba_ptr, s_ba_p, s_ba_k, s_ba_n, N,
     out_ptr, stride_o,
     P_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    SCALE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SCALE: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
 ):
     p, rows, row_ok, lead_ok, leader_block = _leader_block(block_offsets, prob_start,
                                                            prob_count, leader_ends, E, P_POW2, BM)
@@ -188,7 +188,7 @@ def _folded_k_concat_kernel(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         acc = _k_loop(acc, a_ptr, stride_a, 0, rows, row_ok, K_E,
                       be_ptr + p.to(tl.int64) * s_be_p, s_be_k, s_be_n, cols, col_ok, BK,
-                      UPCAST, IEEE)
+                      INTERPRET, IEEE)
         if SCALE:
             w = tl.load(row_weight_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
             acc = acc * w[:, None]
@@ -197,14 +197,14 @@ def _folded_k_concat_kernel(
             if SCALE:
                 acc_a = tl.zeros((BM, BN), dtype=tl.float32)
                 acc_a = _k_loop(acc_a, a_ptr, stride_a, A_OFF, rows, lead_ok, K_A, b_g, s_ba_k,
-                                s_ba_n, cols, col_ok, BK, UPCAST, IEEE)
+                                s_ba_n, cols, col_ok, BK, INTERPRET, IEEE)
                 lw = tl.load(leader_weight_ptr + rows, mask=lead_ok, other=0.0).to(tl.float32)
                 acc += acc_a * lw[:, None]
             else:
                 acc = _k_loop(acc, a_ptr, stride_a, A_OFF, rows, lead_ok, K_A, b_g, s_ba_k,
-                              s_ba_n, cols, col_ok, BK, UPCAST, IEEE)
+                              s_ba_n, cols, col_ok, BK, INTERPRET, IEEE)
         out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :]
-        tl.store(out_ptrs, round_to(acc, out_ptr.dtype.element_ty, UPCAST),
+        tl.store(out_ptrs, round_to(acc, out_ptr.dtype.element_ty, INTERPRET),
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -232,7 +232,7 @@ def folded_k_concat(plan, sched, a, k_parts, be, ba, N, out, scale, config):
 @triton.jit
 def _dgemm2_tile(dy_ptr, stride_dy, token, rows, row_ok, weight_ptr, b_ptr, s_k, s_n, N,
                  h_ptr, stride_h, h_col, dh_ptr, part_ptr, R, K, tile,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr,
                  IEEE: tl.constexpr):
     cols = tile * BN + tl.arange(0, BN)
     col_ok = cols < N
@@ -244,7 +244,7 @@ def _dgemm2_tile(dy_ptr, stride_dy, token, rows, row_ok, weight_ptr, b_ptr, s_k,
         k_ok = (k0 + ks) < K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(acc, a, b, UPCAST, IEEE)
+        acc = mma(acc, a, b, INTERPRET, IEEE)
         a_ptrs += BK
         b_ptrs += BK * s_k
     mask = row_ok[:, None] & col_ok[None, :]
@@ -262,8 +262,8 @@ def _dgemm2_tile(dy_ptr, stride_dy, token, rows, row_ok, weight_ptr, b_ptr, s_k,
     dz = acc * w[:, None]
     d_gate = dz * hu * sig * (1.0 + hg * (1.0 - sig))
     dh_ptrs = dh_ptr + r64 * stride_h + h_col + cols[None, :]
-    tl.store(dh_ptrs, round_to(d_gate, dh_ptr.dtype.element_ty, UPCAST), mask=mask)
-    tl.store(dh_ptrs + N, round_to(dz * silu, dh_ptr.dtype.element_ty, UPCAST), mask=mask)
+    tl.store(dh_ptrs, round_to(d_gate, dh_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(dh_ptrs + N, round_to(dz * silu, dh_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -273,7 +273,7 @@ def _folded_dgemm2_kernel(
     w2_ptr, s_w2_p, s_w2_k, s_w2_n, I, a2_ptr, s_a2_p, s_a2_k, s_a2_n, IA,
     h_ptr, stride_h, dh_ptr, part_e_ptr, part_a_ptr, R, K, n_e, n_a,
     P_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    INTERPRET: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(1)
     p, rows, row_ok, lead_ok, leader_block = _leader_block(block_offsets, prob_start,
@@ -282,13 +282,13 @@ def _folded_dgemm2_kernel(
         token = tl.load(row_token_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         _dgemm2_tile(dy_ptr, stride_dy, token, rows, row_ok, row_weight_ptr,
                      w2_ptr + p.to(tl.int64) * s_w2_p, s_w2_k, s_w2_n, I, h_ptr, stride_h, 0,
-                     dh_ptr, part_e_ptr, R, K, pid_n, BM, BN, BK, UPCAST, IEEE)
+                     dh_ptr, part_e_ptr, R, K, pid_n, BM, BN, BK, INTERPRET, IEEE)
         if leader_block:
             a2_g = a2_ptr + (p // S).to(tl.int64) * s_a2_p
             for tile in range(pid_n, n_a, n_e):
                 _dgemm2_tile(dy_ptr, stride_dy, token, rows, lead_ok, leader_weight_ptr, a2_g,
                              s_a2_k, s_a2_n, IA, h_ptr, stride_h, 2 * I, dh_ptr, part_a_ptr, R,
-                             K, tile, BM, BN, BK, UPCAST, IEEE)
+                             K, tile, BM, BN, BK, INTERPRET, IEEE)
 
 
 def folded_dgemm2(dy, plan, sched, w2, a2, h, dh, config):

@@ -21,7 +21,7 @@ def _k_grouped_tile(a_ptr, stride_a_gather, b_ptr, stride_b_gather, row_token_pt
                     row_weight_ptr, start, end, row0, o_ptr, M, N, pid_m, pid_n,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr,
-                    SCALE_B: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                    SCALE_B: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
     if (pid_m * BM < M) & (pid_n * BN < N):
         m_idx = pid_m * BM + tl.arange(0, BM)
         n_idx = pid_n * BN + tl.arange(0, BN)
@@ -48,12 +48,12 @@ def _k_grouped_tile(a_ptr, stride_a_gather, b_ptr, stride_b_gather, row_token_pt
                 w = tl.load(row_weight_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
                 # The scaled operand is rounded back to its dtype, as the forward's rows were.
                 if SCALE_A:
-                    a = round_to(a.to(tl.float32) * w[None, :], a.dtype, UPCAST)
+                    a = round_to(a.to(tl.float32) * w[None, :], a.dtype, INTERPRET)
                 if SCALE_B:
-                    b = round_to(b.to(tl.float32) * w[:, None], b.dtype, UPCAST)
-            acc = mma(acc, a, b, UPCAST, IEEE)
+                    b = round_to(b.to(tl.float32) * w[:, None], b.dtype, INTERPRET)
+            acc = mma(acc, a, b, INTERPRET, IEEE)
         o_ptrs = o_ptr + m_idx[:, None].to(tl.int64) * N + n_idx[None, :]
-        tl.store(o_ptrs, round_to(acc, o_ptr.dtype.element_ty, UPCAST),
+        tl.store(o_ptrs, round_to(acc, o_ptr.dtype.element_ty, INTERPRET),
                  mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -66,7 +66,7 @@ def _gemm_k_grouped_kernel(
     oa_ptr, s_oa_p, M_A, N_A, ROWS_E,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr,
-    SCALE_B: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SCALE_B: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
 ):
     p = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -77,12 +77,12 @@ def _gemm_k_grouped_kernel(
         _k_grouped_tile(ae_ptr, stride_a_gather, be_ptr, stride_b_gather, row_token_ptr,
                         row_weight_ptr, start, end, 0, oe_ptr + p.to(tl.int64) * s_oe_p, M_E,
                         N_E, pid_m, pid_n, BM, BN, BK, GATHER_A, GATHER_B, SCALE_A, SCALE_B,
-                        UPCAST, IEEE)
+                        INTERPRET, IEEE)
     else:
         _k_grouped_tile(aa_ptr, stride_a_gather, ba_ptr, stride_b_gather, row_token_ptr,
                         row_weight_ptr, start, end, ROWS_E,
                         oa_ptr + (p - E).to(tl.int64) * s_oa_p, M_A, N_A, pid_m, pid_n, BM, BN,
-                        BK, GATHER_A, GATHER_B, SCALE_A, SCALE_B, UPCAST, IEEE)
+                        BK, GATHER_A, GATHER_B, SCALE_A, SCALE_B, INTERPRET, IEEE)
 
 
 def gemm_k_grouped(plan, start, count, a, b, out, *, gather_a=False, gather_b=False,

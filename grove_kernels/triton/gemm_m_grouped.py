@@ -29,7 +29,7 @@ def _m_grouped_tile(a_ptr, K, stride_a_gather, row_token_ptr, row_weight_ptr, ro
                     row0, b_ptr, s_b, N, o_ptr, stride_o, h_ptr, x_ptr, stride_xt, part_ptr, R,
                     pid_n, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     B_K_CONTIG: tl.constexpr, GATHER_A: tl.constexpr, OUT_SHARED: tl.constexpr,
-                    ROW_SCALE: tl.constexpr, EPILOGUE: tl.constexpr, UPCAST: tl.constexpr,
+                    ROW_SCALE: tl.constexpr, EPILOGUE: tl.constexpr, INTERPRET: tl.constexpr,
                     IEEE: tl.constexpr):
     n0 = pid_n * BN
     if n0 < N:
@@ -53,7 +53,7 @@ def _m_grouped_tile(a_ptr, K, stride_a_gather, row_token_ptr, row_weight_ptr, ro
             k_ok = (k0 + ks) < K
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = mma(acc, a, b, UPCAST, IEEE)
+            acc = mma(acc, a, b, INTERPRET, IEEE)
             a_ptrs += BK
             b_ptrs += b_step
 
@@ -73,8 +73,8 @@ def _m_grouped_tile(a_ptr, K, stride_a_gather, row_token_ptr, row_weight_ptr, ro
             dz = acc * w[:, None]
             d_gate = dz * hu * sig * (1.0 + hg * (1.0 - sig))
             out_ptrs = o_ptr + local[:, None] * (2 * N) + cols[None, :]
-            tl.store(out_ptrs, round_to(d_gate, o_ptr.dtype.element_ty, UPCAST), mask=mask)
-            tl.store(out_ptrs + N, round_to(dz * silu, o_ptr.dtype.element_ty, UPCAST),
+            tl.store(out_ptrs, round_to(d_gate, o_ptr.dtype.element_ty, INTERPRET), mask=mask)
+            tl.store(out_ptrs + N, round_to(dz * silu, o_ptr.dtype.element_ty, INTERPRET),
                      mask=mask)
         else:
             if EPILOGUE == DOT_X:
@@ -87,7 +87,7 @@ def _m_grouped_tile(a_ptr, K, stride_a_gather, row_token_ptr, row_weight_ptr, ro
                 out_ptrs = o_ptr + rows[:, None].to(tl.int64) * stride_o + cols[None, :]
             else:
                 out_ptrs = o_ptr + local[:, None] * N + cols[None, :]
-            tl.store(out_ptrs, round_to(acc, o_ptr.dtype.element_ty, UPCAST), mask=mask)
+            tl.store(out_ptrs, round_to(acc, o_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 # Each branch inlines the whole tile (see gemm1_swiglu.py): strides keep their specializations.
@@ -102,7 +102,7 @@ def _gemm_m_grouped_kernel(
     he_ptr, ha_ptr, x_ptr, stride_xt, part_ptr, R,
     P_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     B_K_CONTIG: tl.constexpr, GATHER_A: tl.constexpr, OUT_SHARED: tl.constexpr,
-    ROW_SCALE: tl.constexpr, EPILOGUE: tl.constexpr, UPCAST: tl.constexpr,
+    ROW_SCALE: tl.constexpr, EPILOGUE: tl.constexpr, INTERPRET: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(1)
@@ -111,20 +111,20 @@ def _gemm_m_grouped_kernel(
         _m_grouped_tile(ae_ptr, K_E, stride_a_gather, row_token_ptr, row_weight_ptr, rows,
                         row_ok, 0, be_ptr + p.to(tl.int64) * s_be_p, s_be, N_E, oute_ptr,
                         stride_out_shared, he_ptr, x_ptr, stride_xt, part_ptr, R, pid_n, BM, BN,
-                        BK, B_K_CONTIG, GATHER_A, OUT_SHARED, ROW_SCALE, EPILOGUE, UPCAST, IEEE)
+                        BK, B_K_CONTIG, GATHER_A, OUT_SHARED, ROW_SCALE, EPILOGUE, INTERPRET, IEEE)
     elif p < P:
         _m_grouped_tile(aa_ptr, K_A, stride_a_gather, row_token_ptr, row_weight_ptr, rows,
                         row_ok, ROWS_E, ba_ptr + (p - E).to(tl.int64) * s_ba_p, s_ba, N_A,
                         outa_ptr, stride_out_shared, ha_ptr, x_ptr, stride_xt, part_ptr, R,
                         pid_n, BM, BN, BK, B_K_CONTIG, GATHER_A, OUT_SHARED, ROW_SCALE,
-                        EPILOGUE, UPCAST, IEEE)
+                        EPILOGUE, INTERPRET, IEEE)
 
 
-def gemm_m_grouped(plan, sched, a, b, n, out, *, a_gather=False, row_scale=False,
+def gemm_m_grouped(plan, sched, a, b, n, out, *, gather_a=False, row_scale=False,
                    epilogue=STORE, h=None, x=None, part=None, config=None):
     """Launch the m-grouped GEMM.
 
-    a: (a_e, a_a) per-section row buffers, or one [T, K] tensor with a_gather (rows by token).
+    a: (a_e, a_a) per-section row buffers, or one [T, K] tensor with gather_a (rows by token).
     b: ((w_e, s_p, s_k, s_n), (w_a, s_p, s_k, s_n)), the per-problem B_p [K, N] as strided views.
     n: (N_e, N_a) output columns per section; out: one [R, N] tensor or (out_e, out_a).
     """
@@ -140,7 +140,7 @@ def gemm_m_grouped(plan, sched, a, b, n, out, *, a_gather=False, row_scale=False
         raise ValueError(f"weights: the triton backend needs a unit stride shared by both "
                          f"sections, got strides {be.stride()} and {ba.stride()}")
     s_be, s_ba = (sbe_n, sba_n) if k_contig else (sbe_k, sba_k)
-    ae, aa, stride_gather = operand(a, a_gather)
+    ae, aa, stride_gather = operand(a, gather_a)
     K_E, K_A = ae.shape[1], aa.shape[1]
     shared = not isinstance(out, tuple)
     oute, outa = (out, out) if shared else (out[0], out[1] if out[1] is not None else out[0])
@@ -156,7 +156,7 @@ def gemm_m_grouped(plan, sched, a, b, n, out, *, a_gather=False, row_scale=False
         oute, outa, oute.stride(0) if shared else 0, plan.num_expert_rows,
         he, ha, x_arg, x_arg.stride(0), part_arg, plan.num_rows,
         P_POW2=max(16, triton.next_power_of_2(P)), BM=BM, BN=BN, BK=BK, B_K_CONTIG=k_contig,
-        GATHER_A=a_gather, OUT_SHARED=shared, ROW_SCALE=row_scale, EPILOGUE=epilogue,
+        GATHER_A=gather_a, OUT_SHARED=shared, ROW_SCALE=row_scale, EPILOGUE=epilogue,
         **dot_flags(ae.dtype), num_warps=warps, num_stages=stages,
     )
     return n_tiles

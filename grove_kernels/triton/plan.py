@@ -25,6 +25,7 @@ Rows of one key come out ordered by (block, rank in block), i.e. by slot index t
 stable order of the torch plan. The adjugate section keeps only its first T*ka candidates,
 leaders then non-leaders in slot order, exactly the torch plan's truncated stable sort.
 """
+import dataclasses
 import struct
 
 import torch
@@ -32,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ..plan import Plan
+from ..routing import acc_dtype
 
 # Slots per block: the scatter's rank is a [B, B] comparison, so B bounds its registers.
 # B = 64 with 2 scatter warps was the fastest on an H100 (E=128, k=8, T = 64 ... 16384:
@@ -203,7 +205,7 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
     E = num_experts
     G = E // group_size if group_size else 0
     ka = min(k, G)
-    acc = Plan.weight_dtype(topk_weights.dtype)
+    acc = acc_dtype(topk_weights.dtype)
     plan = Plan.empty(T, k, E, G, acc, device)
     row_token, row_weight, token_rows = plan.row_token, plan.row_weight, plan.token_rows
     token_weight, token_mask, group_match = plan.token_weight, plan.token_mask, plan.group_match
@@ -212,7 +214,7 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
         expert_offsets.zero_()
         if G:
             adjugate_offsets.zero_()
-        return plan
+        return dataclasses.replace(plan)  # derived views from the filled tensors
 
     ids = topk_ids.contiguous()
     weights = topk_weights.contiguous()
@@ -243,5 +245,5 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
     _plan_scatter_kernel[(NB,)](
         keys, token_weight, mask_bytes, counts, totals[1], row_token, row_weight, token_rows,
         T * k, E, P, T * ka, K=k, B=_BLOCK_SLOTS, HAS_GROUPS=G > 0, num_warps=_SCATTER_WARPS)
-    return plan
+    return dataclasses.replace(plan)  # derived views from the filled tensors
 

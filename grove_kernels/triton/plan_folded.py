@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..plan import Plan
+from ..routing import acc_dtype
 from ..plan_folded import FoldedPlan
 from .plan import (_BLOCK_SLOTS, _SCAN_COLS, _SCAN_ROWS, _SCATTER_WARPS, _fp32_parts,
                    _local_ids, _plan_scan_kernel, _rank_in_block)
@@ -112,7 +112,7 @@ def build_folded_plan(topk_ids, topk_weights, num_experts, group_size, adjugate_
     T, k = topk_ids.shape
     device = topk_ids.device
     E, S = num_experts, group_size
-    acc = Plan.weight_dtype(topk_weights.dtype)
+    acc = acc_dtype(topk_weights.dtype)
     plan = FoldedPlan.empty(T, k, E, E // S, acc, device)
     if T * k == 0:
         plan.expert_offsets.zero_()

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..routing import weights_dtype
+from ..routing import acc_dtype
 
 # Logits per program: enough to fill a block of warps with few tokens when E is large.
 _BLOCK_LOGITS = 2048
@@ -79,7 +79,7 @@ def topk(router_logits, top_k, renormalize, selection_bias):
     weights are fp64 for fp64 logits, else fp32."""
     T, E = router_logits.shape
     k = int(top_k)
-    weights = torch.empty(T, k, dtype=weights_dtype(router_logits.dtype),
+    weights = torch.empty(T, k, dtype=acc_dtype(router_logits.dtype),
                           device=router_logits.device)
     ids = torch.empty(T, k, dtype=torch.int32, device=router_logits.device)
     if T == 0 or k == 0:

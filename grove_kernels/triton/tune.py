@@ -11,7 +11,7 @@ GPU's name and the shape "H,I,Ia,E,k"; config.select picks it up on that device 
 heuristic elsewhere. `--budget-s` stops the search in time and keeps what was measured.
 
     python -m grove_kernels.triton.tune --out grove_kernels/triton/configs.json
-    python -m grove_kernels.triton.tune --smoke      # tiny shapes, 2 candidates (CPU interpreter)
+    python -m grove_kernels.triton.tune --smoke      # `micro` preset, 2 candidates (interpreter)
 """
 import argparse
 import itertools
@@ -24,10 +24,12 @@ import torch
 import grove_kernels as gk
 
 from .. import _validate
+from ..presets import PRESETS
 from . import config as cfg
 
-PRESETS = {"grove-33b": (2048, 128, 8, 768, 2, 128), "tiny": (32, 8, 2, 16, 2, 16)}
-TOKENS = {"grove-33b": (16, 64, 256, 1024, 4096, 16384), "tiny": (5, 40)}
+# Token counts the tuner measures at on a GPU; other presets use their CPU sweep.
+GPU_TOKENS = {"grove-33b": (16, 64, 256, 1024, 4096, 16384)}
+SMOKE_PRESET = "micro"
 
 
 def candidates(block_m, smoke=False):
@@ -133,7 +135,9 @@ def tune(preset, tokens, dtype, smoke=False, budget_s=None, log=print):
 
 
 def _tune(preset, tokens, dtype, smoke, budget_s, log):
-    H, E, k, I, S, Ia = PRESETS[preset]
+    p = PRESETS[preset]
+    H, E, k, I, S, Ia = p.hidden, p.experts, p.top_k, p.intermediate, p.group_size, \
+        p.adj_intermediate
     device = "cpu" if smoke else "cuda"
     timer = _timer(smoke)
     deadline = time.monotonic() + (budget_s if budget_s else float("inf"))
@@ -175,12 +179,14 @@ def main(argv=None):
     parser.add_argument("--tokens", default=None, help="comma list (default: the preset's)")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--out", default=None, help="configs.json to merge the result into")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the interpreter")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"the {SMOKE_PRESET} preset on the interpreter")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop searching after this many seconds (keep what was measured)")
     args = parser.parse_args(argv)
-    preset = "tiny" if args.smoke else args.preset
-    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS[preset]
+    preset = SMOKE_PRESET if args.smoke else args.preset
+    tokens = ([int(t) for t in args.tokens.split(",")] if args.tokens
+              else GPU_TOKENS.get(preset, PRESETS[preset].cpu_tokens))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("tune: needs a CUDA GPU (or --smoke under TRITON_INTERPRET=1)")

@@ -1,10 +1,12 @@
 """scripts/demo.sh and scripts/test.sh (through scripts/setup.sh) with a stand-in Python that
-records what they would install, build and run: nothing is installed.
+records what they would install, build and run: nothing is installed (the install stamp goes
+to the test's tmp_path).
 
     fake python: `-m pip ...` logs the call with its GROVE_BUILD_CUDA; `csrc/build_cuda.py`
                  logs "build_cuda" (exit FAKE_BUILD_RC); other `-m X` log "run X"; `-c CODE`
                  answers the scripts' probes: a CUDA GPU per FAKE_GPU, nvcc + CUTLASS present
-                 unless FAKE_NO_NVCC, modules in FAKE_MISSING not importable
+                 unless FAKE_NO_NVCC, modules in FAKE_MISSING not importable, grove_kernels
+                 imported from FAKE_HERE
 
 Expected: the demo builds the CUDA extension only with a GPU; test.sh builds it wherever nvcc
 and CUTLASS are (CI checks its SASS), whatever an earlier demo installed; the objects compile
@@ -29,6 +31,9 @@ if [ "$1" = -c ]; then
   case "$2" in
     *cuda.is_available*) [ "${FAKE_GPU:-0}" = 1 ]; exit ;;
     *missing_prerequisites*) [ -z "${FAKE_NO_NVCC:-}" ]; exit ;;
+    *grove_kernels.__file__*) echo "${FAKE_HERE:-/elsewhere/grove_kernels}"; exit 0 ;;
+    *sys.executable*) echo /fake/python; exit 0 ;;
+    *sched_getaffinity*) echo 2; exit 0 ;;
   esac
   for mod in ${FAKE_MISSING:-}; do
     case "$2" in *"import $mod"*) exit 1 ;; esac
@@ -39,15 +44,19 @@ echo "unexpected call: $*" >> "$log"; exit 3
 """
 
 
-def run(tmp_path, script, **env):
+HERE = os.path.join(ROOT, "grove_kernels")
+
+
+def run(tmp_path, script, *args, **env):
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     log = tmp_path / "log"
     log.write_text("")
     full = {k: v for k, v in os.environ.items() if k != "GROVE_BUILD_CUDA"}
-    full.update(PYTHON=str(fake), FAKE_LOG=str(log), **env)
-    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", script)], env=full,
+    full.update(PYTHON=str(fake), FAKE_LOG=str(log),
+                GROVE_INSTALL_STAMP=str(tmp_path / "install.stamp"), **env)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", script), *args], env=full,
                           capture_output=True, text=True, timeout=60)
     calls = log.read_text().splitlines()
     assert not any(c.startswith("unexpected") for c in calls), calls
@@ -78,14 +87,48 @@ def test_demo_with_gpu_builds_cuda(tmp_path):
 
 @pytest.mark.parametrize("gpu", ["0", "1"])
 def test_test_sh_builds_cuda_wherever_nvcc_is(tmp_path, gpu):
-    # An earlier demo (GROVE_BUILD_CUDA=0) leaves nothing that test.sh would trust: it
-    # always reinstalls with its own choice.
-    run(tmp_path, "demo.sh", FAKE_GPU=gpu)
-    proc, calls = run(tmp_path, "test.sh", FAKE_GPU=gpu)
+    # An earlier demo without the extension (GROVE_BUILD_CUDA=0, no GPU) is not what test.sh
+    # wants: it reinstalls with its own choice. A demo on a GPU built what test.sh would.
+    run(tmp_path, "demo.sh", FAKE_GPU=gpu, FAKE_HERE=HERE)
+    proc, calls = run(tmp_path, "test.sh", FAKE_GPU=gpu, FAKE_HERE=HERE)
     assert proc.returncode == 0, proc.stderr
-    assert calls.index("build_cuda") < calls.index(editable_install(calls))
-    assert editable_install(calls).startswith("pip GROVE_BUILD_CUDA=auto ")
-    assert calls[-2].startswith("run pytest -q -ra tests")
+    if gpu == "0":
+        assert calls.index("build_cuda") < calls.index(editable_install(calls))
+        assert editable_install(calls).startswith("pip GROVE_BUILD_CUDA=auto ")
+    else:
+        assert "already installed" in proc.stdout and "build_cuda" not in calls
+    runs = [c for c in calls if c.startswith("run pytest")]
+    assert runs == ["run pytest -q -ra -m unit or toolchain or e2e or gpu -n 2 tests",
+                    "run pytest -q -ra -m interpreter -n 2 tests",
+                    "run pytest -q -ra bench scripts --benchmark-disable"]
+
+
+def test_nothing_is_reinstalled_when_nothing_changed(tmp_path):
+    proc, calls = run(tmp_path, "test.sh", FAKE_HERE=HERE)
+    assert proc.returncode == 0 and any(c.endswith("-e .") for c in calls)
+    proc, calls = run(tmp_path, "test.sh", FAKE_HERE=HERE)
+    assert proc.returncode == 0, proc.stderr
+    assert "build_cuda" not in calls and not any(c.endswith("-e .") for c in calls)
+    assert "already installed" in proc.stdout
+    # The package imported from elsewhere (another checkout): reinstall.
+    proc, calls = run(tmp_path, "test.sh")
+    assert any(c.endswith("-e .") for c in calls)
+
+
+def test_quick_runs_the_unit_tier_on_the_last_install(tmp_path):
+    run(tmp_path, "test.sh", FAKE_HERE=HERE)  # with the extension (auto)
+    proc, calls = run(tmp_path, "test.sh", "--quick", FAKE_HERE=HERE)
+    assert proc.returncode == 0, proc.stderr
+    assert not any(c.endswith("-e .") for c in calls)
+    assert [c for c in calls if c.startswith("run pytest")] == [
+        "run pytest -q -ra -m unit -n 2 tests"]
+
+
+def test_quick_first_install_has_no_extension(tmp_path):
+    proc, calls = run(tmp_path, "test.sh", "--quick", FAKE_HERE=HERE)
+    assert proc.returncode == 0, proc.stderr
+    assert "build_cuda" not in calls
+    assert editable_install(calls).startswith("pip GROVE_BUILD_CUDA=0 ")
 
 
 def test_without_nvcc_nothing_is_compiled(tmp_path):

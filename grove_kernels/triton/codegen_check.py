@@ -197,7 +197,7 @@ def _other_kernels():
 
     from . import combine, routing
 
-    return [("combine", combine._combine_rows_kernel, dict(C=4, BH=1024, INTERPRETED=False)),
+    return [("combine", combine._combine_rows_kernel, dict(C=4, BH=1024, INTERPRET=False)),
             ("topk_softmax", routing._topk_softmax_kernel,
              dict(K=8, KP=8, EP=128, BT=16, HAS_BIAS=True, RENORMALIZE=True, ACC=tl.float32))]
 

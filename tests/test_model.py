@@ -411,7 +411,12 @@ def test_backends_match_torch_and_naive(tmp_path, backend, dtype):
         with gk.use_backend(name):
             return model_with_grads(model, ids, R, capture=dtype != torch.float32)
 
-    logits, grads, routed = run(backend)
+    try:
+        logits, grads, routed = run(backend)
+    except ValueError as exc:  # e.g. the cuda backend runs bf16 / fp16 only
+        if "cannot run this call" not in str(exc):
+            raise
+        pytest.skip(str(exc))
     ref_logits, ref_grads = naive_with_grads(tensors, cfg, ids, R,
                                              selection_logits=routed or None)
     if dtype == torch.float32:

@@ -156,6 +156,7 @@ def experts_forward(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Optional[
     stages = backends.get(backend, hidden_states, (w1, w2, a1, a2))
     _check_layout(layout, stages, grove)
     _check_values(topk_ids, w1.shape[0], expert_map, group_size, grove)
+    skips = expert_map is not None or _unchecked(topk_ids)  # beside the checks: one visit
     if layout == "folded" and grove:
         plan = stages.build_folded_plan(topk_ids, topk_weights, w1.shape[0], group_size,
                                         adjugate_scale, expert_map)
@@ -163,8 +164,7 @@ def experts_forward(hidden_states: Tensor, w1: Tensor, w2: Tensor, a1: Optional[
         plan = stages.build_plan(topk_ids, topk_weights, w1.shape[0],
                                  group_size if grove else 0, adjugate_scale, expert_map)
     return experts_stage.forward(stages, hidden_states, Weights(w1, w2, a1, a2), plan,
-                                 weight_on_input, save,
-                                 skips=expert_map is not None or _unchecked(topk_ids))
+                                 weight_on_input, save, skips=skips)
 
 
 def _unchecked(topk_ids):

@@ -57,6 +57,37 @@ def _local_ids(ids_ptr, map_ptr, slot, real, map_len, E, HAS_MAP: tl.constexpr):
 
 
 @triton.jit
+def _group_leaders(ids_ptr, w_ptr, map_ptr, slot, real, ids, valid, map_len, E, S, lam_hi,
+                   lam_mid, lam_lo, K: tl.constexpr, KP: tl.constexpr, B: tl.constexpr,
+                   HAS_MAP: tl.constexpr, ACC: tl.constexpr):
+    """Per slot of a block: (m [1, KP], group match [B, KP] with its token's slots, leader [B],
+    group [B], λ·Σw of its group on leaders else 0 [B]); both layouts' plans share it."""
+    # Each slot re-reads its token's k slots (cached loads) as a [B, KP] tile: a block need not
+    # hold whole tokens, and no tile needs a reshape.
+    j = (slot % K)[:, None]
+    m = tl.arange(0, KP)[None, :]
+    sibling = slot[:, None] - j + m
+    sib_ids, sib_valid = _local_ids(ids_ptr, map_ptr, sibling, real[:, None] & (m < K),
+                                    map_len, E, HAS_MAP)
+    sib_w = tl.load(w_ptr + sibling, mask=sib_valid, other=0.0).to(ACC)
+    group = tl.where(valid, ids // S, -1)
+    match = (tl.where(sib_valid, sib_ids // S, -1) == group[:, None]) & valid[:, None]
+    leader = valid & (tl.sum((match & (m < j)).to(tl.int32), 1) == 0)
+    # Σ in slot order, one term per step (a sum of one term and zeros is exact): the same bits
+    # on every device and for every block shape.
+    total = tl.zeros([B], ACC)
+    for i in tl.static_range(K):
+        total += tl.sum(tl.where(match & (m == i), sib_w, 0.0), 1)
+    if ACC == tl.float64:
+        # Float arguments reach compiled kernels as fp32: λ comes in three exact parts.
+        lam = (tl.full([], lam_hi, tl.float64) + tl.full([], lam_mid, tl.float64)
+               + tl.full([], lam_lo, tl.float64))
+    else:
+        lam = tl.full([], lam_hi, tl.float32)
+    return m, match, leader, group, tl.where(leader, lam * total, 0.0)
+
+
+@triton.jit
 def _plan_slots_kernel(ids_ptr, w_ptr, map_ptr, token_weight_ptr, token_mask_ptr,
                        group_match_ptr, keys_ptr, counts_ptr, num_slots, map_len, E, S, G, P,
                        lam_hi, lam_mid, lam_lo,
@@ -76,30 +107,11 @@ def _plan_slots_kernel(ids_ptr, w_ptr, map_ptr, token_weight_ptr, token_mask_ptr
     counts = tl.histogram(e_key, BINS, mask=real)
 
     if HAS_GROUPS:
-        # Each slot re-reads its token's k slots (cached loads) as a [B, KP] tile: a block
-        # need not hold whole tokens, and no tile needs a reshape.
-        j = (slot % K)[:, None]
-        m = tl.arange(0, KP)[None, :]
-        sibling = slot[:, None] - j + m
-        sib_ids, sib_valid = _local_ids(ids_ptr, map_ptr, sibling, real[:, None] & (m < K),
-                                        map_len, E, HAS_MAP)
-        sib_w = tl.load(w_ptr + sibling, mask=sib_valid, other=0.0).to(ACC)
-        group = tl.where(valid, ids // S, -1)
-        match = (tl.where(sib_valid, sib_ids // S, -1) == group[:, None]) & valid[:, None]
-        leader = valid & (tl.sum((match & (m < j)).to(tl.int32), 1) == 0)
-        # Σ in slot order, one term per step (a sum of one term and zeros is exact): the same
-        # bits on every device and for every block shape.
-        total = tl.zeros([B], ACC)
-        for i in tl.static_range(K):
-            total += tl.sum(tl.where(match & (m == i), sib_w, 0.0), 1)
-        if ACC == tl.float64:
-            # Float arguments reach compiled kernels as fp32: λ comes in three exact parts.
-            lam = (tl.full([], lam_hi, tl.float64) + tl.full([], lam_mid, tl.float64)
-                   + tl.full([], lam_lo, tl.float64))
-        else:
-            lam = tl.full([], lam_hi, tl.float32)
+        m, match, leader, group, lead_w = _group_leaders(
+            ids_ptr, w_ptr, map_ptr, slot, real, ids, valid, map_len, E, S, lam_hi, lam_mid,
+            lam_lo, K, KP, B, HAS_MAP, ACC)
         a_key = tl.where(leader, group, G).to(tl.int32)
-        tl.store(token_weight_ptr + entry + K, tl.where(leader, lam * total, 0.0), mask=real)
+        tl.store(token_weight_ptr + entry + K, lead_w, mask=real)
         tl.store(token_mask_ptr + entry + K, leader.to(tl.uint8), mask=real)
         tl.store(group_match_ptr + slot[:, None] * K + m, match.to(tl.uint8),
                  mask=real[:, None] & (m < K))

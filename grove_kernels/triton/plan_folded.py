@@ -28,7 +28,7 @@ import triton.language as tl
 from ..routing import acc_dtype
 from ..plan_folded import FoldedPlan
 from .plan import (_BLOCK_SLOTS, _SCAN_COLS, _SCAN_ROWS, _SCATTER_WARPS, _fp32_parts,
-                   _local_ids, _plan_scan_kernel, _rank_in_block)
+                   _group_leaders, _local_ids, _plan_scan_kernel, _rank_in_block)
 
 
 @triton.jit
@@ -45,26 +45,10 @@ def _folded_slots_kernel(ids_ptr, w_ptr, map_ptr, token_weight_ptr, token_mask_p
     tl.store(token_weight_ptr + slot, w, mask=real)
     tl.store(token_mask_ptr + slot, valid.to(tl.uint8), mask=real)
 
-    # The token's k slots as a [B, KP] tile (cached loads): a block need not hold whole tokens.
-    j = (slot % K)[:, None]
-    m = tl.arange(0, KP)[None, :]
-    sibling = slot[:, None] - j + m
-    sib_ids, sib_valid = _local_ids(ids_ptr, map_ptr, sibling, real[:, None] & (m < K),
-                                    map_len, E, HAS_MAP)
-    sib_w = tl.load(w_ptr + sibling, mask=sib_valid, other=0.0).to(ACC)
-    group = tl.where(valid, ids // S, -1)
-    match = (tl.where(sib_valid, sib_ids // S, -1) == group[:, None]) & valid[:, None]
-    leader = valid & (tl.sum((match & (m < j)).to(tl.int32), 1) == 0)
-    # Σ in slot order, one term per step: the torch plan's bits on every device.
-    total = tl.zeros([B], ACC)
-    for i in tl.static_range(K):
-        total += tl.sum(tl.where(match & (m == i), sib_w, 0.0), 1)
-    if ACC == tl.float64:
-        lam = (tl.full([], lam_hi, tl.float64) + tl.full([], lam_mid, tl.float64)
-               + tl.full([], lam_lo, tl.float64))
-    else:
-        lam = tl.full([], lam_hi, tl.float32)
-    tl.store(lead_w_ptr + slot, tl.where(leader, lam * total, 0.0), mask=real)
+    m, match, leader, group, lead_w = _group_leaders(
+        ids_ptr, w_ptr, map_ptr, slot, real, ids, valid, map_len, E, S, lam_hi, lam_mid, lam_lo,
+        K, KP, B, HAS_MAP, ACC)
+    tl.store(lead_w_ptr + slot, lead_w, mask=real)
     tl.store(token_leader_ptr + slot, leader.to(tl.uint8), mask=real)
     tl.store(group_match_ptr + slot[:, None] * K + m, match.to(tl.uint8),
              mask=real[:, None] & (m < K))

@@ -236,17 +236,8 @@ def _dgemm2_tile(dy_ptr, stride_dy, token, rows, row_ok, weight_ptr, b_ptr, s_k,
                  IEEE: tl.constexpr):
     cols = tile * BN + tl.arange(0, BN)
     col_ok = cols < N
-    ks = tl.arange(0, BK)
-    a_ptrs = dy_ptr + token[:, None] * stride_dy + ks[None, :]
-    b_ptrs = b_ptr + ks[:, None].to(tl.int64) * s_k + cols[None, :].to(tl.int64) * s_n
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        k_ok = (k0 + ks) < K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(acc, a, b, INTERPRET, IEEE)
-        a_ptrs += BK
-        b_ptrs += BK * s_k
+    acc = _k_loop(tl.zeros((BM, BN), dtype=tl.float32), dy_ptr, stride_dy, 0, token, row_ok, K,
+                  b_ptr, s_k, s_n, cols, col_ok, BK, INTERPRET, IEEE)  # dY rows by token
     mask = row_ok[:, None] & col_ok[None, :]
     r64 = rows.to(tl.int64)[:, None]
     h_ptrs = h_ptr + r64 * stride_h + h_col + cols[None, :]

@@ -28,12 +28,15 @@ _test_t0=$SECONDS
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 set +e
 # Two pytest workers where there are two cores (a worker's start costs ~10 s of imports; more
-# workers than cores only contend); worksteal: a worker that runs out of tests takes pending
-# ones from the other, so a few long tests (nvcc host checks, Triton codegen) leave no tail.
+# workers than cores only contend). worksteal: a worker that runs out of tests takes pending
+# ones from the other, so no long test leaves a tail; loadgroup where files share a long module
+# fixture (tests/conftest.py's xdist groups: it then runs on one worker only).
 cores=$("$PY" -c "import os; print(len(os.sched_getaffinity(0)))" 2>/dev/null)
 workers=()
+grouped=()
 if [ "${cores:-1}" -ge 2 ] && "$PY" -c "import xdist" 2>/dev/null; then
   workers=(-n 2 --dist worksteal)
+  grouped=(-n 2 --dist loadgroup)
 fi
 times=("setup $((SECONDS - _test_t0)) s")
 # tier NAME CMD...: run CMD, print and record its wall time; its status is returned.
@@ -55,7 +58,7 @@ if [ -n "${cuda_build_pid:-}" ]; then
   tier "cuda build (rest of nvcc, install)" finish_cuda_build || rc=1
 fi
 tier "unit+toolchain+e2e+gpu" "$PY" -m pytest -q -ra -m "unit or toolchain or e2e or gpu" \
-  "${workers[@]}" tests "$@" || rc=1
+  "${grouped[@]}" tests "$@" || rc=1
 tier "bench+scripts" "$PY" -m pytest -q -ra bench scripts --benchmark-disable || rc=1
 summary=$(printf '%s; ' "${times[@]}")
 echo "[test] wall time: ${summary}total $((SECONDS - _test_t0)) s"

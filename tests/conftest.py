@@ -119,9 +119,18 @@ def _interpreter_repeat(item):
     return "repeats a path under the Triton interpreter (GROVE_TEST_ALL=1 runs it): " + rule[1]
 
 
+# Files whose module fixture is a long subprocess (Triton's sm_90 codegen, `pip wheel`, the
+# expert-parallel process groups): under `--dist loadgroup` (scripts/test.sh) one xdist worker
+# runs all of a file's tests, so that fixture runs once rather than once per worker.
+_ONE_WORKER = ("test_triton_codegen.py", "test_wheel.py", "test_distributed.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
+        if item.path.name in _ONE_WORKER:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
         tier = _tier(item)
         item.add_marker(tier)
         if tier == "gpu" and not torch.cuda.is_available():

@@ -30,7 +30,8 @@ set +e
 # Two pytest workers where there are two cores (a worker's start costs ~10 s of imports; more
 # workers than cores only contend). worksteal: a worker that runs out of tests takes pending
 # ones from the other, so no long test leaves a tail; loadgroup where files share a long module
-# fixture (tests/conftest.py's xdist groups: it then runs on one worker only).
+# fixture (the xdist groups of tests/conftest.py and bench/conftest.py: it then runs on one
+# worker only).
 cores=$("$PY" -c "import os; print(len(os.sched_getaffinity(0)))" 2>/dev/null)
 workers=()
 grouped=()
@@ -59,7 +60,8 @@ if [ -n "${cuda_build_pid:-}" ]; then
 fi
 tier "unit+toolchain+e2e+gpu" "$PY" -m pytest -q -ra -m "unit or toolchain or e2e or gpu" \
   "${grouped[@]}" tests "$@" || rc=1
-tier "bench+scripts" "$PY" -m pytest -q -ra bench scripts --benchmark-disable || rc=1
+tier "bench+scripts" "$PY" -m pytest -q -ra "${grouped[@]}" bench scripts --benchmark-disable \
+  || rc=1
 summary=$(printf '%s; ' "${times[@]}")
 echo "[test] wall time: ${summary}total $((SECONDS - _test_t0)) s"
 exit $rc

@@ -98,7 +98,7 @@ def test_test_sh_builds_cuda_wherever_nvcc_is(tmp_path, gpu):
     xdist = "-n 2 --dist worksteal"
     tiers = ["run pytest -q -ra -m interpreter " + xdist + " tests",
              "run pytest -q -ra -m unit or toolchain or e2e or gpu -n 2 --dist loadgroup tests",
-             "run pytest -q -ra bench scripts --benchmark-disable"]
+             "run pytest -q -ra -n 2 --dist loadgroup bench scripts --benchmark-disable"]
     if gpu == "0":
         # nvcc in the background: the interpreter tier runs on an install without the
         # extension, the other tiers after it is installed.

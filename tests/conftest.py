@@ -69,12 +69,12 @@ def _tier(item):
 # (grove_kernels/triton/config.py), so a dtype changes only the element type of the loads and
 # stores, and fp16 and bf16 run the same half-type path; a routing rule (renormalize, selection
 # bias) runs in grove_topk, before the layout's kernels. The parameter sets below repeat, on
-# the triton backend, a path that another set of the same test runs, and are skipped there
-# under the interpreter (compiled Triton, on a GPU, runs them all; so does GROVE_TEST_ALL=1).
+# the triton backend, a path that another set of the same test (or the test named) runs, and
+# are skipped there under the interpreter (compiled Triton, on a GPU, runs them all; so does
+# GROVE_TEST_ALL=1).
 # What stays, per layout: every case in fp32 (T = 0 in the empty-batch tests, T = 1, odd and
 # non tile multiple sizes, k = 1, S = 1, 2, 4, all tokens on one expert, co-selected groups,
 # empty experts, every gradient), the half-type path on the cases listed, each routing rule.
-_HALF = {torch.float16, torch.bfloat16}
 _ROUTING_RULES = {"no_renorm", "bias", "bias_no_renorm"}
 _INTERPRETER_REPEATS = {
     # test name: (which parameter sets repeat another one's path, why)
@@ -84,10 +84,10 @@ _INTERPRETER_REPEATS = {
             and p["case"] not in ("base", "odd_sizes", "S4_k4", "coselected")),
         "half types on base, odd_sizes, S4_k4, coselected (fp16: base, odd_sizes); fp32 on all"),
     "test_grove_moe": (
-        lambda p: (p["dtype"] == torch.float16 and p["case"] != "base")
-        or (p["case"] in _ROUTING_RULES and p["layout"] != "folded"),
-        "routing rules on one layout (the layouts' kernels are test_fused_grove_experts'); "
-        "fp16 on base"),
+        lambda p: p["case"] not in ("odd_sizes", "S1")
+        and not (p["case"] == "base" and p["dtype"] == torch.float16),
+        "odd_sizes and S1 in every dtype, base in fp16; the other cases' forward is test_grove_moe_grad's "
+        "(which checks y) and the experts' inference kernels are test_fused_grove_experts'"),
     "test_fused_grove_experts_grad": (
         lambda p: p["dtype"] == torch.bfloat16
         and p["case"] not in ("base", "odd_sizes", "S4_k4", "coselected_k4"),

@@ -64,6 +64,15 @@ def _tier(item):
     return _FILE_TIERS.get(item.path.name, "unit")
 
 
+def pytest_ignore_collect(collection_path, config):
+    """`-m unit` (test.sh --quick) does not import the files whose tests all have another tier
+    (a file's tier from _FILE_TIERS, or a backend's, never `unit`; none marks a test `unit`):
+    the transformers integration's import alone costs each worker seconds."""
+    if config.getoption("markexpr", "") == "unit" and collection_path.name in _FILE_TIERS:
+        return True
+    return None
+
+
 # Under TRITON_INTERPRET a Triton kernel runs one program at a time in numpy: the interpreter
 # tier's time is its number of kernel calls. There every dtype gets the same tiles
 # (grove_kernels/triton/config.py), so a dtype changes only the element type of the loads and

@@ -37,6 +37,8 @@
 #   settings  the bench again under each other setting of SETTINGS below (an environment
 #             variable that selects another kernel path), the rows of the paths it changes only:
 #             OUT_DIR/bench_uniform@<name>.json; the summary lists them as <backend>@<name>
+#   kernels   python -m bench.kernels: the profiler's µs per kernel of one forward at T = 16384
+#             and 1024 (grove, plain, vLLM), where the time of a call goes; if time is left
 #   coactive  the same at coactive routing, T = 16384, 4096, if time is left
 #   summary   the table (printed last): folded vs sections per backend, vs vLLM plain, and
 #             fwd+bwd / fwd (scripts/gpu_summary.py over the bench JSON files)
@@ -68,9 +70,9 @@ site=${GPU_CHECK_SITE:-/tmp/grove_site}
 # name:budget seconds. The bench's budget is a floor: it also gets whatever earlier stages
 # left unused, minus what the stages after it reserve. OPTIONAL stages reserve nothing: they
 # run on what is left (coactive: when the uniform bench ends early).
-STAGES=(build:50 selfcheck:30 tests:70 cuda:60 sanitize:30 bench:160 settings:70 coactive:35
-        summary:10)
-OPTIONAL=" coactive "
+STAGES=(build:50 selfcheck:30 tests:70 cuda:60 sanitize:30 bench:160 settings:70 kernels:40
+        coactive:35 summary:10)
+OPTIONAL=" kernels coactive "
 # The settings stage: name|environment|bench arguments, one run each (uniform routing).
 SETTINGS=(
   "fused|GROVE_CUDA_FUSE_SWIGLU=1|--pass fwd --backends cuda --variants grove,plain --layout folded,sections"
@@ -171,6 +173,12 @@ env $env "$PY" -m bench $args --routing uniform --tokens $tokens --quick \\
   --json "$out/bench_uniform@$name.json" 2>&1 | tail -30
 EOF
       done
+      ;;
+    kernels) cat <<EOF
+$pick_backends
+"$PY" -m bench.kernels --tokens 16384,1024 --backends "\$B" --variants $variants \\
+  --json "$out/kernels.json"
+EOF
       ;;
     coactive) bench_cmd coactive 16384,4096 40 ;;
     summary) cat <<EOF

@@ -182,8 +182,8 @@ def test_only_test_sh_installs_the_transformers_extra(tmp_path):
 # list and budgets (--dry-run), that a stage that hangs is cut at its own limit while the
 # stages after it still run, and the summary table it prints last.
 GPU_CHECK = os.path.join(ROOT, "scripts", "gpu_check.sh")
-GPU_STAGES = ["build", "selfcheck", "tests", "cuda", "sanitize", "bench", "settings", "coactive",
-              "summary"]
+GPU_STAGES = ["build", "selfcheck", "tests", "cuda", "sanitize", "bench", "settings", "kernels",
+              "coactive", "summary"]
 
 
 def test_gpu_check_syntax():

@@ -33,7 +33,7 @@ def _check(weight_on_input):
 def _setup(plan, x, weights):
     I, Ia = weights.intermediate
     conf = cfg.select(plan, x.shape[1], I, Ia, x.dtype)
-    return conf, folded_schedule(plan, conf.block_m)
+    return conf, folded_schedule(plan, conf.block_m, cfg.programs_for(x.device))
 
 
 def forward(x, weights, plan, weight_on_input, y, act):

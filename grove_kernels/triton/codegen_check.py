@@ -86,7 +86,8 @@ def config_jobs(conf, dtype="bf16"):
 
     fg2, fbwd = cfg.folded_gemm2_rows(conf), cfg.folded_dgemm2_rows(conf)
     fwg = dict(wg, S=2)
-    folded = [
+    # Each folded GEMM on both schedules (gemm_folded.grid): persistent, then "/tiles".
+    folded_gemms = [
         ("folded_gemm1", gemm_folded._folded_gemm1_kernel, dict(f1, STORE_H=False), gw, gs),
         ("folded_gemm1+h", gemm_folded._folded_gemm1_kernel, dict(f1, STORE_H=True), gw, gs),
         ("folded_gemm2", gemm_folded._folded_k_concat_kernel,
@@ -95,6 +96,10 @@ def config_jobs(conf, dtype="bf16"):
          frows(fbwd, s_w2_n=1, s_a2_n=1), fbwd.num_warps, fbwd.num_stages),
         ("folded_dgemm1", gemm_folded._folded_k_concat_kernel,
          frows(conf.rows, SCALE=False, s_be_n=1, s_ba_n=1), rw, rs),
+    ]
+    folded = [(label + suffix, kernel, dict(constexprs, PERSISTENT=persistent), w, s)
+              for persistent, suffix in ((True, ""), (False, "/tiles"))
+              for label, kernel, constexprs, w, s in folded_gemms] + [
         ("folded_wgrad_dw2", wgrad_folded._folded_wgrad_kernel,
          dict(fwg, GATHER_A=True, GATHER_B=False, SCALE_A=True), ww, ws),
         ("folded_wgrad_dw1", wgrad_folded._folded_wgrad_kernel,

@@ -16,9 +16,10 @@ bound = cdiv(R_e, BM) + cdiv(R_a, BM) + P row blocks: programs past the last rea
 plan, and n tiles past an adjugate's narrower N, are launched and exit (idle programs).
 
 Folded layout (backend_folded.py, gemm_folded.py, wgrad_folded.py): the same three forward
-launches over the R = T*k expert rows (bound cdiv(R, BM) + E; the adjugate tiles run inside the
-programs of leader row blocks, so only row blocks past the plan's last idle), and in the
-backward dGEMM-2 + SwiGLU', one flat launch per weight-gradient pair (dW and dA), dGEMM-1.
+launches over the R = T*k expert rows, and in the backward dGEMM-2 + SwiGLU', one flat launch
+per weight-gradient pair (dW and dA), dGEMM-1. The adjugate tiles run inside the items of
+leader row blocks; persistent launches (the default) idle only programs beyond the items, the
+tiles schedule (GROVE_TRITON_SCHEDULE=tiles) the row blocks past the plan's last.
 """
 import torch
 
@@ -152,12 +153,15 @@ def _sections(plan, x_shape, weights_shapes, dtype, pass_, device_name):
 
 
 def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
-    """The folded layout (backend_folded.py, gemm_folded.py, wgrad_folded.py): row blocks of
-    the expert rows on grid axis 0 (bound cdiv(R, BM) + E: programs past the last real block
-    are idle), the expert N tiles on axis 1; on a leader block (first row below leader_ends)
-    program n also runs adjugate tiles n, n + n_e, ... over the block's leader rows (GEMM-1,
-    dGEMM-2), or adds the K = Ia product of its leader rows (GEMM-2, dGEMM-1); the weight
-    gradients are one flat launch of every output tile of dW_e and dA_g (no idle program)."""
+    """The folded layout (backend_folded.py, gemm_folded.py, wgrad_folded.py): items (row block
+    of the expert rows, expert N tile); on a leader block (first row below leader_ends) item n
+    also runs adjugate tiles n, n + n_e, ... over the block's leader rows (GEMM-1, dGEMM-2),
+    or adds the K = Ia product of its leader rows (GEMM-2, dGEMM-1). Persistent schedule
+    (config.persistent_programs, GROVE_TRITON_SCHEDULE): min(SMs · PROGRAMS_PER_SM,
+    bound · n_tiles) programs loop over the real items, idle only where there are fewer items
+    than programs; tiles schedule: grid (bound cdiv(R, BM) + E, n_tiles), programs past the
+    last real block idle. The weight gradients are one flat launch of every output tile of
+    dW_e and dA_g (no idle program)."""
     T, H = x_shape
     I = weights_shapes[0][1] // 2
     Ia = weights_shapes[2][1] // 2
@@ -184,10 +188,14 @@ def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
     sched = (2 * E + 1) * 4 + E * INDEX_BYTES  # block_offsets, start, count; leader_ends
     train = pass_ == "fwd+bwd"
 
+    cap = cfg.persistent_programs(cfg.sms_of(device_name))
+
     def grid_launch(name, bn, bk, n_grid, parts, read, write, flops, per_row, part_bytes=0):
-        """parts: (blocks, N, K, b operands, tiles run per block or None for all n_grid)."""
-        programs = bound * n_grid
-        working = len(blocks) * n_grid
+        """parts: (blocks, N, K, b operands). Persistent: min(cap, bound · n_grid) programs
+        share the real (row block, N tile) items; else one program per item of the bound."""
+        items = len(blocks) * n_grid
+        programs = min(cap, bound * n_grid) if cap else bound * n_grid
+        working = min(programs, items)
         loads = mma = row_tiles = 0
         for blk, N, K, b_elems in parts:
             w = tile_work(blk, full(N), full(K), BM, bn, bk, cdiv(N, bn), e, e)

@@ -1,23 +1,39 @@
-"""The `triton` backend's experts stage: forward and backward of the Grove / plain MoE layer over
-a Plan (protocol in grove_kernels/experts.py). One launch per GEMM stage covers both sections.
-FoldedPlans (the folded adjugate layout) go to backend_folded.py.
+"""The `triton` backend's experts stage, its host side: forward and backward of the Grove / plain
+MoE layer over a Plan or a FoldedPlan (protocol in grove_kernels/experts.py), the launches of
+the folded layout's kernels (gemm_folded.py, wgrad_folded.py) and of the combine (combine.py).
+Kernel bodies live in their files; a folded call enters this file and config.py, once each.
 
-Forward (launches: GEMM-1, GEMM-2, combine):
+Sections layout (a Plan; one launch per GEMM stage covers both sections):
     GEMM-1 + SwiGLU   x[token] @ w1|a1 -> z_e [R_e, I], z_a [R_a, Ia]   (a training forward also
                       keeps h = (hg, hu) [R, 2N] and z in the activations)
     GEMM-2            z @ w2|a2 · row weight -> o [R, H]
     combine           y_t = Σ_j o[token_rows[t, j]]          -> y [T, H]
-
-Backward (z and h from the activations):
+  backward (z and h from the activations):
     dGEMM-2 + SwiGLU' dY[token] @ w2|a2 -> dh [R, 2N], d row weight partials
     dW2 / dA2         Σ_rows (w·dY[token])^T z
     dW1 / dA1         Σ_rows dh^T x[token]
     dGEMM-1           dh @ w1|a1 -> dx rows [R, H];  combine -> dx [T, H]
-"""
-import torch
 
-from . import config as cfg
-from .combine import combine_rows
+Folded layout (a FoldedPlan: the R = T*k expert rows, each expert's leader rows first; the
+schedule of items (row block, N tile) is described in gemm_folded.py):
+    folded_gemm1       x[token] @ [w1_e ; a1_g on leader blocks] -> z [R, I + Ia]
+                       (a training forward also writes h [R, 2I + 2Ia] into the activations)
+    folded_k_concat    o = w·(z_e @ w2_e^T) + λΣw·(z_a @ a2_g^T on lead rows) -> o [R, H]
+    combine_rows       y_t = Σ_j o[token_rows[t, j]]  (k rows)                -> y [T, H]
+  backward (h and z from the activations):
+    folded_dgemm2      dY[token] @ w2_e | a2_g -> dh [R, 2I + 2Ia], d row weight [R],
+                       d leader weight [R]
+    folded_wgrad       dW2 / dA2 = Σ (w | λΣw · dY[token])^T z;  dW1 / dA1 = Σ dh^T x[token]
+                       (dA: the leader rows of the S experts of a group)
+    folded_k_concat    dx rows = dh_e @ w1_e + dh_a @ a1_g (lead rows) -> [R, H]
+    combine_rows       dx_t = Σ_j dx rows
+"""
+from typing import NamedTuple
+
+import torch
+import triton
+
+from . import INTERPRET, combine, config as cfg, gemm_folded, wgrad_folded
 from .gemm1_swiglu import gemm1_swiglu
 from .gemm_common import block_schedule
 from .gemm_k_grouped import gemm_k_grouped
@@ -50,8 +66,7 @@ def _b_pair(we, wa, transpose):
 
 def forward(x, weights, plan, weight_on_input, y, act):
     if plan.layout == "folded":
-        from . import backend_folded
-        return backend_folded.forward(x, weights, plan, weight_on_input, y, act)
+        return _folded_forward(x, weights, plan, weight_on_input, y, act)
     H = x.shape[1]
     w1, w2, a1, a2 = weights
     I, Ia = weights.intermediate
@@ -73,8 +88,7 @@ def forward(x, weights, plan, weight_on_input, y, act):
 
 def backward(dy, x, weights, plan, weight_on_input, act, grads):
     if plan.layout == "folded":
-        from . import backend_folded
-        return backend_folded.backward(dy, x, weights, plan, weight_on_input, act, grads)
+        return _folded_backward(dy, x, weights, plan, weight_on_input, act, grads)
     H = x.shape[1]
     w1, w2, a1, a2 = weights
     I, Ia = weights.intermediate
@@ -109,3 +123,177 @@ def backward(dy, x, weights, plan, weight_on_input, act, grads):
         gemm_m_grouped(plan, sched, dh, b1, (H, H), dx_rows, epilogue=STORE, config=conf.rows)
     combine_rows(dx_rows, plan, dx)
     return d_row_weight
+
+
+def combine_rows(rows, plan, out, block_h=None):
+    """out [T, H] = Σ_j rows[token_rows[t, j]] over the real slots (combine.py)."""
+    T, H = out.shape
+    if T == 0:
+        return out
+    BH = block_h or min(1024, triton.next_power_of_2(H))
+    combine._combine_rows_kernel[(T, triton.cdiv(H, BH))](
+        rows, rows.stride(0), plan.token_rows, plan.token_mask, out, out.stride(0), H,
+        C=plan.token_rows.shape[1], BH=BH, INTERPRET=INTERPRET, num_warps=4)
+    return out
+
+
+# ---- the folded layout ------------------------------------------------------------------
+
+class FoldedSchedule(NamedTuple):
+    """The row blocks of a folded plan at block height block_m, and the launch shape."""
+    start: torch.Tensor  # [E] int32: first row of each expert
+    count: torch.Tensor  # [E] int32: rows of each expert
+    block_offsets: torch.Tensor  # [E+1] int32: first row block of each expert; [E] = blocks
+    bound: int  # an upper bound on the row blocks, cdiv(R, BM) + E
+    block_m: int  # BM
+    programs: int  # persistent launches: at most this many programs; 0: one per tile
+    numerics: dict  # the numerics constexprs of the call's GEMMs (config.dot_flags)
+
+
+def folded_schedule(plan, block_m, programs, numerics):
+    """The FoldedSchedule of `plan` (programs: config.persistent_programs)."""
+    off = plan.expert_offsets
+    count = off.diff()
+    blocks = (count + block_m - 1) // block_m
+    block_offsets = torch.zeros(count.numel() + 1, dtype=torch.int32, device=off.device)
+    torch.cumsum(blocks, 0, out=block_offsets[1:])
+    bound = triton.cdiv(plan.num_rows, block_m) + plan.num_experts
+    return FoldedSchedule(off[:-1].to(torch.int32), count.to(torch.int32), block_offsets, bound,
+                          block_m, programs, numerics)
+
+
+def grid(sched, n_grid):
+    """The launch grid over (row block, N tile) items: min(programs, bound · n_grid) programs
+    looping over the device's tile count, or (bound, n_grid) programs of one tile each."""
+    if sched.programs:
+        return (min(sched.programs, sched.bound * n_grid),)
+    return (sched.bound, n_grid)
+
+
+def _launch_args(plan, sched):
+    """The schedule's kernel arguments and constexprs shared by every folded GEMM launch."""
+    E = plan.num_experts
+    return ((sched.block_offsets, sched.start, sched.count, plan.leader_ends, E,
+             plan.group_size),
+            dict(P_POW2=max(16, triton.next_power_of_2(E)), BM=sched.block_m,
+                 PERSISTENT=sched.programs > 0, **sched.numerics))
+
+
+def folded_gemm1(x, plan, sched, w1, a1, z, h=None, config=None):
+    """z [R, I + Ia] (and h [R, 2I + 2Ia] when given) of every real row; adjugate columns of
+    rows that lead no group are not written."""
+    BN, BK, warps, stages = config
+    I, Ia = w1.shape[1] // 2, a1.shape[1] // 2
+    n_e, n_a = triton.cdiv(I, BN), triton.cdiv(Ia, BN)
+    h_arg = h if h is not None else z
+    sched_args, meta = _launch_args(plan, sched)
+    gemm_folded._folded_gemm1_kernel[grid(sched, n_e)](
+        x, x.stride(0), plan.row_token, *sched_args,
+        w1, w1.stride(0), w1.stride(1), w1.stride(2), I,
+        a1, a1.stride(0), a1.stride(1), a1.stride(2), Ia,
+        z, z.stride(0), h_arg, h_arg.stride(0), x.shape[1], n_e, n_a,
+        BN=BN, BK=BK, STORE_H=h is not None, **meta, num_warps=warps,
+        num_stages=stages)
+
+
+def folded_k_concat(plan, sched, a, k_parts, be, ba, N, out, scale, config):
+    """out [R, N] = A[:, :K_E] @ B_p (· w) + lead · A[:, A_OFF:] @ B'_g (· λΣw).
+    k_parts: (K_E, K_A, A_OFF); be, ba: _b views."""
+    BN, BK, warps, stages = config
+    n_grid = triton.cdiv(N, BN)
+    sched_args, meta = _launch_args(plan, sched)
+    gemm_folded._folded_k_concat_kernel[grid(sched, n_grid)](
+        a, a.stride(0), *k_parts, plan.row_weight, plan.leader_weight, *sched_args, *be, *ba,
+        N, n_grid, out, out.stride(0), BN=BN, BK=BK, SCALE=scale, **meta, num_warps=warps,
+        num_stages=stages)
+
+
+def folded_dgemm2(dy, plan, sched, w2, a2, h, dh, config):
+    """dh [R, 2I + 2Ia] (adjugate columns on lead rows only) and (d row weight [R],
+    d leader weight [R]) from the per-tile partials (summed in tile order)."""
+    BN, BK, warps, stages = config
+    I, Ia = w2.shape[2], a2.shape[2]
+    n_e, n_a = triton.cdiv(I, BN), triton.cdiv(Ia, BN)
+    R = plan.num_rows
+    # Zeroed: rows past the last expert and rows that lead no group write no partial.
+    part_e = torch.zeros(n_e, R, dtype=torch.float32, device=dy.device)
+    part_a = torch.zeros(n_a, R, dtype=torch.float32, device=dy.device)
+    sched_args, meta = _launch_args(plan, sched)
+    gemm_folded._folded_dgemm2_kernel[grid(sched, n_e)](
+        dy, dy.stride(0), plan.row_token, plan.row_weight, plan.leader_weight, *sched_args,
+        *_b(w2, False), I, *_b(a2, False), Ia,
+        h, h.stride(0), dh, part_e, part_a, R, dy.shape[1], n_e, n_a,
+        BN=BN, BK=BK, **meta, num_warps=warps, num_stages=stages)
+    return part_e.sum(0), part_a.sum(0)
+
+
+def folded_wgrad(plan, sched, a, a_col, b, b_col, out, *, gather_a, gather_b, scale_a,
+                 config):
+    """out = (dW [E, M_E, N_E], dA [G, M_A, N_A]), both contiguous. a, b: [T, D] gathered by
+    token or [R, D] row buffers; a_col / b_col: the adjugate part's first column."""
+    BM, BN, BK, warps, stages = config
+    oe, oa = out
+    E, G = plan.num_experts, plan.num_groups
+    mt_e, nt_e = triton.cdiv(oe.shape[1], BM), triton.cdiv(oe.shape[2], BN)
+    mt_a, nt_a = triton.cdiv(oa.shape[1], BM), triton.cdiv(oa.shape[2], BN)
+    wgrad_folded._folded_wgrad_kernel[(E * mt_e * nt_e + G * mt_a * nt_a,)](
+        a, a.stride(0), a_col, b, b.stride(0), b_col,
+        plan.row_token, plan.row_weight, plan.leader_weight, plan.expert_offsets,
+        plan.leader_ends, E, plan.group_size,
+        oe, oe.shape[1], oe.shape[2], mt_e, nt_e, oa, oa.shape[1], oa.shape[2], mt_a, nt_a,
+        BM=BM, BN=BN, BK=BK, GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a,
+        **sched.numerics, num_warps=warps, num_stages=stages)
+
+
+def _folded_setup(plan, x, weights):
+    """(Config, GEMM-2 tile, dGEMM-2 tile, FoldedSchedule): every config.py call of a folded
+    pass, made together."""
+    I, Ia = weights.intermediate
+    conf = cfg.select(plan, x.shape[1], I, Ia, x.dtype)
+    programs, numerics = cfg.programs_for(x.device), cfg.dot_flags(x.dtype)
+    rows2, rows_bwd = cfg.folded_gemm2_rows(conf), cfg.folded_dgemm2_rows(conf)
+    return conf, rows2, rows_bwd, folded_schedule(plan, conf.block_m, programs, numerics)
+
+
+def _folded_forward(x, weights, plan, weight_on_input, y, act):
+    if weight_on_input:
+        raise ValueError("weight_on_input: the folded layout carries adjugates, whose API "
+                         "applies the router weight to the output")
+    H = x.shape[1]
+    w1, w2, a1, a2 = weights
+    I, Ia = weights.intermediate
+    conf, rows2, _, sched = _folded_setup(plan, x, weights)
+    R = plan.num_rows
+    if act is not None:
+        h, z = act.h[0], act.z[0]
+    else:
+        h, z = None, x.new_empty(R, I + Ia)
+    folded_gemm1(x, plan, sched, w1, a1, z, h, config=conf.gemm1)
+    o = x.new_empty(R, H)
+    folded_k_concat(plan, sched, z, (I, Ia, I), _b(w2, True), _b(a2, True), H, o, True, rows2)
+    combine_rows(o, plan, y)
+
+
+def _folded_backward(dy, x, weights, plan, weight_on_input, act, grads):
+    """Writes grads; returns (d row weight [R], d leader weight [R])."""
+    if weight_on_input:
+        raise ValueError("weight_on_input: the folded layout carries adjugates, whose API "
+                         "applies the router weight to the output")
+    H = x.shape[1]
+    w1, w2, a1, a2 = weights
+    I, Ia = weights.intermediate
+    dx, dw1, dw2, da1, da2 = grads
+    conf, _, rows_bwd, sched = _folded_setup(plan, x, weights)
+    h, z = act.h[0], act.z[0]
+    # Adjugate columns of rows that lead no group stay unwritten: no later launch reads them.
+    dh = torch.empty_like(h)
+    d_row_weight, d_leader_weight = folded_dgemm2(dy, plan, sched, w2, a2, h, dh, rows_bwd)
+    folded_wgrad(plan, sched, dy, 0, z, I, (dw2, da2), gather_a=True, gather_b=False,
+                 scale_a=True, config=conf.wgrad)
+    folded_wgrad(plan, sched, dh, 2 * I, x, 0, (dw1, da1), gather_a=False, gather_b=True,
+                 scale_a=False, config=conf.wgrad)
+    dx_rows = x.new_empty(plan.num_rows, H)
+    folded_k_concat(plan, sched, dh, (2 * I, 2 * Ia, 2 * I), _b(w1, False), _b(a1, False), H,
+                    dx_rows, False, conf.rows)
+    combine_rows(dx_rows, plan, dx)
+    return d_row_weight, d_leader_weight

@@ -54,6 +54,12 @@ class Config:
         object.__setattr__(self, "wgrad", WgradTile(*self.wgrad))
 
 
+def dot_flags(dtype):
+    """The numerics constexprs of a GEMM launch with operands of `dtype` (gemm_common.mma)."""
+    return dict(INTERPRET=INTERPRET,
+                IEEE=dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+
+
 def tiles(n, block):
     return triton.cdiv(n, block)
 

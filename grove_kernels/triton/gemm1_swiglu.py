@@ -12,7 +12,8 @@ pass. Rows are gathered from x by token (no permuted copy of x). fp32 accumulati
 import triton
 import triton.language as tl
 
-from .gemm_common import dot_flags, mma, round_to, row_block
+from .config import dot_flags
+from .gemm_common import mma, round_to, row_block
 
 
 @triton.jit

@@ -75,12 +75,6 @@ def mma(acc, a, b, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-def dot_flags(dtype):
-    """The numerics constexprs of a GEMM launch with operands of `dtype` (see mma)."""
-    return dict(INTERPRET=INTERPRET,
-                IEEE=dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
-
-
 def operand(t, gather):
     """(expert buffer, adjugate buffer, gather row stride) of a kernel operand: one [T, D]
     tensor read by token (gather), or a pair of per-section row buffers (adjugate may be None)."""

@@ -50,52 +50,10 @@ two in fp32, so the folded output carries one rounding to the output dtype fewer
 row (for bf16 output: ~2^-9 relative per (t, g) less error). Pre-scaling z by w would put the
 scale before the MMA and add a rounding of z·w to the operand dtype: not done.
 """
-from typing import NamedTuple
-
-import torch
 import triton
 import triton.language as tl
 
-from .gemm_common import dot_flags, locate_block, mma, round_to
-
-
-class FoldedSchedule(NamedTuple):
-    """The row blocks of a folded plan at block height block_m, and the launch shape."""
-    start: torch.Tensor  # [E] int32: first row of each expert
-    count: torch.Tensor  # [E] int32: rows of each expert
-    block_offsets: torch.Tensor  # [E+1] int32: first row block of each expert; [E] = blocks
-    bound: int  # an upper bound on the row blocks, cdiv(R, BM) + E
-    block_m: int  # BM
-    programs: int  # persistent launches: at most this many programs; 0: one per tile
-
-
-def folded_schedule(plan, block_m, programs):
-    """The FoldedSchedule of `plan` (programs: config.persistent_programs)."""
-    off = plan.expert_offsets
-    count = off.diff()
-    blocks = (count + block_m - 1) // block_m
-    block_offsets = torch.zeros(count.numel() + 1, dtype=torch.int32, device=off.device)
-    torch.cumsum(blocks, 0, out=block_offsets[1:])
-    bound = triton.cdiv(plan.num_rows, block_m) + plan.num_experts
-    return FoldedSchedule(off[:-1].to(torch.int32), count.to(torch.int32), block_offsets, bound,
-                          block_m, programs)
-
-
-def grid(sched, n_grid):
-    """The launch grid over (row block, N tile) items: min(programs, bound · n_grid) programs
-    looping over the device's tile count, or (bound, n_grid) programs of one tile each."""
-    if sched.programs:
-        return (min(sched.programs, sched.bound * n_grid),)
-    return (sched.bound, n_grid)
-
-
-def _launch_args(plan, sched):
-    """The schedule's kernel arguments and constexprs shared by every folded GEMM launch."""
-    E = plan.num_experts
-    return ((sched.block_offsets, sched.start, sched.count, plan.leader_ends, E,
-             plan.group_size),
-            dict(P_POW2=max(16, triton.next_power_of_2(E)), BM=sched.block_m,
-                 PERSISTENT=sched.programs > 0))
+from .gemm_common import locate_block, mma, round_to
 
 
 @triton.jit
@@ -193,23 +151,6 @@ def _folded_gemm1_kernel(
                          K, n_e, n_a, BM, BN, BK, STORE_H, INTERPRET, IEEE)
 
 
-def folded_gemm1(x, plan, sched, w1, a1, z, h=None, config=None):
-    """z [R, I + Ia] (and h [R, 2I + 2Ia] when given) of every real row; adjugate columns of
-    rows that lead no group are not written."""
-    BN, BK, warps, stages = config
-    I, Ia = w1.shape[1] // 2, a1.shape[1] // 2
-    n_e, n_a = triton.cdiv(I, BN), triton.cdiv(Ia, BN)
-    h_arg = h if h is not None else z
-    sched_args, meta = _launch_args(plan, sched)
-    _folded_gemm1_kernel[grid(sched, n_e)](
-        x, x.stride(0), plan.row_token, *sched_args,
-        w1, w1.stride(0), w1.stride(1), w1.stride(2), I,
-        a1, a1.stride(0), a1.stride(1), a1.stride(2), Ia,
-        z, z.stride(0), h_arg, h_arg.stride(0), x.shape[1], n_e, n_a,
-        BN=BN, BK=BK, STORE_H=h is not None, **meta, **dot_flags(x.dtype), num_warps=warps,
-        num_stages=stages)
-
-
 # ---- K-concatenated: GEMM-2 and dGEMM-1 ------------------------------------------------------
 
 @triton.jit
@@ -290,24 +231,6 @@ def _folded_k_concat_kernel(
                             INTERPRET, IEEE)
 
 
-def _b(w, transpose):
-    """(w, s_p, s_k, s_n) of the per-problem B_p [K, N] = w[p]^T (transpose) or w[p]."""
-    s_p, s_0, s_1 = w.stride()
-    return (w, s_p, s_1, s_0) if transpose else (w, s_p, s_0, s_1)
-
-
-def folded_k_concat(plan, sched, a, k_parts, be, ba, N, out, scale, config):
-    """out [R, N] = A[:, :K_E] @ B_p (· w) + lead · A[:, A_OFF:] @ B'_g (· λΣw).
-    k_parts: (K_E, K_A, A_OFF); be, ba: _b views."""
-    BN, BK, warps, stages = config
-    n_grid = triton.cdiv(N, BN)
-    sched_args, meta = _launch_args(plan, sched)
-    _folded_k_concat_kernel[grid(sched, n_grid)](
-        a, a.stride(0), *k_parts, plan.row_weight, plan.leader_weight, *sched_args, *be, *ba,
-        N, n_grid, out, out.stride(0), BN=BN, BK=BK, SCALE=scale, **meta,
-        **dot_flags(a.dtype), num_warps=warps, num_stages=stages)
-
-
 # ---- dGEMM-2 + SwiGLU backward ---------------------------------------------------------------
 
 @triton.jit
@@ -385,22 +308,3 @@ def _folded_dgemm2_kernel(
                           w2_ptr, s_w2_p, s_w2_k, s_w2_n, I, a2_ptr, s_a2_p, s_a2_k, s_a2_n,
                           IA, h_ptr, stride_h, dh_ptr, part_e_ptr, part_a_ptr, R, K, n_e, n_a,
                           BM, BN, BK, INTERPRET, IEEE)
-
-
-def folded_dgemm2(dy, plan, sched, w2, a2, h, dh, config):
-    """dh [R, 2I + 2Ia] (adjugate columns on lead rows only) and (d row weight [R],
-    d leader weight [R]) from the per-tile partials (summed in tile order)."""
-    BN, BK, warps, stages = config
-    I, Ia = w2.shape[2], a2.shape[2]
-    n_e, n_a = triton.cdiv(I, BN), triton.cdiv(Ia, BN)
-    R = plan.num_rows
-    # Zeroed: rows past the last expert and rows that lead no group write no partial.
-    part_e = torch.zeros(n_e, R, dtype=torch.float32, device=dy.device)
-    part_a = torch.zeros(n_a, R, dtype=torch.float32, device=dy.device)
-    sched_args, meta = _launch_args(plan, sched)
-    _folded_dgemm2_kernel[grid(sched, n_e)](
-        dy, dy.stride(0), plan.row_token, plan.row_weight, plan.leader_weight, *sched_args,
-        *_b(w2, False), I, *_b(a2, False), Ia,
-        h, h.stride(0), dh, part_e, part_a, R, dy.shape[1], n_e, n_a,
-        BN=BN, BK=BK, **meta, **dot_flags(dy.dtype), num_warps=warps, num_stages=stages)
-    return part_e.sum(0), part_a.sum(0)

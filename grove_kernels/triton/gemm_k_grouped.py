@@ -13,7 +13,8 @@ no atomics, and problems with no rows write zeros (nothing is left uninitialized
 import triton
 import triton.language as tl
 
-from .gemm_common import dot_flags, mma, operand, round_to
+from .config import dot_flags
+from .gemm_common import mma, operand, round_to
 
 
 @triton.jit

@@ -16,7 +16,8 @@ Partials instead of atomics keep that sum deterministic.
 import triton
 import triton.language as tl
 
-from .gemm_common import dot_flags, mma, operand, round_to, row_block
+from .config import dot_flags
+from .gemm_common import mma, operand, round_to, row_block
 
 # The epilogues (the kernel's EPILOGUE constexpr).
 STORE = tl.constexpr(0)  # out = acc · row weight (ROW_SCALE) or acc

@@ -15,7 +15,7 @@ Sections layout (backend.py):
 bound = cdiv(R_e, BM) + cdiv(R_a, BM) + P row blocks: programs past the last real block of the
 plan, and n tiles past an adjugate's narrower N, are launched and exit (idle programs).
 
-Folded layout (backend_folded.py, gemm_folded.py, wgrad_folded.py): the same three forward
+Folded layout (backend.py, gemm_folded.py, wgrad_folded.py): the same three forward
 launches over the R = T*k expert rows, and in the backward dGEMM-2 + SwiGLU', one flat launch
 per weight-gradient pair (dW and dA), dGEMM-1. The adjugate tiles run inside the items of
 leader row blocks; persistent launches (the default) idle only programs beyond the items, the
@@ -153,7 +153,7 @@ def _sections(plan, x_shape, weights_shapes, dtype, pass_, device_name):
 
 
 def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
-    """The folded layout (backend_folded.py, gemm_folded.py, wgrad_folded.py): items (row block
+    """The folded layout (backend.py, gemm_folded.py, wgrad_folded.py): items (row block
     of the expert rows, expert N tile); on a leader block (first row below leader_ends) item n
     also runs adjugate tiles n, n + n_e, ... over the block's leader rows (GEMM-1, dGEMM-2),
     or adds the K = Ia product of its leader rows (GEMM-2, dGEMM-1). Persistent schedule
@@ -219,7 +219,7 @@ def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
         tokens * H * e + w1 + R * INDEX_BYTES + sched, z * (3 if train else 1),
         2 * (R * 2 * I + L * 2 * Ia) * H, INDEX_BYTES))
     # The folded GEMM-2 / dGEMM-2 configs where config.py defines their own (else those of
-    # the sections layout's launches, which backend_folded.py then uses).
+    # the sections layout's launches, which backend.py then uses).
     rows2 = getattr(cfg, "folded_gemm2_rows", lambda c: c.rows)(conf)
     n_h2 = cdiv(H, rows2[0])
     out.append(grid_launch(

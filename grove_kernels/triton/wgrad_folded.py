@@ -18,7 +18,7 @@ writes its zero tile). Every row x stride product is int64.
 import triton
 import triton.language as tl
 
-from .gemm_common import dot_flags, mma, round_to
+from .gemm_common import mma, round_to
 
 
 @triton.jit
@@ -96,20 +96,3 @@ def _folded_wgrad_kernel(
                   + n_idx[None, :])
         tl.store(o_ptrs, round_to(acc, oa_ptr.dtype.element_ty, INTERPRET),
                  mask=m_ok[:, None] & n_ok[None, :])
-
-
-def folded_wgrad(plan, a, a_col, b, b_col, out, *, gather_a, gather_b, scale_a, config):
-    """out = (dW [E, M_E, N_E], dA [G, M_A, N_A]), both contiguous. a, b: [T, D] gathered by
-    token or [R, D] row buffers; a_col / b_col: the adjugate part's first column."""
-    BM, BN, BK, warps, stages = config
-    oe, oa = out
-    E, G = plan.num_experts, plan.num_groups
-    mt_e, nt_e = triton.cdiv(oe.shape[1], BM), triton.cdiv(oe.shape[2], BN)
-    mt_a, nt_a = triton.cdiv(oa.shape[1], BM), triton.cdiv(oa.shape[2], BN)
-    _folded_wgrad_kernel[(E * mt_e * nt_e + G * mt_a * nt_a,)](
-        a, a.stride(0), a_col, b, b.stride(0), b_col,
-        plan.row_token, plan.row_weight, plan.leader_weight, plan.expert_offsets,
-        plan.leader_ends, E, plan.group_size,
-        oe, oe.shape[1], oe.shape[2], mt_e, nt_e, oa, oa.shape[1], oa.shape[2], mt_a, nt_a,
-        BM=BM, BN=BN, BK=BK, GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a,
-        **dot_flags(a.dtype), num_warps=warps, num_stages=stages)

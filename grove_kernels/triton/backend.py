@@ -82,7 +82,7 @@ def forward(x, weights, plan, weight_on_input, y, act):
                  config=conf.gemm1)
     o = x.new_empty(plan.num_rows, H)
     gemm_m_grouped(plan, sched, (ze, za), _b_pair(w2, a2, True), (H, H), o,
-                   row_scale=not weight_on_input, config=conf.rows)
+                   row_weight_out=not weight_on_input, config=conf.rows)
     combine_rows(o, plan, y)
 
 
@@ -102,21 +102,21 @@ def backward(dy, x, weights, plan, weight_on_input, act, grads):
     part = torch.zeros(cfg.tiles(max(I, Ia), rows_bwd.bn), R, dtype=torch.float32,
                        device=x.device)
     n = gemm_m_grouped(plan, sched, dy, _b_pair(w2, a2, False), (I, Ia or I), dh,
-                       gather_a=True, row_scale=not weight_on_input, epilogue=SWIGLU_BWD, h=h,
-                       part=part, config=rows_bwd)
+                       gather_a=True, row_weight_out=not weight_on_input, epilogue=SWIGLU_BWD,
+                       h=h, part=part, config=rows_bwd)
     d_row_weight = part[:n].sum(0)
 
     gemm_k_grouped(plan, sched.start, sched.count, dy, z, (dw2, da2), gather_a=True,
-                   scale_a=not weight_on_input, config=conf.wgrad)
+                   row_weight_a=not weight_on_input, config=conf.wgrad)
     gemm_k_grouped(plan, sched.start, sched.count, dh, x, (dw1, da1), gather_b=True,
-                   scale_b=weight_on_input, config=conf.wgrad)
+                   row_weight_b=weight_on_input, config=conf.wgrad)
 
     dx_rows = x.new_empty(R, H)
     b1 = _b_pair(w1, a1, False)
     if weight_on_input:
         part_x = torch.zeros(cfg.tiles(H, conf.rows.bn), R, dtype=torch.float32,
                              device=x.device)
-        n = gemm_m_grouped(plan, sched, dh, b1, (H, H), dx_rows, row_scale=True,
+        n = gemm_m_grouped(plan, sched, dh, b1, (H, H), dx_rows, row_weight_out=True,
                            epilogue=DOT_X, x=x, part=part_x, config=conf.rows)
         d_row_weight = part_x[:n].sum(0)
     else:
@@ -196,7 +196,7 @@ def folded_gemm1(x, plan, sched, w1, a1, z, h=None, config=None):
         num_stages=stages)
 
 
-def folded_k_concat(plan, sched, a, k_parts, be, ba, N, out, scale, config):
+def folded_k_concat(plan, sched, a, k_parts, be, ba, N, out, row_weight_out, config):
     """out [R, N] = A[:, :K_E] @ B_p (· w) + lead · A[:, A_OFF:] @ B'_g (· λΣw).
     k_parts: (K_E, K_A, A_OFF); be, ba: _b views."""
     BN, BK, warps, stages = config
@@ -204,8 +204,8 @@ def folded_k_concat(plan, sched, a, k_parts, be, ba, N, out, scale, config):
     sched_args, meta = _launch_args(plan, sched)
     gemm_folded._folded_k_concat_kernel[grid(sched, n_grid)](
         a, a.stride(0), *k_parts, plan.row_weight, plan.leader_weight, *sched_args, *be, *ba,
-        N, n_grid, out, out.stride(0), BN=BN, BK=BK, SCALE=scale, **meta, num_warps=warps,
-        num_stages=stages)
+        N, n_grid, out, out.stride(0), BN=BN, BK=BK, ROW_WEIGHT_OUT=row_weight_out, **meta,
+        num_warps=warps, num_stages=stages)
 
 
 def folded_dgemm2(dy, plan, sched, w2, a2, h, dh, config):
@@ -227,7 +227,7 @@ def folded_dgemm2(dy, plan, sched, w2, a2, h, dh, config):
     return part_e.sum(0), part_a.sum(0)
 
 
-def folded_wgrad(plan, sched, a, a_col, b, b_col, out, *, gather_a, gather_b, scale_a,
+def folded_wgrad(plan, sched, a, a_col, b, b_col, out, *, gather_a, gather_b, row_weight_a,
                  config):
     """out = (dW [E, M_E, N_E], dA [G, M_A, N_A]), both contiguous. a, b: [T, D] gathered by
     token or [R, D] row buffers; a_col / b_col: the adjugate part's first column."""
@@ -241,8 +241,14 @@ def folded_wgrad(plan, sched, a, a_col, b, b_col, out, *, gather_a, gather_b, sc
         plan.row_token, plan.row_weight, plan.leader_weight, plan.expert_offsets,
         plan.leader_ends, E, plan.group_size,
         oe, oe.shape[1], oe.shape[2], mt_e, nt_e, oa, oa.shape[1], oa.shape[2], mt_a, nt_a,
-        BM=BM, BN=BN, BK=BK, GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a,
+        BM=BM, BN=BN, BK=BK, GATHER_A=gather_a, GATHER_B=gather_b, ROW_WEIGHT_A=row_weight_a,
         **sched.numerics, num_warps=warps, num_stages=stages)
+
+
+def _refuse_weight_on_input(weight_on_input):
+    if weight_on_input:
+        raise ValueError("weight_on_input: the folded layout carries adjugates, whose API "
+                         "applies the router weight to the output")
 
 
 def _folded_setup(plan, x, weights):
@@ -256,9 +262,7 @@ def _folded_setup(plan, x, weights):
 
 
 def _folded_forward(x, weights, plan, weight_on_input, y, act):
-    if weight_on_input:
-        raise ValueError("weight_on_input: the folded layout carries adjugates, whose API "
-                         "applies the router weight to the output")
+    _refuse_weight_on_input(weight_on_input)
     H = x.shape[1]
     w1, w2, a1, a2 = weights
     I, Ia = weights.intermediate
@@ -276,9 +280,7 @@ def _folded_forward(x, weights, plan, weight_on_input, y, act):
 
 def _folded_backward(dy, x, weights, plan, weight_on_input, act, grads):
     """Writes grads; returns (d row weight [R], d leader weight [R])."""
-    if weight_on_input:
-        raise ValueError("weight_on_input: the folded layout carries adjugates, whose API "
-                         "applies the router weight to the output")
+    _refuse_weight_on_input(weight_on_input)
     H = x.shape[1]
     w1, w2, a1, a2 = weights
     I, Ia = weights.intermediate
@@ -289,9 +291,9 @@ def _folded_backward(dy, x, weights, plan, weight_on_input, act, grads):
     dh = torch.empty_like(h)
     d_row_weight, d_leader_weight = folded_dgemm2(dy, plan, sched, w2, a2, h, dh, rows_bwd)
     folded_wgrad(plan, sched, dy, 0, z, I, (dw2, da2), gather_a=True, gather_b=False,
-                 scale_a=True, config=conf.wgrad)
+                 row_weight_a=True, config=conf.wgrad)
     folded_wgrad(plan, sched, dh, 2 * I, x, 0, (dw1, da1), gather_a=False, gather_b=True,
-                 scale_a=False, config=conf.wgrad)
+                 row_weight_a=False, config=conf.wgrad)
     dx_rows = x.new_empty(plan.num_rows, H)
     folded_k_concat(plan, sched, dh, (2 * I, 2 * Ia, 2 * I), _b(w1, False), _b(a1, False), H,
                     dx_rows, False, conf.rows)

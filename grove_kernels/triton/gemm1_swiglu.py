@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .config import dot_flags
-from .gemm_common import mma, round_to, row_block
+from .gemm_common import gate_up_loop, round_to, row_block
 
 
 @triton.jit
@@ -31,18 +31,8 @@ def _gemm1_tile(x_ptr, stride_xt, row_token_ptr, row_weight_ptr, rows, row_ok, w
         a_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xt + ks[None, :]
         g_ptrs = w_ptr + cols[None, :].to(tl.int64) * s_n + ks[:, None]
         u_ptrs = g_ptrs + N.to(tl.int64) * s_n
-        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            k_ok = (k0 + ks) < K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            bg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            bu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc_g = mma(acc_g, a, bg, INTERPRET, IEEE)
-            acc_u = mma(acc_u, a, bu, INTERPRET, IEEE)
-            a_ptrs += BK
-            g_ptrs += BK
-            u_ptrs += BK
+        acc_g, acc_u = gate_up_loop(a_ptrs, g_ptrs, u_ptrs, BK, row_ok, col_ok, K, BM, BN, BK,
+                                    INTERPRET, IEEE)
 
         if WEIGHT_ON_INPUT:
             # (w·x) W = w·(x W): scaling the fp32 accumulators keeps x unrounded.

@@ -85,6 +85,43 @@ def operand(t, gather):
 
 
 @triton.jit
+def k_loop(acc, a_ptrs, b_ptrs, b_step, row_ok, col_ok, K, BK: tl.constexpr,
+           INTERPRET: tl.constexpr, IEEE: tl.constexpr):
+    """acc + A[rows, :K] @ B[:K, cols], from the pointers of the first K tile (A steps BK
+    columns, B b_step elements per K tile); masked rows, columns and K load 0."""
+    ks = tl.arange(0, BK)
+    for k0 in range(0, K, BK):
+        k_ok = (k0 + ks) < K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(acc, a, b, INTERPRET, IEEE)
+        a_ptrs += BK
+        b_ptrs += b_step
+    return acc
+
+
+@triton.jit
+def gate_up_loop(a_ptrs, g_ptrs, u_ptrs, b_step, row_ok, col_ok, K, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """(A @ B_gate, A @ B_up) [BM, BN] in fp32, as k_loop with one A tile feeding both."""
+    ks = tl.arange(0, BK)
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_ok = (k0 + ks) < K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        bg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        bu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc_g = mma(acc_g, a, bg, INTERPRET, IEEE)
+        acc_u = mma(acc_u, a, bu, INTERPRET, IEEE)
+        a_ptrs += BK
+        g_ptrs += b_step
+        u_ptrs += b_step
+    return acc_g, acc_u
+
+
+@triton.jit
 def round_to(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     """fp32 -> dtype with round-to-nearest-even, also under the interpreter (whose casts to
     bf16 truncate: twice the rounding error of a GPU)."""

@@ -53,7 +53,7 @@ scale before the MMA and add a rounding of z·w to the operand dtype: not done.
 import triton
 import triton.language as tl
 
-from .gemm_common import locate_block, mma, round_to
+from .gemm_common import gate_up_loop, k_loop, locate_block, round_to
 
 
 @triton.jit
@@ -80,18 +80,8 @@ def _gemm1_tile(x_ptr, stride_xt, token, rows, row_ok, w_ptr, s_n, s_k, N, z_ptr
     a_ptrs = x_ptr + token[:, None] * stride_xt + ks[None, :]
     g_ptrs = w_ptr + cols[None, :].to(tl.int64) * s_n + ks[:, None] * s_k
     u_ptrs = w_ptr + (cols[None, :] + N).to(tl.int64) * s_n + ks[:, None] * s_k
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        k_ok = (k0 + ks) < K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        bg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        bu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc_g = mma(acc_g, a, bg, INTERPRET, IEEE)
-        acc_u = mma(acc_u, a, bu, INTERPRET, IEEE)
-        a_ptrs += BK
-        g_ptrs += BK * s_k
-        u_ptrs += BK * s_k
+    acc_g, acc_u = gate_up_loop(a_ptrs, g_ptrs, u_ptrs, BK * s_k, row_ok, col_ok, K, BM, BN, BK,
+                                INTERPRET, IEEE)
     mask = row_ok[:, None] & col_ok[None, :]
     r64 = rows.to(tl.int64)[:, None]
     if STORE_H:
@@ -159,14 +149,7 @@ def _k_loop(acc, a_ptr, stride_a, a_col, rows, row_ok, K, b_ptr, s_k, s_n, cols,
     ks = tl.arange(0, BK)
     a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_a + a_col + ks[None, :]
     b_ptrs = b_ptr + ks[:, None].to(tl.int64) * s_k + cols[None, :].to(tl.int64) * s_n
-    for k0 in range(0, K, BK):
-        k_ok = (k0 + ks) < K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(acc, a, b, INTERPRET, IEEE)
-        a_ptrs += BK
-        b_ptrs += BK * s_k
-    return acc
+    return k_loop(acc, a_ptrs, b_ptrs, BK * s_k, row_ok, col_ok, K, BK, INTERPRET, IEEE)
 
 
 @triton.jit
@@ -174,19 +157,19 @@ def _k_concat_block(a_ptr, stride_a, K_E, K_A, A_OFF, row_weight_ptr, leader_wei
                     p, rows, row_ok, lead_ok, leader_block, n, S,
                     be_ptr, s_be_p, s_be_k, s_be_n, ba_ptr, s_ba_p, s_ba_k, s_ba_n, N,
                     out_ptr, stride_o, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    SCALE: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
+                    ROW_WEIGHT_OUT: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
     cols = n * BN + tl.arange(0, BN)
     col_ok = cols < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc = _k_loop(acc, a_ptr, stride_a, 0, rows, row_ok, K_E,
                   be_ptr + p.to(tl.int64) * s_be_p, s_be_k, s_be_n, cols, col_ok, BK,
                   INTERPRET, IEEE)
-    if SCALE:
+    if ROW_WEIGHT_OUT:
         w = tl.load(row_weight_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         acc = acc * w[:, None]
     if leader_block:
         b_g = ba_ptr + (p // S).to(tl.int64) * s_ba_p
-        if SCALE:
+        if ROW_WEIGHT_OUT:
             acc_a = tl.zeros((BM, BN), dtype=tl.float32)
             acc_a = _k_loop(acc_a, a_ptr, stride_a, A_OFF, rows, lead_ok, K_A, b_g, s_ba_k,
                             s_ba_n, cols, col_ok, BK, INTERPRET, IEEE)
@@ -207,7 +190,7 @@ def _folded_k_concat_kernel(
     be_ptr, s_be_p, s_be_k, s_be_n, ba_ptr, s_ba_p, s_ba_k, s_ba_n, N, n_grid,
     out_ptr, stride_o,
     P_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    SCALE: tl.constexpr, PERSISTENT: tl.constexpr, INTERPRET: tl.constexpr,
+    ROW_WEIGHT_OUT: tl.constexpr, PERSISTENT: tl.constexpr, INTERPRET: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     if PERSISTENT:
@@ -219,7 +202,7 @@ def _folded_k_concat_kernel(
             _k_concat_block(a_ptr, stride_a, K_E, K_A, A_OFF, row_weight_ptr,
                             leader_weight_ptr, p, rows, row_ok, lead_ok, leader_block, n, S,
                             be_ptr, s_be_p, s_be_k, s_be_n, ba_ptr, s_ba_p, s_ba_k, s_ba_n, N,
-                            out_ptr, stride_o, BM, BN, BK, SCALE, INTERPRET, IEEE)
+                            out_ptr, stride_o, BM, BN, BK, ROW_WEIGHT_OUT, INTERPRET, IEEE)
     else:
         p, rows, row_ok, lead_ok, leader_block = _leader_block(
             tl.program_id(0), block_offsets, prob_start, prob_count, leader_ends, E, P_POW2, BM)
@@ -227,8 +210,8 @@ def _folded_k_concat_kernel(
             _k_concat_block(a_ptr, stride_a, K_E, K_A, A_OFF, row_weight_ptr,
                             leader_weight_ptr, p, rows, row_ok, lead_ok, leader_block,
                             tl.program_id(1), S, be_ptr, s_be_p, s_be_k, s_be_n, ba_ptr,
-                            s_ba_p, s_ba_k, s_ba_n, N, out_ptr, stride_o, BM, BN, BK, SCALE,
-                            INTERPRET, IEEE)
+                            s_ba_p, s_ba_k, s_ba_n, N, out_ptr, stride_o, BM, BN, BK,
+                            ROW_WEIGHT_OUT, INTERPRET, IEEE)
 
 
 # ---- dGEMM-2 + SwiGLU backward ---------------------------------------------------------------

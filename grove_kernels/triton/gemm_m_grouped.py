@@ -17,10 +17,10 @@ import triton
 import triton.language as tl
 
 from .config import dot_flags
-from .gemm_common import mma, operand, round_to, row_block
+from .gemm_common import k_loop, operand, round_to, row_block
 
 # The epilogues (the kernel's EPILOGUE constexpr).
-STORE = tl.constexpr(0)  # out = acc · row weight (ROW_SCALE) or acc
+STORE = tl.constexpr(0)  # out = acc · row weight (ROW_WEIGHT_OUT) or acc
 SWIGLU_BWD = tl.constexpr(1)  # dh from g = acc and the saved h; partial Σ_n g·z
 DOT_X = tl.constexpr(2)  # partial Σ_n acc·x[token] (router weight applied on the input), then scale
 
@@ -30,7 +30,7 @@ def _m_grouped_tile(a_ptr, K, stride_a_gather, row_token_ptr, row_weight_ptr, ro
                     row0, b_ptr, s_b, N, o_ptr, stride_o, h_ptr, x_ptr, stride_xt, part_ptr, R,
                     pid_n, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     B_K_CONTIG: tl.constexpr, GATHER_A: tl.constexpr, OUT_SHARED: tl.constexpr,
-                    ROW_SCALE: tl.constexpr, EPILOGUE: tl.constexpr, INTERPRET: tl.constexpr,
+                    ROW_WEIGHT_OUT: tl.constexpr, EPILOGUE: tl.constexpr, INTERPRET: tl.constexpr,
                     IEEE: tl.constexpr):
     n0 = pid_n * BN
     if n0 < N:
@@ -49,17 +49,11 @@ def _m_grouped_tile(a_ptr, K, stride_a_gather, row_token_ptr, row_weight_ptr, ro
         else:
             b_ptrs = b_ptr + ks[:, None].to(tl.int64) * s_b + cols[None, :]
             b_step = BK * s_b
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            k_ok = (k0 + ks) < K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = mma(acc, a, b, INTERPRET, IEEE)
-            a_ptrs += BK
-            b_ptrs += b_step
+        acc = k_loop(tl.zeros((BM, BN), dtype=tl.float32), a_ptrs, b_ptrs, b_step, row_ok,
+                     col_ok, K, BK, INTERPRET, IEEE)
 
         mask = row_ok[:, None] & col_ok[None, :]
-        if ROW_SCALE:
+        if ROW_WEIGHT_OUT:
             w = tl.load(row_weight_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         else:
             w = tl.full((BM,), 1.0, tl.float32)
@@ -103,7 +97,7 @@ def _gemm_m_grouped_kernel(
     he_ptr, ha_ptr, x_ptr, stride_xt, part_ptr, R,
     P_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     B_K_CONTIG: tl.constexpr, GATHER_A: tl.constexpr, OUT_SHARED: tl.constexpr,
-    ROW_SCALE: tl.constexpr, EPILOGUE: tl.constexpr, INTERPRET: tl.constexpr,
+    ROW_WEIGHT_OUT: tl.constexpr, EPILOGUE: tl.constexpr, INTERPRET: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(1)
@@ -112,16 +106,17 @@ def _gemm_m_grouped_kernel(
         _m_grouped_tile(ae_ptr, K_E, stride_a_gather, row_token_ptr, row_weight_ptr, rows,
                         row_ok, 0, be_ptr + p.to(tl.int64) * s_be_p, s_be, N_E, oute_ptr,
                         stride_out_shared, he_ptr, x_ptr, stride_xt, part_ptr, R, pid_n, BM, BN,
-                        BK, B_K_CONTIG, GATHER_A, OUT_SHARED, ROW_SCALE, EPILOGUE, INTERPRET, IEEE)
+                        BK, B_K_CONTIG, GATHER_A, OUT_SHARED, ROW_WEIGHT_OUT, EPILOGUE, INTERPRET,
+                        IEEE)
     elif p < P:
         _m_grouped_tile(aa_ptr, K_A, stride_a_gather, row_token_ptr, row_weight_ptr, rows,
                         row_ok, ROWS_E, ba_ptr + (p - E).to(tl.int64) * s_ba_p, s_ba, N_A,
                         outa_ptr, stride_out_shared, ha_ptr, x_ptr, stride_xt, part_ptr, R,
-                        pid_n, BM, BN, BK, B_K_CONTIG, GATHER_A, OUT_SHARED, ROW_SCALE,
+                        pid_n, BM, BN, BK, B_K_CONTIG, GATHER_A, OUT_SHARED, ROW_WEIGHT_OUT,
                         EPILOGUE, INTERPRET, IEEE)
 
 
-def gemm_m_grouped(plan, sched, a, b, n, out, *, gather_a=False, row_scale=False,
+def gemm_m_grouped(plan, sched, a, b, n, out, *, gather_a=False, row_weight_out=False,
                    epilogue=STORE, h=None, x=None, part=None, config=None):
     """Launch the m-grouped GEMM.
 
@@ -157,7 +152,7 @@ def gemm_m_grouped(plan, sched, a, b, n, out, *, gather_a=False, row_scale=False
         oute, outa, oute.stride(0) if shared else 0, plan.num_expert_rows,
         he, ha, x_arg, x_arg.stride(0), part_arg, plan.num_rows,
         P_POW2=max(16, triton.next_power_of_2(P)), BM=BM, BN=BN, BK=BK, B_K_CONTIG=k_contig,
-        GATHER_A=gather_a, OUT_SHARED=shared, ROW_SCALE=row_scale, EPILOGUE=epilogue,
+        GATHER_A=gather_a, OUT_SHARED=shared, ROW_WEIGHT_OUT=row_weight_out, EPILOGUE=epilogue,
         **dot_flags(ae.dtype), num_warps=warps, num_stages=stages,
     )
     return n_tiles

@@ -78,7 +78,7 @@ def _combine(name, plan, H, e):
                   + real * H * e, 0)
 
 
-def _k_grouped(name, pr, conf, M, N, e, *, gathered_dim, a_rows_k, b_rows_k, scale):
+def _k_grouped(name, pr, conf, M, N, e, *, gathered_dim, a_rows_k, b_rows_k, row_weight):
     """A k-grouped launch: dW_p [M_p, N_p] = sum over the problem's rows; grid (P, m, n)."""
     BMw, BNw, BKw = conf[:3]
     m_t, n_t = cdiv(int(M.max()), BMw), cdiv(int(N.max()), BNw)
@@ -91,12 +91,12 @@ def _k_grouped(name, pr, conf, M, N, e, *, gathered_dim, a_rows_k, b_rows_k, sca
          else int((pr.count * a_rows_k).sum()) * e)
     b = (pr.tokens * gathered_dim * e if b_rows_k is None
          else int((pr.count * b_rows_k).sum()) * e)
-    read = a + b + rows * (INDEX_BYTES + (WEIGHT_BYTES if scale else 0)) + 2 * pr.P * 8
+    read = a + b + rows * (INDEX_BYTES + (WEIGHT_BYTES if row_weight else 0)) + 2 * pr.P * 8
     write = int((M * N).sum()) * e
     flops = 2 * int((pr.count * M * N).sum())
     k_issued = (pr.count + BKw - 1) // BKw * BKw
     loads = int((pr.count * (M * tn + N * tm)).sum()) * e \
-        + int((pr.count * tm * tn).sum()) * (INDEX_BYTES + (WEIGHT_BYTES if scale else 0))
+        + int((pr.count * tm * tn).sum()) * (INDEX_BYTES + (WEIGHT_BYTES if row_weight else 0))
     mma = 2 * BMw * BNw * int((k_issued * tm * tn).sum())
     return Launch(name, programs, programs - working, read, write, flops, working, loads, mma)
 
@@ -142,9 +142,9 @@ def _sections(plan, x_shape, weights_shapes, dtype, pass_, device_name):
                           part_bytes=4))
     out.append(torch_op("torch: sum partials", n_part * R * 4, R * 4, n_part * R))
     out.append(_k_grouped("dW2 / dA2", pr, conf.wgrad, H_n, pr.n, e, gathered_dim=H,
-                          a_rows_k=None, b_rows_k=pr.n, scale=True))
+                          a_rows_k=None, b_rows_k=pr.n, row_weight=True))
     out.append(_k_grouped("dW1 / dA1", pr, conf.wgrad, 2 * pr.n, H_n, e, gathered_dim=H,
-                          a_rows_k=2 * pr.n, b_rows_k=None, scale=False))
+                          a_rows_k=2 * pr.n, b_rows_k=None, row_weight=False))
     out.append(_m_grouped("dGEMM-1", pr, bound, H, 2 * pr.n, H_n, conf.rows[0], conf.rows[1],
                           BM, e, a_gather=False, b_elems=1, writes=o_bytes))
     out.append(_combine("combine dx", plan, H, e))

@@ -63,7 +63,7 @@ def config_jobs(conf, dtype="bf16"):
     from . import config as cfg
 
     bm = conf.block_m
-    # fp32 operands: IEEE dots, torch's default (gemm_common.dot_flags).
+    # fp32 operands: IEEE dots, torch's default (config.dot_flags).
     dot = dict(INTERPRET=False, IEEE=dtype == "fp32")
     g1 = dict(P_POW2=256, BM=bm, BN=conf.gemm1.bn, BK=conf.gemm1.bk, WEIGHT_ON_INPUT=False, **dot)
 

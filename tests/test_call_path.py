@@ -127,9 +127,13 @@ def test_triton_forward_enters_the_layers_above_the_kernels_once(gen, monkeypatc
 
 @pytest.mark.interpreter
 @pytest.mark.skipif("triton" not in gk.available_backends(), reason="triton unavailable")
-def test_triton_forward_goes_down_the_layers_once(gen):
-    """triton's default layout (folded): the plan in triton/plan.py, the host side of the
-    experts stage in triton/backend.py and config.py, the kernels launched from there."""
+@pytest.mark.parametrize("layout", [None, "sections", "folded"])
+def test_triton_forward_goes_down_the_layers_once(gen, monkeypatch, layout):
+    """triton's default layout (folded) and each named one: the plan in triton/plan.py, the
+    host side of the experts stage in triton/backend.py and config.py, the kernels launched
+    from there."""
+    if layout is not None:
+        monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", layout)
     entries, resolves = trace_forward("triton", _layer(gen))
     _check(entries, resolves)
     assert entries[-3:] == ["experts.py", "triton/backend.py", "triton/config.py"], entries

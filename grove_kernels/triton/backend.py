@@ -33,11 +33,9 @@ from typing import NamedTuple
 import torch
 import triton
 
-from . import INTERPRET, combine, config as cfg, gemm_folded, wgrad_folded
-from .gemm1_swiglu import gemm1_swiglu
-from .gemm_common import block_schedule
-from .gemm_k_grouped import gemm_k_grouped
-from .gemm_m_grouped import DOT_X, STORE, SWIGLU_BWD, gemm_m_grouped
+from . import (INTERPRET, combine, config as cfg, gemm1_swiglu, gemm_folded, gemm_k_grouped,
+               gemm_m_grouped, wgrad_folded)
+from .gemm_m_grouped import DOT_X, STORE, SWIGLU_BWD
 
 
 def _schedule(plan, x, weights):
@@ -47,7 +45,8 @@ def _schedule(plan, x, weights):
                          f"min(k, G))), more than 2^31 - 1: split the call")
     I, Ia = weights.intermediate
     conf = cfg.select(plan, x.shape[1], I, Ia, x.dtype)
-    return conf, block_schedule(plan, conf.block_m)
+    rows_bwd, numerics = cfg.swiglu_bwd_rows(conf), cfg.dot_flags(x.dtype)
+    return conf, rows_bwd, block_schedule(plan, conf.block_m, numerics)
 
 
 def _b(w, transpose):
@@ -70,7 +69,7 @@ def forward(x, weights, plan, weight_on_input, y, act):
     H = x.shape[1]
     w1, w2, a1, a2 = weights
     I, Ia = weights.intermediate
-    conf, sched = _schedule(plan, x, weights)
+    conf, _, sched = _schedule(plan, x, weights)
     if act is not None:
         (ze, za), (he, ha) = act.z, act.h
     else:
@@ -78,11 +77,11 @@ def forward(x, weights, plan, weight_on_input, y, act):
         if weights.grove:
             za = x.new_empty(plan.num_adjugate_rows, Ia)
         he = ha = None
-    gemm1_swiglu(x, plan, sched, w1, a1, ze, za, he, ha, weight_on_input=weight_on_input,
-                 config=conf.gemm1)
+    launch_gemm1_swiglu(x, plan, sched, w1, a1, ze, za, he, ha,
+                        weight_on_input=weight_on_input, config=conf.gemm1)
     o = x.new_empty(plan.num_rows, H)
-    gemm_m_grouped(plan, sched, (ze, za), _b_pair(w2, a2, True), (H, H), o,
-                   row_weight_out=not weight_on_input, config=conf.rows)
+    launch_m_grouped(plan, sched, (ze, za), _b_pair(w2, a2, True), (H, H), o,
+                     row_weight_out=not weight_on_input, config=conf.rows)
     combine_rows(o, plan, y)
 
 
@@ -93,36 +92,156 @@ def backward(dy, x, weights, plan, weight_on_input, act, grads):
     w1, w2, a1, a2 = weights
     I, Ia = weights.intermediate
     dx, dw1, dw2, da1, da2 = grads
-    conf, sched = _schedule(plan, x, weights)
+    conf, rows_bwd, sched = _schedule(plan, x, weights)
     z, h = act.z, act.h
     R = plan.num_rows
     dh = (torch.empty_like(h[0]), torch.empty_like(h[1]) if h[1] is not None else None)
     # Zeroed: tiles past an adjugate's narrower N write no partial, and are summed too.
-    rows_bwd = cfg.swiglu_bwd_rows(conf)
-    part = torch.zeros(cfg.tiles(max(I, Ia), rows_bwd.bn), R, dtype=torch.float32,
+    part = torch.zeros(triton.cdiv(max(I, Ia), rows_bwd.bn), R, dtype=torch.float32,
                        device=x.device)
-    n = gemm_m_grouped(plan, sched, dy, _b_pair(w2, a2, False), (I, Ia or I), dh,
-                       gather_a=True, row_weight_out=not weight_on_input, epilogue=SWIGLU_BWD,
-                       h=h, part=part, config=rows_bwd)
+    n = launch_m_grouped(plan, sched, dy, _b_pair(w2, a2, False), (I, Ia or I), dh,
+                         gather_a=True, row_weight_out=not weight_on_input,
+                         epilogue=SWIGLU_BWD, h=h, part=part, config=rows_bwd)
     d_row_weight = part[:n].sum(0)
 
-    gemm_k_grouped(plan, sched.start, sched.count, dy, z, (dw2, da2), gather_a=True,
-                   row_weight_a=not weight_on_input, config=conf.wgrad)
-    gemm_k_grouped(plan, sched.start, sched.count, dh, x, (dw1, da1), gather_b=True,
-                   row_weight_b=weight_on_input, config=conf.wgrad)
+    launch_k_grouped(plan, sched, dy, z, (dw2, da2), gather_a=True,
+                     row_weight_a=not weight_on_input, config=conf.wgrad)
+    launch_k_grouped(plan, sched, dh, x, (dw1, da1), gather_b=True,
+                     row_weight_b=weight_on_input, config=conf.wgrad)
 
     dx_rows = x.new_empty(R, H)
     b1 = _b_pair(w1, a1, False)
     if weight_on_input:
-        part_x = torch.zeros(cfg.tiles(H, conf.rows.bn), R, dtype=torch.float32,
+        part_x = torch.zeros(triton.cdiv(H, conf.rows.bn), R, dtype=torch.float32,
                              device=x.device)
-        n = gemm_m_grouped(plan, sched, dh, b1, (H, H), dx_rows, row_weight_out=True,
-                           epilogue=DOT_X, x=x, part=part_x, config=conf.rows)
+        n = launch_m_grouped(plan, sched, dh, b1, (H, H), dx_rows, row_weight_out=True,
+                             epilogue=DOT_X, x=x, part=part_x, config=conf.rows)
         d_row_weight = part_x[:n].sum(0)
     else:
-        gemm_m_grouped(plan, sched, dh, b1, (H, H), dx_rows, epilogue=STORE, config=conf.rows)
+        launch_m_grouped(plan, sched, dh, b1, (H, H), dx_rows, epilogue=STORE,
+                         config=conf.rows)
     combine_rows(dx_rows, plan, dx)
     return d_row_weight
+
+
+class Schedule(NamedTuple):
+    """The row blocks of a plan's problems at block height block_m."""
+    start: torch.Tensor  # [P] int32: first row of each problem
+    count: torch.Tensor  # [P] int32: rows of each problem
+    block_offsets: torch.Tensor  # [P+1] int32: first row block of each problem
+    bound: int  # grid axis 0: an upper bound on the row blocks
+    block_m: int  # BM
+    numerics: dict  # the numerics constexprs of the call's GEMMs (config.dot_flags)
+
+
+def block_schedule(plan, block_m, numerics):
+    """The Schedule of `plan` at block height block_m."""
+    start, count = plan.problem_start, plan.problem_count
+    blocks = (count + block_m - 1) // block_m
+    block_offsets = torch.zeros(count.numel() + 1, dtype=torch.int32, device=count.device)
+    torch.cumsum(blocks, 0, out=block_offsets[1:])
+    bound = triton.cdiv(plan.num_expert_rows, block_m) + triton.cdiv(plan.num_adjugate_rows,
+                                                                       block_m) + count.numel()
+    return Schedule(start.to(torch.int32), count.to(torch.int32), block_offsets, bound, block_m,
+                    numerics)
+
+
+def operand(t, gather):
+    """(expert buffer, adjugate buffer, gather row stride) of a kernel operand: one [T, D]
+    tensor read by token (gather), or a pair of per-section row buffers (adjugate may be None)."""
+    if gather:
+        return t, t, t.stride(0)
+    return t[0], t[1] if t[1] is not None else t[0], 0
+
+
+def launch_gemm1_swiglu(x, plan, sched, w1, a1, ze, za, he=None, ha=None,
+                        weight_on_input=False, config=None):
+    """Launch GEMM-1 + SwiGLU over every problem of `plan` (sched from block_schedule)."""
+    start, count, block_offsets, bound, BM, numerics = sched
+    BN, BK, warps, stages = config
+    I = w1.shape[1] // 2
+    Ia = a1.shape[1] // 2 if a1 is not None else 0
+    a1_ = a1 if a1 is not None else w1
+    n_tiles = triton.cdiv(max(I, Ia), BN)
+    P = start.numel()
+    store_h = he is not None
+    gemm1_swiglu._gemm1_swiglu_kernel[(bound, n_tiles)](
+        x, x.stride(0), plan.row_token, plan.row_weight, block_offsets, start, count, P,
+        plan.num_experts,
+        w1, w1.stride(0), w1.stride(1), I,
+        a1_, a1_.stride(0), a1_.stride(1), Ia,
+        ze, za if za is not None else ze, he if store_h else ze,
+        (ha if ha is not None else he) if store_h else ze,
+        plan.num_expert_rows, x.shape[1],
+        P_POW2=max(16, triton.next_power_of_2(P)), BM=BM, BN=BN, BK=BK,
+        WEIGHT_ON_INPUT=weight_on_input, STORE_H=store_h, **numerics,
+        num_warps=warps, num_stages=stages,
+    )
+
+
+def launch_m_grouped(plan, sched, a, b, n, out, *, gather_a=False, row_weight_out=False,
+                     epilogue=STORE, h=None, x=None, part=None, config=None):
+    """Launch the m-grouped GEMM.
+
+    a: (a_e, a_a) per-section row buffers, or one [T, K] tensor with gather_a (rows by token).
+    b: ((w_e, s_p, s_k, s_n), (w_a, s_p, s_k, s_n)), the per-problem B_p [K, N] as strided views.
+    n: (N_e, N_a) output columns per section; out: one [R, N] tensor or (out_e, out_a).
+    """
+    start, count, block_offsets, bound, BM, numerics = sched
+    BN, BK, warps, stages = config
+    P = start.numel()
+    (be, sbe_p, sbe_k, sbe_n), (ba, sba_p, sba_k, sba_n) = b
+    # One of B_p's strides is 1 (weights are contiguous); which one is a compile-time fact
+    # shared by both sections, so it must hold for both: a size-1 dimension has stride 1 too
+    # (I = 1 makes w2's K stride 1 while a2's, with Ia >= 2, is not).
+    k_contig = sbe_k == 1 and sba_k == 1
+    if not (k_contig or (sbe_n == 1 and sba_n == 1)):
+        raise ValueError(f"weights: the triton backend needs a unit stride shared by both "
+                         f"sections, got strides {be.stride()} and {ba.stride()}")
+    s_be, s_ba = (sbe_n, sba_n) if k_contig else (sbe_k, sba_k)
+    ae, aa, stride_gather = operand(a, gather_a)
+    K_E, K_A = ae.shape[1], aa.shape[1]
+    shared = not isinstance(out, tuple)
+    oute, outa = (out, out) if shared else (out[0], out[1] if out[1] is not None else out[0])
+    he, ha = h if h is not None else (oute, oute)
+    ha = ha if ha is not None else he
+    x_arg = x if x is not None else oute
+    part_arg = part if part is not None else oute
+    n_tiles = triton.cdiv(max(n), BN)
+    gemm_m_grouped._gemm_m_grouped_kernel[(bound, n_tiles)](
+        ae, aa, K_E, K_A, stride_gather, plan.row_token, plan.row_weight,
+        block_offsets, start, count, P, plan.num_experts,
+        be, sbe_p, s_be, n[0], ba, sba_p, s_ba, n[1],
+        oute, outa, oute.stride(0) if shared else 0, plan.num_expert_rows,
+        he, ha, x_arg, x_arg.stride(0), part_arg, plan.num_rows,
+        P_POW2=max(16, triton.next_power_of_2(P)), BM=BM, BN=BN, BK=BK, B_K_CONTIG=k_contig,
+        GATHER_A=gather_a, OUT_SHARED=shared, ROW_WEIGHT_OUT=row_weight_out, EPILOGUE=epilogue,
+        **numerics, num_warps=warps, num_stages=stages,
+    )
+    return n_tiles
+
+
+def launch_k_grouped(plan, sched, a, b, out, *, gather_a=False, gather_b=False,
+                     row_weight_a=False, row_weight_b=False, config=None):
+    """a, b: per-section row buffers (x_e, x_a) or one gathered [T, D] tensor; out: (dW_e, dW_a)
+    with dW [P_section, M, N] contiguous."""
+    BM, BN, BK, warps, stages = config
+    start, count = sched.start, sched.count
+    oe, oa = out
+    oa = oa if oa is not None else oe
+    ae, aa, sa = operand(a, gather_a)
+    be, ba, sb = operand(b, gather_b)
+    P = start.numel()
+    m_tiles = triton.cdiv(max(oe.shape[1], oa.shape[1]), BM)
+    n_tiles = triton.cdiv(max(oe.shape[2], oa.shape[2]), BN)
+    gemm_k_grouped._gemm_k_grouped_kernel[(P, m_tiles, n_tiles)](
+        ae, aa, sa, be, ba, sb, plan.row_token, plan.row_weight, start, count,
+        plan.num_experts,
+        oe, oe.stride(0), oe.shape[1], oe.shape[2],
+        oa, oa.stride(0), oa.shape[1], oa.shape[2], plan.num_expert_rows,
+        BM=BM, BN=BN, BK=BK, GATHER_A=gather_a, GATHER_B=gather_b, ROW_WEIGHT_A=row_weight_a,
+        ROW_WEIGHT_B=row_weight_b, **sched.numerics, num_warps=warps, num_stages=stages,
+    )
 
 
 def combine_rows(rows, plan, out, block_h=None):

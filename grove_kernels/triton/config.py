@@ -60,10 +60,6 @@ def dot_flags(dtype):
                 IEEE=dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
 
 
-def tiles(n, block):
-    return triton.cdiv(n, block)
-
-
 @functools.lru_cache(maxsize=None)
 def _table():
     try:

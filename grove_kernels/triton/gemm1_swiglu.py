@@ -12,7 +12,6 @@ pass. Rows are gathered from x by token (no permuted copy of x). fp32 accumulati
 import triton
 import triton.language as tl
 
-from .config import dot_flags
 from .gemm_common import gate_up_loop, round_to, row_block
 
 
@@ -75,28 +74,3 @@ def _gemm1_swiglu_kernel(
         _gemm1_tile(x_ptr, stride_xt, row_token_ptr, row_weight_ptr, rows, row_ok,
                     a1_ptr + (p - E).to(tl.int64) * s_a1_p, s_a1_n, N_A, za_ptr, ha_ptr, ROWS_E,
                     K, pid_n, BM, BN, BK, WEIGHT_ON_INPUT, STORE_H, INTERPRET, IEEE)
-
-
-def gemm1_swiglu(x, plan, sched, w1, a1, ze, za, he=None, ha=None, weight_on_input=False,
-                 config=None):
-    """Launch GEMM-1 + SwiGLU over every problem of `plan` (sched from block_schedule)."""
-    start, count, block_offsets, bound, BM = sched
-    BN, BK, warps, stages = config
-    I = w1.shape[1] // 2
-    Ia = a1.shape[1] // 2 if a1 is not None else 0
-    a1_ = a1 if a1 is not None else w1
-    n_tiles = triton.cdiv(max(I, Ia), BN)
-    P = start.numel()
-    store_h = he is not None
-    _gemm1_swiglu_kernel[(bound, n_tiles)](
-        x, x.stride(0), plan.row_token, plan.row_weight, block_offsets, start, count, P,
-        plan.num_experts,
-        w1, w1.stride(0), w1.stride(1), I,
-        a1_, a1_.stride(0), a1_.stride(1), Ia,
-        ze, za if za is not None else ze, he if store_h else ze,
-        (ha if ha is not None else he) if store_h else ze,
-        plan.num_expert_rows, x.shape[1],
-        P_POW2=max(16, triton.next_power_of_2(P)), BM=BM, BN=BN, BK=BK,
-        WEIGHT_ON_INPUT=weight_on_input, STORE_H=store_h, **dot_flags(x.dtype),
-        num_warps=warps, num_stages=stages,
-    )

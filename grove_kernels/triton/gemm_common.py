@@ -1,4 +1,5 @@
-"""Shared pieces of the Triton grouped GEMMs: the block schedule and interpreter numerics.
+"""Shared @triton.jit pieces of the Triton grouped GEMMs: the row-block lookup, the K loops and
+the interpreter numerics (the host side of the schedule, block_schedule, is in backend.py).
 
 Every grouped kernel runs over the problems of a plan (E experts, then G adjugates), each a
 contiguous run of rows [start_p, start_p + count_p). Row blocks of BM rows are numbered
@@ -11,33 +12,10 @@ A program finds its problem by counting the block_offsets <= its id (P is small)
 when it lies past the last real block: the grid never depends on a device value, so launches
 capture in CUDA graphs.
 """
-from typing import NamedTuple
-
-import torch
 import triton
 import triton.language as tl
 
 from . import INTERPRET
-
-
-class Schedule(NamedTuple):
-    """The row blocks of a plan's problems at block height block_m."""
-    start: torch.Tensor  # [P] int32: first row of each problem
-    count: torch.Tensor  # [P] int32: rows of each problem
-    block_offsets: torch.Tensor  # [P+1] int32: first row block of each problem
-    bound: int  # grid axis 0: an upper bound on the row blocks
-    block_m: int  # BM
-
-
-def block_schedule(plan, block_m):
-    """The Schedule of `plan` at block height block_m."""
-    start, count = plan.problem_start, plan.problem_count
-    blocks = (count + block_m - 1) // block_m
-    block_offsets = torch.zeros(count.numel() + 1, dtype=torch.int32, device=count.device)
-    torch.cumsum(blocks, 0, out=block_offsets[1:])
-    bound = triton.cdiv(plan.num_expert_rows, block_m) + triton.cdiv(plan.num_adjugate_rows,
-                                                                       block_m) + count.numel()
-    return Schedule(start.to(torch.int32), count.to(torch.int32), block_offsets, bound, block_m)
 
 
 @triton.jit
@@ -73,15 +51,6 @@ def mma(acc, a, b, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
-
-
-def operand(t, gather):
-    """(expert buffer, adjugate buffer, gather row stride) of a kernel operand: one [T, D]
-    tensor read by token (gather), or a pair of per-section row buffers (adjugate may be None)."""
-    if gather:
-        return t, t, t.stride(0)
-    return t[0], t[1] if t[1] is not None else t[0], 0
-
 
 
 @triton.jit

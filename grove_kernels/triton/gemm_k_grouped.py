@@ -13,8 +13,7 @@ no atomics, and problems with no rows write zeros (nothing is left uninitialized
 import triton
 import triton.language as tl
 
-from .config import dot_flags
-from .gemm_common import mma, operand, round_to
+from .gemm_common import mma, round_to
 
 
 @triton.jit
@@ -84,25 +83,3 @@ def _gemm_k_grouped_kernel(
                         row_weight_ptr, start, end, ROWS_E,
                         oa_ptr + (p - E).to(tl.int64) * s_oa_p, M_A, N_A, pid_m, pid_n, BM, BN,
                         BK, GATHER_A, GATHER_B, ROW_WEIGHT_A, ROW_WEIGHT_B, INTERPRET, IEEE)
-
-
-def gemm_k_grouped(plan, start, count, a, b, out, *, gather_a=False, gather_b=False,
-                   row_weight_a=False, row_weight_b=False, config=None):
-    """a, b: per-section row buffers (x_e, x_a) or one gathered [T, D] tensor; out: (dW_e, dW_a)
-    with dW [P_section, M, N] contiguous."""
-    BM, BN, BK, warps, stages = config
-    oe, oa = out
-    oa = oa if oa is not None else oe
-    ae, aa, sa = operand(a, gather_a)
-    be, ba, sb = operand(b, gather_b)
-    P = start.numel()
-    m_tiles = triton.cdiv(max(oe.shape[1], oa.shape[1]), BM)
-    n_tiles = triton.cdiv(max(oe.shape[2], oa.shape[2]), BN)
-    _gemm_k_grouped_kernel[(P, m_tiles, n_tiles)](
-        ae, aa, sa, be, ba, sb, plan.row_token, plan.row_weight, start, count,
-        plan.num_experts,
-        oe, oe.stride(0), oe.shape[1], oe.shape[2],
-        oa, oa.stride(0), oa.shape[1], oa.shape[2], plan.num_expert_rows,
-        BM=BM, BN=BN, BK=BK, GATHER_A=gather_a, GATHER_B=gather_b, ROW_WEIGHT_A=row_weight_a,
-        ROW_WEIGHT_B=row_weight_b, **dot_flags(ae.dtype), num_warps=warps, num_stages=stages,
-    )

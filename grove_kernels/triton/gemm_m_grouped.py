@@ -16,8 +16,7 @@ Partials instead of atomics keep that sum deterministic.
 import triton
 import triton.language as tl
 
-from .config import dot_flags
-from .gemm_common import k_loop, operand, round_to, row_block
+from .gemm_common import k_loop, round_to, row_block
 
 # The epilogues (the kernel's EPILOGUE constexpr).
 STORE = tl.constexpr(0)  # out = acc · row weight (ROW_WEIGHT_OUT) or acc
@@ -114,45 +113,3 @@ def _gemm_m_grouped_kernel(
                         outa_ptr, stride_out_shared, ha_ptr, x_ptr, stride_xt, part_ptr, R,
                         pid_n, BM, BN, BK, B_K_CONTIG, GATHER_A, OUT_SHARED, ROW_WEIGHT_OUT,
                         EPILOGUE, INTERPRET, IEEE)
-
-
-def gemm_m_grouped(plan, sched, a, b, n, out, *, gather_a=False, row_weight_out=False,
-                   epilogue=STORE, h=None, x=None, part=None, config=None):
-    """Launch the m-grouped GEMM.
-
-    a: (a_e, a_a) per-section row buffers, or one [T, K] tensor with gather_a (rows by token).
-    b: ((w_e, s_p, s_k, s_n), (w_a, s_p, s_k, s_n)), the per-problem B_p [K, N] as strided views.
-    n: (N_e, N_a) output columns per section; out: one [R, N] tensor or (out_e, out_a).
-    """
-    start, count, block_offsets, bound, BM = sched
-    BN, BK, warps, stages = config
-    P = start.numel()
-    (be, sbe_p, sbe_k, sbe_n), (ba, sba_p, sba_k, sba_n) = b
-    # One of B_p's strides is 1 (weights are contiguous); which one is a compile-time fact
-    # shared by both sections, so it must hold for both: a size-1 dimension has stride 1 too
-    # (I = 1 makes w2's K stride 1 while a2's, with Ia >= 2, is not).
-    k_contig = sbe_k == 1 and sba_k == 1
-    if not (k_contig or (sbe_n == 1 and sba_n == 1)):
-        raise ValueError(f"weights: the triton backend needs a unit stride shared by both "
-                         f"sections, got strides {be.stride()} and {ba.stride()}")
-    s_be, s_ba = (sbe_n, sba_n) if k_contig else (sbe_k, sba_k)
-    ae, aa, stride_gather = operand(a, gather_a)
-    K_E, K_A = ae.shape[1], aa.shape[1]
-    shared = not isinstance(out, tuple)
-    oute, outa = (out, out) if shared else (out[0], out[1] if out[1] is not None else out[0])
-    he, ha = h if h is not None else (oute, oute)
-    ha = ha if ha is not None else he
-    x_arg = x if x is not None else oute
-    part_arg = part if part is not None else oute
-    n_tiles = triton.cdiv(max(n), BN)
-    _gemm_m_grouped_kernel[(bound, n_tiles)](
-        ae, aa, K_E, K_A, stride_gather, plan.row_token, plan.row_weight,
-        block_offsets, start, count, P, plan.num_experts,
-        be, sbe_p, s_be, n[0], ba, sba_p, s_ba, n[1],
-        oute, outa, oute.stride(0) if shared else 0, plan.num_expert_rows,
-        he, ha, x_arg, x_arg.stride(0), part_arg, plan.num_rows,
-        P_POW2=max(16, triton.next_power_of_2(P)), BM=BM, BN=BN, BK=BK, B_K_CONTIG=k_contig,
-        GATHER_A=gather_a, OUT_SHARED=shared, ROW_WEIGHT_OUT=row_weight_out, EPILOGUE=epilogue,
-        **dot_flags(ae.dtype), num_warps=warps, num_stages=stages,
-    )
-    return n_tiles

@@ -11,7 +11,7 @@
     GROVE_TRITON_SCHEDULE     persistent | tiles: the triton backend's folded GEMM launches,
                               programs looping over the device's item count (default) or one
                               program per item of the host bound; GROVE_TRITON_PROGRAMS=n sets
-                              the persistent program count (default 2 per SM); both read on
+                              the persistent program count (default 1 per SM); both read on
                               every call (grove_kernels/triton/config.py)
     settings.fuse_swiglu      the cuda backend's GEMM-1 with SwiGLU in its epilogue, reading
                               packed copies of w1 / a1 (opt-in, process-wide; frozen weights

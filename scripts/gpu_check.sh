@@ -77,6 +77,7 @@ OPTIONAL=" kernels coactive "
 SETTINGS=(
   "fused|GROVE_CUDA_FUSE_SWIGLU=1|--pass fwd --backends cuda --variants grove,plain --layout folded,sections"
   "tiles|GROVE_TRITON_SCHEDULE=tiles|--pass both --backends triton --variants grove --layout folded"
+  "2persm|GROVE_TRITON_PROGRAMS=264|--pass fwd --backends triton --variants grove --layout folded"
 )
 
 export PYTHONPATH="$site:$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

@@ -114,7 +114,11 @@ def folded_dgemm2_rows(conf):
 
 SCHEDULE_VARIABLE = "GROVE_TRITON_SCHEDULE"
 PROGRAMS_VARIABLE = "GROVE_TRITON_PROGRAMS"
-PROGRAMS_PER_SM = 2  # a second resident program hides the first's epilogue and loads
+# One program per SM: the folded GEMMs hold 150-254 registers per thread at 4-8 warps and up to
+# ~128 KB of shared memory per program (sm_90), so a second one is rarely resident; launched
+# anyway it would run as a second wave over items interleaved with the first's, re-reading from
+# HBM the weight tiles the first wave already had in L2. GROVE_TRITON_PROGRAMS overrides.
+PROGRAMS_PER_SM = 1
 INTERPRET_PROGRAMS = 3  # the interpreter's persistent launches: few, so the loops iterate
 # Streaming multiprocessors by device name (the traffic model's view, no GPU needed).
 _SMS = {"NVIDIA H200": 132, "NVIDIA H100 80GB HBM3": 132, "NVIDIA H100 PCIe": 114,

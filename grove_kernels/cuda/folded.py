@@ -9,8 +9,8 @@ Forward
     GEMM-1     m-grouped nt, P = 2E, one launch, both sections read the same xg rows:
                  experts    rows [off[e], off[e+1]) @ w1[e]^T       -> h[:, :2I]
                  adjugates  rows [off[e], leader_ends[e]) @ a1[e // S]^T -> h[:, 2I:]
-               h [R, W] (ldc = W; the training forward's saved h). With settings.fuse_swiglu
-               (inference): nt_swiglu on pack_gate_up(w1 / a1) -> z [R, Z] directly.
+               h [R, W] (ldc = W; the training forward's saved h). When settings.fused_gemm1
+               says so (inference forwards only): nt_swiglu on pack_gate_up(w1 / a1) -> z [R, Z] directly.
     SwiGLU     swiglu_folded_fwd, one block per row over both parts (full warps):
                h -> zs [R, Z] = [w·z_e | λΣw·z_a] (+ z unscaled, training). After the fused
                GEMM-1: scale_folded z -> zs in place.                              1 launch
@@ -58,7 +58,7 @@ Returns (d row weight, d leader weight); the plan turns them into d topk_weights
 """
 import torch
 
-from ..settings import settings
+from ..settings import fused_gemm1
 from . import ext as lib
 from . import packed as copies
 from .packed import pack_down, packed_down, packed_gate_up
@@ -115,7 +115,7 @@ def _gemm1(c, xg, w1, a1, act):
     I, Ia, R = c.I, c.Ia, c.R
     zs = xg.new_empty(R, I + Ia)
     packed = None
-    if act is None and settings.fuse_swiglu:
+    if fused_gemm1(train=act is not None):
         packed = (packed_gate_up.get(w1), packed_gate_up.get(a1))
     if packed is not None and all(p is not None for p in packed):
         # SwiGLU in GEMM-1's epilogue writes unscaled z into zs, then the scales in place.

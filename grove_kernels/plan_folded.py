@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .routing import acc_dtype
+from .routing import slots
 
 
 @dataclass
@@ -123,13 +123,7 @@ def build_folded_plan(topk_ids, topk_weights, num_experts, group_size, adjugate_
     device = topk_ids.device
     E, S = num_experts, group_size
     G = E // S
-    ids = topk_ids.long()
-    if expert_map is not None:
-        # Out-of-range ids (value checks switched off) become skipped slots, never OOB reads.
-        n = expert_map.shape[0]
-        ids = torch.where((ids >= 0) & (ids < n), expert_map.long()[ids.clamp(0, n - 1)], -1)
-    valid = (ids >= 0) & (ids < E)
-    w = torch.where(valid, topk_weights.to(acc_dtype(topk_weights.dtype)), 0.0)
+    ids, valid, w = slots(topk_ids, topk_weights, E, expert_map)
     group_match, leader, lead_w = leaders(ids, valid, w, S, adjugate_scale)
 
     # key 2e: leader rows of e; 2e + 1: its other rows; 2E: skipped slots (the tail).

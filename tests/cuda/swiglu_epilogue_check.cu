@@ -17,8 +17,11 @@
 //     same conversion (so each thread read the slab its warpgroup staged), and nothing outside
 //     [M, N / 2] is written (row padding and the problem's neighbours stay poisoned), through
 //     problem l's pointer / stride,
+//   - the slab accesses are free of bank conflicts (the swizzle): one 4-byte word per bank per
+//     phase-1 warp store, per phase-2 quarter-warp 16-byte load,
 //   - the kernel's shared memory fits the sm90 limit; its mainloop stage count is printed.
 // Exit status 0 when every check passes; the first failures are printed.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -63,6 +66,58 @@ std::vector<size_t> written_by(std::vector<uint16_t>& scratch, F f) {
       scratch[i] = kPoison;
     }
   return idx;
+}
+
+// Shared-memory banks of the slab accesses, for the swizzle: per warp instruction, the number
+// of distinct 4-byte words that fall in one bank, maximised over banks and instructions (1:
+// conflict-free). Phase 1 (4-byte stores): a warp's 32 lanes at a time, from the fragment
+// coordinates the TiledMma gives and the epilogue's slab_offset. Phase 2 (16-byte loads, served
+// a quarter warp at a time): each 8 lanes' chunks at the offsets write() reads.
+template <class Epi, class TiledMma, class TileShape>
+int worst_bank_conflict(bool phase2) {
+  TiledMma mma;
+  const int threads = size(mma);
+  int worst = 0;
+  auto degree = [&](const std::vector<int>& bytes) {
+    std::vector<std::vector<int>> words(32);
+    for (int b : bytes)
+      for (int w = b / 4; w < (b + (phase2 ? 16 : 4)) / 4; ++w) {
+        auto& in_bank = words[w % 32];
+        if (std::find(in_bank.begin(), in_bank.end(), w) == in_bank.end()) in_bank.push_back(w);
+      }
+    for (auto& in_bank : words) worst = std::max(worst, int(in_bank.size()));
+  };
+  const int elem = int(sizeof(typename Epi::ElementD));
+  if (!phase2) {
+    auto coord = make_identity_tensor(take<0, 2>(TileShape{}));
+    for (int warp = 0; warp < threads / 32; ++warp) {
+      const int n_frag = size(partition_fragment_C(mma, take<0, 2>(TileShape{})));
+      for (int i = 0; i < n_frag; i += 8)
+        for (int r = 0; r < 4; r += 2) {
+          std::vector<int> bytes;
+          for (int lane = 0; lane < 32; ++lane) {
+            const int t = warp * 32 + lane;
+            auto tc = mma.get_thread_slice(t).partition_C(coord);
+            const int row = get<0>(tc(i + r)) - Epi::slab_first_row(t), n = get<1>(tc(i + r));
+            bytes.push_back(Epi::slab_offset(row, (n >> 4) * 8 + (n & 7)) * elem);
+          }
+          degree(bytes);
+        }
+    }
+  } else {
+    const int chunks = Epi::kSlabRows * Epi::kChunksPerRow;
+    for (int v = 0; v < chunks; v += 128)
+      for (int q = 0; q < 128; q += 8) {
+        std::vector<int> bytes;
+        for (int lane = q; lane < q + 8; ++lane) {
+          const int row = (v + lane) / Epi::kChunksPerRow;
+          const int col = (v + lane) % Epi::kChunksPerRow * Epi::kVec;
+          bytes.push_back(Epi::slab_offset(row, col) * elem);
+        }
+        degree(bytes);
+      }
+  }
+  return worst;
 }
 
 template <class Cfg>
@@ -205,9 +260,13 @@ void check_config(const char* name) {
     for (uint16_t v : other)
       if (v != kPoison) bad("wrote through another problem's pointer", M, N, v);
   }
+  const int conflicts1 = worst_bank_conflict<Epi, TiledMma, TileShape>(false);
+  const int conflicts2 = worst_bank_conflict<Epi, TiledMma, TileShape>(true);
+  if (conflicts1 != 1 || conflicts2 != 1) fail(name, "bank conflicts", 0, 0, conflicts1, conflicts2, 0);
   std::printf("%s: %d MMA threads, %d mainloop stages, %zu bytes of shared memory (%zu of them "
-              "slabs), %d outputs checked\n",
-              name, threads, Cfg::kStages, Cfg::kSharedBytes, sizeof(Smem), checked);
+              "slabs), slab accesses %d-way / %d-way in a bank, %d outputs checked\n",
+              name, threads, Cfg::kStages, Cfg::kSharedBytes, sizeof(Smem), conflicts1,
+              conflicts2, checked);
 }
 
 // Instantiates the check only for the fused kernels of the table.

@@ -27,8 +27,9 @@ z scaled; GEMM-2 over 2E problems, all against the packed [W2_e | A2_g] (leader 
 the others its first I columns, ldb = I + Ia: each expert's W2_e read once) -> o; combine of k
 rows. The packed copy is kept while w2 and a2 keep their versions (inference and training
 alike: a training loop repacks once per optimizer step), so no eager call counts the pack (a
-training forward captured in a CUDA graph packs per replay: not modelled); the backward
-mirrors the forward (dx rows 2R: the adjugate term gets its own).
+training forward captured in a CUDA graph reads w2 / a2 as stored, its leader rows' adjugate
+term into rows of their own: not modelled, the model is of eager calls); the backward mirrors
+the forward (dx rows 2R: the adjugate term gets its own).
 """
 import torch
 

@@ -8,6 +8,11 @@
                               backends.requested_layout (where the backend is chosen, so a call
                               enters each file once); unset: each backend's default_layout
                               (folded on triton, sections on torch and cuda)
+    GROVE_TRITON_SCHEDULE     persistent | tiles: the triton backend's folded GEMM launches,
+                              programs looping over the device's item count (default) or one
+                              program per item of the host bound; GROVE_TRITON_PROGRAMS=n sets
+                              the persistent program count (default 2 per SM); both read on
+                              every call (grove_kernels/triton/config.py)
     settings.fuse_swiglu      the cuda backend's GEMM-1 with SwiGLU in its epilogue, reading
                               packed copies of w1 / a1 (process-wide; frozen weights only):
                               True | False | "auto" (GROVE_CUDA_FUSE_SWIGLU=1 | 0 | auto, or

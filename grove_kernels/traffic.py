@@ -156,7 +156,7 @@ def topk_grad_launch(plan):
 
 
 def plan_launches(plan, routing_dtype=torch.float32):
-    """The plan stage's launches on a GPU (grove_kernels/triton/plan.py, plan_folded.py: slots,
+    """The plan stage's launches on a GPU (grove_kernels/triton/plan.py, both layouts: slots,
     scan, offsets, scatter): ids and routing weights in, every plan tensor out once, with the
     per-block histogram (NB blocks of 64 slots x P keys) and the sort keys between them."""
     T, k = plan.num_tokens, plan.top_k

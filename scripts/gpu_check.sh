@@ -76,6 +76,7 @@ OPTIONAL=" kernels coactive "
 # The settings stage: name|environment|bench arguments, one run each (uniform routing).
 SETTINGS=(
   "fused|GROVE_CUDA_FUSE_SWIGLU=1|--pass fwd --backends cuda --variants grove,plain --layout folded,sections"
+  "tiles|GROVE_TRITON_SCHEDULE=tiles|--pass both --backends triton --variants grove --layout folded"
 )
 
 export PYTHONPATH="$site:$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

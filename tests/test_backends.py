@@ -227,7 +227,7 @@ def test_stage_pairs_routing_and_plan_with_the_backend():
 def test_fp32_dots_follow_torch_tf32_setting():
     """Triton's fp32 tl.dot defaults to tf32; the kernels run IEEE fp32 unless torch allows
     tf32 (torch.backends.cuda.matmul.allow_tf32), as torch's own matmuls do."""
-    from grove_kernels.triton.gemm_common import dot_flags
+    from grove_kernels.triton.config import dot_flags
 
     matmul = torch.backends.cuda.matmul
     # A property of torch's, set and restored by hand (monkeypatch's undo deletes it).

@@ -307,10 +307,18 @@ def test_cuda_folded_launches_match_the_backend(monkeypatch, T_, E_, fuse):
     assert _fused_gemm1s(log) == int(fused)
 
 
+@pytest.mark.parametrize("schedule,programs", [("tiles", None), ("persistent", "5"),
+                                               ("persistent", "100000")])
 @pytest.mark.parametrize("T_,E_,routing", [(3, 4, "uniform"), (40, 4, "uniform"),
                                            (200, 8, "uniform"), (200, 8, "coactive")])
-def test_triton_folded_launches_match_the_backend(monkeypatch, T_, E_, routing):
-    """The folded layout's Triton kernels, in order, with the grid the model counts."""
+def test_triton_folded_launches_match_the_backend(monkeypatch, T_, E_, routing, schedule,
+                                                  programs):
+    """The folded layout's Triton kernels, in order, with the grid the model counts, on both
+    schedules (GROVE_TRITON_SCHEDULE; GROVE_TRITON_PROGRAMS sets the persistent program count
+    for the backend and the model alike)."""
+    monkeypatch.setenv("GROVE_TRITON_SCHEDULE", schedule)
+    if programs is not None:
+        monkeypatch.setenv("GROVE_TRITON_PROGRAMS", programs)
     gemm_folded = pytest.importorskip("grove_kernels.triton.gemm_folded")
     from grove_kernels.experts import Activations
     from grove_kernels.plan_folded import build_folded_plan
@@ -346,13 +354,24 @@ def test_triton_folded_launches_match_the_backend(monkeypatch, T_, E_, routing):
     launched = [m for m in model if not m.name.startswith("torch:")]
     assert [m.programs for m in launched] == [n for _, n in log]
     assert [n for n, _ in log] == [kernels[i][1] for i in (0, 1, 4) * 2 + (2, 3, 3, 1, 4)]
-    # Only row blocks past the plan's last one idle (the grid bound), never adjugate tiles.
+    # Tiles: only row blocks past the plan's last one idle (the grid bound), never adjugate
+    # tiles. Persistent: min(programs, bound x N tiles) programs, idle beyond the real items.
     bound = -(-T_ * k // conf.block_m) + E_
     count = plan.expert_offsets.diff()
     real_blocks = int(((count + conf.block_m - 1) // conf.block_m).sum())
+    n_tiles = {"GEMM-1": -(-I // conf.gemm1.bn),
+               "GEMM-2": -(-H // cfg.folded_gemm2_rows(conf).bn),
+               "dGEMM-2": -(-I // cfg.folded_dgemm2_rows(conf).bn),
+               "dGEMM-1": -(-H // conf.rows.bn)}
     for m in launched:
         if m.name.startswith(("GEMM", "dGEMM")):
-            assert m.idle_programs == (bound - real_blocks) * (m.programs // bound)
+            n = n_tiles[m.name.split(" ")[0]]
+            if programs is None:
+                assert m.programs == bound * n
+                assert m.idle_programs == (bound - real_blocks) * n
+            else:
+                assert m.programs == min(int(programs), bound * n)
+                assert m.idle_programs == max(0, m.programs - real_blocks * n)
         else:
             assert m.idle_programs == 0
 

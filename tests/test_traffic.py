@@ -157,13 +157,40 @@ def test_triton_launches_match_the_backend(monkeypatch, T_, E_, grove):
     assert sum(m.idle_programs for m in kernels) > 0  # the sections layout's bound
 
 
+# settings.fuse_swiglu, settings.FUSE_SWIGLU_AUTO -> whether an inference forward fuses GEMM-1
+_FUSE_MODES = {"0": (False, True, False), "1": (True, False, True),
+               "auto-plain": ("auto", False, False), "auto-fused": ("auto", True, True)}
+
+
+def _set_fuse(monkeypatch, mode):
+    """Select the cuda GEMM-1 as GROVE_CUDA_FUSE_SWIGLU / FUSE_SWIGLU_AUTO would; packing is a
+    torch stand-in (the launches do not depend on the interleave). Returns whether the
+    inference forward is expected to fuse."""
+    from grove_kernels import settings as settings_module
+    from grove_kernels.cuda import packed
+
+    fuse, auto, fused = _FUSE_MODES[mode]
+    monkeypatch.setattr(settings_module.Settings, "fuse_swiglu", fuse)
+    monkeypatch.setattr(settings_module, "FUSE_SWIGLU_AUTO", auto)
+    monkeypatch.setattr(packed.packed_gate_up, "_pack", lambda w: w.clone())
+    monkeypatch.setattr(packed.packed_gate_up, "_entries", {})
+    return fused
+
+
+def _fused_gemm1s(log):
+    return sum(op == "grouped_gemm" and "swiglu" in kernel for op, kernel in log)
+
+
+@pytest.mark.parametrize("fuse", list(_FUSE_MODES))
 @pytest.mark.parametrize("T_,E_,grove", [(3, 4, True), (40, 4, False), (300, 4, True)])
-def test_cuda_launches_match_the_backend(monkeypatch, T_, E_, grove):
-    """Every op the cuda backend calls, in order, with the GEMM kernel the model counts."""
+def test_cuda_launches_match_the_backend(monkeypatch, T_, E_, grove, fuse):
+    """Every op the cuda backend calls, in order, with the GEMM kernel the model counts; the
+    model takes the backend's GEMM-1 decision (fused only for the inference forward)."""
     from grove_kernels.cuda import backend
     from grove_kernels.cuda import traffic as cuda_traffic
     from grove_kernels.experts import Activations
 
+    fused = _set_fuse(monkeypatch, fuse)
     log = []
     _record_cuda_ops(monkeypatch, backend.lib, log)
     plan, shapes = _case(T_, E_, grove)
@@ -181,6 +208,7 @@ def test_cuda_launches_match_the_backend(monkeypatch, T_, E_, grove):
                                        pass_, "NVIDIA H200")
     ops = [op for op in map(_cuda_op_of, (m.name for m in model)) if op is not None]
     assert ops == log
+    assert _fused_gemm1s(log) == int(fused)
 
 
 def test_bench_traffic_cli(tmp_path, capsys):
@@ -246,14 +274,17 @@ def _cuda_op_of(name):
     raise AssertionError(f"unmapped launch {name}")
 
 
+@pytest.mark.parametrize("fuse", list(_FUSE_MODES))
 @pytest.mark.parametrize("T_,E_", [(3, 4), (40, 4), (300, 8)])
-def test_cuda_folded_launches_match_the_backend(monkeypatch, T_, E_):
-    """The folded layout's ops, in order, with the GEMM kernel the model counts."""
+def test_cuda_folded_launches_match_the_backend(monkeypatch, T_, E_, fuse):
+    """The folded layout's ops, in order, with the GEMM kernel the model counts; the model
+    takes the backend's GEMM-1 decision."""
     folded = pytest.importorskip("grove_kernels.cuda.folded")
     from grove_kernels.cuda import traffic as cuda_traffic
     from grove_kernels.experts import Activations
     from grove_kernels.plan_folded import build_folded_plan
 
+    fused = _set_fuse(monkeypatch, fuse)
     log = []
     _record_cuda_ops(monkeypatch, folded.lib, log)
     g = torch.Generator().manual_seed(1)
@@ -273,6 +304,7 @@ def test_cuda_folded_launches_match_the_backend(monkeypatch, T_, E_):
                                        "NVIDIA H200")
     ops = [op for op in map(_cuda_op_of, (m.name for m in model)) if op is not None]
     assert ops == log
+    assert _fused_gemm1s(log) == int(fused)
 
 
 @pytest.mark.parametrize("schedule,programs", [("tiles", None), ("persistent", "5"),

@@ -30,7 +30,7 @@
 #   cuda      the gpu-marked tests of the cuda backend (its ops, folded ops, the API), in their
 #             own process: a CUDA error poisons the context
 #   sanitize  compute-sanitizer memcheck over one forward + backward of the cuda backend per
-#             layout (a small odd-sized layer)
+#             layout, and one inference forward on the fused GEMM-1 (a small odd-sized layer)
 #   bench     python -m bench --pass both --layout folded,sections: grove and plain on triton and
 #             cuda, vLLM's plain kernel when present; grove-33b bf16 uniform, T = 16384 ... 1
 #             (largest first: a cut run keeps the rows that matter most); takes the time left
@@ -161,6 +161,14 @@ for layout in ("sections", "folded"):
         y.backward(torch.randn_like(y))
     torch.cuda.synchronize()
     print(layout, "ok", float(y.detach().float().norm()))
+    # The inference forward on the fused GEMM-1 + SwiGLU (its shared-memory epilogue).
+    gk.settings.set_fuse_swiglu(True)
+    with torch.no_grad(), gk.use_backend("cuda"):
+        y = gk.grove_moe(x.detach(), logits.detach(), w1.detach(), w2.detach(), a1.detach(),
+                         a2.detach(), top_k=k, group_size=S)
+    gk.settings.set_fuse_swiglu("auto")
+    torch.cuda.synchronize()
+    print(layout, "fused ok", float(y.float().norm()))
 PYEOF
 EOF
       ;;

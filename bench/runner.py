@@ -249,6 +249,10 @@ def _result(cfg, commit, ceilings, rows, skipped, complete):
             "python": platform.python_version(),
             "grove_kernels_backends": gk.available_backends(),
             "anchors": anchors.versions(),
+            # The process-wide kernel choices the rows ran under (environment or defaults).
+            "cuda_fused_gemm1": gk.settings.fused_gemm1(train=False),
+            "triton_schedule": os.environ.get("GROVE_TRITON_SCHEDULE", "persistent"),
+            "triton_programs": os.environ.get("GROVE_TRITON_PROGRAMS"),
         },
     }
 

@@ -39,7 +39,10 @@ FUSE_SWIGLU_VARIABLE = "GROVE_CUDA_FUSE_SWIGLU"
 # What fuse_swiglu = "auto" (the default) does for an inference forward: True runs the fused
 # GEMM-1 + SwiGLU, False the plain GEMM-1 and the SwiGLU row kernel. False while the fused
 # kernel has not been measured faster (H200, 2026-11-28: 3680 vs 3372 µs at T = 16384 with the
-# epilogue storing from registers); set it after timing both (bench/results).
+# epilogue storing from registers); set it after timing both (bench/results). Even where it
+# wins it reads a gate/up-interleaved copy of w1 and a1 kept per layer (805 MB per layer at
+# grove-33b in bf16, ~39 GB over 48 layers): a default must not add that to every model, so
+# the default can fuse only where the caller's weights are already stored interleaved.
 FUSE_SWIGLU_AUTO = False
 
 

@@ -34,8 +34,8 @@ the forward (dx rows 2R: the adjugate term gets its own).
 import torch
 
 from ..settings import fused_gemm1
-from ..traffic import (INDEX_BYTES, WEIGHT_BYTES, Launch, cdiv, distinct_tokens, element_size,
-                       real_rows, sm_count, topk_grad_launch, torch_op,
+from ..traffic import (INDEX_BYTES, WEIGHT_BYTES, Launch, by_layout, cdiv, distinct_tokens,
+                       element_size, real_rows, sm_count, topk_grad_launch, torch_op,
                        zero_activations_launch)
 from . import ext
 from .gemm_kernels import GEMM_KERNELS
@@ -348,9 +348,6 @@ def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
     return out
 
 
-def launches(plan, x_shape, weights_shapes, dtype, layout, pass_, device_name):
-    """The launches of the cuda backend's experts stage for one call (see the module
-    docstring); the plan stage's are grove_kernels.traffic.plan_launches."""
-    if layout == "folded" and weights_shapes[2] is not None:
-        return _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name)
-    return _sections(plan, x_shape, weights_shapes, dtype, pass_, device_name)
+# The launches of the cuda backend's experts stage for one call (see the module docstring);
+# the plan stage's are grove_kernels.traffic.plan_launches.
+launches = by_layout(_folded, _sections)

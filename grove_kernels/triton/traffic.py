@@ -23,8 +23,8 @@ tiles schedule (GROVE_TRITON_SCHEDULE=tiles) the row blocks past the plan's last
 """
 import torch
 
-from ..traffic import (INDEX_BYTES, WEIGHT_BYTES, Launch, RowBlocks, cdiv, distinct_tokens,
-                       element_size, real_rows, tile_work, topk_grad_launch,
+from ..traffic import (INDEX_BYTES, WEIGHT_BYTES, Launch, RowBlocks, by_layout, cdiv,
+                       distinct_tokens, element_size, real_rows, tile_work, topk_grad_launch,
                        torch_op, zero_activations_launch)
 from . import config as cfg
 
@@ -272,9 +272,6 @@ def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
     return out
 
 
-def launches(plan, x_shape, weights_shapes, dtype, layout, pass_, device_name):
-    """The launches of the triton backend's experts stage for one call (see the module
-    docstring); the plan stage's are grove_kernels.traffic.plan_launches."""
-    if layout == "folded" and weights_shapes[2] is not None:
-        return _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name)
-    return _sections(plan, x_shape, weights_shapes, dtype, pass_, device_name)
+# The launches of the triton backend's experts stage for one call (see the module docstring);
+# the plan stage's are grove_kernels.traffic.plan_launches.
+launches = by_layout(_folded, _sections)

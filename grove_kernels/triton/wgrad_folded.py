@@ -52,6 +52,15 @@ def _segment(acc, a_ptr, stride_a, a_col, b_ptr, stride_b, b_col, row_token_ptr,
 
 
 @triton.jit
+def _tile(t, mt, nt, M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """(problem, rows [BM], columns [BN], their masks) of tile t of problems of mt x nt tiles."""
+    per_problem = mt * nt
+    m_idx = (t % per_problem) // nt * BM + tl.arange(0, BM)
+    n_idx = t % nt * BN + tl.arange(0, BN)
+    return t // per_problem, m_idx, n_idx, m_idx < M, n_idx < N
+
+
+@triton.jit
 def _folded_wgrad_kernel(
     a_ptr, stride_a, A_COL, b_ptr, stride_b, B_COL,
     row_token_ptr, row_weight_ptr, leader_weight_ptr, expert_offsets, leader_ends, E, S,
@@ -63,12 +72,7 @@ def _folded_wgrad_kernel(
     per_expert = mt_e * nt_e
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if pid < E * per_expert:
-        e = pid // per_expert
-        pid_m = (pid % per_expert) // nt_e
-        pid_n = pid % nt_e
-        m_idx = pid_m * BM + tl.arange(0, BM)
-        n_idx = pid_n * BN + tl.arange(0, BN)
-        m_ok, n_ok = m_idx < M_E, n_idx < N_E
+        e, m_idx, n_idx, m_ok, n_ok = _tile(pid, mt_e, nt_e, M_E, N_E, BM, BN)
         acc = _segment(acc, a_ptr, stride_a, 0, b_ptr, stride_b, 0, row_token_ptr,
                        row_weight_ptr, tl.load(expert_offsets + e),
                        tl.load(expert_offsets + e + 1), m_idx, m_ok, n_idx, n_ok, BK, GATHER_A,
@@ -79,13 +83,7 @@ def _folded_wgrad_kernel(
                  mask=m_ok[:, None] & n_ok[None, :])
     else:
         q = pid - E * per_expert
-        per_group = mt_a * nt_a
-        g = q // per_group
-        pid_m = (q % per_group) // nt_a
-        pid_n = q % nt_a
-        m_idx = pid_m * BM + tl.arange(0, BM)
-        n_idx = pid_n * BN + tl.arange(0, BN)
-        m_ok, n_ok = m_idx < M_A, n_idx < N_A
+        g, m_idx, n_idx, m_ok, n_ok = _tile(q, mt_a, nt_a, M_A, N_A, BM, BN)
         for s in range(0, S):
             e = g * S + s
             acc = _segment(acc, a_ptr, stride_a, A_COL, b_ptr, stride_b, B_COL, row_token_ptr,

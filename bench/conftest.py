@@ -34,6 +34,18 @@ class Problem:
     topk_ids: torch.Tensor
 
 
+# Files whose module fixtures run the bench in a subprocess: under `--dist loadgroup`
+# (scripts/test.sh) one xdist worker runs all of a file's tests, so each runs once.
+_ONE_WORKER = ("test_bench_smoke.py", "test_anchors.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in _ONE_WORKER:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
 @pytest.fixture(scope="session")
 def bench_problem():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -8,7 +8,12 @@
 #   gpu   only where a CUDA GPU is present (demo.sh: on a CPU machine its kernels cannot run)
 #   keep  whatever this checkout was last installed with; without the extension on a first
 #         install (test.sh --quick)
-# GROVE_BUILD_CUDA=0|1|auto in the environment overrides them. test_extras=1 (test.sh) also
+# GROVE_BUILD_CUDA=0|1|auto in the environment overrides them. build_overlap=1 (test.sh) with
+# auto: the objects compile in the background (log: build/cuda_build.log) while the package is
+# installed without the extension for the tests that do not need it; the caller then runs
+# finish_cuda_build, which waits for nvcc and reinstalls with the extension (on two cores the
+# CPU work is the same either way: the overlap fills the time tests or nvcc leave a core idle).
+# test_extras=1 (test.sh) also
 # installs what the optional integrations' tests need (transformers 5, accelerate). The install
 # is skipped when the package imported is this checkout's and build/install.stamp records the
 # same setup.py, pyproject.toml, csrc/ sources and build choice; otherwise it reinstalls with
@@ -21,6 +26,7 @@ export PYTHONUNBUFFERED=1
 _setup_t0=$SECONDS
 
 step() { echo "[setup +$((SECONDS - _setup_t0))s] $*"; }
+finish_cuda_build() { :; }  # redefined below when nvcc runs in the background
 # pip without -q: its download lines and progress bars are the progress shown.
 pip_install() { "$PY" -m pip install --disable-pip-version-check "$@"; }
 # with_heartbeat LABEL CMD...: run CMD, printing a line every 30 s while it works silently.
@@ -133,18 +139,49 @@ else
   # than inside pip, which hides a build's output; pip then finds them cached.
   if "$PY" -c "import sys; sys.path.insert(0, 'csrc'); import build_cuda; \
                sys.exit(bool(build_cuda.missing_prerequisites()))" 2>/dev/null; then
-    step "compiling the CUDA kernels (csrc/ for sm_90a; minutes the first time, then cached)"
-    if ! with_heartbeat "nvcc" "$PY" csrc/build_cuda.py; then
-      if [ "$build" = 1 ]; then exit 1; fi
-      # Not fatal under auto (as setup.py): tests/test_cuda_build.py reports the failure.
-      echo "setup.sh: the CUDA objects failed to compile; installing without grove_kernels._C" >&2
+    if [ "${build_overlap:-0}" = 1 ] && [ "$build" = auto ]; then
+      step "compiling the CUDA kernels in the background (csrc/ for sm_90a; log: build/cuda_build.log)"
+      mkdir -p build
+      "$PY" csrc/build_cuda.py > build/cuda_build.log 2>&1 &
+      cuda_build_pid=$!
       build=0
+    else
+      step "compiling the CUDA kernels (csrc/ for sm_90a; minutes the first time, then cached)"
+      if ! with_heartbeat "nvcc" "$PY" csrc/build_cuda.py; then
+        if [ "$build" = 1 ]; then exit 1; fi
+        # Not fatal under auto (as setup.py): tests/test_cuda_build.py reports the failure.
+        echo "setup.sh: the CUDA objects failed to compile; installing without grove_kernels._C" >&2
+        build=0
+      fi
     fi
   fi
 fi
-step "installing grove-kernels (editable, GROVE_BUILD_CUDA=$build)"
-GROVE_BUILD_CUDA=$build with_heartbeat "pip install -e ." \
-  pip_install --no-build-isolation -e .
+install_editable() {
+  step "installing grove-kernels (editable, GROVE_BUILD_CUDA=$1)"
+  GROVE_BUILD_CUDA=$1 with_heartbeat "pip install -e ." \
+    pip_install --no-build-isolation -e .
+}
+install_editable "$build"
+if [ -n "${cuda_build_pid:-}" ]; then
+  # No stamp yet: interrupted before finish_cuda_build, the next run installs again.
+  step "ready without grove_kernels._C (nvcc still compiling in the background)"
+  finish_cuda_build() {
+    local rc=0 final=auto
+    step "waiting for the background CUDA build"
+    with_heartbeat "nvcc" wait "$cuda_build_pid" || rc=$?
+    cuda_build_pid=
+    cat build/cuda_build.log
+    if [ "$rc" != 0 ]; then
+      echo "setup.sh: the CUDA objects failed to compile; installing without grove_kernels._C" >&2
+      final=0
+    fi
+    install_editable "$final" || return
+    mkdir -p "$(dirname "$stamp_file")"
+    echo "$final $(install_key "$final")" > "$stamp_file"
+    step "ready"
+  }
+  return 0 2>/dev/null || exit 0
+fi
 mkdir -p "$(dirname "$stamp_file")"
 echo "$build $(install_key "$build")" > "$stamp_file"
 step "ready"

@@ -64,8 +64,11 @@ def run(tmp_path, script, *args, **env):
 
 
 def editable_install(calls):
-    (pip,) = [c for c in calls if c.startswith("pip") and c.endswith("-e .")]
-    return pip
+    """The last editable install (test.sh with a background build makes two: without the
+    extension for the interpreter tier, then with it)."""
+    pips = [c for c in calls if c.startswith("pip") and c.endswith("-e .")]
+    assert pips, calls
+    return pips[-1]
 
 
 def test_demo_without_gpu_builds_no_cuda(tmp_path):
@@ -92,15 +95,26 @@ def test_test_sh_builds_cuda_wherever_nvcc_is(tmp_path, gpu):
     run(tmp_path, "demo.sh", FAKE_GPU=gpu, FAKE_HERE=HERE)
     proc, calls = run(tmp_path, "test.sh", FAKE_GPU=gpu, FAKE_HERE=HERE)
     assert proc.returncode == 0, proc.stderr
+    xdist = "-n 2 --dist worksteal"
+    tiers = ["run pytest -q -ra -m interpreter " + xdist + " tests",
+             "run pytest -q -ra -m unit or toolchain or e2e or gpu -n 2 --dist loadgroup tests",
+             "run pytest -q -ra -n 2 --dist loadgroup bench scripts --benchmark-disable"]
     if gpu == "0":
+        # nvcc in the background: the interpreter tier runs on an install without the
+        # extension, the other tiers after it is installed.
         assert calls.index("build_cuda") < calls.index(editable_install(calls))
-        assert editable_install(calls).startswith("pip GROVE_BUILD_CUDA=auto ")
+        installs = [c for c in calls if c.startswith("pip") and c.endswith("-e .")]
+        assert [c.split()[1] for c in installs] == ["GROVE_BUILD_CUDA=0", "GROVE_BUILD_CUDA=auto"]
+        assert calls.index(installs[0]) < calls.index(tiers[0]) < calls.index(installs[1]) \
+            < calls.index(tiers[1])
+        assert "background" in proc.stdout
     else:
         assert "already installed" in proc.stdout and "build_cuda" not in calls
-    runs = [c for c in calls if c.startswith("run pytest")]
-    assert runs == ["run pytest -q -ra -m unit or toolchain or e2e or gpu -n 2 tests",
-                    "run pytest -q -ra -m interpreter -n 2 tests",
-                    "run pytest -q -ra bench scripts --benchmark-disable"]
+    assert [c for c in calls if c.startswith("run pytest")] == tiers
+    # Each tier's wall time, then all of them on one line.
+    for name in ("interpreter", "unit+toolchain+e2e+gpu", "bench+scripts"):
+        assert f"[test] {name}: " in proc.stdout
+    assert "[test] wall time: setup " in proc.stdout.splitlines()[-1]
 
 
 def test_nothing_is_reinstalled_when_nothing_changed(tmp_path):
@@ -121,7 +135,7 @@ def test_quick_runs_the_unit_tier_on_the_last_install(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert not any(c.endswith("-e .") for c in calls)
     assert [c for c in calls if c.startswith("run pytest")] == [
-        "run pytest -q -ra -m unit -n 2 tests"]
+        "run pytest -q -ra -m unit -n 2 --dist worksteal tests"]
 
 
 def test_quick_first_install_has_no_extension(tmp_path):

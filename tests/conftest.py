@@ -64,13 +64,80 @@ def _tier(item):
     return _FILE_TIERS.get(item.path.name, "unit")
 
 
+# Under TRITON_INTERPRET a Triton kernel runs one program at a time in numpy: the interpreter
+# tier's time is its number of kernel calls. There every dtype gets the same tiles
+# (grove_kernels/triton/config.py), so a dtype changes only the element type of the loads and
+# stores, and fp16 and bf16 run the same half-type path; a routing rule (renormalize, selection
+# bias) runs in grove_topk, before the layout's kernels. The parameter sets below repeat, on
+# the triton backend, a path that another set of the same test (or the test named) runs, and
+# are skipped there under the interpreter (compiled Triton, on a GPU, runs them all; so does
+# GROVE_TEST_ALL=1).
+# What stays, per layout: every case in fp32 (T = 0 in the empty-batch tests, T = 1, odd and
+# non tile multiple sizes, k = 1, S = 1, 2, 4, all tokens on one expert, co-selected groups,
+# empty experts, every gradient), the half-type path on the cases listed, each routing rule.
+_ROUTING_RULES = {"no_renorm", "bias", "bias_no_renorm"}
+_INTERPRETER_REPEATS = {
+    # test name: (which parameter sets repeat another one's path, why)
+    "test_fused_grove_experts": (
+        lambda p: (p["dtype"] == torch.float16 and p["case"] not in ("base", "odd_sizes"))
+        or (p["dtype"] == torch.bfloat16
+            and p["case"] not in ("base", "odd_sizes", "S4_k4", "coselected")),
+        "half types on base, odd_sizes, S4_k4, coselected (fp16: base, odd_sizes); fp32 on all"),
+    "test_grove_moe": (
+        lambda p: p["case"] not in ("odd_sizes", "S1")
+        and not (p["case"] == "base" and p["dtype"] == torch.float16),
+        "odd_sizes and S1 in every dtype, base in fp16; the other cases' forward is test_grove_moe_grad's "
+        "(which checks y) and the experts' inference kernels are test_fused_grove_experts'"),
+    "test_fused_grove_experts_grad": (
+        lambda p: p["dtype"] == torch.bfloat16
+        and p["case"] not in ("base", "odd_sizes", "S4_k4", "coselected_k4"),
+        "bf16 on base, odd_sizes, S4_k4, coselected_k4; fp32 on all"),
+    "test_grove_moe_grad": (
+        lambda p: p["case"] in _ROUTING_RULES
+        and (p["layout"], p["dtype"]) not in (("folded", torch.float32),
+                                              ("sections", torch.bfloat16)),
+        "routing rules on (folded, fp32) and (sections, bf16)"),
+    "test_fused_experts_grad": (
+        lambda p: p["dtype"] == torch.bfloat16
+        and p["case"] not in ("base", "odd_sizes", "weight_on_input_k2", "expert_map"),
+        "bf16 on base, odd_sizes, weight_on_input_k2, expert_map; fp32 on all"),
+    "test_fused_experts": (
+        lambda p: p["dtype"] == torch.float16 and p["case"] != "base",
+        "fp16 on base; fp32 and bf16 on all"),
+}
+
+
+def _interpreter_repeat(item):
+    """The reason `item` repeats another parameter set's path under the interpreter, or None."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if params.get("backend") != "triton" or os.environ.get("TRITON_INTERPRET") != "1" \
+            or os.environ.get("GROVE_TEST_ALL") == "1":
+        return None
+    rule = _INTERPRETER_REPEATS.get(getattr(item, "originalname", item.name))
+    if rule is None or not rule[0](params):
+        return None
+    return "repeats a path under the Triton interpreter (GROVE_TEST_ALL=1 runs it): " + rule[1]
+
+
+# Files whose module fixture is a long subprocess (Triton's sm_90 codegen, `pip wheel`, the
+# expert-parallel process groups): under `--dist loadgroup` (scripts/test.sh) one xdist worker
+# runs all of a file's tests, so that fixture runs once rather than once per worker.
+_ONE_WORKER = ("test_triton_codegen.py", "test_wheel.py", "test_distributed.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
+        if item.path.name in _ONE_WORKER:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
         tier = _tier(item)
         item.add_marker(tier)
         if tier == "gpu" and not torch.cuda.is_available():
             item.add_marker(skip)
+        repeat = _interpreter_repeat(item) if tier == "interpreter" else None
+        if repeat:
+            item.add_marker(pytest.mark.skip(reason=repeat))
 
 
 def _process_settings():

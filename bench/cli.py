@@ -72,9 +72,10 @@ def build_parser():
                    "(GPU only; skipped with the reason where not importable); "
                    "bench/variants.py describes each")
     p.add_argument("--layout", type=_csv_list, default=None,
-                   help="comma list of adjugate layouts, sections|folded (default sections; "
-                   "both with --traffic): GROVE_ADJUGATE_LAYOUT for each call of the gk Grove "
-                   "layer; rows carry it")
+                   help="comma list of adjugate layouts, default|sections|folded (default: "
+                   "default, the layout each backend runs when GROVE_ADJUGATE_LAYOUT is unset; "
+                   "sections and folded with --traffic): GROVE_ADJUGATE_LAYOUT for each call "
+                   "of the gk Grove layer; rows carry the layout that ran")
     p.add_argument("--pass", dest="pass_", choices=sorted(PASS_CHOICES), default="both")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default bf16 on GPU, fp32 on CPU")
@@ -137,10 +138,10 @@ def config_from_args(args, parser):
     unknown = [n for n in names if n not in VARIANTS_BY_NAME]
     if unknown:
         parser.error(f"--variants: unknown {unknown}; known: {list(VARIANTS_BY_NAME)}")
-    layouts = tuple(dict.fromkeys(args.layout or ("sections",)))
-    bad = [lay for lay in layouts if lay not in ("sections", "folded")]
+    layouts = tuple(dict.fromkeys(args.layout or ("default",)))
+    bad = [lay for lay in layouts if lay not in ("default", "sections", "folded")]
     if bad or not layouts:
-        parser.error(f"--layout: unknown {bad}; choose from sections, folded")
+        parser.error(f"--layout: unknown {bad}; choose from default, sections, folded")
     dtype = DTYPES[args.dtype] if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     return runner.Config(

@@ -52,11 +52,19 @@ class Config:
     log: object = field(default=sys.stderr)  # None: silent (--quiet)
     progress: object = None  # the bar: None when `log` is a TTY, False never, True always
     on_row: object = None  # called with the result so far ("complete": False) after each row
-    layouts: tuple = ("sections",)  # adjugate layouts of the variants that read one
+    layouts: tuple = ("default",)  # adjugate layouts of the variants that read one
 
 
 def variant_layouts(cfg, variant):
     return cfg.layouts if variant.layouts else (None,)
+
+
+def concrete_layout(layout, backend):
+    """"default": the layout `backend` runs when GROVE_ADJUGATE_LAYOUT is unset."""
+    if layout != "default":
+        return layout
+    from grove_kernels import backends as registry
+    return registry.layout(backend, None)
 
 
 def _set_layout(layout, caller):
@@ -152,7 +160,9 @@ def _run(cfg, bar, caller_layout):
             for pass_ in cfg.passes:
                 for variant in cfg.variants:
                     backends = cfg.backends if variant.per_backend else (variant.backend,)
-                    cells = [(lay, b) for lay in variant_layouts(cfg, variant) for b in backends]
+                    cells = list(dict.fromkeys((concrete_layout(lay, b), b)
+                                               for lay in variant_layouts(cfg, variant)
+                                               for b in backends))
                     for layout, backend in cells:
                         _set_layout(layout, caller_layout)
                         where = f"{variant.name}/{backend}" + (f" [{layout}]" if layout else "")
@@ -239,6 +249,10 @@ def _result(cfg, commit, ceilings, rows, skipped, complete):
             "python": platform.python_version(),
             "grove_kernels_backends": gk.available_backends(),
             "anchors": anchors.versions(),
+            # The process-wide kernel choices the rows ran under (environment or defaults).
+            "cuda_fused_gemm1": gk.settings.fused_gemm1(train=False),
+            "triton_schedule": os.environ.get("GROVE_TRITON_SCHEDULE", "persistent"),
+            "triton_programs": os.environ.get("GROVE_TRITON_PROGRAMS"),
         },
     }
 

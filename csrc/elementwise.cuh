@@ -1,5 +1,5 @@
-// elementwise.cuh: what the element-wise kernels (gather.cu, swiglu.cu, combine.cu) share:
-// 8-element chunk loads and stores, the order in which rows of the two sections are walked,
+// elementwise.cuh: what the element-wise kernels (gather.cu, swiglu.cu, combine.cu, folded.cu)
+// share: 8-element chunk loads and stores, SwiGLU and SwiGLU' of a chunk, the order in which rows of the two sections are walked,
 // a fixed-order block sum, and the launch helpers. Torch-free; internal to those files.
 //
 // Every thread owns whole 8-element chunks on the vector and the scalar path alike, so a
@@ -60,6 +60,42 @@ __device__ __forceinline__ void store8(T* p, int64_t e, int64_t width,
     for (int i = 0; i < kChunk; ++i)
       if (e + i < width) from_f(f[i], p[e + i]);
   }
+}
+
+// SwiGLU of one chunk, in fp32. expf (not __expf) everywhere: the accurate exp; the kernels
+// are bandwidth-bound anyway. Forward silu is g / (1 + expf(-g)) (the reference formula, also
+// that of GEMM-1's fused epilogue); the backward uses s = sigmoid(g).
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+
+// gate[i] <- silu(gate[i]) * up[i] over the chunk.
+__device__ __forceinline__ void swiglu_chunk(float (&gate)[kChunk], const float (&up)[kChunk]) {
+#pragma unroll
+  for (int i = 0; i < kChunk; ++i) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+}
+
+// SwiGLU' of the chunk at column `e` of one part of a row (g, h, dh point at the part's first
+// gate column, its up columns `width` further): writes d gate / d up scaled by w, returns
+// acc + g * silu * up of each element in turn (the caller's order of additions). Tail elements
+// of the scalar path are skipped, not added as +0 (keeps -0 sums equal).
+template <typename T, bool Vec>
+__device__ __forceinline__ float swiglu_bwd_chunk(const T* g, const T* h, T* dh, int64_t e,
+                                                  int64_t width, float w, float acc) {
+  float gv[kChunk], gate[kChunk], up[kChunk];
+  load8<T, Vec>(g, e, width, gv);
+  load8<T, Vec>(h, e, width, gate);
+  load8<T, Vec>(h + width, e, width, up);
+#pragma unroll
+  for (int i = 0; i < kChunk; ++i) {
+    const float s = sigmoid(gate[i]);
+    const float silu = gate[i] * s;
+    if (Vec || e + i < width) acc += gv[i] * silu * up[i];
+    const float d_gate = w * gv[i] * up[i] * s * (1.f + gate[i] * (1.f - s));
+    up[i] = w * gv[i] * silu;  // d up
+    gate[i] = d_gate;
+  }
+  store8<T, Vec>(dh, e, width, gate);
+  store8<T, Vec>(dh + width, e, width, up);
+  return acc;
 }
 
 __device__ __forceinline__ int64_t chunk_begin() { return int64_t(threadIdx.x) * kChunk; }

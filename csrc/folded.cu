@@ -74,8 +74,7 @@ swiglu_folded_fwd_kernel(T* __restrict__ h, int64_t ldh, int64_t I, int64_t Ia, 
         float up[kChunk];
         load8<T, Vec>(gate_p, p.col, p.width, v);
         load8<T, Vec>(gate_p + p.width, p.col, p.width, up);
-#pragma unroll
-        for (int i = 0; i < kChunk; ++i) v[i] = v[i] / (1.f + expf(-v[i])) * up[i];
+        swiglu_chunk(v, up);
       } else if (zero_h) {
         store_zero8<T, Vec>(gate_p, p.col, p.width);
         store_zero8<T, Vec>(gate_p + p.width, p.col, p.width);
@@ -116,32 +115,6 @@ scale_folded_kernel(const T* z, int64_t ldz, int64_t I, int64_t Ia, GroveFoldedR
   }
 }
 
-__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
-
-// SwiGLU' of the chunk at column `col` of one part (g, h, dh point at the part's first
-// gate column; `width` is the part's N): writes d gate / d up scaled by w, returns
-// sum g * silu * up over the chunk.
-template <typename T, bool Vec>
-__device__ __forceinline__ float swiglu_bwd_chunk(const T* g, const T* h, T* dh, int64_t col,
-                                                  int64_t width, float w) {
-  float gv[kChunk], gate[kChunk], up[kChunk], acc = 0.f;
-  load8<T, Vec>(g, col, width, gv);
-  load8<T, Vec>(h, col, width, gate);
-  load8<T, Vec>(h + width, col, width, up);
-#pragma unroll
-  for (int i = 0; i < kChunk; ++i) {
-    const float s = sigmoid(gate[i]);
-    const float silu = gate[i] * s;
-    acc += gv[i] * silu * up[i];
-    const float d_gate = w * gv[i] * up[i] * s * (1.f + gate[i] * (1.f - s));
-    up[i] = w * gv[i] * silu;  // d up
-    gate[i] = d_gate;
-  }
-  store8<T, Vec>(dh, col, width, gate);
-  store8<T, Vec>(dh + width, col, width, up);
-  return acc;
-}
-
 template <typename T, bool Vec>
 __global__ void __launch_bounds__(kMaxThreads)
 swiglu_folded_bwd_kernel(const T* __restrict__ g, int64_t ldg, const T* __restrict__ h,
@@ -168,11 +141,11 @@ swiglu_folded_bwd_kernel(const T* __restrict__ g, int64_t ldg, const T* __restri
     float acc_e = 0.f, acc_a = 0.f;
     const float w = row_weight[r];
     for (int64_t e = chunk_begin(); e < I; e += chunk_step())
-      acc_e += swiglu_bwd_chunk<T, Vec>(gr, hr, dr, e, I, w);
+      acc_e += swiglu_bwd_chunk<T, Vec>(gr, hr, dr, e, I, w, 0.f);
     if (lead) {
       const float lw = leader_weight[r];
       for (int64_t e = first_a; e < I + Ia; e += chunk_step())
-        acc_a += swiglu_bwd_chunk<T, Vec>(gr + I, hr + 2 * I, dr + 2 * I, e - I, Ia, lw);
+        acc_a += swiglu_bwd_chunk<T, Vec>(gr + I, hr + 2 * I, dr + 2 * I, e - I, Ia, lw, 0.f);
     } else {
       for (int64_t e = first_a; e < I + Ia; e += chunk_step()) {
         store_zero8<T, Vec>(dr + 2 * I, e - I, Ia);

@@ -9,10 +9,6 @@
 
 namespace {
 
-// expf (not __expf) everywhere: the accurate exp; the kernels are bandwidth-bound anyway.
-// Forward silu is g / (1 + expf(-g)) (the reference formula); backward uses s = sigmoid(g).
-__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
-
 template <typename T, bool Vec>
 __global__ void __launch_bounds__(kMaxThreads)
 swiglu_fwd_kernel(const T* __restrict__ h, int64_t ldh, int64_t N, GroveSections sec,
@@ -26,8 +22,7 @@ swiglu_fwd_kernel(const T* __restrict__ h, int64_t ldh, int64_t N, GroveSections
       float gate[kChunk], up[kChunk];
       load8<T, Vec>(hr, e, N, gate);
       load8<T, Vec>(hr + N, e, N, up);
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+      swiglu_chunk(gate, up);
       store8<T, Vec>(o, e, N, gate);
     }
   }
@@ -47,24 +42,8 @@ swiglu_bwd_kernel(const T* __restrict__ g, int64_t ldg, const T* __restrict__ h,
     const T* hr = h + r * ldh;
     T* dr = dh + r * lddh;
     float acc = 0.f;
-    for (int64_t e = chunk_begin(); e < N; e += chunk_step()) {
-      float gv[kChunk], gate[kChunk], up[kChunk];
-      load8<T, Vec>(gr, e, N, gv);
-      load8<T, Vec>(hr, e, N, gate);
-      load8<T, Vec>(hr + N, e, N, up);
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) {
-        const float s = sigmoid(gate[i]);
-        const float silu = gate[i] * s;
-        // Tail elements of the scalar path are skipped, not added as +0 (keeps -0 sums equal).
-        if (Vec || e + i < N) acc += gv[i] * silu * up[i];
-        const float d_gate = w * gv[i] * up[i] * s * (1.f + gate[i] * (1.f - s));
-        up[i] = w * gv[i] * silu;  // d up
-        gate[i] = d_gate;
-      }
-      store8<T, Vec>(dr, e, N, gate);
-      store8<T, Vec>(dr + N, e, N, up);
-    }
+    for (int64_t e = chunk_begin(); e < N; e += chunk_step())
+      acc = swiglu_bwd_chunk<T, Vec>(gr, hr, dr, e, N, w, acc);
     store_block_sum(d_row_weight, r, acc);
   }
 }

@@ -124,10 +124,10 @@ def _torch_stages():
 
 
 def _triton_stages():
-    from .triton import backend, plan, plan_folded, routing
+    from .triton import backend, plan, routing
 
     return dict(topk=routing.topk, build_plan=plan.build_plan,
-                build_folded_plan=plan_folded.build_folded_plan, forward=backend.forward,
+                build_folded_plan=plan.build_folded_plan, forward=backend.forward,
                 backward=backend.backward)
 
 

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from .routing import acc_dtype
+from .routing import slots
 
 
 @dataclass
@@ -142,13 +142,7 @@ def build_plan(topk_ids, topk_weights, num_experts, group_size=0, adjugate_scale
     """Build the plan on the device of topk_ids. group_size == 0 means no adjugate problems."""
     T, k = topk_ids.shape
     device = topk_ids.device
-    ids = topk_ids.long()
-    if expert_map is not None:
-        # Out-of-range ids (value checks switched off) become skipped slots, never OOB reads.
-        n = expert_map.shape[0]
-        ids = torch.where((ids >= 0) & (ids < n), expert_map.long()[ids.clamp(0, n - 1)], -1)
-    valid = (ids >= 0) & (ids < num_experts)
-    w = torch.where(valid, topk_weights.to(acc_dtype(topk_weights.dtype)), 0.0)
+    ids, valid, w = slots(topk_ids, topk_weights, num_experts, expert_map)
     E = num_experts
     G = E // group_size if group_size else 0
 

@@ -1,7 +1,7 @@
 """The folded dispatch plan, the torch reference: routing -> expert rows that also carry the
 adjugates (the `folded` adjugate layout, chosen per call by GROVE_ADJUGATE_LAYOUT; the
-`sections` layout is grove_kernels/plan.py). grove_kernels/triton/plan_folded.py builds the
-same FoldedPlan on the device, tensor for tensor.
+`sections` layout is grove_kernels/plan.py). build_folded_plan of grove_kernels/triton/plan.py
+builds the same FoldedPlan on the device, tensor for tensor.
 
 There are only expert rows, R = T*k. The *leader* of (token t, group g = e // S) is t's first
 valid slot, in slot order, whose expert lies in g: its row carries the adjugate A_g(x_t) with
@@ -22,11 +22,11 @@ holding both terms). d topk_weights[t, j] = d row_weight[row(t, j)]
 + λ·d leader_weight[row of the leader of group(j) in t] (topk_weight_grad).
 Sorting is stable and λ·Σw is summed in slot order, so the plan is deterministic.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .routing import acc_dtype
+from .routing import slots
 
 
 @dataclass
@@ -45,6 +45,10 @@ class FoldedPlan:
     token_mask: torch.Tensor  # [T, k] bool: slot is a real row
     token_leader: torch.Tensor  # [T, k] bool: slot is its group's leader
     group_match: torch.Tensor  # [T, k, k] bool: slots j and m select the same group
+    # Plain attributes, set once at construction: reading one in a launch wrapper is no call.
+    group_size: int = field(init=False)  # S
+    num_rows: int = field(init=False)  # R = T*k
+    num_expert_rows: int = field(init=False)  # R (every row is an expert row)
 
     layout = "folded"
     _FIELDS = ("row_token", "row_weight", "leader_weight", "expert_offsets", "leader_ends",
@@ -80,17 +84,9 @@ class FoldedPlan:
         return cls(num_tokens=T, top_k=k, num_experts=E, num_groups=G,
                    **{n: tensors[n] for n in cls._FIELDS})
 
-    @property
-    def group_size(self):  # S
-        return self.num_experts // self.num_groups
-
-    @property
-    def num_rows(self):  # R = T*k
-        return self.row_token.shape[0]
-
-    @property
-    def num_expert_rows(self):
-        return self.num_rows
+    def __post_init__(self):
+        self.group_size = self.num_experts // self.num_groups
+        self.num_rows = self.num_expert_rows = self.row_token.shape[0]
 
     def topk_weight_grad(self, d_row_weight, d_leader_weight, adjugate_scale):
         """d topk_weights [T, k] from d row_weight [R] and d leader_weight [R] (the gradient
@@ -123,13 +119,7 @@ def build_folded_plan(topk_ids, topk_weights, num_experts, group_size, adjugate_
     device = topk_ids.device
     E, S = num_experts, group_size
     G = E // S
-    ids = topk_ids.long()
-    if expert_map is not None:
-        # Out-of-range ids (value checks switched off) become skipped slots, never OOB reads.
-        n = expert_map.shape[0]
-        ids = torch.where((ids >= 0) & (ids < n), expert_map.long()[ids.clamp(0, n - 1)], -1)
-    valid = (ids >= 0) & (ids < E)
-    w = torch.where(valid, topk_weights.to(acc_dtype(topk_weights.dtype)), 0.0)
+    ids, valid, w = slots(topk_ids, topk_weights, E, expert_map)
     group_match, leader, lead_w = leaders(ids, valid, w, S, adjugate_scale)
 
     # key 2e: leader rows of e; 2e + 1: its other rows; 2E: skipped slots (the tail).

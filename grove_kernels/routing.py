@@ -11,6 +11,9 @@ The ranking rule (README "Routing semantics") is the one the Triton kernel follo
 backend selects the same experts: ties are common (a zero-initialised router, bf16 logits,
 sigmoid(l) rounding to 1.0 for l >~ 17 in fp32), and an order left to torch.topk differs from
 an argmax loop's. A NaN logit leaves its own token's weights NaN (softmax) and its ids in range.
+
+`slots` is where both plans (plan.py, plan_folded.py) start from the routing: ids mapped to
+local experts (expert_map), the valid slots, and their weights in the accumulation dtype.
 """
 import functools
 
@@ -52,3 +55,16 @@ def topk(router_logits, top_k, renormalize, selection_bias):
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
     return weights.to(acc_dtype(router_logits.dtype)), ids.to(torch.int32)
+
+
+def slots(topk_ids, topk_weights, num_experts, expert_map=None):
+    """(ids [T, k] int64 local expert ids, valid [T, k], w [T, k] in the accumulation dtype, 0
+    on skipped slots) of both layouts' plans."""
+    ids = topk_ids.long()
+    if expert_map is not None:
+        # Out-of-range ids (value checks switched off) become skipped slots, never OOB reads.
+        n = expert_map.shape[0]
+        ids = torch.where((ids >= 0) & (ids < n), expert_map.long()[ids.clamp(0, n - 1)], -1)
+    valid = (ids >= 0) & (ids < num_experts)
+    w = torch.where(valid, topk_weights.to(acc_dtype(topk_weights.dtype)), 0.0)
+    return ids, valid, w

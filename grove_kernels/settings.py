@@ -8,9 +8,18 @@
                               backends.requested_layout (where the backend is chosen, so a call
                               enters each file once); unset: each backend's default_layout
                               (folded on triton, sections on torch and cuda)
+    GROVE_TRITON_SCHEDULE     persistent | tiles: the triton backend's folded GEMM launches,
+                              programs looping over the device's item count (default) or one
+                              program per item of the host bound; GROVE_TRITON_PROGRAMS=n sets
+                              the persistent program count (default 1 per SM); both read on
+                              every call (grove_kernels/triton/config.py)
     settings.fuse_swiglu      the cuda backend's GEMM-1 with SwiGLU in its epilogue, reading
-                              packed copies of w1 / a1 (opt-in, process-wide; frozen weights
-                              only; GROVE_CUDA_FUSE_SWIGLU=1 or set_fuse_swiglu(True))
+                              packed copies of w1 / a1 (process-wide; frozen weights only):
+                              True | False | "auto" (GROVE_CUDA_FUSE_SWIGLU=1 | 0 | auto, or
+                              set_fuse_swiglu); unset: "auto", which FUSE_SWIGLU_AUTO decides.
+                              fused_gemm1(train) is the per-call decision the backend and its
+                              traffic model both take: a training forward never fuses (it
+                              saves h)
 
 Setters: grove_kernels.set_backend / use_backend / set_value_checks, settings.value_checks
 (a context manager), settings.set_fuse_swiglu.
@@ -26,6 +35,29 @@ import torch
 
 ADJUGATE_LAYOUTS = ("sections", "folded")
 LAYOUT_VARIABLE = "GROVE_ADJUGATE_LAYOUT"
+FUSE_SWIGLU_VARIABLE = "GROVE_CUDA_FUSE_SWIGLU"
+# What fuse_swiglu = "auto" (the default) does for an inference forward: True runs the fused
+# GEMM-1 + SwiGLU, False the plain GEMM-1 and the SwiGLU row kernel. False while the fused
+# kernel has not been measured faster (H200, 2026-11-28: 3680 vs 3372 µs at T = 16384 with the
+# epilogue storing from registers); set it after timing both (bench/results). Even where it
+# wins it reads a gate/up-interleaved copy of w1 and a1 kept per layer (805 MB per layer at
+# grove-33b in bf16, ~39 GB over 48 layers): a default must not add that to every model, so
+# the default can fuse only where the caller's weights are already stored interleaved.
+FUSE_SWIGLU_AUTO = False
+
+
+def _fuse_swiglu_mode(value, name):
+    """True | False | "auto" from a setting's value (bool or "0" / "1" / "auto")."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true"):
+        return True
+    if text in ("0", "false"):
+        return False
+    if text == "auto":
+        return "auto"
+    raise ValueError(f"{name}: expected 0, 1 or auto, got {value!r}")
 
 
 class Settings(threading.local):
@@ -35,7 +67,8 @@ class Settings(threading.local):
 
     backend = os.environ.get("GROVE_KERNELS_BACKEND", "auto")
     value_checks = os.environ.get("GROVE_KERNELS_VALUE_CHECKS", "1") != "0"
-    fuse_swiglu = os.environ.get("GROVE_CUDA_FUSE_SWIGLU", "0") == "1"
+    fuse_swiglu = _fuse_swiglu_mode(os.environ.get(FUSE_SWIGLU_VARIABLE) or "auto",
+                                    FUSE_SWIGLU_VARIABLE)
 
 
 settings = Settings()
@@ -47,11 +80,21 @@ def set_value_checks(enabled):
     Settings.value_checks = bool(enabled)
 
 
-def set_fuse_swiglu(enabled):
-    """The cuda backend's fused GEMM-1 + SwiGLU for later forwards, in every thread (opt-in;
-    for frozen weights: call grove_kernels.cuda.release_packed_weights() after changing them
-    in a way torch does not version)."""
-    Settings.fuse_swiglu = bool(enabled)
+def set_fuse_swiglu(mode):
+    """The cuda backend's GEMM-1 for later inference forwards, in every thread: True fused with
+    SwiGLU, False plain, "auto" as FUSE_SWIGLU_AUTO says (for frozen weights: call
+    grove_kernels.cuda.release_packed_weights() after changing them in a way torch does not
+    version)."""
+    Settings.fuse_swiglu = _fuse_swiglu_mode(mode, "set_fuse_swiglu")
+
+
+def fused_gemm1(train):
+    """Whether a cuda forward runs GEMM-1 with SwiGLU fused: never for a training forward (it
+    saves h for the backward), otherwise settings.fuse_swiglu, "auto" as FUSE_SWIGLU_AUTO."""
+    if train:
+        return False
+    mode = settings.fuse_swiglu
+    return FUSE_SWIGLU_AUTO if mode == "auto" else mode
 
 
 def value_checks_enabled():

@@ -125,6 +125,17 @@ def tile_work(blocks, n, k, block_m, block_n, block_k, n_tiles, a_elem, b_elem):
                     int((blocks.rows * tiles).sum()))
 
 
+def by_layout(folded, sections):
+    """A backend's `launches(plan, x_shape, weights_shapes, dtype, layout, pass_, device_name)`
+    from its two models `folded` / `sections` (same arguments less `layout`): the folded one for
+    a Grove layer (a1 given) on the folded layout, the sections one otherwise."""
+    def launches(plan, x_shape, weights_shapes, dtype, layout, pass_, device_name):
+        model = folded if layout == "folded" and weights_shapes[2] is not None else sections
+        return model(plan, x_shape, weights_shapes, dtype, pass_, device_name)
+
+    return launches
+
+
 def total(launches):
     """(hbm bytes, flops) of a list of launches: read + write bytes, useful FLOPs."""
     return (sum(l.read_bytes + l.write_bytes for l in launches), sum(l.flops for l in launches))
@@ -156,7 +167,7 @@ def topk_grad_launch(plan):
 
 
 def plan_launches(plan, routing_dtype=torch.float32):
-    """The plan stage's launches on a GPU (grove_kernels/triton/plan.py, plan_folded.py: slots,
+    """The plan stage's launches on a GPU (grove_kernels/triton/plan.py, both layouts: slots,
     scan, offsets, scatter): ids and routing weights in, every plan tensor out once, with the
     per-block histogram (NB blocks of 64 slots x P keys) and the sort keys between them."""
     T, k = plan.num_tokens, plan.top_k

@@ -19,20 +19,26 @@
 # then run `bash scripts/gpu_check.sh` there, with build/grove_cuda, .whl and .anchors present.
 #
 # Stages (each under its own `timeout`, so one that hangs or fails never takes another's time;
-# the whole run stays under GPU_CHECK_BUDGET_S, default 460 s, and a stage that no longer fits
+# the whole run stays under GPU_CHECK_BUDGET_S, default 480 s, and a stage that no longer fits
 # is skipped and says so):
 #   build     CUTLASS wheel into a private site dir, the extension in place from the prepared
 #             objects (the binding only, ~30-60 s), build_info
 #   selfcheck python -m grove_kernels.selfcheck (every backend vs float64, grove-33b, fwd + every
 #             gradient), once per layout (GROVE_ADJUGATE_LAYOUT=sections, folded)
-#   tests     the gpu-marked tests of torch and triton (both layouts: the tests' layout fixture)
+#   tests     the gpu-marked tests of torch and triton (both layouts: the tests' layout fixture);
+#             GPU_CHECK_TESTS (pytest arguments) runs a selection instead
 #   cuda      the gpu-marked tests of the cuda backend (its ops, folded ops, the API), in their
 #             own process: a CUDA error poisons the context
 #   sanitize  compute-sanitizer memcheck over one forward + backward of the cuda backend per
-#             layout (a small odd-sized layer)
+#             layout, and one inference forward on the fused GEMM-1 (a small odd-sized layer)
 #   bench     python -m bench --pass both --layout folded,sections: grove and plain on triton and
 #             cuda, vLLM's plain kernel when present; grove-33b bf16 uniform, T = 16384 ... 1
 #             (largest first: a cut run keeps the rows that matter most); takes the time left
+#   settings  the bench again under each other setting of SETTINGS below (an environment
+#             variable that selects another kernel path), the rows of the paths it changes only:
+#             OUT_DIR/bench_uniform@<name>.json; the summary lists them as <backend>@<name>
+#   kernels   python -m bench.kernels: the profiler's µs per kernel of one forward at T = 16384
+#             and 1024 (grove, plain, vLLM), where the time of a call goes; if time is left
 #   coactive  the same at coactive routing, T = 16384, 4096, if time is left
 #   summary   the table (printed last): folded vs sections per backend, vs vLLM plain, and
 #             fwd+bwd / fwd (scripts/gpu_summary.py over the bench JSON files)
@@ -58,14 +64,21 @@ done
 out=${out:-${OUT:-gpu_check_out}}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
-total=${GPU_CHECK_BUDGET_S:-460}
+total=${GPU_CHECK_BUDGET_S:-480}
 site=${GPU_CHECK_SITE:-/tmp/grove_site}
 
 # name:budget seconds. The bench's budget is a floor: it also gets whatever earlier stages
 # left unused, minus what the stages after it reserve. OPTIONAL stages reserve nothing: they
 # run on what is left (coactive: when the uniform bench ends early).
-STAGES=(build:50 selfcheck:40 tests:90 cuda:70 sanitize:35 bench:165 coactive:35 summary:10)
-OPTIONAL=" coactive "
+STAGES=(build:50 selfcheck:30 tests:70 cuda:60 sanitize:30 bench:160 settings:70 kernels:40
+        coactive:35 summary:10)
+OPTIONAL=" kernels coactive "
+# The settings stage: name|environment|bench arguments, one run each (uniform routing).
+SETTINGS=(
+  "fused|GROVE_CUDA_FUSE_SWIGLU=1|--pass fwd --backends cuda --variants grove,plain --layout folded,sections"
+  "tiles|GROVE_TRITON_SCHEDULE=tiles|--pass both --backends triton --variants grove --layout folded"
+  "2persm|GROVE_TRITON_PROGRAMS=264|--pass fwd --backends triton --variants grove --layout folded"
+)
 
 export PYTHONPATH="$site:$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 variants=grove,plain
@@ -121,8 +134,8 @@ exit \$rc
 EOF
       ;;
     tests) cat <<EOF
-GROVE_TEST_BACKENDS=torch,triton "$PY" -m pytest -v -m gpu tests -rfs --tb=line -p no:cacheprovider \\
-  --ignore-glob='tests/test_cuda*' --ignore=tests/test_distributed.py
+GROVE_TEST_BACKENDS=torch,triton "$PY" -m pytest -v -rfs --tb=line -p no:cacheprovider \\
+  ${GPU_CHECK_TESTS:--m gpu tests --ignore-glob='tests/test_cuda*' --ignore=tests/test_distributed.py}
 EOF
       ;;
     cuda) cat <<EOF
@@ -148,10 +161,35 @@ for layout in ("sections", "folded"):
         y.backward(torch.randn_like(y))
     torch.cuda.synchronize()
     print(layout, "ok", float(y.detach().float().norm()))
+    # The inference forward on the fused GEMM-1 + SwiGLU (its shared-memory epilogue).
+    gk.settings.set_fuse_swiglu(True)
+    with torch.no_grad(), gk.use_backend("cuda"):
+        y = gk.grove_moe(x.detach(), logits.detach(), w1.detach(), w2.detach(), a1.detach(),
+                         a2.detach(), top_k=k, group_size=S)
+    gk.settings.set_fuse_swiglu("auto")
+    torch.cuda.synchronize()
+    print(layout, "fused ok", float(y.float().norm()))
 PYEOF
 EOF
       ;;
     bench) bench_cmd uniform "$tokens" 80 ;;
+    settings)
+      local entry name env args
+      for entry in "${SETTINGS[@]}"; do
+        IFS='|' read -r name env args <<< "$entry"
+        cat <<EOF
+echo "== $name: $env"
+env $env "$PY" -m bench $args --routing uniform --tokens $tokens --quick \\
+  --json "$out/bench_uniform@$name.json" 2>&1 | tail -30
+EOF
+      done
+      ;;
+    kernels) cat <<EOF
+$pick_backends
+"$PY" -m bench.kernels --tokens 16384,1024 --backends "\$B" --variants $variants \\
+  --json "$out/kernels.json"
+EOF
+      ;;
     coactive) bench_cmd coactive 16384,4096 40 ;;
     summary) cat <<EOF
 "$PY" scripts/gpu_summary.py "$out"/bench_*.json

@@ -12,7 +12,9 @@ One line per (routing, T, backend), µs of one call (forward unless said):
 A row whose check is not ok is marked "!" (its time means nothing); "-" means no such row
 (skipped, or the run was cut by its time limit). Rows without a `layout` field take it from
 their file's name (bench_<routing>_<part>_<layout>.json, a bench without the layout axis run
-once per layout), else are the sections layout.
+once per layout), else are the sections layout. A file named bench_<routing>@<setting>.json is a
+run under another setting of the environment (gpu_check.sh's `settings` stage): its backends
+are listed as <backend>@<setting>, and its vLLM rows are left out (they repeat the main run's).
 """
 import json
 import os
@@ -36,9 +38,14 @@ def load(paths):
         # A bench without the layout axis ran once per layout, into files named by it.
         name = os.path.basename(path)
         hint = next((x for x in ("folded", "sections") if f"_{x}." in name), None)
+        setting = name[:-len(".json")].partition("@")[2] if name.endswith(".json") else ""
         for r in result.get("rows", []):
             if hint and not r.get("layout"):
                 r = dict(r, layout=hint)
+            if setting:
+                if r.get("variant") == "vllm":
+                    continue
+                r = dict(r, backend=f"{r['backend']}@{setting}")
             rows.append(r)
     return rows
 
@@ -73,7 +80,8 @@ def table(rows):
     ix = index(rows)
     combos = sorted({(k[0], k[1], k[4]) for k in ix if k[3] in ("grove", "plain")},
                     key=lambda c: (c[0], c[1], c[2]))
-    head = (f"{'routing':<9} {'T':>6} {'backend':<7} {'vLLM':>8} {'plain':>8} {'sections':>8} "
+    width = max([7] + [len(c[2]) for c in combos])
+    head = (f"{'routing':<9} {'T':>6} {'backend':<{width}} {'vLLM':>8} {'plain':>8} {'sections':>8} "
             f"{'folded':>8} {'fold/sect':>9} {'fold/plain':>10} {'fold/vLLM':>9} "
             f"{'f+b sect':>8} {'f+b fold':>8} {'f+b/fwd':>7}")
     lines = ["gpu_check summary: µs per call (fwd unless f+b)", head, "-" * len(head)]
@@ -84,7 +92,7 @@ def table(rows):
         plain = get("fwd", "plain", "-")
         sect, fold = get("fwd", "grove", "sections"), get("fwd", "grove", "folded")
         fb_sect, fb_fold = get("fwd+bwd", "grove", "sections"), get("fwd+bwd", "grove", "folded")
-        lines.append(f"{routing:<9} {T:>6} {backend:<7} {_us(vllm)} {_us(plain)} {_us(sect)} "
+        lines.append(f"{routing:<9} {T:>6} {backend:<{width}} {_us(vllm)} {_us(plain)} {_us(sect)} "
                      f"{_us(fold)} {_ratio(fold, sect):>9} {_ratio(fold, plain):>10} "
                      f"{_ratio(fold, vllm):>9} {_us(fb_sect)} {_us(fb_fold)} "
                      f"{_ratio(fb_fold, fold)}")

@@ -196,7 +196,8 @@ def test_only_test_sh_installs_the_transformers_extra(tmp_path):
 # list and budgets (--dry-run), that a stage that hangs is cut at its own limit while the
 # stages after it still run, and the summary table it prints last.
 GPU_CHECK = os.path.join(ROOT, "scripts", "gpu_check.sh")
-GPU_STAGES = ["build", "selfcheck", "tests", "cuda", "sanitize", "bench", "coactive", "summary"]
+GPU_STAGES = ["build", "selfcheck", "tests", "cuda", "sanitize", "bench", "settings", "kernels",
+              "coactive", "summary"]
 
 
 def test_gpu_check_syntax():
@@ -219,6 +220,7 @@ def test_gpu_check_dry_run_lists_the_stages(tmp_path):
     assert "--pass both --layout folded,sections" in text
     assert "--tokens 16384,4096,1024,256,64,1" in text and "--routing coactive" in text
     assert "compute-sanitizer --tool memcheck" in text
+    assert "env GROVE_CUDA_FUSE_SWIGLU=1" in text.split("stage settings")[1]
     for layout in ("sections", "folded"):
         assert layout in text.split("stage selfcheck")[1].split("stage tests")[0]
     outside = ("/".join(("..", "shared")), "/work/")  # spelled so the repository never names it
@@ -250,7 +252,7 @@ def test_gpu_check_a_hanging_stage_is_cut_and_the_summary_comes_last(tmp_path):
     assert status[0].startswith("tests TIMEOUT"), status
     assert status[1].startswith("summary ok"), status
     assert proc.stdout.rstrip().endswith("SUMMARY TABLE")
-    assert "-m pytest -v -m gpu" in (tmp_path / "log").read_text()
+    assert "-m gpu tests" in (tmp_path / "log").read_text()
 
 
 def test_gpu_summary_table(tmp_path):
@@ -289,3 +291,10 @@ def test_gpu_summary_table(tmp_path):
     text = summary.table(summary.load([str(path), str(folded)]))
     triton = [line for line in text.splitlines() if " triton " in line][0].split()
     assert triton[5:7] == ["1300!", "650"]
+    # A run under another setting: its backends carry the setting, its vLLM rows are dropped.
+    fused = tmp_path / "bench_uniform@fused.json"
+    fused.write_text(json.dumps({"rows": [row("vllm", "vllm", 1.0),
+                                          row("grove", "cuda", 600.0, layout="folded")]}))
+    text = summary.table(summary.load([str(path), str(fused)]))
+    line = [ln for ln in text.splitlines() if " cuda@fused " in ln][0].split()
+    assert line[2:4] == ["cuda@fused", "800"] and line[6] == "600"  # vLLM from the main run

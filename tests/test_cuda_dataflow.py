@@ -24,6 +24,7 @@ from grove_kernels.cuda import packed  # noqa: E402
 from grove_kernels.experts import Weights  # noqa: E402
 from grove_kernels.plan import build_plan  # noqa: E402
 from grove_kernels.settings import Settings  # noqa: E402
+import grove_kernels.settings as settings_module  # noqa: E402
 
 if lib.is_available():  # a real sm_90 device: the GPU tests cover the real kernels
     pytest.skip("stand-ins only where the kernels cannot run", allow_module_level=True)
@@ -278,12 +279,18 @@ def test_fused_swiglu_when_enabled(stand_ins, gen, monkeypatch, grove, dtype):
     p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, dtype)
     w, ids = routing(c["T"], c["E"], c["k"], gen, "coselected", c["S"])
     dt = "bf16" if dtype == torch.bfloat16 else "fp16"
-    assert Settings.fuse_swiglu is False  # opt-in
+    assert Settings.fuse_swiglu == "auto" and settings_module.FUSE_SWIGLU_AUTO is False
     assert all(cfg.startswith(f"sm90_{dt}_m_grouped_nt_") and "swiglu" not in cfg
                for cfg in _gemm1_configs(p, w, ids, 2, grove))
     monkeypatch.setattr(Settings, "fuse_swiglu", True)
     assert all(cfg.startswith(f"sm90_{dt}_m_grouped_nt_swiglu_")
                for cfg in _gemm1_configs(p, w, ids, 2, grove))
+    # "auto" as the one constant says; GROVE_CUDA_FUSE_SWIGLU=0 (False) overrides it.
+    monkeypatch.setattr(Settings, "fuse_swiglu", "auto")
+    monkeypatch.setattr(settings_module, "FUSE_SWIGLU_AUTO", True)
+    assert all("swiglu" in cfg for cfg in _gemm1_configs(p, w, ids, 1, grove))
+    monkeypatch.setattr(Settings, "fuse_swiglu", False)
+    assert all("swiglu" not in cfg for cfg in _gemm1_configs(p, w, ids, 1, grove))
 
 
 def test_weights_changed_in_place_are_repacked_not_reused(stand_ins, fused, gen):

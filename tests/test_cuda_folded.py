@@ -26,6 +26,7 @@ from test_cuda_dataflow import CALLS, stand_ins  # noqa: F401  (fixture)
 from grove_kernels.settings import Settings
 from grove_kernels import experts as experts_stage
 from grove_kernels.cuda import backend as cuda_backend
+from grove_kernels.cuda import folded as cuda_folded
 from grove_kernels.cuda import ext as lib
 from grove_kernels.cuda import packed
 from grove_kernels.experts import Weights
@@ -367,18 +368,71 @@ def test_training_packs_once_per_weight_version(folded, gen):
         _check(y3, g3, *_reference(p, w, ids, dy, 2))
 
 
-def test_captured_training_forward_packs_inside_the_graph(folded, gen, monkeypatch):
-    """Under CUDA-graph capture a training forward packs per replay (a pinned copy would miss
-    the optimizer's updates); an inference forward reads the copy an eager call made."""
-    p, w, ids = _case(gen, 13, 4, 2, "random")
+def _spy_gemms(monkeypatch):
+    """[(grouped, majors), [storage of each b], [out tensors]] of every grouped GEMM."""
+    seen = []
+    inner = lib.grouped_gemm
+
+    def spy(a, b, out, start, count, kernel, **kw):
+        seen.append((sections_df._kind(kernel)[:2], [t.untyped_storage().data_ptr() for t in b],
+                     list(out)))
+        return inner(a, b, out, start, count, kernel, **kw)
+
+    monkeypatch.setattr(lib, "grouped_gemm", spy)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["random", "coselected"])
+def test_captured_training_forward_does_not_pack(folded, gen, monkeypatch, kind):
+    """Under CUDA-graph capture a training forward neither packs (the pack would run on every
+    replay) nor reads a pinned copy (the optimizer's updates would be missed): GEMM-2 reads w2
+    and a2 as stored, the leader rows' adjugate term into rows R.. of o, added by the combine.
+    An inference forward still reads the copy an eager call made."""
+    p, w, ids = _case(gen, 13, 4, 2, kind)
     _run(p, w, ids, 2, save=False)
     (entry,) = packed.packed_down._entries.values()
     monkeypatch.setattr(packed, "_capturing", lambda t: True)
+    packs = []
+    monkeypatch.setattr(cuda_folded, "pack_down", lambda *a: packs.append(a))
+    seen = _spy_gemms(monkeypatch)
     y, dy, grads, _ = _run(p, w, ids, 2, save=True)
-    assert not packed.packed_down._pinned
+    assert not packs and not packed.packed_down._pinned
+    assert packed.packed_down._entries[next(iter(packed.packed_down._entries))] is entry
+    gemm2 = [s for s in seen if s[0] == ("m", "nt")][1]
+    assert gemm2[1] == [p[n].untyped_storage().data_ptr() for n in ("w2", "a2")]
+    R = ids.numel()
+    o = gemm2[2][0]
+    assert o.untyped_storage().nbytes() == 2 * R * SHAPE["H"] * o.element_size()
     _check(y, grads, *_reference(p, w, ids, dy, 2))
     _run(p, w, ids, 2, save=False)
     assert len(packed.packed_down._pinned) == 1 and packed.packed_down._pinned[0] is entry[2]
+
+
+def test_backward_dx_rows_reuse_the_gathered_rows(folded, gen, monkeypatch):
+    """dGEMM-1 writes dxr [2R, H] (expert term of every row, adjugate term of the leader
+    rows) into the one buffer that held xg and dyg: no allocation of its own."""
+    p, w, ids = _case(gen, 13, 4, 2, "coselected")
+    gathers = []
+    inner = lib.gather_rows
+
+    def spy(src, *args):
+        gathers.append(args[-1])
+        return inner(src, *args)
+
+    monkeypatch.setattr(lib, "gather_rows", spy)
+    seen = _spy_gemms(monkeypatch)
+    y, dy, grads, _ = _run(p, w, ids, 2, save=True)
+    _check(y, grads, *_reference(p, w, ids, dy, 2))
+    R, H = ids.numel(), SHAPE["H"]
+    xg, dyg = gathers[-2:]  # the backward's two gathers
+    storage = xg.untyped_storage()
+    assert dyg.untyped_storage().data_ptr() == storage.data_ptr()
+    assert storage.nbytes() == 2 * R * H * xg.element_size()
+    assert (xg.storage_offset(), dyg.storage_offset()) == (0, R * H)
+    dgemm1 = [s for s in seen if s[0] == ("m", "nn")][-1]
+    assert [(o.untyped_storage().data_ptr(), o.storage_offset(), tuple(o.shape))
+            for o in dgemm1[2]] == [(storage.data_ptr(), 0, (R, H)),
+                                     (storage.data_ptr(), R * H, (R, H))]
 
 
 def test_gemm2_reads_the_packed_copy_not_w2(folded, gen, monkeypatch):
@@ -449,3 +503,86 @@ def test_fill_rejects_bad_b_shared(gen):
     with pytest.raises(RuntimeError, match=r"b_shared\[1\] must be >= 1"):
         lib.grouped_gemm_args([xg, xg], [p["w1"], p["a1"]], [h[:, :2 * I], h[:, 2 * I:]],
                               start, start.clone(), kernel, [1, 0])
+
+
+# ------------------------------------------------------ on an sm_90 GPU (marked gpu, real ops)
+
+GPU_SHAPE = dict(T=64, H=256, E=16, I=96, Ia=32, k=4, S=2)
+
+
+def _gpu_case(gen, kind):
+    import grove_kernels.cuda as cuda_pkg
+
+    if not (torch.cuda.is_available() and cuda_pkg.is_available()):
+        pytest.skip("needs grove_kernels._C and an sm_90 GPU")
+    c = GPU_SHAPE
+    p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16, "cuda")
+    for t in p.values():
+        t.requires_grad_(True)
+    w, ids = routing(c["T"], c["E"], c["k"], gen, kind, c["S"], device="cuda")
+    return p, w, ids.to(torch.int32)
+
+
+def _gpu_call(p, w, ids):
+    import grove_kernels as gk
+
+    return gk.fused_grove_experts(p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w, ids,
+                                  group_size=GPU_SHAPE["S"], adjugate_scale=LAM)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["random", "coselected"])
+def test_gpu_captured_training_forward_follows_weight_updates(gen, monkeypatch, kind):
+    """A training forward (weights require grad) captured in a CUDA graph reads w2 / a2 as
+    stored: replays after in-place updates of w2 and a2 (an optimizer step) follow them, and
+    agree with an eager call to the output rounding."""
+    import grove_kernels as gk
+
+    monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", "folded")
+    p, w, ids = _gpu_case(gen, kind)
+    with gk.use_backend("cuda"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            _gpu_call(p, w, ids)  # warm-up (packs for eager calls)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = _gpu_call(p, w, ids)
+        for step in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            ref = oracle.grove_layer(*(to64(p[n]) for n in ("x", "w1", "w2", "a1", "a2")),
+                                     to64(w), ids.cpu(), GPU_SHAPE["S"], LAM)
+            assert rel_err(y, ref) <= 2e-2, f"replay {step}"
+            assert rel_err(y, _gpu_call(p, w, ids)) <= 1e-2, f"replay {step} vs eager"
+            with torch.no_grad():
+                p["w2"].mul_(-1.25)
+                p["a2"].add_(0.5 * torch.randn_like(p["a2"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["random", "coselected", "one_expert"])
+def test_gpu_folded_gradients_with_dx_in_the_gathered_rows(gen, monkeypatch, kind):
+    """The folded backward's dxr [2R, H] reuses the storage of xg and dyg: every gradient
+    against float64, with the allocator's free blocks poisoned first."""
+    import grove_kernels as gk
+
+    monkeypatch.setenv("GROVE_ADJUGATE_LAYOUT", "folded")
+    p, w, ids = _gpu_case(gen, kind)
+    w.requires_grad_(True)
+    blocks = [torch.full((16 << 20,), float("nan"), device="cuda") for _ in range(4)]
+    del blocks
+    with gk.use_backend("cuda"):
+        y = _gpu_call(p, w, ids)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+    names = ("x", "w1", "w2", "a1", "a2")
+    leaves = [to64(p[n], True) for n in names] + [to64(w, True)]
+    ref = oracle.grove_layer(*leaves, ids.cpu(), GPU_SHAPE["S"], LAM)
+    ref.backward(to64(dy))
+    assert rel_err(y, ref) <= 2e-2
+    for name, got, want in zip(names + ("topk_weights",),
+                               [p[n].grad for n in names] + [w.grad], [t.grad for t in leaves]):
+        assert torch.isfinite(got).all(), name
+        assert rel_err(got, want) <= 2e-2, name

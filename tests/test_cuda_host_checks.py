@@ -1,10 +1,13 @@
 """CUDA code of csrc/ that runs on the host too, checked on the CPU machine (nvcc, no GPU).
 
     cuda/swiglu_epilogue_check.cu     GEMM-1's fused SwiGLU epilogue (gemm/swiglu_epilogue.cuh):
-                                      every fused kernel of the table, its CUTLASS types, the
-                                      per-tile operator run for every MMA thread of every tile:
-                                      the gate/up pairing it assumes of the wgmma fragment,
-                                      every output bit for bit, nothing written outside D
+                                      every fused kernel of the table, its CUTLASS types, both
+                                      phases run as the two consumer warpgroups do (stage to
+                                      the shared-memory slab for every MMA thread, then the
+                                      16-byte stores for every thread): the gate/up pairing it
+                                      assumes of the wgmma fragment, each slab entry staged
+                                      once by its own warpgroup, each output written once and
+                                      bit for bit, nothing outside D, no bank conflicts
     cuda/grouped_gemm_args_check.cu   gemm/grouped_gemm_args.cu: the argument checks of every
                                       layout and the per-problem shapes / addresses / leading
                                       dims the fill kernel writes (same function, run on the

@@ -66,3 +66,63 @@ def test_folded_against_oracle(backend, gen, case, dtype):
     assert torch.equal(y, y2)
     for name in grads:
         assert torch.equal(grads[name], grads2[name]), name
+
+
+SCHEDULES = {  # GROVE_TRITON_SCHEDULE, GROVE_TRITON_PROGRAMS
+    "tiles": ("tiles", None),
+    "persistent_1": ("persistent", "1"),  # one program loops over every tile
+    "persistent_2": ("persistent", "2"),  # fewer programs than tiles: the loops stride
+    "persistent_wide": ("persistent", "100000"),  # capped at the grid bound: idle exits
+}
+
+
+@pytest.mark.parametrize("case", ["blocks", "coselect_S4_k8", "wide_Ia", "narrow_I1_Ia3"])
+def test_folded_triton_schedules(gen, monkeypatch, case):
+    """The triton backend's persistent schedule (programs looping over the device's tile
+    count) against the grid of one program per tile: the oracle, and bitwise equal outputs
+    and gradients whatever the program count (each tile is computed the same way)."""
+    pytest.importorskip("triton")
+    T, H, E, I, Ia, k, S, kind = CASES[case]
+    dtype = torch.bfloat16
+    inputs = make_grove(T, H, E, I, Ia, S, gen, dtype)
+    w, ids = routing(T, E, k, gen, kind, S)
+    inputs["topk_weights"] = w
+    dy = randn(T, H, gen=gen, dtype=dtype)
+    ref = {n: to64(t, requires_grad=True) for n, t in inputs.items()}
+    oracle.grove_layer(ref["x"], ref["w1"], ref["w2"], ref["a1"], ref["a2"],
+                       ref["topk_weights"], ids, S, LAM).backward(to64(dy))
+    runs = {}
+    with gk.use_backend("triton"):
+        for name, (schedule, programs) in SCHEDULES.items():
+            monkeypatch.setenv("GROVE_TRITON_SCHEDULE", schedule)
+            if programs is None:
+                monkeypatch.delenv("GROVE_TRITON_PROGRAMS", raising=False)
+            else:
+                monkeypatch.setenv("GROVE_TRITON_PROGRAMS", programs)
+            runs[name] = _run(inputs, ids, S, dy)
+    y, grads = runs["tiles"]
+    for name, g in grads.items():
+        assert_close(g, ref[name].grad, f"d{name}", dtype=dtype)
+    for name, (y2, grads2) in runs.items():
+        assert torch.equal(y, y2), name
+        for n in grads:
+            assert torch.equal(grads[n], grads2[n]), (name, n)
+
+
+def test_schedule_variables_refuse_bad_values(monkeypatch):
+    pytest.importorskip("triton")
+    from grove_kernels.triton import config as cfg
+
+    monkeypatch.setenv("GROVE_TRITON_SCHEDULE", "bogus")
+    with pytest.raises(ValueError, match="GROVE_TRITON_SCHEDULE"):
+        cfg.persistent_programs(132)
+    monkeypatch.setenv("GROVE_TRITON_SCHEDULE", "persistent")
+    monkeypatch.setenv("GROVE_TRITON_PROGRAMS", "0")
+    with pytest.raises(ValueError, match="GROVE_TRITON_PROGRAMS"):
+        cfg.persistent_programs(132)
+    monkeypatch.setenv("GROVE_TRITON_PROGRAMS", "7")
+    assert cfg.persistent_programs(132) == 7
+    monkeypatch.delenv("GROVE_TRITON_PROGRAMS")
+    assert cfg.persistent_programs(132) == 132 * cfg.PROGRAMS_PER_SM
+    monkeypatch.setenv("GROVE_TRITON_SCHEDULE", "tiles")
+    assert cfg.persistent_programs(132) == 0

@@ -1,6 +1,7 @@
 """The process-wide settings in one object (grove_kernels/settings.py): the backend per thread,
 the value checks and the cuda fused-SwiGLU switch per process, the adjugate layout read from
 GROVE_ADJUGATE_LAYOUT on every call."""
+import os
 import threading
 
 import pytest
@@ -41,11 +42,49 @@ def test_backend_is_per_thread_value_checks_per_process():
     assert seen == {"backend": Settings.backend, "checks": False}
 
 
-def test_fuse_swiglu_is_opt_in_and_process_wide(monkeypatch):
-    assert Settings.fuse_swiglu is False
-    monkeypatch.setattr(Settings, "fuse_swiglu", False)
+def test_fuse_swiglu_is_auto_and_process_wide(monkeypatch):
+    import grove_kernels.settings as settings_module
+
+    assert Settings.fuse_swiglu == "auto"  # unset GROVE_CUDA_FUSE_SWIGLU
+    assert settings_module.FUSE_SWIGLU_AUTO is False  # the plain GEMM-1 until measured faster
+    monkeypatch.setattr(Settings, "fuse_swiglu", "auto")
     gk.settings.set_fuse_swiglu(True)
     assert settings.fuse_swiglu is True
+    gk.settings.set_fuse_swiglu("0")
+    assert settings.fuse_swiglu is False
+    gk.settings.set_fuse_swiglu("auto")
+    assert settings.fuse_swiglu == "auto"
+    with pytest.raises(ValueError, match="set_fuse_swiglu"):
+        gk.settings.set_fuse_swiglu("yes")
+
+
+@pytest.mark.parametrize("mode,auto,fused", [("0", True, False), ("1", False, True),
+                                             ("auto", False, False), ("auto", True, True)])
+def test_fused_gemm1_is_decided_per_call(monkeypatch, mode, auto, fused):
+    """GROVE_CUDA_FUSE_SWIGLU 0 / 1 override; auto follows FUSE_SWIGLU_AUTO; a training
+    forward never fuses (it saves h)."""
+    import grove_kernels.settings as settings_module
+
+    monkeypatch.setattr(Settings, "fuse_swiglu",
+                        settings_module._fuse_swiglu_mode(mode, "GROVE_CUDA_FUSE_SWIGLU"))
+    monkeypatch.setattr(settings_module, "FUSE_SWIGLU_AUTO", auto)
+    assert settings_module.fused_gemm1(train=False) is fused
+    assert settings_module.fused_gemm1(train=True) is False
+
+
+def test_fuse_swiglu_variable_is_read_at_import():
+    import subprocess
+    import sys
+
+    code = "import grove_kernels.settings as s; print(s.settings.fuse_swiglu)"
+    for value, want in (("1", "True"), ("", "auto"), ("yes", None)):
+        env = dict(os.environ, GROVE_CUDA_FUSE_SWIGLU=value)
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=120)
+        if want is None:
+            assert proc.returncode != 0 and "GROVE_CUDA_FUSE_SWIGLU" in proc.stderr
+        else:
+            assert proc.stdout.strip() == want, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("default", ["sections", "folded"])

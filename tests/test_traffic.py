@@ -157,13 +157,40 @@ def test_triton_launches_match_the_backend(monkeypatch, T_, E_, grove):
     assert sum(m.idle_programs for m in kernels) > 0  # the sections layout's bound
 
 
+# settings.fuse_swiglu, settings.FUSE_SWIGLU_AUTO -> whether an inference forward fuses GEMM-1
+_FUSE_MODES = {"0": (False, True, False), "1": (True, False, True),
+               "auto-plain": ("auto", False, False), "auto-fused": ("auto", True, True)}
+
+
+def _set_fuse(monkeypatch, mode):
+    """Select the cuda GEMM-1 as GROVE_CUDA_FUSE_SWIGLU / FUSE_SWIGLU_AUTO would; packing is a
+    torch stand-in (the launches do not depend on the interleave). Returns whether the
+    inference forward is expected to fuse."""
+    from grove_kernels import settings as settings_module
+    from grove_kernels.cuda import packed
+
+    fuse, auto, fused = _FUSE_MODES[mode]
+    monkeypatch.setattr(settings_module.Settings, "fuse_swiglu", fuse)
+    monkeypatch.setattr(settings_module, "FUSE_SWIGLU_AUTO", auto)
+    monkeypatch.setattr(packed.packed_gate_up, "_pack", lambda w: w.clone())
+    monkeypatch.setattr(packed.packed_gate_up, "_entries", {})
+    return fused
+
+
+def _fused_gemm1s(log):
+    return sum(op == "grouped_gemm" and "swiglu" in kernel for op, kernel in log)
+
+
+@pytest.mark.parametrize("fuse", list(_FUSE_MODES))
 @pytest.mark.parametrize("T_,E_,grove", [(3, 4, True), (40, 4, False), (300, 4, True)])
-def test_cuda_launches_match_the_backend(monkeypatch, T_, E_, grove):
-    """Every op the cuda backend calls, in order, with the GEMM kernel the model counts."""
+def test_cuda_launches_match_the_backend(monkeypatch, T_, E_, grove, fuse):
+    """Every op the cuda backend calls, in order, with the GEMM kernel the model counts; the
+    model takes the backend's GEMM-1 decision (fused only for the inference forward)."""
     from grove_kernels.cuda import backend
     from grove_kernels.cuda import traffic as cuda_traffic
     from grove_kernels.experts import Activations
 
+    fused = _set_fuse(monkeypatch, fuse)
     log = []
     _record_cuda_ops(monkeypatch, backend.lib, log)
     plan, shapes = _case(T_, E_, grove)
@@ -181,6 +208,7 @@ def test_cuda_launches_match_the_backend(monkeypatch, T_, E_, grove):
                                        pass_, "NVIDIA H200")
     ops = [op for op in map(_cuda_op_of, (m.name for m in model)) if op is not None]
     assert ops == log
+    assert _fused_gemm1s(log) == int(fused)
 
 
 def test_bench_traffic_cli(tmp_path, capsys):
@@ -246,14 +274,17 @@ def _cuda_op_of(name):
     raise AssertionError(f"unmapped launch {name}")
 
 
+@pytest.mark.parametrize("fuse", list(_FUSE_MODES))
 @pytest.mark.parametrize("T_,E_", [(3, 4), (40, 4), (300, 8)])
-def test_cuda_folded_launches_match_the_backend(monkeypatch, T_, E_):
-    """The folded layout's ops, in order, with the GEMM kernel the model counts."""
+def test_cuda_folded_launches_match_the_backend(monkeypatch, T_, E_, fuse):
+    """The folded layout's ops, in order, with the GEMM kernel the model counts; the model
+    takes the backend's GEMM-1 decision."""
     folded = pytest.importorskip("grove_kernels.cuda.folded")
     from grove_kernels.cuda import traffic as cuda_traffic
     from grove_kernels.experts import Activations
     from grove_kernels.plan_folded import build_folded_plan
 
+    fused = _set_fuse(monkeypatch, fuse)
     log = []
     _record_cuda_ops(monkeypatch, folded.lib, log)
     g = torch.Generator().manual_seed(1)
@@ -273,12 +304,21 @@ def test_cuda_folded_launches_match_the_backend(monkeypatch, T_, E_):
                                        "NVIDIA H200")
     ops = [op for op in map(_cuda_op_of, (m.name for m in model)) if op is not None]
     assert ops == log
+    assert _fused_gemm1s(log) == int(fused)
 
 
+@pytest.mark.parametrize("schedule,programs", [("tiles", None), ("persistent", "5"),
+                                               ("persistent", "100000")])
 @pytest.mark.parametrize("T_,E_,routing", [(3, 4, "uniform"), (40, 4, "uniform"),
                                            (200, 8, "uniform"), (200, 8, "coactive")])
-def test_triton_folded_launches_match_the_backend(monkeypatch, T_, E_, routing):
-    """The folded layout's Triton kernels, in order, with the grid the model counts."""
+def test_triton_folded_launches_match_the_backend(monkeypatch, T_, E_, routing, schedule,
+                                                  programs):
+    """The folded layout's Triton kernels, in order, with the grid the model counts, on both
+    schedules (GROVE_TRITON_SCHEDULE; GROVE_TRITON_PROGRAMS sets the persistent program count
+    for the backend and the model alike)."""
+    monkeypatch.setenv("GROVE_TRITON_SCHEDULE", schedule)
+    if programs is not None:
+        monkeypatch.setenv("GROVE_TRITON_PROGRAMS", programs)
     gemm_folded = pytest.importorskip("grove_kernels.triton.gemm_folded")
     from grove_kernels.experts import Activations
     from grove_kernels.plan_folded import build_folded_plan
@@ -314,13 +354,24 @@ def test_triton_folded_launches_match_the_backend(monkeypatch, T_, E_, routing):
     launched = [m for m in model if not m.name.startswith("torch:")]
     assert [m.programs for m in launched] == [n for _, n in log]
     assert [n for n, _ in log] == [kernels[i][1] for i in (0, 1, 4) * 2 + (2, 3, 3, 1, 4)]
-    # Only row blocks past the plan's last one idle (the grid bound), never adjugate tiles.
+    # Tiles: only row blocks past the plan's last one idle (the grid bound), never adjugate
+    # tiles. Persistent: min(programs, bound x N tiles) programs, idle beyond the real items.
     bound = -(-T_ * k // conf.block_m) + E_
     count = plan.expert_offsets.diff()
     real_blocks = int(((count + conf.block_m - 1) // conf.block_m).sum())
+    n_tiles = {"GEMM-1": -(-I // conf.gemm1.bn),
+               "GEMM-2": -(-H // cfg.folded_gemm2_rows(conf).bn),
+               "dGEMM-2": -(-I // cfg.folded_dgemm2_rows(conf).bn),
+               "dGEMM-1": -(-H // conf.rows.bn)}
     for m in launched:
         if m.name.startswith(("GEMM", "dGEMM")):
-            assert m.idle_programs == (bound - real_blocks) * (m.programs // bound)
+            n = n_tiles[m.name.split(" ")[0]]
+            if programs is None:
+                assert m.programs == bound * n
+                assert m.idle_programs == (bound - real_blocks) * n
+            else:
+                assert m.programs == min(int(programs), bound * n)
+                assert m.idle_programs == max(0, m.programs - real_blocks * n)
         else:
             assert m.idle_programs == 0
 

@@ -23,8 +23,10 @@ def report():
     return {r["kernel"]: r for r in json.loads(out.stdout.strip().splitlines()[-1])}
 
 
-FOLDED = ["folded_gemm1", "folded_gemm1+h", "folded_gemm2", "folded_dgemm2", "folded_dgemm1",
-          "folded_wgrad_dw2", "folded_wgrad_dw1"]
+_FOLDED_GEMMS = ["folded_gemm1", "folded_gemm1+h", "folded_gemm2", "folded_dgemm2",
+                 "folded_dgemm1"]
+FOLDED = (_FOLDED_GEMMS + [k + "/tiles" for k in _FOLDED_GEMMS]  # both schedules
+          + ["folded_wgrad_dw2", "folded_wgrad_dw1"])
 KERNELS = FOLDED + ["gemm1_swiglu", "gemm1_swiglu+h", "gemm2", "dgemm2_swiglu_bwd", "dgemm1",
                     "dgemm1_dot_x", "wgrad_dw2", "wgrad_dw1"]
 # Per-thread spill stores tolerated (ptxas -v): a few registers' worth. The SwiGLU-backward

@@ -1,4 +1,4 @@
-"""The Triton folded plan (grove_kernels/triton/plan_folded.py) against the torch one
+"""The Triton folded plan (grove_kernels/triton/plan.py, build_folded_plan) against the torch one
 (grove_kernels/plan_folded.py): every field identical (torch.equal, same dtype and shape).
 Routings as in test_triton_plan.py (dyadic weights: λ·Σw exact in any order; the sum runs in
 slot order on both sides anyway)."""
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grove_kernels.plan_folded import build_folded_plan as torch_plan
-from grove_kernels.triton.plan_folded import build_folded_plan as triton_plan
+from grove_kernels.triton.plan import build_folded_plan as triton_plan
 from test_triton_plan import DEVICE, _routing
 
 CASES = [  # T, E, k, S, kind, weight dtype

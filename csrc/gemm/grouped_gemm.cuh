@@ -111,8 +111,7 @@ template <class Element, class Accumulator, class LayoutD, int Alignment, class 
           class ClusterShape>
 struct EpilogueFor<Element, Accumulator, LayoutD, Alignment, TileShape, ClusterShape,
                    EpilogueSwiglu> {
-  using type = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
-      SwigluEpilogueArray<Element>>;
+  using type = SwigluEpilogue<Element, TileShape>;
 };
 
 // One kernel of the table: the arguments of GROVE_FOR_EACH_GEMM_KERNEL (grove_gemm_kernels.h).
@@ -157,6 +156,12 @@ struct GroupedGemm {
   static_assert(std::is_same<StrideD, cute::Stride<int64_t, cute::Int<1>, cute::Int<0>>>::value,
                 "D stride must be (ld, 1, 0)");
   static_assert(sizeof(Shape) == 3 * sizeof(int32_t), "shape must be int32[3]");
+  // The mainloop's stage count leaves room for the epilogue's shared memory; a kernel over the
+  // limit would only fail at launch.
+  static constexpr int kStages = Mainloop::DispatchPolicy::Stages;
+  static constexpr size_t kSharedBytes = sizeof(typename Kernel::SharedStorage);
+  static_assert(kSharedBytes <= size_t(cutlass::gemm::collective::detail::sm90_smem_capacity_bytes),
+                "shared memory over the sm90 limit");
 
   static constexpr size_t kWorkspaceAlign = 256;
 

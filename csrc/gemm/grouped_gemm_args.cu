@@ -143,6 +143,18 @@ int check_sections(int layout, const GroveGemmSection* sections, int num_section
   return next == num_problems ? GROVE_OK : GROVE_ERR_INVALID_ARGUMENT;
 }
 
+// The checks of both fills (device and host): the argument buffer and the index width, the
+// sections, and the problem lists unless there are no problems (then nothing is filled).
+int check_fill(int layout, const GroveGemmSection* sections, int num_sections, const void* start,
+               const void* count, int index_bytes, int num_problems, const void* args,
+               Sections* secs) {
+  if (!args || (index_bytes != 4 && index_bytes != 8)) return GROVE_ERR_INVALID_ARGUMENT;
+  const int rc = check_sections(layout, sections, num_sections, num_problems, secs);
+  if (rc != GROVE_OK) return rc;
+  if (num_problems > 0 && (!start || !count)) return GROVE_ERR_INVALID_ARGUMENT;
+  return GROVE_OK;
+}
+
 }  // namespace
 
 extern "C" {
@@ -177,12 +189,10 @@ GroveGroupedArgsView grove_grouped_args_view(void* args, int num_problems) {
 int grove_grouped_args_fill(int layout, const GroveGemmSection* sections, int num_sections,
                             const void* start, const void* count, int index_bytes,
                             int num_problems, void* args, cudaStream_t stream) {
-  if (!args || (index_bytes != 4 && index_bytes != 8)) return GROVE_ERR_INVALID_ARGUMENT;
   Sections secs;
-  int rc = check_sections(layout, sections, num_sections, num_problems, &secs);
-  if (rc != GROVE_OK) return rc;
-  if (num_problems == 0) return GROVE_OK;
-  if (!start || !count) return GROVE_ERR_INVALID_ARGUMENT;
+  const int rc = check_fill(layout, sections, num_sections, start, count, index_bytes,
+                            num_problems, args, &secs);
+  if (rc != GROVE_OK || num_problems == 0) return rc;
   const GroveGroupedArgsView view = grove_grouped_args_view(args, num_problems);
   const int threads = 128;
   const int blocks = (num_problems + threads - 1) / threads;
@@ -201,12 +211,10 @@ int grove_grouped_args_fill(int layout, const GroveGemmSection* sections, int nu
 int grove_grouped_args_fill_host(int layout, const GroveGemmSection* sections, int num_sections,
                                  const void* start, const void* count, int index_bytes,
                                  int num_problems, void* args) {
-  if (!args || (index_bytes != 4 && index_bytes != 8)) return GROVE_ERR_INVALID_ARGUMENT;
   Sections secs;
-  int rc = check_sections(layout, sections, num_sections, num_problems, &secs);
-  if (rc != GROVE_OK) return rc;
-  if (num_problems == 0) return GROVE_OK;
-  if (!start || !count) return GROVE_ERR_INVALID_ARGUMENT;
+  const int rc = check_fill(layout, sections, num_sections, start, count, index_bytes,
+                            num_problems, args, &secs);
+  if (rc != GROVE_OK || num_problems == 0) return rc;
   const GroveGroupedArgsView view = grove_grouped_args_view(args, num_problems);
   for (int p = 0; p < num_problems; ++p) {
     if (index_bytes == 4)

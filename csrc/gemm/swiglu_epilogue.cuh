@@ -8,10 +8,28 @@
 //
 // Why interleave by 8: in a wgmma accumulator fragment a thread holds, for each of its rows, the
 // column pairs 8j + 2(lane % 4) + {0, 1} for every j of the atom's N, so with blocks of 8 the
-// gate and up values of one output sit in the same thread (fragment index i and i + 4): the
-// epilogue needs no shared memory and no exchange between threads, and any tile N that is a
-// multiple of 16 works. tests/cuda/swiglu_epilogue_check.cu runs this epilogue on the host for
-// every thread of every fused kernel and checks that pairing and the bounds.
+// gate and up values of one output sit in the same thread (fragment index i and i + 4): SwiGLU
+// needs no exchange between threads, and any tile N that is a multiple of 16 works.
+//
+// The store goes through shared memory, in two phases per work tile and consumer warpgroup:
+//   1. stage: each thread writes its silu(gate) * up pairs (4 bytes) into its warpgroup's slab,
+//      [64 rows, BN / 2 columns] of the output tile (the rows of its 64-row wgmma tile);
+//   2. write: the warpgroup's 128 threads copy the slab to D row by row, 16 bytes (8 outputs) per
+//      thread and store, consecutive threads on consecutive 16 bytes of a row: whole 32-byte
+//      sectors, a quarter of the store instructions of storing from the accumulator registers.
+// Each consumer warpgroup has its own slab and synchronises only its 128 threads (a named
+// barrier per warpgroup, never the producer warp): the cooperative schedule's two warpgroups
+// hold disjoint 64-row halves of one tile, the ping-pong schedule's hold different tiles. A
+// barrier before phase 1 keeps a slab from being overwritten while the previous tile's phase 2
+// still reads it; one between the phases publishes the slab.
+// The slab is swizzled, not padded: 16-byte chunk c of row r sits at chunk c ^ (r % 8). A
+// phase-1 warp store covers 8 consecutive rows x 16 bytes of one chunk column, which the XOR
+// spreads over all 32 banks; a phase-2 quarter warp reads 8 consecutive chunks of one row, which
+// the XOR permutes within their 128 bytes: both conflict-free, with no bytes added.
+// tests/cuda/swiglu_epilogue_check.cu runs both phases on the host for every thread of every
+// fused kernel (phase 1 for all, then phase 2 for all) and checks the pairing, the slab
+// addressing (each slab entry staged exactly once, by its own warpgroup), every output written
+// exactly once and the bounds.
 //
 // The h = [gate | up] pre-activations are never stored, which saves writing and re-reading
 // [R, 2N] and one launch per forward (docs/design.md §3): it serves forwards that keep nothing
@@ -19,8 +37,10 @@
 #pragma once
 
 #include "cute/tensor.hpp"
+#include "cutlass/arch/barrier.h"
 #include "cutlass/arch/memory.h"
 #include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/detail.hpp"
 #include "cutlass/epilogue/dispatch_policy.hpp"
 #include "cutlass/numeric_conversion.h"
 #include "cutlass/numeric_types.h"
@@ -31,10 +51,10 @@
 
 namespace grove {
 
-// Operator-style collective epilogue (wrapped in CUTLASS's Sm90TmaWarpSpecializedAdapter by
-// grouped_gemm.cuh): per work tile it reads the accumulator fragment and stores straight from
-// registers to global memory, two outputs (4 bytes) per store.
-template <class Element>
+// Operator-style collective epilogue (wrapped by SwigluEpilogue below): per work tile, phase 1
+// stages SwiGLU of the accumulator fragment in the warpgroup's shared-memory slab, phase 2
+// copies the slab to D with 16-byte stores.
+template <class Element, class TileShape>
 class SwigluEpilogueArray {
  public:
   using EpilogueSchedule = cutlass::epilogue::PtrArrayNoSmemWarpSpecialized;
@@ -59,7 +79,25 @@ class SwigluEpilogueArray {
     static constexpr int kCount = 2;
   };
 
-  struct SharedStorage {};
+  static constexpr int kTileN = cute::size<1>(TileShape{});
+  static constexpr int kOutN = kTileN / 2;               // output columns of a tile
+  static constexpr int kSlabRows = 64;                   // rows of one warpgroup's wgmma tile
+  static constexpr int kWarpGroupThreads = 128;
+  static constexpr int kConsumerWarpGroups = 2;          // both sm90 warp-specialized schedules
+  static constexpr int kVec = 16 / int(sizeof(Element));  // outputs per 16-byte store
+  static constexpr int kChunksPerRow = kOutN / kVec;
+  static constexpr int kSlabElements = kSlabRows * kOutN;
+  static_assert(kTileN % 16 == 0, "tile N must hold whole gate/up blocks");
+  static_assert(kChunksPerRow % 8 == 0, "the slab swizzle permutes 8 chunks of 16 bytes per row");
+  static_assert(kSlabRows * kChunksPerRow % kWarpGroupThreads == 0,
+                "phase 2 gives every thread the same number of chunks");
+  // First user named barrier of the two slabs (ids 0 and 1 above CUTLASS's reserved ones; the
+  // ptr-array mainloops and kernels use none).
+  static constexpr uint32_t kBarrierBase = 0;
+
+  struct SharedStorage {
+    alignas(128) Element slab[kConsumerWarpGroups][kSlabElements];
+  };
   using TensorMapStorage = SharedStorage;
 
   struct Arguments {
@@ -86,7 +124,8 @@ class SwigluEpilogueArray {
   }
 
   // Problem shapes live on the device only: N % 16 == 0 is checked by the launcher's caller
-  // (bindings.cpp) on the section sizes, which bound every problem's N.
+  // (bindings.cpp) on the section sizes, which bound every problem's N; D's pointers are 16-byte
+  // aligned and its row strides multiples of 8 (checked by grove_grouped_args_fill).
   template <class ProblemShape>
   static bool can_implement(ProblemShape const&, Arguments const& args) {
     return args.ptr_D != nullptr && args.dD != nullptr;
@@ -104,60 +143,133 @@ class SwigluEpilogueArray {
 #endif
   }
 
-  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine,
-            class FrgLayout, class TiledMma, class ResidueMNK>
-  CUTLASS_HOST_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl,
-                                      BlockShapeMNK blk_shape_mnk, BlockCoordMNKL blk_coord_mnkl,
-                                      cute::Tensor<FrgEngine, FrgLayout> const& accumulators,
-                                      TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
+  // Element offset of output (row, col) of a slab: 16-byte chunk col / kVec of the row lands at
+  // chunk (col / kVec) ^ (row % 8), which stays inside the row's aligned group of 8 chunks.
+  CUTLASS_HOST_DEVICE static int slab_offset(int row, int col) {
+    return row * kOutN + (((col / kVec) ^ (row & 7)) * kVec) + col % kVec;
+  }
+
+  // First tile row of the 64-row wgmma tile of MMA thread thread_idx (cooperative: the TiledMma
+  // stacks its two warpgroups along M; ping-pong: one warpgroup, row 0).
+  CUTLASS_HOST_DEVICE static int slab_first_row(int thread_idx) {
+    return thread_idx / kWarpGroupThreads * kSlabRows;
+  }
+
+  // Phase 1: silu(gate) * up of the thread's fragment into its warpgroup's slab.
+  template <class FrgEngine, class FrgLayout, class TiledMma>
+  CUTLASS_HOST_DEVICE static void stage(cute::Tensor<FrgEngine, FrgLayout> const& accumulators,
+                                        TiledMma tiled_mma, int thread_idx, ElementD* slab) {
     using namespace cute;
     static_assert(is_static<FrgLayout>::value, "accumulator layout must be static");
-    static_assert(is_static<BlockShapeMNK>::value, "tile shape must be static");
-    static_assert(size<1>(BlockShapeMNK{}) % 16 == 0, "tile N must hold whole gate/up blocks");
     // The wgmma value mode is (2 columns, 2 rows 8 apart, N/8 column blocks): groups of 8
     // consecutive fragment entries are one gate block then its up block (checked on the host
     // by tests/cuda/swiglu_epilogue_check.cu for every fused kernel).
     static_assert(size<0>(FrgLayout{}) % 8 == 0, "fragment value mode must hold gate/up pairs");
+    static_assert(size<0>(TileShape{}) == size(TiledMma{}) / kWarpGroupThreads * kSlabRows,
+                  "each MMA warpgroup owns 64 rows of the tile");
 
-    const int M = get<0>(problem_shape_mnkl);
-    const int N = get<1>(problem_shape_mnkl);  // packed: 2 x the output width
-    const int l = get<3>(blk_coord_mnkl);
-    ElementD* d = params_.ptr_D[l];
-    const int64_t ldd = get<0>(params_.dD[l]);
-
-    auto thr_mma = tiled_mma.get_thread_slice(thread_idx);
-    Tensor coord = local_tile(make_identity_tensor(make_shape(M, N)), take<0, 2>(blk_shape_mnk),
-                              make_coord(get<0>(blk_coord_mnkl), get<1>(blk_coord_mnkl)));
-    Tensor thr_coord = thr_mma.partition_C(coord);  // (MMA, MMA_M, MMA_N) -> (m, n)
-
+    Tensor thr_coord = tiled_mma.get_thread_slice(thread_idx)
+                           .partition_C(make_identity_tensor(take<0, 2>(TileShape{})));
+    const int row0 = slab_first_row(thread_idx);
     cutlass::NumericArrayConverter<ElementD, float, 2> convert;
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < size(accumulators); i += 8) {
       CUTLASS_PRAGMA_UNROLL
       for (int r = 0; r < 4; r += 2) {  // the thread's two rows of this block
-        const int m = get<0>(thr_coord(i + r));
+        const int row = get<0>(thr_coord(i + r)) - row0;
         const int n = get<1>(thr_coord(i + r));
-        // N % 16 == 0: a gate column inside the problem has its up partner inside too.
-        const bool inside = m < M && n < N;
         cutlass::Array<float, 2> out;
         out[0] = silu_mul(accumulators(i + r), accumulators(i + r + 4));
         out[1] = silu_mul(accumulators(i + r + 1), accumulators(i + r + 5));
         cutlass::AlignedArray<ElementD, 2> pair;
         static_cast<cutlass::Array<ElementD, 2>&>(pair) = convert(out);
-        const int64_t col = (n >> 4) * 8 + (n & 7);  // even: a 4-byte aligned pair
-        ElementD* dst = d + static_cast<int64_t>(m) * ldd + col;
-#if defined(__CUDA_ARCH__)
-        // A predicated st.global (a plain store through the generic pointer compiles to ST.E).
-        cutlass::arch::global_store<cutlass::AlignedArray<ElementD, 2>, 4>(pair, dst, inside);
-#else
-        if (inside) *reinterpret_cast<cutlass::AlignedArray<ElementD, 2>*>(dst) = pair;
-#endif
+        const int col = (n >> 4) * 8 + (n & 7);  // even: the pair stays in one 16-byte chunk
+        *reinterpret_cast<cutlass::AlignedArray<ElementD, 2>*>(slab + slab_offset(row, col)) =
+            pair;
       }
     }
   }
 
+  // Phase 2: the warpgroup's slab to D, 16 bytes per store, predicated on the problem's M and
+  // N / 2 (N / 2 is a multiple of 8: a chunk is wholly inside or wholly outside).
+  template <class ProblemShapeMNKL, class BlockCoordMNKL>
+  CUTLASS_HOST_DEVICE void write(ProblemShapeMNKL problem_shape_mnkl,
+                                 BlockCoordMNKL blk_coord_mnkl, int thread_idx,
+                                 ElementD const* slab) const {
+    using namespace cute;
+    const int M = get<0>(problem_shape_mnkl);
+    const int W = get<1>(problem_shape_mnkl) / 2;  // packed N: 2 x the output width
+    const int l = get<3>(blk_coord_mnkl);
+    ElementD* d = params_.ptr_D[l];
+    const int64_t ldd = get<0>(params_.dD[l]);
+    const int m0 = get<0>(blk_coord_mnkl) * size<0>(TileShape{}) + slab_first_row(thread_idx);
+    const int c0 = get<1>(blk_coord_mnkl) * kOutN;
+    const int t = thread_idx % kWarpGroupThreads;
+    using Chunk = cutlass::AlignedArray<ElementD, kVec>;
+    CUTLASS_PRAGMA_UNROLL
+    for (int v = 0; v < kSlabRows * kChunksPerRow; v += kWarpGroupThreads) {
+      const int row = (v + t) / kChunksPerRow;
+      const int col = (v + t) % kChunksPerRow * kVec;
+      const Chunk chunk = *reinterpret_cast<Chunk const*>(slab + slab_offset(row, col));
+      const int m = m0 + row;
+      const bool inside = m < M && c0 + col < W;
+      ElementD* dst = d + static_cast<int64_t>(m) * ldd + (c0 + col);
+#if defined(__CUDA_ARCH__)
+      // A predicated st.global.v4 (a plain store through the generic pointer compiles to ST.E).
+      cutlass::arch::global_store<Chunk, sizeof(Chunk)>(chunk, dst, inside);
+#else
+      if (inside) *reinterpret_cast<Chunk*>(dst) = chunk;
+#endif
+    }
+  }
+
+  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine,
+            class FrgLayout, class TiledMma, class ResidueMNK>
+  CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK,
+                                 BlockCoordMNKL blk_coord_mnkl,
+                                 cute::Tensor<FrgEngine, FrgLayout> const& accumulators,
+                                 TiledMma tiled_mma, ResidueMNK, int thread_idx, char* smem) {
+    static_assert(cute::is_same_v<BlockShapeMNK, TileShape>, "the kernel's tile shape");
+    // Consumer warpgroup 0 or 1 (the producer is warpgroup 0 of the CTA), warp-uniform.
+    const int wg = cutlass::canonical_warp_group_idx() - 1;
+    ElementD* slab = reinterpret_cast<SharedStorage*>(smem)->slab[wg];
+    cutlass::arch::NamedBarrier::sync(kWarpGroupThreads, kBarrierBase + wg);  // slab free
+    stage(accumulators, tiled_mma, thread_idx, slab);
+    cutlass::arch::NamedBarrier::sync(kWarpGroupThreads, kBarrierBase + wg);  // slab staged
+    write(problem_shape_mnkl, blk_coord_mnkl, thread_idx, slab);
+  }
+
  private:
   Params params_;
+};
+
+// The collective the kernel sees: CUTLASS's adapter for operator-style epilogues, with the
+// tensor-map storage (the adapter reuses SharedStorage for it) made empty so that the slabs are
+// not allocated twice; the methods that take that storage are redeclared for the new type.
+template <class Element, class TileShape>
+class SwigluEpilogue : public cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
+                           SwigluEpilogueArray<Element, TileShape>> {
+  using Base = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
+      SwigluEpilogueArray<Element, TileShape>>;
+
+ public:
+  using Base::Base;
+  struct TensorMapStorage {};
+  using Params = typename Base::Params;
+
+  CUTLASS_DEVICE auto load_init(Params const&, TensorMapStorage&, int32_t, int32_t) {
+    return cute::make_tuple(nullptr);
+  }
+  CUTLASS_DEVICE auto store_init(Params const&, TensorMapStorage&, int32_t, int32_t, int32_t) {
+    return cute::make_tuple(nullptr);
+  }
+  template <bool IsLoad, class ProblemShapeMNKL>
+  CUTLASS_DEVICE void tensormaps_perform_update(TensorMapStorage&, Params const&,
+                                                cute::TmaDescriptor const*, ProblemShapeMNKL,
+                                                int32_t, int32_t) {}
+  template <bool IsLoad>
+  CUTLASS_DEVICE void tensormaps_cp_fence_release(TensorMapStorage&, cute::TmaDescriptor const*,
+                                                  int32_t) {}
 };
 
 }  // namespace grove

@@ -6,9 +6,9 @@
     packed.py       the packed weight copies: w1 / a1 for the fused GEMM-1, [w2 | a2] for
                     the folded layout's GEMM-2
 
-settings.fuse_swiglu (opt-in, `GROVE_CUDA_FUSE_SWIGLU=1`, grove_kernels.settings.set_fuse_swiglu):
-the forward's GEMM-1 runs with SwiGLU in its
-epilogue, reading a copy of w1 / a1 with gate and up rows interleaved (pack_gate_up), kept per
+settings.fused_gemm1 (GROVE_CUDA_FUSE_SWIGLU=1 | 0 | auto, grove_kernels.settings.set_fuse_swiglu;
+"auto", the default, follows settings.FUSE_SWIGLU_AUTO): an inference forward's GEMM-1 runs with
+SwiGLU in its epilogue, reading a copy of w1 / a1 with gate and up rows interleaved (pack_gate_up), kept per
 weight tensor while its version is unchanged. For frozen weights only: a write torch does not
 version (w.data.copy_) is not seen; call release_packed_weights() after one. The folded layout's
 GEMM-2 reads a packed [w2 | a2] copy kept the same way, in training too (repacked when an

@@ -13,7 +13,7 @@ Sections layout, every launch (R_e = T·k, R_a = T·min(k, G) rows; counts are p
 
 Forward (x [T, H]; R = R_e + R_a plan rows; N = I for experts, Ia for adjugates):
     gather          x[row_token] (· w when the router weight is applied on the input) -> xg [R, H]
-    GEMM-1   m-grouped nt, SwiGLU fused (settings.fuse_swiglu, packed w1 / a1): xg @ w1|a1 -> z
+    GEMM-1   m-grouped nt, SwiGLU fused (settings.fused_gemm1, packed w1 / a1): xg @ w1|a1 -> z
              otherwise m-grouped nt -> h [R, 2N], then the SwiGLU kernel -> z [R, N]
     GEMM-2   m-grouped nt  z @ w2|a2 -> o [R, H]
     combine         y_t = Σ_j token_weight[t, j] · o[token_rows[t, j]]  (fp32, slot order)
@@ -32,7 +32,7 @@ Backward (h and z from the activations; no GEMM-1):
 """
 import torch
 
-from ..settings import settings
+from ..settings import fused_gemm1
 from . import ext as lib
 from . import folded
 from .packed import packed_gate_up
@@ -76,9 +76,8 @@ def _gather(c, src, weight):
 
 
 def _packed_weights(c, w1, a1):
-    """Packed (w1, a1) for the fused GEMM-1, or None (not enabled, or not packed yet)."""
-    if not settings.fuse_swiglu:
-        return None
+    """Packed (w1, a1) for the fused GEMM-1, or None (capturing a graph before any eager call
+    packed them)."""
     packed = [packed_gate_up.get(w) for w in ((w1, a1) if c.grove else (w1,))]
     if any(p is None for p in packed):
         return None
@@ -87,7 +86,7 @@ def _packed_weights(c, w1, a1):
 
 def _gemm1_swiglu(c, xg, w1, a1, act):
     """z per section; a training forward (act) writes h and z into the activations."""
-    packed = _packed_weights(c, w1, a1) if act is None else None
+    packed = _packed_weights(c, w1, a1) if fused_gemm1(train=act is not None) else None
     if act is not None:
         (he, ha), (ze, za) = act.h, act.z
     else:

@@ -9,8 +9,8 @@ Forward
     GEMM-1     m-grouped nt, P = 2E, one launch, both sections read the same xg rows:
                  experts    rows [off[e], off[e+1]) @ w1[e]^T       -> h[:, :2I]
                  adjugates  rows [off[e], leader_ends[e]) @ a1[e // S]^T -> h[:, 2I:]
-               h [R, W] (ldc = W; the training forward's saved h). With settings.fuse_swiglu
-               (inference): nt_swiglu on pack_gate_up(w1 / a1) -> z [R, Z] directly.
+               h [R, W] (ldc = W; the training forward's saved h). When settings.fused_gemm1
+               says so (inference forwards only): nt_swiglu on pack_gate_up(w1 / a1) -> z [R, Z] directly.
     SwiGLU     swiglu_folded_fwd, one block per row over both parts (full warps):
                h -> zs [R, Z] = [w·z_e | λΣw·z_a] (+ z unscaled, training). After the fused
                GEMM-1: scale_folded z -> zs in place.                              1 launch
@@ -24,10 +24,19 @@ Forward
                leader rows. D is an E·H·Z copy (470 MB bf16 at grove-33b) kept while w2 and
                a2 keep their versions, in training as in inference: a training loop repacks
                once per optimizer step (read w2, a2, write D: ~1 GB of traffic at grove-33b),
-               not per forward; writes torch does not version are not seen (packed.py). A
-               training forward captured in a CUDA graph packs per replay instead (+~1 GB)
+               not per forward; writes torch does not version are not seen (packed.py).
+               A training forward captured in a CUDA graph neither packs (a pack recorded in
+               the graph would run on every replay: read w2 and a2, write D, ~1 GB at
+               grove-33b) nor reads a pinned copy (stale after the optimizer's next update):
+               P = 2E over w2 and a2 as stored, all rows zs[:, :I] @ W2_e^T -> o[:R], leader
+               rows zs[:, I:] @ A2_g^T -> o[R:] (o [2R, H]; +R_lead·H written and read,
+               the same cost as dGEMM-1's adjugate rows below, no dependence on the weights)
     combine    y_t = Σ_j o[token_rows[t, j]] (k rows, weights already in zs)      1 launch
-Rounding: the row weights are applied to z before GEMM-2, in fp32 on the unrounded SwiGLU
+               (captured training: + Σ_{j leader} o[R + token_rows[t, j]])
+Rounding: a captured training forward rounds a leader row's expert and adjugate GEMM-2 terms
+to bf16 / fp16 separately and adds them in fp32 in the combine, where an eager one accumulates
+both in one fp32 GEMM: the two agree to the output rounding, not bit for bit.
+The row weights are applied to z before GEMM-2, in fp32 on the unrounded SwiGLU
 output, and w·z is rounded once to bf16 / fp16 (the sections layout rounds z, then applies w in
 fp32 in the combine). Either way one rounding of each z element precedes GEMM-2 (relative
 <= 2^-8 in bf16, 2^-11 in fp16) and o is rounded once; the difference is that here o rows hold
@@ -35,7 +44,8 @@ w-scaled values, so the combine's fp32 sum of k rows is unweighted. Against floa
 and sections results share the tolerances (tests/test_cuda_folded.py: 2e-2 in bf16 / fp16).
 
 Backward (h, z [unscaled] saved; no GEMM-1 recompute)
-    gather     xg [R, H] from x, dyg [R, H] from dY                               2 launches
+    gather     xg [R, H] from x, dyg [R, H] from dY: the two halves of one [2R, H]
+               buffer, which dGEMM-1 reuses as dxr once both are dead            2 launches
     dGEMM-2    m-grouped nn, P = 2E: dyg @ w2[e] -> g[:, :I] (all rows);
                dyg @ a2[e // S] -> g[:, I:] (leader rows)                         1 launch
     SwiGLU'    swiglu_folded_bwd: dh [R, W] (adjugate part 0 off the leader rows), d row
@@ -52,13 +62,18 @@ Backward (h, z [unscaled] saved; no GEMM-1 recompute)
     dGEMM-1    m-grouped nn, P = 2E: dh[:, :2I] @ w1[e] -> dxr[:R] (all rows),
                dh[:, 2I:] @ a1[e // S] -> dxr[R:] (leader rows): the adjugate term gets rows
                of its own rather than a packed [W1_e ; A1_g] copy (E·W·H, 0.94 GB bf16):
-               +R_lead·H written and read (1.0 GB at T = 16384, 65 MB at T = 1024)  1 launch
+               +R_lead·H written and read (1.0 GB at T = 16384, 65 MB at T = 1024). dxr
+               is [2R, H], not [R, H]: a leader row's dx is dh_e @ W1_e + dh_a @ A1_g, and
+               one GEMM problem can add both only with K running over [W1_e ; A1_g] (that
+               packed copy), or a second launch accumulating into the first one's rows
+               (an epilogue reading C = D, which no kernel of the table has: ElementC =
+               void). It occupies the storage of xg and dyg, so it allocates nothing. 1 launch
     combine    dx_t = Σ_j dxr[token_rows[t, j]] + Σ_{j leader} dxr[R + token_rows[t, j]]
 Returns (d row weight, d leader weight); the plan turns them into d topk_weights.
 """
 import torch
 
-from ..settings import settings
+from ..settings import fused_gemm1
 from . import ext as lib
 from . import packed as copies
 from .packed import pack_down, packed_down, packed_gate_up
@@ -105,9 +120,18 @@ class _Folded:
         return self.I, self.off, self.ends
 
 
-def _gather(c, src):
-    out = src.new_empty(c.R, src.shape[1])
+def _gather(c, src, out=None):
+    out = src.new_empty(c.R, src.shape[1]) if out is None else out
     return lib.gather_rows(src, c.plan.row_token, None, c.R, c.end, None, out)
+
+
+def _combine_two(c, o, y):
+    """y_t = Σ_j o[token_rows[t, j]] + Σ_{j leader} o[R + token_rows[t, j]] (o [2R, H]: the
+    expert term of every row, then the adjugate term of the leader rows)."""
+    plan = c.plan
+    token_rows = torch.cat([plan.token_rows, plan.token_rows + c.R], 1)
+    token_mask = torch.cat([plan.token_mask, plan.token_leader], 1)
+    lib.combine_rows(o, token_rows, token_mask, None, y)
 
 
 def _gemm1(c, xg, w1, a1, act):
@@ -115,7 +139,7 @@ def _gemm1(c, xg, w1, a1, act):
     I, Ia, R = c.I, c.Ia, c.R
     zs = xg.new_empty(R, I + Ia)
     packed = None
-    if act is None and settings.fuse_swiglu:
+    if fused_gemm1(train=act is not None):
         packed = (packed_gate_up.get(w1), packed_gate_up.get(a1))
     if packed is not None and all(p is not None for p in packed):
         # SwiGLU in GEMM-1's epilogue writes unscaled z into zs, then the scales in place.
@@ -139,11 +163,18 @@ def forward(x, weights, plan, weight_on_input, y, act):
     xg = _gather(c, x)
     zs = _gemm1(c, xg, w1, a1, act)
     del xg  # the largest buffer of the call: free before GEMM-2 allocates o
-    # A captured training step packs inside the graph: replays follow the optimizer's updates,
-    # which a pinned copy would miss (no Python runs to see the versions change).
-    capturing = copies._capturing(w2)
-    down = None if capturing and act is not None else packed_down.get(w2, a2)
-    if down is None:  # captured: a training step, or no eager call packed the weights yet
+    if copies._capturing(w2) and act is not None:
+        # A captured training step: replays must follow the optimizer's updates, which a pinned
+        # copy would miss (no Python runs to see the versions change), and packing inside the
+        # graph would repack on every replay. GEMM-2 reads w2 and a2 as stored instead, the
+        # adjugate term of a leader row into a row of its own, and the combine adds it.
+        o = x.new_empty(2 * c.R, x.shape[1])
+        c.gemm([zs[:, :c.I], zs[:, c.I:]], [w2, a2], [o[:c.R], o[c.R:]],
+               (c.all_rows, c.leaders), "m", "nt", b_shared=(1, c.S))
+        _combine_two(c, o, y)
+        return
+    down = packed_down.get(w2, a2)
+    if down is None:  # captured inference: no eager call packed the weights yet
         down = pack_down(w2, a2)
     # Every row reads the packed copy: leader rows all K = I + Ia columns, the others its first
     # I (ldb = I + Ia), so w2 itself is not read and each expert's W2_e is read once.
@@ -161,8 +192,11 @@ def backward(dy, x, weights, plan, weight_on_input, act, grads):
     w1, w2, a1, a2 = weights
     dx, dw1, dw2, da1, da2 = grads
     h, z = act.h[0], act.z[0]
-    xg = _gather(c, x)
-    dyg = _gather(c, dy)
+    # xg and dyg are the halves of one [2R, H] buffer that dGEMM-1 overwrites as dxr once both
+    # are dead: the dX scratch costs no allocation of its own.
+    rows2 = x.new_empty(2 * R, x.shape[1])
+    xg = _gather(c, x, rows2[:R])
+    dyg = _gather(c, dy, rows2[R:])
 
     g = x.new_empty(R, I + c.Ia)
     c.gemm([dyg, dyg], [w2, a2], [g[:, :I], g[:, I:]], (c.all_rows, c.leaders), "m", "nn",
@@ -180,10 +214,8 @@ def backward(dy, x, weights, plan, weight_on_input, act, grads):
     c.gemm([dh[:, :2 * I], dh[:, 2 * I:]], [xg, xg], [dw1, da1], (c.all_rows, c.groups), "k",
            "tn")
     del xg
-    dxr = x.new_empty(2 * R, x.shape[1])
+    dxr = rows2  # xg and dyg are dead
     c.gemm([dh[:, :2 * I], dh[:, 2 * I:]], [w1, a1], [dxr[:R], dxr[R:]],
            (c.all_rows, c.leaders), "m", "nn", b_shared=(1, c.S))
-    token_rows = torch.cat([plan.token_rows, plan.token_rows + R], 1)
-    token_mask = torch.cat([plan.token_mask, plan.token_leader], 1)
-    lib.combine_rows(dxr, token_rows, token_mask, None, dx)
+    _combine_two(c, dxr, dx)
     return d_row_weight, d_leader_weight

@@ -14,7 +14,8 @@ is unchanged.
         update bumps the versions), not once per forward; gradient-accumulation micro-batches
         and activation-checkpointing recomputes of one step share the copy. Each repack reads
         w2 and a2 and writes the copy (~1 GB of traffic at grove-33b, bf16). The copy stays
-        allocated between steps (the backward does not read it).
+        allocated between steps (the backward does not read it). A training forward captured
+        in a CUDA graph reads w2 and a2 instead (cuda/folded.py): no pack inside a graph.
 Staleness: the key is (version, data_ptr, shape, stride, dtype, device) of each weight. A write
 torch does not version (w.data.copy_, w.data.add_, collectives or kernels writing through
 data_ptr, as some mixed-precision optimizers do when copying master weights back) is NOT

@@ -15,7 +15,8 @@ most 16384 blocks, over the real rows of their sections.
 Sections layout (backend.py):
     fwd      gather x -> xg [R, H]; GEMM-1 (nt) -> h [R, 2N]; SwiGLU per section -> z;
              GEMM-2 (nt) -> o [R, H]; combine (weights applied there) -> y
-             (GROVE_CUDA_FUSE_SWIGLU=1: GEMM-1 writes z, no SwiGLU launches)
+             (settings.fused_gemm1, as the backend decides: GEMM-1 writes z, no SwiGLU
+             launches)
     fwd+bwd  the training forward (h, z kept), then gather x and dY, dGEMM-2 (nn) -> g,
              SwiGLU' per section, z scaled on a copy per section, dW2/dA2 and dW1/dA1
              (k-grouped tn), dGEMM-1 (nn) -> dx rows, combine, d topk_weights (torch)
@@ -26,14 +27,15 @@ z scaled; GEMM-2 over 2E problems, all against the packed [W2_e | A2_g] (leader 
 the others its first I columns, ldb = I + Ia: each expert's W2_e read once) -> o; combine of k
 rows. The packed copy is kept while w2 and a2 keep their versions (inference and training
 alike: a training loop repacks once per optimizer step), so no eager call counts the pack (a
-training forward captured in a CUDA graph packs per replay: not modelled); the backward
-mirrors the forward (dx rows 2R: the adjugate term gets its own).
+training forward captured in a CUDA graph reads w2 / a2 as stored, its leader rows' adjugate
+term into rows of their own: not modelled, the model is of eager calls); the backward mirrors
+the forward (dx rows 2R: the adjugate term gets its own).
 """
 import torch
 
-from ..settings import settings
-from ..traffic import (INDEX_BYTES, WEIGHT_BYTES, Launch, cdiv, distinct_tokens, element_size,
-                       real_rows, sm_count, topk_grad_launch, torch_op,
+from ..settings import fused_gemm1
+from ..traffic import (INDEX_BYTES, WEIGHT_BYTES, Launch, by_layout, cdiv, distinct_tokens,
+                       element_size, real_rows, sm_count, topk_grad_launch, torch_op,
                        zero_activations_launch)
 from . import ext
 from .gemm_kernels import GEMM_KERNELS
@@ -193,7 +195,7 @@ def _sections(plan, x_shape, weights_shapes, dtype, pass_, device_name):
         out.append(zero_activations_launch(plan, I, Ia, e))
     out.append(_gather("gather x", s, R, H, e))
     xg = s.real * H * e
-    fused = settings.fuse_swiglu and not train
+    fused = fused_gemm1(train)
     if fused:
         sw = kernel_for(dtype, "m", "nt", sched, epilogue="swiglu")
         out += m_grouped("GEMM-1 + SwiGLU", s.problems(2 * s.n, Hs), sw, e, device_name,
@@ -284,7 +286,7 @@ def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
     out.append(row_kernel("gather x", R_alloc, R, tokens * H * e + R * INDEX_BYTES,
                           R * H * e, R * (H * e + INDEX_BYTES)))
     xg = R * H * e
-    fused = settings.fuse_swiglu and not train
+    fused = fused_gemm1(train)
     g1 = two(all_rows, leaders, full(2 * I), full(H), full(2 * Ia), full(H))
     if fused:
         sw = kernel_for(dtype, "m", "nt", sched, epilogue="swiglu")
@@ -346,9 +348,6 @@ def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
     return out
 
 
-def launches(plan, x_shape, weights_shapes, dtype, layout, pass_, device_name):
-    """The launches of the cuda backend's experts stage for one call (see the module
-    docstring); the plan stage's are grove_kernels.traffic.plan_launches."""
-    if layout == "folded" and weights_shapes[2] is not None:
-        return _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name)
-    return _sections(plan, x_shape, weights_shapes, dtype, pass_, device_name)
+# The launches of the cuda backend's experts stage for one call (see the module docstring);
+# the plan stage's are grove_kernels.traffic.plan_launches.
+launches = by_layout(_folded, _sections)

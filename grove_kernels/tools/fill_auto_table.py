@@ -8,7 +8,8 @@
       -> grove_kernels/auto_tables/device_name=<device>.json (one file per device, rewritten)
 
 Only rows checked correct (`check` ok), uniform routing, and the package's own layers (`grove`:
-Ia of the preset; `plain`: Ia = 0) count. `fwd` rows fill the inference pass, `fwd+bwd` rows
+Ia of the preset; `plain`: Ia = 0) count, each backend's on the adjugate layout it runs when
+GROVE_ADJUGATE_LAYOUT is unset (its `default_layout`): `auto` picks a backend, not a layout. `fwd` rows fill the inference pass, `fwd+bwd` rows
 the training pass. Records of an opt-in configuration (`config.cuda_fuse_swiglu` true, or a
 file name ending in `_fused.json`) are left out: `auto` does not switch options on.
 """
@@ -28,6 +29,13 @@ def _opt_in(path, record):
     return bool(record.get("config", {}).get("cuda_fuse_swiglu")) or path.endswith("_fused.json")
 
 
+def _default_layout(row):
+    """The row ran its backend's default layout (rows without a layout: plain MoE, older records)."""
+    layout = row.get("layout")
+    backend = auto_table.BACKENDS.get(row["backend"])
+    return layout is None or (backend is not None and layout == backend.default_layout)
+
+
 def collect(paths, log=print):
     """{(device, dtype, shape key, pass): {T: {backend: us}}} and the sources per device."""
     timings = defaultdict(lambda: defaultdict(dict))
@@ -44,7 +52,8 @@ def collect(paths, log=print):
         used = 0
         for row in record["rows"]:
             if (row.get("check") != "ok" or row.get("routing") != "uniform"
-                    or row["variant"] not in ("grove", "plain") or row["pass"] not in _PASS):
+                    or row["variant"] not in ("grove", "plain") or row["pass"] not in _PASS
+                    or not _default_layout(row)):
                 continue
             Ia = preset["adj_intermediate"] if row["variant"] == "grove" else 0
             shape = auto_table.shape_of(preset["hidden"], preset["intermediate"], Ia,

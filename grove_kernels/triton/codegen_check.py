@@ -63,12 +63,12 @@ def config_jobs(conf, dtype="bf16"):
     from . import config as cfg
 
     bm = conf.block_m
-    # fp32 operands: IEEE dots, torch's default (gemm_common.dot_flags).
+    # fp32 operands: IEEE dots, torch's default (config.dot_flags).
     dot = dict(INTERPRET=False, IEEE=dtype == "fp32")
     g1 = dict(P_POW2=256, BM=bm, BN=conf.gemm1.bn, BK=conf.gemm1.bk, WEIGHT_ON_INPUT=False, **dot)
 
     def rows(r, epilogue, **kw):
-        return dict(P_POW2=256, BM=bm, BN=r.bn, BK=r.bk, ROW_SCALE=True, **dot,
+        return dict(P_POW2=256, BM=bm, BN=r.bn, BK=r.bk, ROW_WEIGHT_OUT=True, **dot,
                     EPILOGUE=epilogue.value, **kw)
 
     bwd = cfg.swiglu_bwd_rows(conf)
@@ -86,19 +86,24 @@ def config_jobs(conf, dtype="bf16"):
 
     fg2, fbwd = cfg.folded_gemm2_rows(conf), cfg.folded_dgemm2_rows(conf)
     fwg = dict(wg, S=2)
-    folded = [
+    # Each folded GEMM on both schedules (gemm_folded.grid): persistent, then "/tiles".
+    folded_gemms = [
         ("folded_gemm1", gemm_folded._folded_gemm1_kernel, dict(f1, STORE_H=False), gw, gs),
         ("folded_gemm1+h", gemm_folded._folded_gemm1_kernel, dict(f1, STORE_H=True), gw, gs),
         ("folded_gemm2", gemm_folded._folded_k_concat_kernel,
-         frows(fg2, SCALE=True, s_be_k=1, s_ba_k=1), fg2.num_warps, fg2.num_stages),
+         frows(fg2, ROW_WEIGHT_OUT=True, s_be_k=1, s_ba_k=1), fg2.num_warps, fg2.num_stages),
         ("folded_dgemm2", gemm_folded._folded_dgemm2_kernel,
          frows(fbwd, s_w2_n=1, s_a2_n=1), fbwd.num_warps, fbwd.num_stages),
         ("folded_dgemm1", gemm_folded._folded_k_concat_kernel,
-         frows(conf.rows, SCALE=False, s_be_n=1, s_ba_n=1), rw, rs),
+         frows(conf.rows, ROW_WEIGHT_OUT=False, s_be_n=1, s_ba_n=1), rw, rs),
+    ]
+    folded = [(label + suffix, kernel, dict(constexprs, PERSISTENT=persistent), w, s)
+              for persistent, suffix in ((True, ""), (False, "/tiles"))
+              for label, kernel, constexprs, w, s in folded_gemms] + [
         ("folded_wgrad_dw2", wgrad_folded._folded_wgrad_kernel,
-         dict(fwg, GATHER_A=True, GATHER_B=False, SCALE_A=True), ww, ws),
+         dict(fwg, GATHER_A=True, GATHER_B=False, ROW_WEIGHT_A=True), ww, ws),
         ("folded_wgrad_dw1", wgrad_folded._folded_wgrad_kernel,
-         dict(fwg, GATHER_A=False, GATHER_B=True, SCALE_A=False), ww, ws),
+         dict(fwg, GATHER_A=False, GATHER_B=True, ROW_WEIGHT_A=False), ww, ws),
     ]
     return folded + [
         ("gemm1_swiglu", gemm1_swiglu._gemm1_swiglu_kernel, dict(g1, STORE_H=False), gw, gs),
@@ -113,9 +118,11 @@ def config_jobs(conf, dtype="bf16"):
         ("dgemm1_dot_x", m._gemm_m_grouped_kernel,
          rows(conf.rows, m.DOT_X, B_K_CONTIG=False, GATHER_A=False, OUT_SHARED=True), rw, rs),
         ("wgrad_dw2", gemm_k_grouped._gemm_k_grouped_kernel,
-         dict(wg, GATHER_A=True, GATHER_B=False, SCALE_A=True, SCALE_B=False), ww, ws),
+         dict(wg, GATHER_A=True, GATHER_B=False, ROW_WEIGHT_A=True, ROW_WEIGHT_B=False), ww,
+         ws),
         ("wgrad_dw1", gemm_k_grouped._gemm_k_grouped_kernel,
-         dict(wg, GATHER_A=False, GATHER_B=True, SCALE_A=False, SCALE_B=False), ww, ws),
+         dict(wg, GATHER_A=False, GATHER_B=True, ROW_WEIGHT_A=False, ROW_WEIGHT_B=False), ww,
+         ws),
     ]
 
 

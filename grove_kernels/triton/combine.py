@@ -8,7 +8,7 @@ deterministic, no atomics. The same kernel sums dX rows into dX in the backward.
 import triton
 import triton.language as tl
 
-from .gemm_common import INTERPRET, round_to
+from .gemm_common import round_to
 
 
 @triton.jit
@@ -25,14 +25,3 @@ def _combine_rows_kernel(rows_ptr, stride_r, token_rows_ptr, token_mask_ptr, out
             acc += tl.load(rows_ptr + r * stride_r + cols, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * stride_o + cols, round_to(acc, out_ptr.dtype.element_ty, INTERPRET),
              mask=col_ok)
-
-
-def combine_rows(rows, plan, out, block_h=None):
-    T, H = out.shape
-    if T == 0:
-        return out
-    BH = block_h or min(1024, triton.next_power_of_2(H))
-    _combine_rows_kernel[(T, triton.cdiv(H, BH))](
-        rows, rows.stride(0), plan.token_rows, plan.token_mask, out, out.stride(0), H,
-        C=plan.token_rows.shape[1], BH=BH, INTERPRET=INTERPRET, num_warps=4)
-    return out

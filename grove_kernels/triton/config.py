@@ -54,8 +54,10 @@ class Config:
         object.__setattr__(self, "wgrad", WgradTile(*self.wgrad))
 
 
-def tiles(n, block):
-    return triton.cdiv(n, block)
+def dot_flags(dtype):
+    """The numerics constexprs of a GEMM launch with operands of `dtype` (gemm_common.mma)."""
+    return dict(INTERPRET=INTERPRET,
+                IEEE=dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,6 +110,58 @@ def folded_dgemm2_rows(conf):
     <= 4096 keeps it in registers (183)."""
     rows = swiglu_bwd_rows(conf)
     return rows._replace(bn=min(rows.bn, max(16, 4096 // conf.block_m)))
+
+
+SCHEDULE_VARIABLE = "GROVE_TRITON_SCHEDULE"
+PROGRAMS_VARIABLE = "GROVE_TRITON_PROGRAMS"
+# One program per SM: the folded GEMMs hold 150-254 registers per thread at 4-8 warps and up to
+# ~128 KB of shared memory per program (sm_90), so a second one is rarely resident; launched
+# anyway it would run as a second wave over items interleaved with the first's, re-reading from
+# HBM the weight tiles the first wave already had in L2. GROVE_TRITON_PROGRAMS overrides.
+PROGRAMS_PER_SM = 1
+INTERPRET_PROGRAMS = 3  # the interpreter's persistent launches: few, so the loops iterate
+# Streaming multiprocessors by device name (the traffic model's view, no GPU needed).
+_SMS = {"NVIDIA H200": 132, "NVIDIA H100 80GB HBM3": 132, "NVIDIA H100 PCIe": 114,
+        "NVIDIA H100 NVL": 132, "NVIDIA H20": 78, "NVIDIA A100-SXM4-80GB": 108,
+        "NVIDIA A100-SXM4-40GB": 108, "NVIDIA A100 80GB PCIe": 108}
+DEFAULT_SMS = 132
+
+
+def persistent_programs(sms):
+    """The most programs a persistent folded GEMM launches on a GPU of `sms` SMs (each then
+    loops over the device's tile count; None: the interpreter), or 0 for the grid of one
+    program per tile. Read on every call from GROVE_TRITON_SCHEDULE (persistent | tiles;
+    default persistent) and GROVE_TRITON_PROGRAMS (a program count replacing
+    sms · PROGRAMS_PER_SM)."""
+    schedule = os.environ.get(SCHEDULE_VARIABLE, "persistent")
+    if schedule == "tiles":
+        return 0
+    if schedule != "persistent":
+        raise ValueError(f"{SCHEDULE_VARIABLE}={schedule!r}: expected 'persistent' or 'tiles'")
+    forced = os.environ.get(PROGRAMS_VARIABLE)
+    if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise ValueError(f"{PROGRAMS_VARIABLE}={forced!r}: expected a positive integer")
+        return int(forced)
+    return INTERPRET_PROGRAMS if sms is None else sms * PROGRAMS_PER_SM
+
+
+def sms_of(device_name):
+    """The SM count of the GPU named device_name (DEFAULT_SMS when not listed)."""
+    return _SMS.get(device_name, DEFAULT_SMS)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sms(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def programs_for(device):
+    """persistent_programs for a launch on `device` (a torch.device)."""
+    if INTERPRET or device.type != "cuda":
+        return persistent_programs(None)
+    return persistent_programs(_device_sms(device.index if device.index is not None
+                                           else torch.cuda.current_device()))
 
 
 def _for_dtype(conf, dtype):

@@ -12,7 +12,7 @@ pass. Rows are gathered from x by token (no permuted copy of x). fp32 accumulati
 import triton
 import triton.language as tl
 
-from .gemm_common import dot_flags, mma, round_to, row_block
+from .gemm_common import gate_up_loop, round_to, row_block
 
 
 @triton.jit
@@ -30,18 +30,8 @@ def _gemm1_tile(x_ptr, stride_xt, row_token_ptr, row_weight_ptr, rows, row_ok, w
         a_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xt + ks[None, :]
         g_ptrs = w_ptr + cols[None, :].to(tl.int64) * s_n + ks[:, None]
         u_ptrs = g_ptrs + N.to(tl.int64) * s_n
-        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            k_ok = (k0 + ks) < K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            bg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            bu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc_g = mma(acc_g, a, bg, INTERPRET, IEEE)
-            acc_u = mma(acc_u, a, bu, INTERPRET, IEEE)
-            a_ptrs += BK
-            g_ptrs += BK
-            u_ptrs += BK
+        acc_g, acc_u = gate_up_loop(a_ptrs, g_ptrs, u_ptrs, BK, row_ok, col_ok, K, BM, BN, BK,
+                                    INTERPRET, IEEE)
 
         if WEIGHT_ON_INPUT:
             # (w·x) W = w·(x W): scaling the fp32 accumulators keeps x unrounded.
@@ -84,28 +74,3 @@ def _gemm1_swiglu_kernel(
         _gemm1_tile(x_ptr, stride_xt, row_token_ptr, row_weight_ptr, rows, row_ok,
                     a1_ptr + (p - E).to(tl.int64) * s_a1_p, s_a1_n, N_A, za_ptr, ha_ptr, ROWS_E,
                     K, pid_n, BM, BN, BK, WEIGHT_ON_INPUT, STORE_H, INTERPRET, IEEE)
-
-
-def gemm1_swiglu(x, plan, sched, w1, a1, ze, za, he=None, ha=None, weight_on_input=False,
-                 config=None):
-    """Launch GEMM-1 + SwiGLU over every problem of `plan` (sched from block_schedule)."""
-    start, count, block_offsets, bound, BM = sched
-    BN, BK, warps, stages = config
-    I = w1.shape[1] // 2
-    Ia = a1.shape[1] // 2 if a1 is not None else 0
-    a1_ = a1 if a1 is not None else w1
-    n_tiles = triton.cdiv(max(I, Ia), BN)
-    P = start.numel()
-    store_h = he is not None
-    _gemm1_swiglu_kernel[(bound, n_tiles)](
-        x, x.stride(0), plan.row_token, plan.row_weight, block_offsets, start, count, P,
-        plan.num_experts,
-        w1, w1.stride(0), w1.stride(1), I,
-        a1_, a1_.stride(0), a1_.stride(1), Ia,
-        ze, za if za is not None else ze, he if store_h else ze,
-        (ha if ha is not None else he) if store_h else ze,
-        plan.num_expert_rows, x.shape[1],
-        P_POW2=max(16, triton.next_power_of_2(P)), BM=BM, BN=BN, BK=BK,
-        WEIGHT_ON_INPUT=weight_on_input, STORE_H=store_h, **dot_flags(x.dtype),
-        num_warps=warps, num_stages=stages,
-    )

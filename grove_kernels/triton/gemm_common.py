@@ -1,4 +1,5 @@
-"""Shared pieces of the Triton grouped GEMMs: the block schedule and interpreter numerics.
+"""Shared @triton.jit pieces of the Triton grouped GEMMs: the row-block lookup, the K loops and
+the interpreter numerics (the host side of the schedule, block_schedule, is in backend.py).
 
 Every grouped kernel runs over the problems of a plan (E experts, then G adjugates), each a
 contiguous run of rows [start_p, start_p + count_p). Row blocks of BM rows are numbered
@@ -11,33 +12,10 @@ A program finds its problem by counting the block_offsets <= its id (P is small)
 when it lies past the last real block: the grid never depends on a device value, so launches
 capture in CUDA graphs.
 """
-from typing import NamedTuple
-
-import torch
 import triton
 import triton.language as tl
 
 from . import INTERPRET
-
-
-class Schedule(NamedTuple):
-    """The row blocks of a plan's problems at block height block_m."""
-    start: torch.Tensor  # [P] int32: first row of each problem
-    count: torch.Tensor  # [P] int32: rows of each problem
-    block_offsets: torch.Tensor  # [P+1] int32: first row block of each problem
-    bound: int  # grid axis 0: an upper bound on the row blocks
-    block_m: int  # BM
-
-
-def block_schedule(plan, block_m):
-    """The Schedule of `plan` at block height block_m."""
-    start, count = plan.problem_start, plan.problem_count
-    blocks = (count + block_m - 1) // block_m
-    block_offsets = torch.zeros(count.numel() + 1, dtype=torch.int32, device=count.device)
-    torch.cumsum(blocks, 0, out=block_offsets[1:])
-    bound = triton.cdiv(plan.num_expert_rows, block_m) + triton.cdiv(plan.num_adjugate_rows,
-                                                                       block_m) + count.numel()
-    return Schedule(start.to(torch.int32), count.to(torch.int32), block_offsets, bound, block_m)
 
 
 @triton.jit
@@ -75,19 +53,41 @@ def mma(acc, a, b, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-def dot_flags(dtype):
-    """The numerics constexprs of a GEMM launch with operands of `dtype` (see mma)."""
-    return dict(INTERPRET=INTERPRET,
-                IEEE=dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+@triton.jit
+def k_loop(acc, a_ptrs, b_ptrs, b_step, row_ok, col_ok, K, BK: tl.constexpr,
+           INTERPRET: tl.constexpr, IEEE: tl.constexpr):
+    """acc + A[rows, :K] @ B[:K, cols], from the pointers of the first K tile (A steps BK
+    columns, B b_step elements per K tile); masked rows, columns and K load 0."""
+    ks = tl.arange(0, BK)
+    for k0 in range(0, K, BK):
+        k_ok = (k0 + ks) < K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(acc, a, b, INTERPRET, IEEE)
+        a_ptrs += BK
+        b_ptrs += b_step
+    return acc
 
 
-def operand(t, gather):
-    """(expert buffer, adjugate buffer, gather row stride) of a kernel operand: one [T, D]
-    tensor read by token (gather), or a pair of per-section row buffers (adjugate may be None)."""
-    if gather:
-        return t, t, t.stride(0)
-    return t[0], t[1] if t[1] is not None else t[0], 0
-
+@triton.jit
+def gate_up_loop(a_ptrs, g_ptrs, u_ptrs, b_step, row_ok, col_ok, K, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """(A @ B_gate, A @ B_up) [BM, BN] in fp32, as k_loop with one A tile feeding both."""
+    ks = tl.arange(0, BK)
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_ok = (k0 + ks) < K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        bg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        bu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc_g = mma(acc_g, a, bg, INTERPRET, IEEE)
+        acc_u = mma(acc_u, a, bu, INTERPRET, IEEE)
+        a_ptrs += BK
+        g_ptrs += b_step
+        u_ptrs += b_step
+    return acc_g, acc_u
 
 
 @triton.jit

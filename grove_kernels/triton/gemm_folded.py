@@ -2,20 +2,28 @@
 rows (those that also carry their group's adjugate) first, [off[e], leader_ends[e]).
 
 Schedule. Row blocks of BM rows are numbered expert by expert (folded_schedule: block_offsets
-[E+1], grid axis 0 = cdiv(R, BM) + E, an upper bound with no host read; programs past the last
-real block return at once). Grid axis 1 spans the N tiles of the EXPERT part only. A row block
-is a *leader block* when its first row is below leader_ends[e]; there, the program with N tile
-n also computes adjugate N tiles n, n + n_e, n + 2 n_e, ... (n_e = expert tiles, n_a =
-adjugate tiles) after its expert tile, over the same gathered rows. So adjugate tiles are
-launched only inside programs that already have expert work: no program exists for an
-adjugate tile of a block without leaders (under coactive routing about half the row blocks),
-and every program of a real row block has work. A device-built list of (row block, tile) items
-was the alternative; its bound (T·min(k, G) leader rows) is loose under coactive routing, so
-many of its programs would be empty. The cost of this choice: on leader blocks, the programs
-with n < n_a do two tiles (grove-33b, BN = 64: tiles 0 and 1 of 12), a tail the GPU scheduler
-absorbs among the other blocks' programs. The x rows of a row block are gathered from memory
-once per block (every N tile, expert or adjugate, re-reads them from L2, as the expert tiles
-of the sections layout always did); adjugate rows are never gathered a second time.
+[E+1], the real blocks block_offsets[E] on the device, with no host read). An *item* is (row
+block, expert N tile): the expert N tiles only. A row block is a *leader block* when its first
+row is below leader_ends[e]; there, the item with N tile n also computes adjugate N tiles n,
+n + n_e, n + 2 n_e, ... (n_e = expert tiles, n_a = adjugate tiles) after its expert tile, over
+the same gathered rows. So adjugate tiles run only inside items that already have expert work
+(under coactive routing about half the row blocks have no leaders). A device-built list of
+(row block, tile) items was the alternative; its bound (T·min(k, G) leader rows) is loose
+under coactive routing. On leader blocks the items with n < n_a do two tiles (grove-33b,
+BN = 64: tiles 0 and 1 of 12). The x rows of a row block are gathered from memory once per
+block (every N tile re-reads them from L2); adjugate rows are never gathered a second time.
+
+Two launch shapes (grid(); config.persistent_programs, GROVE_TRITON_SCHEDULE):
+    persistent (default)  min(programs, bound · n_grid) programs, program i running items
+                          i, i + #programs, ... < block_offsets[E] · n_grid (read on the
+                          device): every program has work whenever there are at least as
+                          many items as programs. Item t = (row block t // n_grid, N tile
+                          t % n_grid): the N tiles of a row block run side by side (its x
+                          rows read from HBM once, then from L2) and the concurrently running
+                          items span whole experts' row blocks (each weight tile of an
+                          expert read once and reused from L2 by its other row blocks).
+    tiles                 grid (bound = cdiv(R, BM) + E, n_grid), one item per program:
+                          programs past the last real block return at once (idle).
 
 Launches (A row r, B_p the weight of expert p, g = p // S; rows r of p; "lead" rows: r <
 leader_ends[p]; every row x stride product in int64; each operand's strides passed on their
@@ -42,31 +50,17 @@ two in fp32, so the folded output carries one rounding to the output dtype fewer
 row (for bf16 output: ~2^-9 relative per (t, g) less error). Pre-scaling z by w would put the
 scale before the MMA and add a rounding of z·w to the operand dtype: not done.
 """
-import torch
 import triton
 import triton.language as tl
 
-from .gemm_common import dot_flags, locate_block, mma, round_to
-
-
-def folded_schedule(plan, block_m):
-    """(start [E], count [E], block_offsets [E+1]) int32 over the expert problems and the
-    grid bound on row blocks, cdiv(R, BM) + E."""
-    off = plan.expert_offsets
-    count = off.diff()
-    blocks = (count + block_m - 1) // block_m
-    block_offsets = torch.zeros(count.numel() + 1, dtype=torch.int32, device=off.device)
-    torch.cumsum(blocks, 0, out=block_offsets[1:])
-    bound = triton.cdiv(plan.num_rows, block_m) + plan.num_experts
-    return (off[:-1].to(torch.int32), count.to(torch.int32), block_offsets, bound, block_m)
+from .gemm_common import gate_up_loop, k_loop, locate_block, round_to
 
 
 @triton.jit
-def _leader_block(block_offsets, prob_start, prob_count, leader_ends, E,
+def _leader_block(block, block_offsets, prob_start, prob_count, leader_ends, E,
                   P_POW2: tl.constexpr, BM: tl.constexpr):
-    """(expert, rows [BM], row_ok, lead_ok, leader block?) of this program's row block."""
-    p, m0, m_end = locate_block(tl.program_id(0), block_offsets, prob_start, prob_count, E,
-                                P_POW2, BM)
+    """(expert, rows [BM], row_ok, lead_ok, leader block?) of row block `block`."""
+    p, m0, m_end = locate_block(block, block_offsets, prob_start, prob_count, E, P_POW2, BM)
     rows = m0 + tl.arange(0, BM)
     row_ok = rows < m_end
     lead_end = tl.load(leader_ends + tl.minimum(p, E - 1))
@@ -86,18 +80,8 @@ def _gemm1_tile(x_ptr, stride_xt, token, rows, row_ok, w_ptr, s_n, s_k, N, z_ptr
     a_ptrs = x_ptr + token[:, None] * stride_xt + ks[None, :]
     g_ptrs = w_ptr + cols[None, :].to(tl.int64) * s_n + ks[:, None] * s_k
     u_ptrs = w_ptr + (cols[None, :] + N).to(tl.int64) * s_n + ks[:, None] * s_k
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        k_ok = (k0 + ks) < K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        bg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        bu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc_g = mma(acc_g, a, bg, INTERPRET, IEEE)
-        acc_u = mma(acc_u, a, bu, INTERPRET, IEEE)
-        a_ptrs += BK
-        g_ptrs += BK * s_k
-        u_ptrs += BK * s_k
+    acc_g, acc_u = gate_up_loop(a_ptrs, g_ptrs, u_ptrs, BK * s_k, row_ok, col_ok, K, BM, BN, BK,
+                                INTERPRET, IEEE)
     mask = row_ok[:, None] & col_ok[None, :]
     r64 = rows.to(tl.int64)[:, None]
     if STORE_H:
@@ -110,47 +94,51 @@ def _gemm1_tile(x_ptr, stride_xt, token, rows, row_ok, w_ptr, s_n, s_k, N, z_ptr
 
 
 @triton.jit
+def _gemm1_block(x_ptr, stride_xt, row_token_ptr, p, rows, row_ok, lead_ok, leader_block, n, S,
+                 w1_ptr, s_w1_p, s_w1_n, s_w1_k, I, a1_ptr, s_a1_p, s_a1_n, s_a1_k, IA,
+                 z_ptr, stride_z, h_ptr, stride_h, K, n_e, n_a,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STORE_H: tl.constexpr,
+                 INTERPRET: tl.constexpr, IEEE: tl.constexpr):
+    """Expert N tile n of a row block, then on a leader block adjugate tiles n, n + n_e, ..."""
+    token = tl.load(row_token_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    _gemm1_tile(x_ptr, stride_xt, token, rows, row_ok, w1_ptr + p.to(tl.int64) * s_w1_p,
+                s_w1_n, s_w1_k, I, z_ptr, stride_z, 0, h_ptr, stride_h, 0, K, n,
+                BM, BN, BK, STORE_H, INTERPRET, IEEE)
+    if leader_block:
+        a1_g = a1_ptr + (p // S).to(tl.int64) * s_a1_p
+        for tile in range(n, n_a, n_e):
+            _gemm1_tile(x_ptr, stride_xt, token, rows, lead_ok, a1_g, s_a1_n, s_a1_k, IA,
+                        z_ptr, stride_z, I, h_ptr, stride_h, 2 * I, K, tile,
+                        BM, BN, BK, STORE_H, INTERPRET, IEEE)
+
+
+@triton.jit
 def _folded_gemm1_kernel(
     x_ptr, stride_xt, row_token_ptr, block_offsets, prob_start, prob_count, leader_ends, E, S,
     w1_ptr, s_w1_p, s_w1_n, s_w1_k, I,
     a1_ptr, s_a1_p, s_a1_n, s_a1_k, IA,
     z_ptr, stride_z, h_ptr, stride_h, K, n_e, n_a,
     P_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    STORE_H: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
+    STORE_H: tl.constexpr, PERSISTENT: tl.constexpr, INTERPRET: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    pid_n = tl.program_id(1)
-    p, rows, row_ok, lead_ok, leader_block = _leader_block(block_offsets, prob_start,
-                                                           prob_count, leader_ends, E, P_POW2, BM)
-    if p < E:
-        token = tl.load(row_token_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        _gemm1_tile(x_ptr, stride_xt, token, rows, row_ok, w1_ptr + p.to(tl.int64) * s_w1_p,
-                    s_w1_n, s_w1_k, I, z_ptr, stride_z, 0, h_ptr, stride_h, 0, K, pid_n,
-                    BM, BN, BK, STORE_H, INTERPRET, IEEE)
-        if leader_block:
-            a1_g = a1_ptr + (p // S).to(tl.int64) * s_a1_p
-            for tile in range(pid_n, n_a, n_e):
-                _gemm1_tile(x_ptr, stride_xt, token, rows, lead_ok, a1_g, s_a1_n, s_a1_k, IA,
-                            z_ptr, stride_z, I, h_ptr, stride_h, 2 * I, K, tile,
-                            BM, BN, BK, STORE_H, INTERPRET, IEEE)
-
-
-def folded_gemm1(x, plan, sched, w1, a1, z, h=None, config=None):
-    """z [R, I + Ia] (and h [R, 2I + 2Ia] when given) of every real row; adjugate columns of
-    rows that lead no group are not written."""
-    start, count, block_offsets, bound, BM = sched
-    BN, BK, warps, stages = config
-    I, Ia = w1.shape[1] // 2, a1.shape[1] // 2
-    n_e, n_a = triton.cdiv(I, BN), triton.cdiv(Ia, BN)
-    h_arg = h if h is not None else z
-    E = plan.num_experts
-    _folded_gemm1_kernel[(bound, n_e)](
-        x, x.stride(0), plan.row_token, block_offsets, start, count, plan.leader_ends, E,
-        plan.group_size,
-        w1, w1.stride(0), w1.stride(1), w1.stride(2), I,
-        a1, a1.stride(0), a1.stride(1), a1.stride(2), Ia,
-        z, z.stride(0), h_arg, h_arg.stride(0), x.shape[1], n_e, n_a,
-        P_POW2=max(16, triton.next_power_of_2(E)), BM=BM, BN=BN, BK=BK,
-        STORE_H=h is not None, **dot_flags(x.dtype), num_warps=warps, num_stages=stages)
+    if PERSISTENT:
+        for t in range(tl.program_id(0), tl.load(block_offsets + E) * n_e, tl.num_programs(0)):
+            n = t % n_e
+            p, rows, row_ok, lead_ok, leader_block = _leader_block(
+                t // n_e, block_offsets, prob_start, prob_count, leader_ends, E, P_POW2, BM)
+            _gemm1_block(x_ptr, stride_xt, row_token_ptr, p, rows, row_ok, lead_ok,
+                         leader_block, n, S, w1_ptr, s_w1_p, s_w1_n, s_w1_k, I,
+                         a1_ptr, s_a1_p, s_a1_n, s_a1_k, IA, z_ptr, stride_z, h_ptr, stride_h,
+                         K, n_e, n_a, BM, BN, BK, STORE_H, INTERPRET, IEEE)
+    else:
+        p, rows, row_ok, lead_ok, leader_block = _leader_block(
+            tl.program_id(0), block_offsets, prob_start, prob_count, leader_ends, E, P_POW2, BM)
+        if p < E:
+            _gemm1_block(x_ptr, stride_xt, row_token_ptr, p, rows, row_ok, lead_ok,
+                         leader_block, tl.program_id(1), S, w1_ptr, s_w1_p, s_w1_n, s_w1_k, I,
+                         a1_ptr, s_a1_p, s_a1_n, s_a1_k, IA, z_ptr, stride_z, h_ptr, stride_h,
+                         K, n_e, n_a, BM, BN, BK, STORE_H, INTERPRET, IEEE)
 
 
 # ---- K-concatenated: GEMM-2 and dGEMM-1 ------------------------------------------------------
@@ -161,70 +149,69 @@ def _k_loop(acc, a_ptr, stride_a, a_col, rows, row_ok, K, b_ptr, s_k, s_n, cols,
     ks = tl.arange(0, BK)
     a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_a + a_col + ks[None, :]
     b_ptrs = b_ptr + ks[:, None].to(tl.int64) * s_k + cols[None, :].to(tl.int64) * s_n
-    for k0 in range(0, K, BK):
-        k_ok = (k0 + ks) < K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(acc, a, b, INTERPRET, IEEE)
-        a_ptrs += BK
-        b_ptrs += BK * s_k
-    return acc
+    return k_loop(acc, a_ptrs, b_ptrs, BK * s_k, row_ok, col_ok, K, BK, INTERPRET, IEEE)
+
+
+@triton.jit
+def _k_concat_block(a_ptr, stride_a, K_E, K_A, A_OFF, row_weight_ptr, leader_weight_ptr,
+                    p, rows, row_ok, lead_ok, leader_block, n, S,
+                    be_ptr, s_be_p, s_be_k, s_be_n, ba_ptr, s_ba_p, s_ba_k, s_ba_n, N,
+                    out_ptr, stride_o, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    ROW_WEIGHT_OUT: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
+    cols = n * BN + tl.arange(0, BN)
+    col_ok = cols < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = _k_loop(acc, a_ptr, stride_a, 0, rows, row_ok, K_E,
+                  be_ptr + p.to(tl.int64) * s_be_p, s_be_k, s_be_n, cols, col_ok, BK,
+                  INTERPRET, IEEE)
+    if ROW_WEIGHT_OUT:
+        w = tl.load(row_weight_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        acc = acc * w[:, None]
+    if leader_block:
+        b_g = ba_ptr + (p // S).to(tl.int64) * s_ba_p
+        if ROW_WEIGHT_OUT:
+            acc_a = tl.zeros((BM, BN), dtype=tl.float32)
+            acc_a = _k_loop(acc_a, a_ptr, stride_a, A_OFF, rows, lead_ok, K_A, b_g, s_ba_k,
+                            s_ba_n, cols, col_ok, BK, INTERPRET, IEEE)
+            lw = tl.load(leader_weight_ptr + rows, mask=lead_ok, other=0.0).to(tl.float32)
+            acc += acc_a * lw[:, None]
+        else:
+            acc = _k_loop(acc, a_ptr, stride_a, A_OFF, rows, lead_ok, K_A, b_g, s_ba_k,
+                          s_ba_n, cols, col_ok, BK, INTERPRET, IEEE)
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :]
+    tl.store(out_ptrs, round_to(acc, out_ptr.dtype.element_ty, INTERPRET),
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _folded_k_concat_kernel(
-    a_ptr, stride_a, K_E, K_A, A_OFF,
-    row_weight_ptr, leader_weight_ptr, block_offsets, prob_start, prob_count, leader_ends, E, S,
-    be_ptr, s_be_p, s_be_k, s_be_n, ba_ptr, s_ba_p, s_ba_k, s_ba_n, N,
+    a_ptr, stride_a, K_E, K_A, A_OFF, row_weight_ptr, leader_weight_ptr,
+    block_offsets, prob_start, prob_count, leader_ends, E, S,
+    be_ptr, s_be_p, s_be_k, s_be_n, ba_ptr, s_ba_p, s_ba_k, s_ba_n, N, n_grid,
     out_ptr, stride_o,
     P_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    SCALE: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
+    ROW_WEIGHT_OUT: tl.constexpr, PERSISTENT: tl.constexpr, INTERPRET: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    p, rows, row_ok, lead_ok, leader_block = _leader_block(block_offsets, prob_start,
-                                                           prob_count, leader_ends, E, P_POW2, BM)
-    if p < E:
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        col_ok = cols < N
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        acc = _k_loop(acc, a_ptr, stride_a, 0, rows, row_ok, K_E,
-                      be_ptr + p.to(tl.int64) * s_be_p, s_be_k, s_be_n, cols, col_ok, BK,
-                      INTERPRET, IEEE)
-        if SCALE:
-            w = tl.load(row_weight_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-            acc = acc * w[:, None]
-        if leader_block:
-            b_g = ba_ptr + (p // S).to(tl.int64) * s_ba_p
-            if SCALE:
-                acc_a = tl.zeros((BM, BN), dtype=tl.float32)
-                acc_a = _k_loop(acc_a, a_ptr, stride_a, A_OFF, rows, lead_ok, K_A, b_g, s_ba_k,
-                                s_ba_n, cols, col_ok, BK, INTERPRET, IEEE)
-                lw = tl.load(leader_weight_ptr + rows, mask=lead_ok, other=0.0).to(tl.float32)
-                acc += acc_a * lw[:, None]
-            else:
-                acc = _k_loop(acc, a_ptr, stride_a, A_OFF, rows, lead_ok, K_A, b_g, s_ba_k,
-                              s_ba_n, cols, col_ok, BK, INTERPRET, IEEE)
-        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :]
-        tl.store(out_ptrs, round_to(acc, out_ptr.dtype.element_ty, INTERPRET),
-                 mask=row_ok[:, None] & col_ok[None, :])
-
-
-def _b(w, transpose):
-    """(w, s_p, s_k, s_n) of the per-problem B_p [K, N] = w[p]^T (transpose) or w[p]."""
-    s_p, s_0, s_1 = w.stride()
-    return (w, s_p, s_1, s_0) if transpose else (w, s_p, s_0, s_1)
-
-
-def folded_k_concat(plan, sched, a, k_parts, be, ba, N, out, scale, config):
-    """out [R, N] = A[:, :K_E] @ B_p (· w) + lead · A[:, A_OFF:] @ B'_g (· λΣw).
-    k_parts: (K_E, K_A, A_OFF); be, ba: _b views."""
-    start, count, block_offsets, bound, BM = sched
-    BN, BK, warps, stages = config
-    E = plan.num_experts
-    _folded_k_concat_kernel[(bound, triton.cdiv(N, BN))](
-        a, a.stride(0), *k_parts, plan.row_weight, plan.leader_weight, block_offsets, start,
-        count, plan.leader_ends, E, plan.group_size, *be, *ba, N, out, out.stride(0),
-        P_POW2=max(16, triton.next_power_of_2(E)), BM=BM, BN=BN, BK=BK, SCALE=scale,
-        **dot_flags(a.dtype), num_warps=warps, num_stages=stages)
+    if PERSISTENT:
+        for t in range(tl.program_id(0), tl.load(block_offsets + E) * n_grid,
+                       tl.num_programs(0)):
+            n = t % n_grid
+            p, rows, row_ok, lead_ok, leader_block = _leader_block(
+                t // n_grid, block_offsets, prob_start, prob_count, leader_ends, E, P_POW2, BM)
+            _k_concat_block(a_ptr, stride_a, K_E, K_A, A_OFF, row_weight_ptr,
+                            leader_weight_ptr, p, rows, row_ok, lead_ok, leader_block, n, S,
+                            be_ptr, s_be_p, s_be_k, s_be_n, ba_ptr, s_ba_p, s_ba_k, s_ba_n, N,
+                            out_ptr, stride_o, BM, BN, BK, ROW_WEIGHT_OUT, INTERPRET, IEEE)
+    else:
+        p, rows, row_ok, lead_ok, leader_block = _leader_block(
+            tl.program_id(0), block_offsets, prob_start, prob_count, leader_ends, E, P_POW2, BM)
+        if p < E:
+            _k_concat_block(a_ptr, stride_a, K_E, K_A, A_OFF, row_weight_ptr,
+                            leader_weight_ptr, p, rows, row_ok, lead_ok, leader_block,
+                            tl.program_id(1), S, be_ptr, s_be_p, s_be_k, s_be_n, ba_ptr,
+                            s_ba_p, s_ba_k, s_ba_n, N, out_ptr, stride_o, BM, BN, BK,
+                            ROW_WEIGHT_OUT, INTERPRET, IEEE)
 
 
 # ---- dGEMM-2 + SwiGLU backward ---------------------------------------------------------------
@@ -258,46 +245,49 @@ def _dgemm2_tile(dy_ptr, stride_dy, token, rows, row_ok, weight_ptr, b_ptr, s_k,
 
 
 @triton.jit
+def _dgemm2_block(dy_ptr, stride_dy, row_token_ptr, row_weight_ptr, leader_weight_ptr,
+                  p, rows, row_ok, lead_ok, leader_block, n, S,
+                  w2_ptr, s_w2_p, s_w2_k, s_w2_n, I, a2_ptr, s_a2_p, s_a2_k, s_a2_n, IA,
+                  h_ptr, stride_h, dh_ptr, part_e_ptr, part_a_ptr, R, K, n_e, n_a,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  INTERPRET: tl.constexpr, IEEE: tl.constexpr):
+    token = tl.load(row_token_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    _dgemm2_tile(dy_ptr, stride_dy, token, rows, row_ok, row_weight_ptr,
+                 w2_ptr + p.to(tl.int64) * s_w2_p, s_w2_k, s_w2_n, I, h_ptr, stride_h, 0,
+                 dh_ptr, part_e_ptr, R, K, n, BM, BN, BK, INTERPRET, IEEE)
+    if leader_block:
+        a2_g = a2_ptr + (p // S).to(tl.int64) * s_a2_p
+        for tile in range(n, n_a, n_e):
+            _dgemm2_tile(dy_ptr, stride_dy, token, rows, lead_ok, leader_weight_ptr, a2_g,
+                         s_a2_k, s_a2_n, IA, h_ptr, stride_h, 2 * I, dh_ptr, part_a_ptr, R,
+                         K, tile, BM, BN, BK, INTERPRET, IEEE)
+
+
+@triton.jit
 def _folded_dgemm2_kernel(
     dy_ptr, stride_dy, row_token_ptr, row_weight_ptr, leader_weight_ptr,
     block_offsets, prob_start, prob_count, leader_ends, E, S,
     w2_ptr, s_w2_p, s_w2_k, s_w2_n, I, a2_ptr, s_a2_p, s_a2_k, s_a2_n, IA,
     h_ptr, stride_h, dh_ptr, part_e_ptr, part_a_ptr, R, K, n_e, n_a,
     P_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    INTERPRET: tl.constexpr, IEEE: tl.constexpr,
+    PERSISTENT: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_n = tl.program_id(1)
-    p, rows, row_ok, lead_ok, leader_block = _leader_block(block_offsets, prob_start,
-                                                           prob_count, leader_ends, E, P_POW2, BM)
-    if p < E:
-        token = tl.load(row_token_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        _dgemm2_tile(dy_ptr, stride_dy, token, rows, row_ok, row_weight_ptr,
-                     w2_ptr + p.to(tl.int64) * s_w2_p, s_w2_k, s_w2_n, I, h_ptr, stride_h, 0,
-                     dh_ptr, part_e_ptr, R, K, pid_n, BM, BN, BK, INTERPRET, IEEE)
-        if leader_block:
-            a2_g = a2_ptr + (p // S).to(tl.int64) * s_a2_p
-            for tile in range(pid_n, n_a, n_e):
-                _dgemm2_tile(dy_ptr, stride_dy, token, rows, lead_ok, leader_weight_ptr, a2_g,
-                             s_a2_k, s_a2_n, IA, h_ptr, stride_h, 2 * I, dh_ptr, part_a_ptr, R,
-                             K, tile, BM, BN, BK, INTERPRET, IEEE)
-
-
-def folded_dgemm2(dy, plan, sched, w2, a2, h, dh, config):
-    """dh [R, 2I + 2Ia] (adjugate columns on lead rows only) and (d row weight [R],
-    d leader weight [R]) from the per-tile partials (summed in tile order)."""
-    start, count, block_offsets, bound, BM = sched
-    BN, BK, warps, stages = config
-    I, Ia = w2.shape[2], a2.shape[2]
-    n_e, n_a = triton.cdiv(I, BN), triton.cdiv(Ia, BN)
-    R, E = plan.num_rows, plan.num_experts
-    # Zeroed: rows past the last expert and rows that lead no group write no partial.
-    part_e = torch.zeros(n_e, R, dtype=torch.float32, device=dy.device)
-    part_a = torch.zeros(n_a, R, dtype=torch.float32, device=dy.device)
-    _folded_dgemm2_kernel[(bound, n_e)](
-        dy, dy.stride(0), plan.row_token, plan.row_weight, plan.leader_weight, block_offsets,
-        start, count, plan.leader_ends, E, plan.group_size,
-        *_b(w2, False), I, *_b(a2, False), Ia,
-        h, h.stride(0), dh, part_e, part_a, R, dy.shape[1], n_e, n_a,
-        P_POW2=max(16, triton.next_power_of_2(E)), BM=BM, BN=BN, BK=BK,
-        **dot_flags(dy.dtype), num_warps=warps, num_stages=stages)
-    return part_e.sum(0), part_a.sum(0)
+    if PERSISTENT:
+        for t in range(tl.program_id(0), tl.load(block_offsets + E) * n_e, tl.num_programs(0)):
+            n = t % n_e
+            p, rows, row_ok, lead_ok, leader_block = _leader_block(
+                t // n_e, block_offsets, prob_start, prob_count, leader_ends, E, P_POW2, BM)
+            _dgemm2_block(dy_ptr, stride_dy, row_token_ptr, row_weight_ptr, leader_weight_ptr,
+                          p, rows, row_ok, lead_ok, leader_block, n, S,
+                          w2_ptr, s_w2_p, s_w2_k, s_w2_n, I, a2_ptr, s_a2_p, s_a2_k, s_a2_n,
+                          IA, h_ptr, stride_h, dh_ptr, part_e_ptr, part_a_ptr, R, K, n_e, n_a,
+                          BM, BN, BK, INTERPRET, IEEE)
+    else:
+        p, rows, row_ok, lead_ok, leader_block = _leader_block(
+            tl.program_id(0), block_offsets, prob_start, prob_count, leader_ends, E, P_POW2, BM)
+        if p < E:
+            _dgemm2_block(dy_ptr, stride_dy, row_token_ptr, row_weight_ptr, leader_weight_ptr,
+                          p, rows, row_ok, lead_ok, leader_block, tl.program_id(1), S,
+                          w2_ptr, s_w2_p, s_w2_k, s_w2_n, I, a2_ptr, s_a2_p, s_a2_k, s_a2_n,
+                          IA, h_ptr, stride_h, dh_ptr, part_e_ptr, part_a_ptr, R, K, n_e, n_a,
+                          BM, BN, BK, INTERPRET, IEEE)

@@ -13,15 +13,15 @@ no atomics, and problems with no rows write zeros (nothing is left uninitialized
 import triton
 import triton.language as tl
 
-from .gemm_common import dot_flags, mma, operand, round_to
+from .gemm_common import mma, round_to
 
 
 @triton.jit
 def _k_grouped_tile(a_ptr, stride_a_gather, b_ptr, stride_b_gather, row_token_ptr,
                     row_weight_ptr, start, end, row0, o_ptr, M, N, pid_m, pid_n,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr,
-                    SCALE_B: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
+                    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, ROW_WEIGHT_A: tl.constexpr,
+                    ROW_WEIGHT_B: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
     if (pid_m * BM < M) & (pid_n * BN < N):
         m_idx = pid_m * BM + tl.arange(0, BM)
         n_idx = pid_n * BN + tl.arange(0, BN)
@@ -44,12 +44,12 @@ def _k_grouped_tile(a_ptr, stride_a_gather, b_ptr, stride_b_gather, row_token_pt
             else:
                 b_ptrs = b_ptr + local[:, None] * N + n_idx[None, :]
             b = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
-            if SCALE_A or SCALE_B:
+            if ROW_WEIGHT_A or ROW_WEIGHT_B:
                 w = tl.load(row_weight_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
                 # The scaled operand is rounded back to its dtype, as the forward's rows were.
-                if SCALE_A:
+                if ROW_WEIGHT_A:
                     a = round_to(a.to(tl.float32) * w[None, :], a.dtype, INTERPRET)
-                if SCALE_B:
+                if ROW_WEIGHT_B:
                     b = round_to(b.to(tl.float32) * w[:, None], b.dtype, INTERPRET)
             acc = mma(acc, a, b, INTERPRET, IEEE)
         o_ptrs = o_ptr + m_idx[:, None].to(tl.int64) * N + n_idx[None, :]
@@ -65,8 +65,8 @@ def _gemm_k_grouped_kernel(
     oe_ptr, s_oe_p, M_E, N_E,
     oa_ptr, s_oa_p, M_A, N_A, ROWS_E,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr,
-    SCALE_B: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, ROW_WEIGHT_A: tl.constexpr,
+    ROW_WEIGHT_B: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
 ):
     p = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -76,32 +76,10 @@ def _gemm_k_grouped_kernel(
     if p < E:
         _k_grouped_tile(ae_ptr, stride_a_gather, be_ptr, stride_b_gather, row_token_ptr,
                         row_weight_ptr, start, end, 0, oe_ptr + p.to(tl.int64) * s_oe_p, M_E,
-                        N_E, pid_m, pid_n, BM, BN, BK, GATHER_A, GATHER_B, SCALE_A, SCALE_B,
-                        INTERPRET, IEEE)
+                        N_E, pid_m, pid_n, BM, BN, BK, GATHER_A, GATHER_B, ROW_WEIGHT_A,
+                        ROW_WEIGHT_B, INTERPRET, IEEE)
     else:
         _k_grouped_tile(aa_ptr, stride_a_gather, ba_ptr, stride_b_gather, row_token_ptr,
                         row_weight_ptr, start, end, ROWS_E,
                         oa_ptr + (p - E).to(tl.int64) * s_oa_p, M_A, N_A, pid_m, pid_n, BM, BN,
-                        BK, GATHER_A, GATHER_B, SCALE_A, SCALE_B, INTERPRET, IEEE)
-
-
-def gemm_k_grouped(plan, start, count, a, b, out, *, gather_a=False, gather_b=False,
-                   scale_a=False, scale_b=False, config=None):
-    """a, b: per-section row buffers (x_e, x_a) or one gathered [T, D] tensor; out: (dW_e, dW_a)
-    with dW [P_section, M, N] contiguous."""
-    BM, BN, BK, warps, stages = config
-    oe, oa = out
-    oa = oa if oa is not None else oe
-    ae, aa, sa = operand(a, gather_a)
-    be, ba, sb = operand(b, gather_b)
-    P = start.numel()
-    m_tiles = triton.cdiv(max(oe.shape[1], oa.shape[1]), BM)
-    n_tiles = triton.cdiv(max(oe.shape[2], oa.shape[2]), BN)
-    _gemm_k_grouped_kernel[(P, m_tiles, n_tiles)](
-        ae, aa, sa, be, ba, sb, plan.row_token, plan.row_weight, start, count,
-        plan.num_experts,
-        oe, oe.stride(0), oe.shape[1], oe.shape[2],
-        oa, oa.stride(0), oa.shape[1], oa.shape[2], plan.num_expert_rows,
-        BM=BM, BN=BN, BK=BK, GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a,
-        SCALE_B=scale_b, **dot_flags(ae.dtype), num_warps=warps, num_stages=stages,
-    )
+                        BK, GATHER_A, GATHER_B, ROW_WEIGHT_A, ROW_WEIGHT_B, INTERPRET, IEEE)

@@ -16,10 +16,10 @@ Partials instead of atomics keep that sum deterministic.
 import triton
 import triton.language as tl
 
-from .gemm_common import dot_flags, mma, operand, round_to, row_block
+from .gemm_common import k_loop, round_to, row_block
 
 # The epilogues (the kernel's EPILOGUE constexpr).
-STORE = tl.constexpr(0)  # out = acc · row weight (ROW_SCALE) or acc
+STORE = tl.constexpr(0)  # out = acc · row weight (ROW_WEIGHT_OUT) or acc
 SWIGLU_BWD = tl.constexpr(1)  # dh from g = acc and the saved h; partial Σ_n g·z
 DOT_X = tl.constexpr(2)  # partial Σ_n acc·x[token] (router weight applied on the input), then scale
 
@@ -29,7 +29,7 @@ def _m_grouped_tile(a_ptr, K, stride_a_gather, row_token_ptr, row_weight_ptr, ro
                     row0, b_ptr, s_b, N, o_ptr, stride_o, h_ptr, x_ptr, stride_xt, part_ptr, R,
                     pid_n, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     B_K_CONTIG: tl.constexpr, GATHER_A: tl.constexpr, OUT_SHARED: tl.constexpr,
-                    ROW_SCALE: tl.constexpr, EPILOGUE: tl.constexpr, INTERPRET: tl.constexpr,
+                    ROW_WEIGHT_OUT: tl.constexpr, EPILOGUE: tl.constexpr, INTERPRET: tl.constexpr,
                     IEEE: tl.constexpr):
     n0 = pid_n * BN
     if n0 < N:
@@ -48,17 +48,11 @@ def _m_grouped_tile(a_ptr, K, stride_a_gather, row_token_ptr, row_weight_ptr, ro
         else:
             b_ptrs = b_ptr + ks[:, None].to(tl.int64) * s_b + cols[None, :]
             b_step = BK * s_b
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            k_ok = (k0 + ks) < K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = mma(acc, a, b, INTERPRET, IEEE)
-            a_ptrs += BK
-            b_ptrs += b_step
+        acc = k_loop(tl.zeros((BM, BN), dtype=tl.float32), a_ptrs, b_ptrs, b_step, row_ok,
+                     col_ok, K, BK, INTERPRET, IEEE)
 
         mask = row_ok[:, None] & col_ok[None, :]
-        if ROW_SCALE:
+        if ROW_WEIGHT_OUT:
             w = tl.load(row_weight_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         else:
             w = tl.full((BM,), 1.0, tl.float32)
@@ -102,7 +96,7 @@ def _gemm_m_grouped_kernel(
     he_ptr, ha_ptr, x_ptr, stride_xt, part_ptr, R,
     P_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     B_K_CONTIG: tl.constexpr, GATHER_A: tl.constexpr, OUT_SHARED: tl.constexpr,
-    ROW_SCALE: tl.constexpr, EPILOGUE: tl.constexpr, INTERPRET: tl.constexpr,
+    ROW_WEIGHT_OUT: tl.constexpr, EPILOGUE: tl.constexpr, INTERPRET: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(1)
@@ -111,52 +105,11 @@ def _gemm_m_grouped_kernel(
         _m_grouped_tile(ae_ptr, K_E, stride_a_gather, row_token_ptr, row_weight_ptr, rows,
                         row_ok, 0, be_ptr + p.to(tl.int64) * s_be_p, s_be, N_E, oute_ptr,
                         stride_out_shared, he_ptr, x_ptr, stride_xt, part_ptr, R, pid_n, BM, BN,
-                        BK, B_K_CONTIG, GATHER_A, OUT_SHARED, ROW_SCALE, EPILOGUE, INTERPRET, IEEE)
+                        BK, B_K_CONTIG, GATHER_A, OUT_SHARED, ROW_WEIGHT_OUT, EPILOGUE, INTERPRET,
+                        IEEE)
     elif p < P:
         _m_grouped_tile(aa_ptr, K_A, stride_a_gather, row_token_ptr, row_weight_ptr, rows,
                         row_ok, ROWS_E, ba_ptr + (p - E).to(tl.int64) * s_ba_p, s_ba, N_A,
                         outa_ptr, stride_out_shared, ha_ptr, x_ptr, stride_xt, part_ptr, R,
-                        pid_n, BM, BN, BK, B_K_CONTIG, GATHER_A, OUT_SHARED, ROW_SCALE,
+                        pid_n, BM, BN, BK, B_K_CONTIG, GATHER_A, OUT_SHARED, ROW_WEIGHT_OUT,
                         EPILOGUE, INTERPRET, IEEE)
-
-
-def gemm_m_grouped(plan, sched, a, b, n, out, *, gather_a=False, row_scale=False,
-                   epilogue=STORE, h=None, x=None, part=None, config=None):
-    """Launch the m-grouped GEMM.
-
-    a: (a_e, a_a) per-section row buffers, or one [T, K] tensor with gather_a (rows by token).
-    b: ((w_e, s_p, s_k, s_n), (w_a, s_p, s_k, s_n)), the per-problem B_p [K, N] as strided views.
-    n: (N_e, N_a) output columns per section; out: one [R, N] tensor or (out_e, out_a).
-    """
-    start, count, block_offsets, bound, BM = sched
-    BN, BK, warps, stages = config
-    P = start.numel()
-    (be, sbe_p, sbe_k, sbe_n), (ba, sba_p, sba_k, sba_n) = b
-    # One of B_p's strides is 1 (weights are contiguous); which one is a compile-time fact
-    # shared by both sections, so it must hold for both: a size-1 dimension has stride 1 too
-    # (I = 1 makes w2's K stride 1 while a2's, with Ia >= 2, is not).
-    k_contig = sbe_k == 1 and sba_k == 1
-    if not (k_contig or (sbe_n == 1 and sba_n == 1)):
-        raise ValueError(f"weights: the triton backend needs a unit stride shared by both "
-                         f"sections, got strides {be.stride()} and {ba.stride()}")
-    s_be, s_ba = (sbe_n, sba_n) if k_contig else (sbe_k, sba_k)
-    ae, aa, stride_gather = operand(a, gather_a)
-    K_E, K_A = ae.shape[1], aa.shape[1]
-    shared = not isinstance(out, tuple)
-    oute, outa = (out, out) if shared else (out[0], out[1] if out[1] is not None else out[0])
-    he, ha = h if h is not None else (oute, oute)
-    ha = ha if ha is not None else he
-    x_arg = x if x is not None else oute
-    part_arg = part if part is not None else oute
-    n_tiles = triton.cdiv(max(n), BN)
-    _gemm_m_grouped_kernel[(bound, n_tiles)](
-        ae, aa, K_E, K_A, stride_gather, plan.row_token, plan.row_weight,
-        block_offsets, start, count, P, plan.num_experts,
-        be, sbe_p, s_be, n[0], ba, sba_p, s_ba, n[1],
-        oute, outa, oute.stride(0) if shared else 0, plan.num_expert_rows,
-        he, ha, x_arg, x_arg.stride(0), part_arg, plan.num_rows,
-        P_POW2=max(16, triton.next_power_of_2(P)), BM=BM, BN=BN, BK=BK, B_K_CONTIG=k_contig,
-        GATHER_A=gather_a, OUT_SHARED=shared, ROW_SCALE=row_scale, EPILOGUE=epilogue,
-        **dot_flags(ae.dtype), num_warps=warps, num_stages=stages,
-    )
-    return n_tiles

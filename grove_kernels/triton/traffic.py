@@ -15,15 +15,16 @@ Sections layout (backend.py):
 bound = cdiv(R_e, BM) + cdiv(R_a, BM) + P row blocks: programs past the last real block of the
 plan, and n tiles past an adjugate's narrower N, are launched and exit (idle programs).
 
-Folded layout (backend_folded.py, gemm_folded.py, wgrad_folded.py): the same three forward
-launches over the R = T*k expert rows (bound cdiv(R, BM) + E; the adjugate tiles run inside the
-programs of leader row blocks, so only row blocks past the plan's last idle), and in the
-backward dGEMM-2 + SwiGLU', one flat launch per weight-gradient pair (dW and dA), dGEMM-1.
+Folded layout (backend.py, gemm_folded.py, wgrad_folded.py): the same three forward
+launches over the R = T*k expert rows, and in the backward dGEMM-2 + SwiGLU', one flat launch
+per weight-gradient pair (dW and dA), dGEMM-1. The adjugate tiles run inside the items of
+leader row blocks; persistent launches (the default) idle only programs beyond the items, the
+tiles schedule (GROVE_TRITON_SCHEDULE=tiles) the row blocks past the plan's last.
 """
 import torch
 
-from ..traffic import (INDEX_BYTES, WEIGHT_BYTES, Launch, RowBlocks, cdiv, distinct_tokens,
-                       element_size, real_rows, tile_work, topk_grad_launch,
+from ..traffic import (INDEX_BYTES, WEIGHT_BYTES, Launch, RowBlocks, by_layout, cdiv,
+                       distinct_tokens, element_size, real_rows, tile_work, topk_grad_launch,
                        torch_op, zero_activations_launch)
 from . import config as cfg
 
@@ -77,7 +78,7 @@ def _combine(name, plan, H, e):
                   + real * H * e, 0)
 
 
-def _k_grouped(name, pr, conf, M, N, e, *, gathered_dim, a_rows_k, b_rows_k, scale):
+def _k_grouped(name, pr, conf, M, N, e, *, gathered_dim, a_rows_k, b_rows_k, row_weight):
     """A k-grouped launch: dW_p [M_p, N_p] = sum over the problem's rows; grid (P, m, n)."""
     BMw, BNw, BKw = conf[:3]
     m_t, n_t = cdiv(int(M.max()), BMw), cdiv(int(N.max()), BNw)
@@ -90,12 +91,12 @@ def _k_grouped(name, pr, conf, M, N, e, *, gathered_dim, a_rows_k, b_rows_k, sca
          else int((pr.count * a_rows_k).sum()) * e)
     b = (pr.tokens * gathered_dim * e if b_rows_k is None
          else int((pr.count * b_rows_k).sum()) * e)
-    read = a + b + rows * (INDEX_BYTES + (WEIGHT_BYTES if scale else 0)) + 2 * pr.P * 8
+    read = a + b + rows * (INDEX_BYTES + (WEIGHT_BYTES if row_weight else 0)) + 2 * pr.P * 8
     write = int((M * N).sum()) * e
     flops = 2 * int((pr.count * M * N).sum())
     k_issued = (pr.count + BKw - 1) // BKw * BKw
     loads = int((pr.count * (M * tn + N * tm)).sum()) * e \
-        + int((pr.count * tm * tn).sum()) * (INDEX_BYTES + (WEIGHT_BYTES if scale else 0))
+        + int((pr.count * tm * tn).sum()) * (INDEX_BYTES + (WEIGHT_BYTES if row_weight else 0))
     mma = 2 * BMw * BNw * int((k_issued * tm * tn).sum())
     return Launch(name, programs, programs - working, read, write, flops, working, loads, mma)
 
@@ -141,9 +142,9 @@ def _sections(plan, x_shape, weights_shapes, dtype, pass_, device_name):
                           part_bytes=4))
     out.append(torch_op("torch: sum partials", n_part * R * 4, R * 4, n_part * R))
     out.append(_k_grouped("dW2 / dA2", pr, conf.wgrad, H_n, pr.n, e, gathered_dim=H,
-                          a_rows_k=None, b_rows_k=pr.n, scale=True))
+                          a_rows_k=None, b_rows_k=pr.n, row_weight=True))
     out.append(_k_grouped("dW1 / dA1", pr, conf.wgrad, 2 * pr.n, H_n, e, gathered_dim=H,
-                          a_rows_k=2 * pr.n, b_rows_k=None, scale=False))
+                          a_rows_k=2 * pr.n, b_rows_k=None, row_weight=False))
     out.append(_m_grouped("dGEMM-1", pr, bound, H, 2 * pr.n, H_n, conf.rows[0], conf.rows[1],
                           BM, e, a_gather=False, b_elems=1, writes=o_bytes))
     out.append(_combine("combine dx", plan, H, e))
@@ -152,12 +153,15 @@ def _sections(plan, x_shape, weights_shapes, dtype, pass_, device_name):
 
 
 def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
-    """The folded layout (backend_folded.py, gemm_folded.py, wgrad_folded.py): row blocks of
-    the expert rows on grid axis 0 (bound cdiv(R, BM) + E: programs past the last real block
-    are idle), the expert N tiles on axis 1; on a leader block (first row below leader_ends)
-    program n also runs adjugate tiles n, n + n_e, ... over the block's leader rows (GEMM-1,
-    dGEMM-2), or adds the K = Ia product of its leader rows (GEMM-2, dGEMM-1); the weight
-    gradients are one flat launch of every output tile of dW_e and dA_g (no idle program)."""
+    """The folded layout (backend.py, gemm_folded.py, wgrad_folded.py): items (row block
+    of the expert rows, expert N tile); on a leader block (first row below leader_ends) item n
+    also runs adjugate tiles n, n + n_e, ... over the block's leader rows (GEMM-1, dGEMM-2),
+    or adds the K = Ia product of its leader rows (GEMM-2, dGEMM-1). Persistent schedule
+    (config.persistent_programs, GROVE_TRITON_SCHEDULE): min(SMs · PROGRAMS_PER_SM,
+    bound · n_tiles) programs loop over the real items, idle only where there are fewer items
+    than programs; tiles schedule: grid (bound cdiv(R, BM) + E, n_tiles), programs past the
+    last real block idle. The weight gradients are one flat launch of every output tile of
+    dW_e and dA_g (no idle program)."""
     T, H = x_shape
     I = weights_shapes[0][1] // 2
     Ia = weights_shapes[2][1] // 2
@@ -184,10 +188,14 @@ def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
     sched = (2 * E + 1) * 4 + E * INDEX_BYTES  # block_offsets, start, count; leader_ends
     train = pass_ == "fwd+bwd"
 
+    cap = cfg.persistent_programs(cfg.sms_of(device_name))
+
     def grid_launch(name, bn, bk, n_grid, parts, read, write, flops, per_row, part_bytes=0):
-        """parts: (blocks, N, K, b operands, tiles run per block or None for all n_grid)."""
-        programs = bound * n_grid
-        working = len(blocks) * n_grid
+        """parts: (blocks, N, K, b operands). Persistent: min(cap, bound · n_grid) programs
+        share the real (row block, N tile) items; else one program per item of the bound."""
+        items = len(blocks) * n_grid
+        programs = min(cap, bound * n_grid) if cap else bound * n_grid
+        working = min(programs, items)
         loads = mma = row_tiles = 0
         for blk, N, K, b_elems in parts:
             w = tile_work(blk, full(N), full(K), BM, bn, bk, cdiv(N, bn), e, e)
@@ -211,7 +219,7 @@ def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
         tokens * H * e + w1 + R * INDEX_BYTES + sched, z * (3 if train else 1),
         2 * (R * 2 * I + L * 2 * Ia) * H, INDEX_BYTES))
     # The folded GEMM-2 / dGEMM-2 configs where config.py defines their own (else those of
-    # the sections layout's launches, which backend_folded.py then uses).
+    # the sections layout's launches, which backend.py then uses).
     rows2 = getattr(cfg, "folded_gemm2_rows", lambda c: c.rows)(conf)
     n_h2 = cdiv(H, rows2[0])
     out.append(grid_launch(
@@ -264,9 +272,6 @@ def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
     return out
 
 
-def launches(plan, x_shape, weights_shapes, dtype, layout, pass_, device_name):
-    """The launches of the triton backend's experts stage for one call (see the module
-    docstring); the plan stage's are grove_kernels.traffic.plan_launches."""
-    if layout == "folded" and weights_shapes[2] is not None:
-        return _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name)
-    return _sections(plan, x_shape, weights_shapes, dtype, pass_, device_name)
+# The launches of the triton backend's experts stage for one call (see the module docstring);
+# the plan stage's are grove_kernels.traffic.plan_launches.
+launches = by_layout(_folded, _sections)

@@ -18,13 +18,13 @@ writes its zero tile). Every row x stride product is int64.
 import triton
 import triton.language as tl
 
-from .gemm_common import dot_flags, mma, round_to
+from .gemm_common import mma, round_to
 
 
 @triton.jit
 def _segment(acc, a_ptr, stride_a, a_col, b_ptr, stride_b, b_col, row_token_ptr, weight_ptr,
              start, end, m_idx, m_ok, n_idx, n_ok, BK: tl.constexpr, GATHER_A: tl.constexpr,
-             GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, INTERPRET: tl.constexpr,
+             GATHER_B: tl.constexpr, ROW_WEIGHT_A: tl.constexpr, INTERPRET: tl.constexpr,
              IEEE: tl.constexpr):
     ks = tl.arange(0, BK)
     for r0 in range(start, end, BK):
@@ -43,7 +43,7 @@ def _segment(acc, a_ptr, stride_a, a_col, b_ptr, stride_b, b_col, row_token_ptr,
         else:
             b_ptrs = b_ptr + r64[:, None] * stride_b + b_col + n_idx[None, :]
         b = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
-        if SCALE_A:
+        if ROW_WEIGHT_A:
             w = tl.load(weight_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
             # Rounded back to the operand dtype, as the forward's scaled rows would be.
             a = round_to(a.to(tl.float32) * w[None, :], a.dtype, INTERPRET)
@@ -52,64 +52,45 @@ def _segment(acc, a_ptr, stride_a, a_col, b_ptr, stride_b, b_col, row_token_ptr,
 
 
 @triton.jit
+def _tile(t, mt, nt, M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """(problem, rows [BM], columns [BN], their masks) of tile t of problems of mt x nt tiles."""
+    per_problem = mt * nt
+    m_idx = (t % per_problem) // nt * BM + tl.arange(0, BM)
+    n_idx = t % nt * BN + tl.arange(0, BN)
+    return t // per_problem, m_idx, n_idx, m_idx < M, n_idx < N
+
+
+@triton.jit
 def _folded_wgrad_kernel(
     a_ptr, stride_a, A_COL, b_ptr, stride_b, B_COL,
     row_token_ptr, row_weight_ptr, leader_weight_ptr, expert_offsets, leader_ends, E, S,
     oe_ptr, M_E, N_E, mt_e, nt_e, oa_ptr, M_A, N_A, mt_a, nt_a,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GATHER_A: tl.constexpr,
-    GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
+    GATHER_B: tl.constexpr, ROW_WEIGHT_A: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     per_expert = mt_e * nt_e
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if pid < E * per_expert:
-        e = pid // per_expert
-        pid_m = (pid % per_expert) // nt_e
-        pid_n = pid % nt_e
-        m_idx = pid_m * BM + tl.arange(0, BM)
-        n_idx = pid_n * BN + tl.arange(0, BN)
-        m_ok, n_ok = m_idx < M_E, n_idx < N_E
+        e, m_idx, n_idx, m_ok, n_ok = _tile(pid, mt_e, nt_e, M_E, N_E, BM, BN)
         acc = _segment(acc, a_ptr, stride_a, 0, b_ptr, stride_b, 0, row_token_ptr,
                        row_weight_ptr, tl.load(expert_offsets + e),
                        tl.load(expert_offsets + e + 1), m_idx, m_ok, n_idx, n_ok, BK, GATHER_A,
-                       GATHER_B, SCALE_A, INTERPRET, IEEE)
+                       GATHER_B, ROW_WEIGHT_A, INTERPRET, IEEE)
         o_ptrs = (oe_ptr + e.to(tl.int64) * M_E * N_E + m_idx[:, None].to(tl.int64) * N_E
                   + n_idx[None, :])
         tl.store(o_ptrs, round_to(acc, oe_ptr.dtype.element_ty, INTERPRET),
                  mask=m_ok[:, None] & n_ok[None, :])
     else:
         q = pid - E * per_expert
-        per_group = mt_a * nt_a
-        g = q // per_group
-        pid_m = (q % per_group) // nt_a
-        pid_n = q % nt_a
-        m_idx = pid_m * BM + tl.arange(0, BM)
-        n_idx = pid_n * BN + tl.arange(0, BN)
-        m_ok, n_ok = m_idx < M_A, n_idx < N_A
+        g, m_idx, n_idx, m_ok, n_ok = _tile(q, mt_a, nt_a, M_A, N_A, BM, BN)
         for s in range(0, S):
             e = g * S + s
             acc = _segment(acc, a_ptr, stride_a, A_COL, b_ptr, stride_b, B_COL, row_token_ptr,
                            leader_weight_ptr, tl.load(expert_offsets + e),
                            tl.load(leader_ends + e), m_idx, m_ok, n_idx, n_ok, BK, GATHER_A,
-                           GATHER_B, SCALE_A, INTERPRET, IEEE)
+                           GATHER_B, ROW_WEIGHT_A, INTERPRET, IEEE)
         o_ptrs = (oa_ptr + g.to(tl.int64) * M_A * N_A + m_idx[:, None].to(tl.int64) * N_A
                   + n_idx[None, :])
         tl.store(o_ptrs, round_to(acc, oa_ptr.dtype.element_ty, INTERPRET),
                  mask=m_ok[:, None] & n_ok[None, :])
-
-
-def folded_wgrad(plan, a, a_col, b, b_col, out, *, gather_a, gather_b, scale_a, config):
-    """out = (dW [E, M_E, N_E], dA [G, M_A, N_A]), both contiguous. a, b: [T, D] gathered by
-    token or [R, D] row buffers; a_col / b_col: the adjugate part's first column."""
-    BM, BN, BK, warps, stages = config
-    oe, oa = out
-    E, G = plan.num_experts, plan.num_groups
-    mt_e, nt_e = triton.cdiv(oe.shape[1], BM), triton.cdiv(oe.shape[2], BN)
-    mt_a, nt_a = triton.cdiv(oa.shape[1], BM), triton.cdiv(oa.shape[2], BN)
-    _folded_wgrad_kernel[(E * mt_e * nt_e + G * mt_a * nt_a,)](
-        a, a.stride(0), a_col, b, b.stride(0), b_col,
-        plan.row_token, plan.row_weight, plan.leader_weight, plan.expert_offsets,
-        plan.leader_ends, E, plan.group_size,
-        oe, oe.shape[1], oe.shape[2], mt_e, nt_e, oa, oa.shape[1], oa.shape[2], mt_a, nt_a,
-        BM=BM, BN=BN, BK=BK, GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a,
-        **dot_flags(a.dtype), num_warps=warps, num_stages=stages)

@@ -1,16 +1,27 @@
 // Host-side check of csrc/gemm/swiglu_epilogue.cuh (run by tests/test_cuda_host_checks.py;
 // needs nvcc, no GPU). For each fused GEMM-1 kernel of the table (GROVE_FOR_EACH_GEMM_KERNEL,
 // layout M_GROUPED_NT_SWIGLU: the template arguments of its instantiation) it runs the
-// epilogue's per-tile operator on the host for every MMA thread of every tile of several
-// problems, with each thread's accumulator fragment filled from the coordinates the kernel's
-// TiledMma gives it, and checks:
+// epilogue's two phases on the host as the kernel's two consumer warpgroups do: per round,
+// phase 1 (stage into the warpgroup's shared-memory slab) for every MMA thread of both
+// warpgroups, then phase 2 (slab to D) for every thread; the cooperative schedule's warpgroups
+// share a tile (MMA threads 128..255 are consumer warpgroup 0, 0..127 warpgroup 1), the
+// ping-pong schedule's take consecutive tiles. Each thread's accumulator fragment is filled from
+// the coordinates the kernel's TiledMma gives it. It checks:
 //   - the pairing the epilogue assumes (fragment entry i + 4 is column + 8 of entry i, i + 1 is
 //     column + 1, gate columns have (n / 8) even),
-//   - D[m, 8q + r] == silu(acc[m, 16q + r]) * acc[m, 16q + 8 + r] for every m < M, every output
-//     column, bit for bit with the same conversion,
-//   - nothing outside [M, N / 2] is written (row padding and the problem's neighbours stay
-//     poisoned), and problem l's pointer / stride are the ones used.
+//   - phase 1: each thread writes size(fragment) / 2 outputs, all inside its own warpgroup's
+//     slab, and the threads of a warpgroup stage every slab entry exactly once (each thread's
+//     writes are found by running it alone on a poisoned copy),
+//   - phase 2: every output of [M, N / 2] is written exactly once over all threads of all
+//     rounds, bit for bit D[m, 8q + r] == silu(acc[m, 16q + r]) * acc[m, 16q + 8 + r] with the
+//     same conversion (so each thread read the slab its warpgroup staged), and nothing outside
+//     [M, N / 2] is written (row padding and the problem's neighbours stay poisoned), through
+//     problem l's pointer / stride,
+//   - the slab accesses are free of bank conflicts (the swizzle): one 4-byte word per bank per
+//     phase-1 warp store, per phase-2 quarter-warp 16-byte load,
+//   - the kernel's shared memory fits the sm90 limit; its mainloop stage count is printed.
 // Exit status 0 when every check passes; the first failures are printed.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -22,6 +33,8 @@
 namespace {
 
 using namespace cute;
+
+const uint16_t kPoison = 0x5a5a;  // far outside any output here (|silu(g) u| < 20)
 
 float acc_value(int m, int n) {
   // Deterministic, sign-varying, spread over [-4, 4): exercises both silu tails.
@@ -42,6 +55,71 @@ void fail(const char* cfg, const char* what, int M, int N, int a, int b, int c) 
     std::printf("FAIL %s M=%d N=%d: %s (%d, %d, %d)\n", cfg, M, N, what, a, b, c);
 }
 
+// Indices of `scratch` (all kPoison) that f changes; restores them to kPoison.
+template <class F>
+std::vector<size_t> written_by(std::vector<uint16_t>& scratch, F f) {
+  f();
+  std::vector<size_t> idx;
+  for (size_t i = 0; i < scratch.size(); ++i)
+    if (scratch[i] != kPoison) {
+      idx.push_back(i);
+      scratch[i] = kPoison;
+    }
+  return idx;
+}
+
+// Shared-memory banks of the slab accesses, for the swizzle: per warp instruction, the number
+// of distinct 4-byte words that fall in one bank, maximised over banks and instructions (1:
+// conflict-free). Phase 1 (4-byte stores): a warp's 32 lanes at a time, from the fragment
+// coordinates the TiledMma gives and the epilogue's slab_offset. Phase 2 (16-byte loads, served
+// a quarter warp at a time): each 8 lanes' chunks at the offsets write() reads.
+template <class Epi, class TiledMma, class TileShape>
+int worst_bank_conflict(bool phase2) {
+  TiledMma mma;
+  const int threads = size(mma);
+  int worst = 0;
+  auto degree = [&](const std::vector<int>& bytes) {
+    std::vector<std::vector<int>> words(32);
+    for (int b : bytes)
+      for (int w = b / 4; w < (b + (phase2 ? 16 : 4)) / 4; ++w) {
+        auto& in_bank = words[w % 32];
+        if (std::find(in_bank.begin(), in_bank.end(), w) == in_bank.end()) in_bank.push_back(w);
+      }
+    for (auto& in_bank : words) worst = std::max(worst, int(in_bank.size()));
+  };
+  const int elem = int(sizeof(typename Epi::ElementD));
+  if (!phase2) {
+    auto coord = make_identity_tensor(take<0, 2>(TileShape{}));
+    for (int warp = 0; warp < threads / 32; ++warp) {
+      const int n_frag = size(partition_fragment_C(mma, take<0, 2>(TileShape{})));
+      for (int i = 0; i < n_frag; i += 8)
+        for (int r = 0; r < 4; r += 2) {
+          std::vector<int> bytes;
+          for (int lane = 0; lane < 32; ++lane) {
+            const int t = warp * 32 + lane;
+            auto tc = mma.get_thread_slice(t).partition_C(coord);
+            const int row = get<0>(tc(i + r)) - Epi::slab_first_row(t), n = get<1>(tc(i + r));
+            bytes.push_back(Epi::slab_offset(row, (n >> 4) * 8 + (n & 7)) * elem);
+          }
+          degree(bytes);
+        }
+    }
+  } else {
+    const int chunks = Epi::kSlabRows * Epi::kChunksPerRow;
+    for (int v = 0; v < chunks; v += 128)
+      for (int q = 0; q < 128; q += 8) {
+        std::vector<int> bytes;
+        for (int lane = q; lane < q + 8; ++lane) {
+          const int row = (v + lane) / Epi::kChunksPerRow;
+          const int col = (v + lane) % Epi::kChunksPerRow * Epi::kVec;
+          bytes.push_back(Epi::slab_offset(row, col) * elem);
+        }
+        degree(bytes);
+      }
+  }
+  return worst;
+}
+
 template <class Cfg>
 void check_config(const char* name) {
   using Kernel = typename Cfg::Kernel;
@@ -50,11 +128,26 @@ void check_config(const char* name) {
   using Epi = typename Kernel::CollectiveEpilogue;
   using Element = typename Cfg::Element;
   using StrideD = typename Epi::InternalStrideD;
+  using Smem = typename Epi::SharedStorage;
   constexpr int BM = size<0>(TileShape{});
   constexpr int BN = size<1>(TileShape{});
+  constexpr int kWarpGroups = Epi::kConsumerWarpGroups;
+  constexpr int kSlab = Epi::kSlabElements;
+  static_assert(sizeof(Smem) == kWarpGroups * kSlab * sizeof(Element), "slabs are packed");
   TiledMma mma;
   const int threads = size(mma);
-  const uint16_t poison = 0x5a5a;  // far outside any output here (|silu(g) u| < 20)
+  const bool cooperative = threads == 2 * 128;
+  if (!cooperative && threads != 128) fail(name, "MMA threads", 0, 0, threads, 0, 0);
+
+  // The slabs with one slab of guard on each side: a write there is outside every slab.
+  const int guard = kSlab;
+  std::vector<uint16_t> smem(guard + kWarpGroups * kSlab + guard), scratch_smem(smem.size());
+  std::fill(scratch_smem.begin(), scratch_smem.end(), kPoison);
+  auto slab_of = [&](std::vector<uint16_t>& s, int wg) {
+    return reinterpret_cast<Element*>(s.data() + guard + wg * kSlab);
+  };
+  // Kernel thread 128 (w + 1) + j of consumer warpgroup w is MMA thread (that) % size(mma).
+  auto mma_thread = [&](int wg, int j) { return (128 * (wg + 1) + j) % threads; };
 
   // (M, N): 1 row, rows not a tile multiple, N below / above / not a multiple of the tile.
   const int problems[][2] = {{1, 16}, {77, 48}, {BM, BN}, {2 * BM + 5, BN + 32}, {BM + 1, 2 * BN}};
@@ -64,26 +157,48 @@ void check_config(const char* name) {
     auto bad = [&](const char* what, int a, int b, int c) { fail(name, what, M, N, a, b, c); };
     const int64_t ldd = W + 8;
     // Problem 1 of two: its D lies between guard rows, problem 0's pointer must not be used.
-    std::vector<uint16_t> buf((M + 2) * ldd, poison), other(ldd, poison);
+    std::vector<uint16_t> buf((M + 2) * ldd, kPoison), other(ldd, kPoison);
+    std::vector<uint16_t> scratch_buf(buf.size(), kPoison);
+    std::vector<int> writes(buf.size(), 0);
     Element* ptrs[2] = {reinterpret_cast<Element*>(other.data()),
                         reinterpret_cast<Element*>(buf.data() + ldd)};
+    Element* scratch_ptrs[2] = {ptrs[0], reinterpret_cast<Element*>(scratch_buf.data() + ldd)};
     StrideD strides[2] = {StrideD{int64_t(1), Int<1>{}, Int<0>{}},
                           StrideD{ldd, Int<1>{}, Int<0>{}}};
-    typename Epi::Params params;
+    typename Epi::Params params, scratch_params;
     params.ptr_D = ptrs;
     params.dD = strides;
-    Epi epi(params);
-    const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
-    for (int tm = 0; tm < tiles_m; ++tm)
-      for (int tn = 0; tn < tiles_n; ++tn)
-        for (int t = 0; t < threads; ++t) {
+    scratch_params.ptr_D = scratch_ptrs;
+    scratch_params.dD = strides;
+    Epi epi(params), scratch_epi(scratch_params);
+    const auto shape = make_shape(M, N, 64, 1);
+
+    std::vector<std::pair<int, int>> tiles;
+    for (int tm = 0; tm < (M + BM - 1) / BM; ++tm)
+      for (int tn = 0; tn < (N + BN - 1) / BN; ++tn) tiles.push_back({tm, tn});
+    const int per_round = cooperative ? 1 : kWarpGroups;
+    for (size_t first = 0; first < tiles.size(); first += per_round) {
+      // The tile of each warpgroup this round (-1: none, ping-pong's last odd tile).
+      int tile_of[kWarpGroups];
+      for (int wg = 0; wg < kWarpGroups; ++wg) {
+        const size_t t = first + (cooperative ? 0 : wg);
+        tile_of[wg] = t < tiles.size() ? int(t) : -1;
+      }
+      std::fill(smem.begin(), smem.end(), kPoison);
+      std::vector<int> staged(smem.size(), 0);
+      // Phase 1 for every thread of every warpgroup.
+      for (int wg = 0; wg < kWarpGroups; ++wg) {
+        if (tile_of[wg] < 0) continue;
+        const auto [tm, tn] = tiles[tile_of[wg]];
+        for (int j = 0; j < 128; ++j) {
+          const int t = mma_thread(wg, j);
           auto acc = partition_fragment_C(mma, take<0, 2>(TileShape{}));
           auto coord = local_tile(make_identity_tensor(make_shape(M, N)), take<0, 2>(TileShape{}),
                                   make_coord(tm, tn));
           auto tc = mma.get_thread_slice(t).partition_C(coord);
           for (int i = 0; i < size(acc); ++i) {
             const int m = get<0>(tc(i)), n = get<1>(tc(i));
-            acc(i) = (m < M && n < N) ? acc_value(m, n) : 3.f;  // outside: finite, written if used
+            acc(i) = (m < M && n < N) ? acc_value(m, n) : 3.f;  // outside: finite, staged too
             const int g = i % 8;
             if (g < 4) {
               const int m4 = get<0>(tc(i + 4)), n4 = get<1>(tc(i + 4));
@@ -94,17 +209,48 @@ void check_config(const char* name) {
               if (m1 != m || n1 != n + 1) bad("column pair", t, i, n);
             }
           }
-          epi(make_shape(M, N, 64, 1), TileShape{}, make_coord(tm, tn, _, 1), acc, mma,
-              make_tuple(0, 0, 0), t, nullptr);
+          const auto mine = written_by(scratch_smem, [&] {
+            Epi::stage(acc, mma, t, slab_of(scratch_smem, wg));
+          });
+          if (int(mine.size()) != size(acc) / 2) bad("outputs staged by a thread", t, mine.size(), 0);
+          for (size_t k : mine) {
+            const long s = long(k) - guard - long(wg) * kSlab;
+            if (s < 0 || s >= kSlab) bad("staged outside its warpgroup's slab", wg, t, int(s));
+            ++staged[k];
+          }
+          Epi::stage(acc, mma, t, slab_of(smem, wg));
         }
+      }
+      for (int wg = 0; wg < kWarpGroups; ++wg)
+        for (int s = 0; s < kSlab; ++s) {
+          const int n = staged[guard + wg * kSlab + s];
+          if (n != (tile_of[wg] >= 0 ? 1 : 0)) bad("slab entry staged times", wg, s, n);
+        }
+      // Phase 2 for every thread of every warpgroup.
+      for (int wg = 0; wg < kWarpGroups; ++wg) {
+        if (tile_of[wg] < 0) continue;
+        const auto [tm, tn] = tiles[tile_of[wg]];
+        const auto blk = make_coord(tm, tn, _, 1);
+        for (int j = 0; j < 128; ++j) {
+          const int t = mma_thread(wg, j);
+          for (size_t k : written_by(scratch_buf, [&] {
+                 scratch_epi.write(shape, blk, t, slab_of(smem, wg));
+               }))
+            ++writes[k];
+          epi.write(shape, blk, t, slab_of(smem, wg));
+        }
+      }
+    }
     cutlass::NumericConverter<Element, float> to_element;
     for (int m = -1; m <= M; ++m)
       for (int j = 0; j < ldd; ++j) {
-        const uint16_t got = buf[(m + 1) * ldd + j];
+        const size_t k = size_t(m + 1) * ldd + j;
+        const uint16_t got = buf[k];
         if (m < 0 || m == M || j >= W) {
-          if (got != poison) bad("write outside D", m, j, got);
+          if (got != kPoison || writes[k]) bad("write outside D", m, j, got);
           continue;
         }
+        if (writes[k] != 1) bad("output written times", m, j, writes[k]);
         const int n = (j / 8) * 16 + j % 8;
         const float gate = acc_value(m, n), up = acc_value(m, n + 8);
         const uint16_t want = bits(to_element(gate / (1.f + std::exp(-gate)) * up));
@@ -112,9 +258,15 @@ void check_config(const char* name) {
         ++checked;
       }
     for (uint16_t v : other)
-      if (v != poison) bad("wrote through another problem's pointer", M, N, v);
+      if (v != kPoison) bad("wrote through another problem's pointer", M, N, v);
   }
-  std::printf("%s: %d threads, %d outputs checked\n", name, threads, checked);
+  const int conflicts1 = worst_bank_conflict<Epi, TiledMma, TileShape>(false);
+  const int conflicts2 = worst_bank_conflict<Epi, TiledMma, TileShape>(true);
+  if (conflicts1 != 1 || conflicts2 != 1) fail(name, "bank conflicts", 0, 0, conflicts1, conflicts2, 0);
+  std::printf("%s: %d MMA threads, %d mainloop stages, %zu bytes of shared memory (%zu of them "
+              "slabs), slab accesses %d-way / %d-way in a bank, %d outputs checked\n",
+              name, threads, Cfg::kStages, Cfg::kSharedBytes, sizeof(Smem), conflicts1,
+              conflicts2, checked);
 }
 
 // Instantiates the check only for the fused kernels of the table.

@@ -105,16 +105,24 @@ def _group_leaders(ids_ptr, w_ptr, map_ptr, slot, real, ids, valid, map_len, E, 
 
 
 @triton.jit
+def _slot_block(ids_ptr, w_ptr, map_ptr, num_slots, map_len, E, B: tl.constexpr,
+                HAS_MAP: tl.constexpr, ACC: tl.constexpr):
+    """(slot [B] int64, real, local ids, valid, weights in ACC, 0 where not valid) of this
+    program's block of slots: the start of both layouts' slot kernels."""
+    slot = tl.program_id(0).to(tl.int64) * B + tl.arange(0, B)
+    real = slot < num_slots
+    ids, valid = _local_ids(ids_ptr, map_ptr, slot, real, map_len, E, HAS_MAP)
+    return slot, real, ids, valid, tl.load(w_ptr + slot, mask=valid, other=0.0).to(ACC)
+
+
+@triton.jit
 def _plan_slots_kernel(ids_ptr, w_ptr, map_ptr, token_weight_ptr, token_mask_ptr,
                        group_match_ptr, keys_ptr, counts_ptr, num_slots, map_len, E, S, G, P,
                        lam_hi, lam_mid, lam_lo,
                        K: tl.constexpr, KP: tl.constexpr, B: tl.constexpr, BINS: tl.constexpr,
                        HAS_MAP: tl.constexpr, HAS_GROUPS: tl.constexpr, ACC: tl.constexpr):
-    block = tl.program_id(0)
-    slot = block.to(tl.int64) * B + tl.arange(0, B)
-    real = slot < num_slots
-    ids, valid = _local_ids(ids_ptr, map_ptr, slot, real, map_len, E, HAS_MAP)
-    w = tl.load(w_ptr + slot, mask=valid, other=0.0).to(ACC)
+    slot, real, ids, valid, w = _slot_block(ids_ptr, w_ptr, map_ptr, num_slots, map_len, E, B,
+                                            HAS_MAP, ACC)
     e_key = tl.where(valid, ids, E).to(tl.int32)
     C: tl.constexpr = 2 * K if HAS_GROUPS else K
     entry = slot // K * C + slot % K
@@ -135,7 +143,7 @@ def _plan_slots_kernel(ids_ptr, w_ptr, map_ptr, token_weight_ptr, token_mask_ptr
         tl.store(keys_ptr + num_slots + slot, a_key, mask=real)
         counts += tl.histogram(a_key + E + 1, BINS, mask=real)
     col = tl.arange(0, BINS)
-    tl.store(counts_ptr + block.to(tl.int64) * P + col, counts, mask=col < P)
+    tl.store(counts_ptr + tl.program_id(0).to(tl.int64) * P + col, counts, mask=col < P)
 
 
 @triton.jit
@@ -285,11 +293,8 @@ def _folded_slots_kernel(ids_ptr, w_ptr, map_ptr, token_weight_ptr, token_mask_p
                          num_slots, map_len, E, S, P, lam_hi, lam_mid, lam_lo,
                          K: tl.constexpr, KP: tl.constexpr, B: tl.constexpr,
                          BINS: tl.constexpr, HAS_MAP: tl.constexpr, ACC: tl.constexpr):
-    block = tl.program_id(0)
-    slot = block.to(tl.int64) * B + tl.arange(0, B)
-    real = slot < num_slots
-    ids, valid = _local_ids(ids_ptr, map_ptr, slot, real, map_len, E, HAS_MAP)
-    w = tl.load(w_ptr + slot, mask=valid, other=0.0).to(ACC)
+    slot, real, ids, valid, w = _slot_block(ids_ptr, w_ptr, map_ptr, num_slots, map_len, E, B,
+                                            HAS_MAP, ACC)
     tl.store(token_weight_ptr + slot, w, mask=real)
     tl.store(token_mask_ptr + slot, valid.to(tl.uint8), mask=real)
 
@@ -304,7 +309,7 @@ def _folded_slots_kernel(ids_ptr, w_ptr, map_ptr, token_weight_ptr, token_mask_p
     tl.store(keys_ptr + slot, key, mask=real)
     counts = tl.histogram(key, BINS, mask=real)
     col = tl.arange(0, BINS)
-    tl.store(counts_ptr + block.to(tl.int64) * P + col, counts, mask=col < P)
+    tl.store(counts_ptr + tl.program_id(0).to(tl.int64) * P + col, counts, mask=col < P)
 
 
 @triton.jit

@@ -17,6 +17,7 @@ the bench to time it.
 import argparse
 import collections
 import json
+import os
 import sys
 
 import torch
@@ -93,7 +94,7 @@ def main(argv=None):
     if unknown:
         p.error(f"--variants: unknown {unknown}")
     weights = var.make_weights(preset, device, dtype)
-    caller = runner.os.environ.get(runner.LAYOUT_VAR)
+    caller = os.environ.get(runner.LAYOUT_VAR)
     results = []
     try:
         for T in tokens:

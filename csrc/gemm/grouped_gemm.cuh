@@ -9,7 +9,8 @@
 //   M_GROUPED_NN           K-major      N-major ([K, N]: w1, w2)  M=rows   dGEMM-2, dGEMM-1
 //   K_GROUPED_TN           M-major      N-major (rows of [K, N])  K=rows   dW1 / dW2
 //   M_GROUPED_NT_SWIGLU    as M_GROUPED_NT, SwiGLU in the epilogue: D_p [M_p, N_p / 2] =
-//                          silu(gate) * up of B rows packed by pack_gate_up (swiglu_epilogue.cuh)
+//                          silu(gate) * up, B_p = w1 / a1 as they are ([gate; up] rows): each
+//                          tile reads gate and up rows as two TMA boxes (gate_up_mainloop.cuh)
 // Other epilogues: D = acc through CUTLASS's ptr-array TMA store of the schedule.
 //
 // Problem shapes, pointers and leading dimensions live only in device memory, written by
@@ -34,6 +35,7 @@
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "gate_up_mainloop.cuh"
 #include "grove_cuda.h"
 #include "swiglu_epilogue.cuh"
 
@@ -136,12 +138,14 @@ struct GroupedGemm {
   using Epilogue = typename EpilogueFor<Element, Accumulator, LayoutD, kAlignment, TileShape,
                                         ClusterShape, EpilogueSchedule>::type;
 
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+  using BuiltMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element,
       LayoutB*, kAlignment, Accumulator, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<
           static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       KernelSchedule>::CollectiveOp;
+  using Mainloop =
+      std::conditional_t<kSwiglu, GateUpMainloop<BuiltMainloop>, BuiltMainloop>;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;

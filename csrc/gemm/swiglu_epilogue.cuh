@@ -1,15 +1,16 @@
 // swiglu_epilogue.cuh: GEMM-1's epilogue with SwiGLU fused, for the ptr-array grouped GEMM of
-// grouped_gemm.cuh (layout M_GROUPED_NT_SWIGLU, B = w1 / a1 packed by
-// grove_kernels.cuda.pack_gate_up).
+// grouped_gemm.cuh (layout M_GROUPED_NT_SWIGLU, B = w1 / a1 as they are, its gate and up rows
+// loaded into the two halves of each B tile by gate_up_mainloop.cuh).
 //
-//   acc [M, 2N] = x rows @ packed(w1)^T      packed row 16q + r     = gate row 8q + r  (r < 8)
-//                                            packed row 16q + 8 + r = up   row 8q + r
-//   D   [M, N]  D[m, 8q + r] = silu(acc[m, 16q + r]) * acc[m, 16q + 8 + r]  (fp32, then D's type)
+//   acc [BM, BN] of tile n = x rows @ [gate rows | up rows]^T    acc[m, c]          gate col n BN/2 + c
+//                                                                acc[m, BN/2 + c]   up   col n BN/2 + c
+//   D   [M, N/2]  D[m, n BN/2 + c] = silu(acc[m, c]) * acc[m, BN/2 + c]   (fp32, then D's type)
 //
-// Why interleave by 8: in a wgmma accumulator fragment a thread holds, for each of its rows, the
-// column pairs 8j + 2(lane % 4) + {0, 1} for every j of the atom's N, so with blocks of 8 the
-// gate and up values of one output sit in the same thread (fragment index i and i + 4): SwiGLU
-// needs no exchange between threads, and any tile N that is a multiple of 16 works.
+// Why the halves pair in registers: the tile's wgmma atom spans all BN columns, and in its
+// accumulator fragment a thread holds, for each of its rows, the column pairs
+// 8j + 2(lane % 4) + {0, 1} for every j < BN/8, as fragment entries 4j + {0, 1} (+2 for the row 8
+// below); so column c + BN/2 is entry i + size/2 of the same thread: SwiGLU needs no exchange
+// between threads.
 //
 // The store goes through shared memory, in two phases per work tile and consumer warpgroup:
 //   1. stage: each thread writes its silu(gate) * up pairs (4 bytes) into its warpgroup's slab,
@@ -87,7 +88,7 @@ class SwigluEpilogueArray {
   static constexpr int kVec = 16 / int(sizeof(Element));  // outputs per 16-byte store
   static constexpr int kChunksPerRow = kOutN / kVec;
   static constexpr int kSlabElements = kSlabRows * kOutN;
-  static_assert(kTileN % 16 == 0, "tile N must hold whole gate/up blocks");
+  static_assert(kTileN % 16 == 0, "each half of the tile holds whole 8-column blocks");
   static_assert(kChunksPerRow % 8 == 0, "the slab swizzle permutes 8 chunks of 16 bytes per row");
   static_assert(kSlabRows * kChunksPerRow % kWarpGroupThreads == 0,
                 "phase 2 gives every thread the same number of chunks");
@@ -161,10 +162,12 @@ class SwigluEpilogueArray {
                                         TiledMma tiled_mma, int thread_idx, ElementD* slab) {
     using namespace cute;
     static_assert(is_static<FrgLayout>::value, "accumulator layout must be static");
-    // The wgmma value mode is (2 columns, 2 rows 8 apart, N/8 column blocks): groups of 8
-    // consecutive fragment entries are one gate block then its up block (checked on the host
+    // The wgmma value mode is (2 columns, 2 rows 8 apart, BN/8 column blocks) and the tile's
+    // atom spans BN: entry i + kHalf is entry i's column + BN/2, its up value (checked on the host
     // by tests/cuda/swiglu_epilogue_check.cu for every fused kernel).
-    static_assert(size<0>(FrgLayout{}) % 8 == 0, "fragment value mode must hold gate/up pairs");
+    constexpr int kHalf = size(FrgLayout{}) / 2;
+    static_assert(size<0>(FrgLayout{}) == kTileN / 2 && size(FrgLayout{}) == size<0>(FrgLayout{}),
+                  "one wgmma atom spans the tile's N: the fragment is its value mode only");
     static_assert(size<0>(TileShape{}) == size(TiledMma{}) / kWarpGroupThreads * kSlabRows,
                   "each MMA warpgroup owns 64 rows of the tile");
 
@@ -173,17 +176,16 @@ class SwigluEpilogueArray {
     const int row0 = slab_first_row(thread_idx);
     cutlass::NumericArrayConverter<ElementD, float, 2> convert;
     CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(accumulators); i += 8) {
+    for (int i = 0; i < kHalf; i += 4) {
       CUTLASS_PRAGMA_UNROLL
       for (int r = 0; r < 4; r += 2) {  // the thread's two rows of this block
         const int row = get<0>(thr_coord(i + r)) - row0;
-        const int n = get<1>(thr_coord(i + r));
+        const int col = get<1>(thr_coord(i + r));  // even: the pair stays in one 16-byte chunk
         cutlass::Array<float, 2> out;
-        out[0] = silu_mul(accumulators(i + r), accumulators(i + r + 4));
-        out[1] = silu_mul(accumulators(i + r + 1), accumulators(i + r + 5));
+        out[0] = silu_mul(accumulators(i + r), accumulators(i + r + kHalf));
+        out[1] = silu_mul(accumulators(i + r + 1), accumulators(i + r + 1 + kHalf));
         cutlass::AlignedArray<ElementD, 2> pair;
         static_cast<cutlass::Array<ElementD, 2>&>(pair) = convert(out);
-        const int col = (n >> 4) * 8 + (n & 7);  // even: the pair stays in one 16-byte chunk
         *reinterpret_cast<cutlass::AlignedArray<ElementD, 2>*>(slab + slab_offset(row, col)) =
             pair;
       }
@@ -198,7 +200,7 @@ class SwigluEpilogueArray {
                                  ElementD const* slab) const {
     using namespace cute;
     const int M = get<0>(problem_shape_mnkl);
-    const int W = get<1>(problem_shape_mnkl) / 2;  // packed N: 2 x the output width
+    const int W = get<1>(problem_shape_mnkl) / 2;  // N: gate and up rows, 2 x the output width
     const int l = get<3>(blk_coord_mnkl);
     ElementD* d = params_.ptr_D[l];
     const int64_t ldd = get<0>(params_.dD[l]);

@@ -1,22 +1,34 @@
-// Host-side check of csrc/gemm/swiglu_epilogue.cuh (run by tests/test_cuda_host_checks.py;
-// needs nvcc, no GPU). For each fused GEMM-1 kernel of the table (GROVE_FOR_EACH_GEMM_KERNEL,
-// layout M_GROUPED_NT_SWIGLU: the template arguments of its instantiation) it runs the
-// epilogue's two phases on the host as the kernel's two consumer warpgroups do: per round,
-// phase 1 (stage into the warpgroup's shared-memory slab) for every MMA thread of both
+// Host-side check of csrc/gemm/swiglu_epilogue.cuh and gate_up_mainloop.cuh (run by
+// tests/test_cuda_host_checks.py; needs nvcc, no GPU). For each fused GEMM-1 kernel of the table
+// (GROVE_FOR_EACH_GEMM_KERNEL, layout M_GROUPED_NT_SWIGLU: the template arguments of its
+// instantiation):
+// The mainloop's B halves, from the kernel's own types and functions:
+//   - smem: each half's layout at half_offset(h) of a stage is the B tile's layout at rows
+//     h BN/2 + n, for every stage (so the MMA reads gate at tile row n, up at n + BN/2),
+//   - gmem: the TMA coordinates of the halves view (halves_tiles, as load_init builds them) with
+//     the dims / strides the device writes per problem (halves_tensor through
+//     fill_tma_gmem_shape_stride, as replace_tensor_properties does) address, for every box
+//     entry of every tile, gate row t BN/2 + n (half 0) or N' + that (half 1) at column k of
+//     B_p, with row stride ld_b; in bounds exactly when the row is < N' and k < K (so rows past
+//     N' are zero-filled, not read from the other half or past w), dim 0 the contiguous one.
+// The epilogue's two phases on the host as the kernel's two consumer warpgroups run them: per
+// round, phase 1 (stage into the warpgroup's shared-memory slab) for every MMA thread of both
 // warpgroups, then phase 2 (slab to D) for every thread; the cooperative schedule's warpgroups
 // share a tile (MMA threads 128..255 are consumer warpgroup 0, 0..127 warpgroup 1), the
 // ping-pong schedule's take consecutive tiles. Each thread's accumulator fragment is filled from
-// the coordinates the kernel's TiledMma gives it. It checks:
-//   - the pairing the epilogue assumes (fragment entry i + 4 is column + 8 of entry i, i + 1 is
-//     column + 1, gate columns have (n / 8) even),
+// the coordinates the kernel's TiledMma gives it, as the mainloop lays out B (tile column c < BN/2:
+// gate of output t BN/2 + c, c >= BN/2: up of output t BN/2 + c - BN/2; garbage where that
+// output is past N / 2). It checks:
+//   - the pairing the epilogue assumes (fragment entry i + size/2 is column + BN/2 of entry
+//     i < size/2, i + 1 is column + 1 for even i),
 //   - phase 1: each thread writes size(fragment) / 2 outputs, all inside its own warpgroup's
 //     slab, and the threads of a warpgroup stage every slab entry exactly once (each thread's
 //     writes are found by running it alone on a poisoned copy),
 //   - phase 2: every output of [M, N / 2] is written exactly once over all threads of all
-//     rounds, bit for bit D[m, 8q + r] == silu(acc[m, 16q + r]) * acc[m, 16q + 8 + r] with the
-//     same conversion (so each thread read the slab its warpgroup staged), and nothing outside
-//     [M, N / 2] is written (row padding and the problem's neighbours stay poisoned), through
-//     problem l's pointer / stride,
+//     rounds, bit for bit D[m, o] == silu(gate(m, o)) * up(m, o) with the same conversion (so
+//     each thread read the slab its warpgroup staged), and nothing outside [M, N / 2] is
+//     written (row padding and the problem's neighbours stay poisoned), through problem l's
+//     pointer / stride,
 //   - the slab accesses are free of bank conflicts (the swizzle): one 4-byte word per bank per
 //     phase-1 warp store, per phase-2 quarter-warp 16-byte load,
 //   - the kernel's shared memory fits the sm90 limit; its mainloop stage count is printed.
@@ -92,14 +104,14 @@ int worst_bank_conflict(bool phase2) {
     auto coord = make_identity_tensor(take<0, 2>(TileShape{}));
     for (int warp = 0; warp < threads / 32; ++warp) {
       const int n_frag = size(partition_fragment_C(mma, take<0, 2>(TileShape{})));
-      for (int i = 0; i < n_frag; i += 8)
+      for (int i = 0; i < n_frag / 2; i += 4)
         for (int r = 0; r < 4; r += 2) {
           std::vector<int> bytes;
           for (int lane = 0; lane < 32; ++lane) {
             const int t = warp * 32 + lane;
             auto tc = mma.get_thread_slice(t).partition_C(coord);
             const int row = get<0>(tc(i + r)) - Epi::slab_first_row(t), n = get<1>(tc(i + r));
-            bytes.push_back(Epi::slab_offset(row, (n >> 4) * 8 + (n & 7)) * elem);
+            bytes.push_back(Epi::slab_offset(row, n) * elem);
           }
           degree(bytes);
         }
@@ -118,6 +130,64 @@ int worst_bank_conflict(bool phase2) {
       }
   }
   return worst;
+}
+
+// The mainloop's B halves (see the header comment); returns the number of entries checked.
+template <class Mainloop>
+long check_b_halves(const char* name) {
+  using SmemB = typename Mainloop::SmemLayoutB;
+  using SmemHalf = typename Mainloop::SmemLayoutBHalf;
+  constexpr int BN = Mainloop::kTileN, BK = Mainloop::kTileK, H = Mainloop::kHalfN;
+  constexpr int stages = size<2>(SmemB{});
+  long checked = 0;
+  // Addresses through CuTe's smem tensors, as load() and the MMA build them (the swizzle acts on
+  // address bits: the base is aligned as the kernel's shared memory is).
+  alignas(1024) static uint16_t smem[stages * BN * BK];
+  Tensor full = make_tensor(make_smem_ptr(smem), SmemB{});
+  for (int s = 0; s < stages; ++s)
+    for (int h = 0; h < 2; ++h) {
+      Tensor part = make_tensor(
+          make_smem_ptr(smem + s * Mainloop::kStageElementsB + Mainloop::half_offset(h)),
+          SmemHalf{});
+      for (int n = 0; n < H; ++n)
+        for (int k = 0; k < BK; ++k, ++checked)
+          if (&part(n, k) != &full(h * H + n, k, s))
+            fail(name, "B half smem entry", s, h, n, k, 0);
+    }
+  // gmem: (N, K, ld_b) with N' below, at and above a tile multiple, K not a multiple of BK.
+  const int shapes[][3] = {{16, 40, 48}, {2 * H, 64, 64}, {2 * H + 48, 72, 80}, {6 * H - 16, 136, 136}};
+  typename Mainloop::TMA_B_Halves tma{};
+  for (const auto& sh : shapes) {
+    const int N = sh[0], K = sh[1], Nh = N / 2;
+    const int64_t ld = sh[2];
+    cute::array<uint32_t, 5> dims = {1, 1, 1, 1, 1};
+    cute::array<uint64_t, 5> strides = {0, 0, 0, 0, 0};
+    cute::detail::fill_tma_gmem_shape_stride(
+        tma, Mainloop::halves_tensor(static_cast<uint16_t const*>(nullptr), N, K, ld), dims,
+        strides);
+    if (strides[0] != 1) fail(name, "TMA dim 0 not the contiguous one", N, K, int(strides[0]), 0, 0);
+    auto tiles = Mainloop::halves_tiles(tma, N, K);  // (BN/2, BK, n, k, half)
+    for (int t = 0; t < (N + BN - 1) / BN; ++t)
+      for (int kt = 0; kt < (K + BK - 1) / BK; ++kt)
+        for (int h = 0; h < 2; ++h)
+          for (int n = 0; n < H; ++n)
+            for (int k = 0; k < BK; ++k, ++checked) {
+              auto crd = tiles(n, k, t, kt, h);
+              int64_t addr = 0;
+              bool inside = true;
+              for_each(make_seq<decltype(rank(crd))::value>{}, [&](auto d) {
+                const int64_t c = get<d>(crd);
+                addr += c * int64_t(strides[d]);
+                inside = inside && c >= 0 && c < int64_t(dims[d]);
+              });
+              const int row = t * H + n, col = kt * BK + k;
+              const bool want_inside = row < Nh && col < K;
+              if (inside != want_inside) fail(name, "B half bounds", N, K, row, col, h);
+              if (want_inside && addr != (int64_t(h) * Nh + row) * ld + col)
+                fail(name, "B half address", N, K, row, col, h);
+            }
+  }
+  return checked;
 }
 
 template <class Cfg>
@@ -152,6 +222,7 @@ void check_config(const char* name) {
   // (M, N): 1 row, rows not a tile multiple, N below / above / not a multiple of the tile.
   const int problems[][2] = {{1, 16}, {77, 48}, {BM, BN}, {2 * BM + 5, BN + 32}, {BM + 1, 2 * BN}};
   int checked = 0;
+  long checked_b = 0;
   for (const auto& pr : problems) {
     const int M = pr[0], N = pr[1], W = N / 2;
     auto bad = [&](const char* what, int a, int b, int c) { fail(name, what, M, N, a, b, c); };
@@ -196,17 +267,19 @@ void check_config(const char* name) {
           auto coord = local_tile(make_identity_tensor(make_shape(M, N)), take<0, 2>(TileShape{}),
                                   make_coord(tm, tn));
           auto tc = mma.get_thread_slice(t).partition_C(coord);
+          const int half = size(acc) / 2;
           for (int i = 0; i < size(acc); ++i) {
-            const int m = get<0>(tc(i)), n = get<1>(tc(i));
-            acc(i) = (m < M && n < N) ? acc_value(m, n) : 3.f;  // outside: finite, staged too
-            const int g = i % 8;
-            if (g < 4) {
-              const int m4 = get<0>(tc(i + 4)), n4 = get<1>(tc(i + 4));
-              if (m4 != m || n4 != n + 8 || (n & 8)) bad("gate/up pairing", t, i, n);
+            const int m = get<0>(tc(i)), c = get<1>(tc(i)) - tn * BN;  // tile column
+            const int o = tn * (BN / 2) + c % (BN / 2);                   // its output column
+            // Outside: finite, staged too, never stored.
+            acc(i) = (m < M && o < W) ? acc_value(m, 2 * o + c / (BN / 2)) : 3.f;
+            if (i < half) {
+              const int mh = get<0>(tc(i + half)), ch = get<1>(tc(i + half)) - tn * BN;
+              if (mh != m || ch != c + BN / 2 || c >= BN / 2) bad("gate/up pairing", t, i, c);
             }
-            if (g % 2 == 0) {
-              const int m1 = get<0>(tc(i + 1)), n1 = get<1>(tc(i + 1));
-              if (m1 != m || n1 != n + 1) bad("column pair", t, i, n);
+            if (i % 2 == 0) {
+              const int m1 = get<0>(tc(i + 1)), c1 = get<1>(tc(i + 1)) - tn * BN;
+              if (m1 != m || c1 != c + 1) bad("column pair", t, i, c);
             }
           }
           const auto mine = written_by(scratch_smem, [&] {
@@ -251,8 +324,7 @@ void check_config(const char* name) {
           continue;
         }
         if (writes[k] != 1) bad("output written times", m, j, writes[k]);
-        const int n = (j / 8) * 16 + j % 8;
-        const float gate = acc_value(m, n), up = acc_value(m, n + 8);
+        const float gate = acc_value(m, 2 * j), up = acc_value(m, 2 * j + 1);
         const uint16_t want = bits(to_element(gate / (1.f + std::exp(-gate)) * up));
         if (got != want) bad("value", m, j, got);
         ++checked;
@@ -260,13 +332,15 @@ void check_config(const char* name) {
     for (uint16_t v : other)
       if (v != kPoison) bad("wrote through another problem's pointer", M, N, v);
   }
+  checked_b += check_b_halves<typename Kernel::CollectiveMainloop>(name);
   const int conflicts1 = worst_bank_conflict<Epi, TiledMma, TileShape>(false);
   const int conflicts2 = worst_bank_conflict<Epi, TiledMma, TileShape>(true);
   if (conflicts1 != 1 || conflicts2 != 1) fail(name, "bank conflicts", 0, 0, conflicts1, conflicts2, 0);
   std::printf("%s: %d MMA threads, %d mainloop stages, %zu bytes of shared memory (%zu of them "
-              "slabs), slab accesses %d-way / %d-way in a bank, %d outputs checked\n",
+              "slabs), slab accesses %d-way / %d-way in a bank, %d outputs and %ld B-tile "
+              "entries checked\n",
               name, threads, Cfg::kStages, Cfg::kSharedBytes, sizeof(Smem), conflicts1,
-              conflicts2, checked);
+              conflicts2, checked, checked_b);
 }
 
 // Instantiates the check only for the fused kernels of the table.

@@ -82,7 +82,7 @@ at::ScalarType scalar_type_of(int dtype) {
 
 // Section s's GroveGemmSection from its tensors; see grove_cuda.h for the layouts:
 //   m_grouped_nt:        a [R, K], b [P, N, K], out [R, N]
-//   m_grouped_nt_swiglu: a [R, K], b [P, N, K] (gate/up packed), out [R, N / 2]
+//   m_grouped_nt_swiglu: a [R, K], b [P, N, K] (rows [0, N/2) gate, [N/2, N) up), out [R, N / 2]
 //   m_grouped_nn:        a [R, K], b [P, K, N], out [R, N]
 //   k_grouped_tn:        a [R, M], b [R, N],    out [P, M, N]   (a problem's K = its rows)
 GroveGemmSection make_section(const GemmKernel& kernel, size_t s, const at::Tensor& as,
@@ -135,7 +135,7 @@ GroveGemmSection make_section(const GemmKernel& kernel, size_t s, const at::Tens
                 "] must be [", as.size(0), ", ", width, "]", swiglu ? " (half of b's N)" : "",
                 ", got ", ds.sizes());
     TORCH_CHECK(!swiglu || n % 16 == 0, "grouped_gemm: b[", s, "] must have N a multiple of 16 "
-                "for ", kernel.name, " (whole gate/up blocks of 8), got ", n);
+                "for ", kernel.name, " (its output width N / 2 in whole 16-byte chunks), got ", n);
     g.ldb = bs.stride(1);
     g.ldd = leading_dim(ds);
     g.b_problem_stride = bs.stride(0);

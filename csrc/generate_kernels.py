@@ -62,7 +62,7 @@ LAYOUTS = {
 SCHEDULES = {"coop": "GROVE_SCHEDULE_COOP", "pingpong": "GROVE_SCHEDULE_PINGPONG"}
 DTYPE_ENUMS = {"bf16": "GROVE_DTYPE_BF16", "fp16": "GROVE_DTYPE_FP16"}
 # Epilogues besides None (D = the accumulator): name -> what D holds
-EPILOGUES = {"swiglu": "D = silu(gate) * up, B's gate/up rows packed by pack_gate_up"}
+EPILOGUES = {"swiglu": "D = silu(gate) * up of B's gate and up halves, read in place"}
 
 
 def kernel_name(arch, dtype, grouped, majors, epilogue, schedule, tile, cluster):

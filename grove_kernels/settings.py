@@ -14,7 +14,7 @@
                               the persistent program count (default 1 per SM); both read on
                               every call (grove_kernels/triton/config.py)
     settings.fuse_swiglu      the cuda backend's GEMM-1 with SwiGLU in its epilogue, reading
-                              packed copies of w1 / a1 (process-wide; frozen weights only):
+                              w1 / a1 in place (process-wide; inference forwards):
                               True | False | "auto" (GROVE_CUDA_FUSE_SWIGLU=1 | 0 | auto, or
                               set_fuse_swiglu); unset: "auto", which FUSE_SWIGLU_AUTO decides.
                               fused_gemm1(train) is the per-call decision the backend and its
@@ -37,12 +37,12 @@ ADJUGATE_LAYOUTS = ("sections", "folded")
 LAYOUT_VARIABLE = "GROVE_ADJUGATE_LAYOUT"
 FUSE_SWIGLU_VARIABLE = "GROVE_CUDA_FUSE_SWIGLU"
 # What fuse_swiglu = "auto" (the default) does for an inference forward: True runs the fused
-# GEMM-1 + SwiGLU, False the plain GEMM-1 and the SwiGLU row kernel. False while the fused
-# kernel has not been measured faster (H200, 2026-11-28: 3680 vs 3372 µs at T = 16384 with the
-# epilogue storing from registers); set it after timing both (bench/results). Even where it
-# wins it reads a gate/up-interleaved copy of w1 and a1 kept per layer (805 MB per layer at
-# grove-33b in bf16, ~39 GB over 48 layers): a default must not add that to every model, so
-# the default can fuse only where the caller's weights are already stored interleaved.
+# GEMM-1 + SwiGLU, False the plain GEMM-1 and the SwiGLU row kernel. It costs no memory (w1 / a1
+# read in place) and 0.8 GB less traffic at T = 16384 (bench --traffic), but its one timing
+# lost (H200, 2026-11-28: 3680 vs 3372 µs at T = 16384, with the epilogue storing from
+# registers and a packed weight copy); the epilogue now stores through shared memory in
+# 16-byte chunks and the copy is gone, neither yet timed. Set it True once scripts/gpu_check.sh's
+# `fused` setting shows the fused forward faster (bench/results).
 FUSE_SWIGLU_AUTO = False
 
 
@@ -82,9 +82,7 @@ def set_value_checks(enabled):
 
 def set_fuse_swiglu(mode):
     """The cuda backend's GEMM-1 for later inference forwards, in every thread: True fused with
-    SwiGLU, False plain, "auto" as FUSE_SWIGLU_AUTO says (for frozen weights: call
-    grove_kernels.cuda.release_packed_weights() after changing them in a way torch does not
-    version)."""
+    SwiGLU, False plain, "auto" as FUSE_SWIGLU_AUTO says."""
     Settings.fuse_swiglu = _fuse_swiglu_mode(mode, "set_fuse_swiglu")
 
 

@@ -7,8 +7,8 @@
     no host sync       forward under torch.cuda.set_sync_debug_mode("error"), value checks off
     CUDA graph         capture fused_grove_experts (bf16) once, rewrite topk_ids/topk_weights
                        in place, replay: equals eager on the new routing
-    cuda, opt-in       settings.fuse_swiglu: GEMM-1 with SwiGLU fused (packed w1/a1) against the oracle,
-                       repacked after an in-place update, graph replay on pinned packs; a
+    cuda, opt-in       settings.fuse_swiglu: GEMM-1 with SwiGLU fused (w1/a1 read in place) against
+                       the oracle, after an in-place update, graph replay; a
                        one-row input with strides (1, 1)
 The Grove tests run both adjugate layouts (the `layout` fixture sets GROVE_ADJUGATE_LAYOUT to
 sections, then folded), each backend on each.
@@ -395,17 +395,17 @@ def test_cuda_fused_swiglu_forward(cuda_fused, layout, gen, dtype, c):
         assert "_m_grouped_nt_swiglu_" in cuda_fused[0], cuda_fused
         assert_close(y, _grove_oracle(p, w, ids, c["S"]), f"y (call {attempt})")
     with torch.no_grad():
-        p["w1"].mul_(-1)  # versioned in-place update: repacked, never stale
+        p["w1"].mul_(-1)  # read in place: the next call sees it
     y = gk.fused_grove_experts(p["x"], p["w1"], p["w2"], p["a1"], p["a2"], w, ids,
                                group_size=c["S"], adjugate_scale=LAM)
     assert_close(y, _grove_oracle(p, w, ids, c["S"]), "y after w1 changed")
 
 
 def test_cuda_fused_swiglu_graph_replay(cuda_fused, layout, gen):
-    cap = _Captured(gen, warmups=1)  # the warm-up packs w1 / a1 eagerly
+    cap = _Captured(gen, warmups=1)
     assert all("_m_grouped_nt_swiglu_" in cfg for cfg in cuda_fused[::2])  # each call's GEMM-1
     with torch.no_grad():
-        cap.p["w1"].add_(0)  # new version: the eager call repacks, the graph keeps its pinned copy
+        cap.p["w1"].mul_(-1)  # the graph reads w1 in place: replays see the new values
     cap.call()
     for kind in ("random", "one_expert"):
         y = cap.replay(gen, kind)

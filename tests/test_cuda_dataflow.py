@@ -16,7 +16,6 @@ import grove_kernels as gk
 import oracle
 from helpers import make_grove, rel_err, routing, to64
 
-import grove_kernels.cuda as cuda_pkg  # noqa: E402
 from grove_kernels import experts as experts_stage  # noqa: E402
 from grove_kernels.cuda import backend as cuda_backend  # noqa: E402
 from grove_kernels.cuda import ext as lib  # noqa: E402
@@ -43,10 +42,11 @@ def _kind(kernel):
     return parts[2], parts[4], parts[5] == "swiglu"
 
 
-def _swiglu_packed(acc):
-    """grove_cuda.h, tn_swiglu: D[m, 8q + r] = silu(acc[m, 16q + r]) * acc[m, 16q + 8 + r]."""
-    blocks = acc.reshape(acc.shape[0], -1, 2, 8)
-    return (torch.nn.functional.silu(blocks[:, :, 0]) * blocks[:, :, 1]).reshape(acc.shape[0], -1)
+def _swiglu_halves(acc):
+    """grove_cuda.h, M_GROUPED_NT_SWIGLU: D[m, j] = silu(acc[m, j]) * acc[m, N/2 + j] (b's gate
+    rows, then its up rows, as stored)."""
+    gate, up = acc.chunk(2, dim=1)
+    return torch.nn.functional.silu(gate) * up
 
 
 def _grouped_gemm(a, b, out, start, count, kernel):
@@ -71,7 +71,7 @@ def _grouped_gemm(a, b, out, start, count, kernel):
         elif c:
             B = b[s][j].float()
             acc = A @ (B.t() if layout == "tn" else B)
-            out[s][rows] = _round(_swiglu_packed(acc) if swiglu else acc, out[s])
+            out[s][rows] = _round(_swiglu_halves(acc) if swiglu else acc, out[s])
     return out
 
 
@@ -146,7 +146,6 @@ def stand_ins(monkeypatch):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     CALLS.clear()
-    packed.packed_gate_up.clear()
     real_empty_like, real_torch_empty = torch.empty_like, torch.empty
     monkeypatch.setattr(torch.Tensor, "new_empty",
                         lambda self, *size, **kw: poisoned(real_empty(self, *size, **kw)))
@@ -293,54 +292,26 @@ def test_fused_swiglu_when_enabled(stand_ins, gen, monkeypatch, grove, dtype):
     assert all("swiglu" not in cfg for cfg in _gemm1_configs(p, w, ids, 1, grove))
 
 
-def test_weights_changed_in_place_are_repacked_not_reused(stand_ins, fused, gen):
+def test_fused_gemm1_reads_the_weights_in_place(stand_ins, fused, gen, monkeypatch):
+    """No copy: the fused GEMM-1 gets w1 / a1 themselves, so an in-place update (versioned or
+    not) is read by the next call, inference tensors included, and a captured forward fuses."""
     c = SHAPE
     p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
     w, ids = routing(c["T"], c["E"], c["k"], gen, "random", c["S"])
+    seen = []
+    real = lib.grouped_gemm
+    monkeypatch.setattr(lib, "grouped_gemm", lambda a, b, *rest, **kw: (
+        seen.append([t.data_ptr() for t in b]), real(a, b, *rest, **kw))[1])
     _gemm1_configs(p, w, ids, 1)
+    assert seen[0] == [p["w1"].data_ptr(), p["a1"].data_ptr()]
     with torch.no_grad():
-        p["w1"].mul_(-1.5)
+        p["w1"].data.mul_(-1.5)  # not versioned by torch: read all the same
         p["a1"][:, : c["Ia"]] += 1  # gate rows only
-    assert all("swiglu" in cfg for cfg in _gemm1_configs(p, w, ids, 2))
-
-
-def test_inference_tensors_can_be_packed(stand_ins, fused, gen):
-    c = SHAPE
-    p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
-    with torch.inference_mode():  # no version counter: treated as frozen
-        p = {n: t.clone() for n, t in p.items()}
-    w, ids = routing(c["T"], c["E"], c["k"], gen, "random", c["S"])
-    assert all("swiglu" in cfg for cfg in _gemm1_configs(p, w, ids, 2))
-
-
-def test_capture_uses_only_existing_packs_and_pins_them(stand_ins, fused, gen, monkeypatch):
-    c = SHAPE
-    p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
-    w, ids = routing(c["T"], c["E"], c["k"], gen, "random", c["S"])
+    assert all("swiglu" in cfg for cfg in _gemm1_configs(p, w, ids, 2))  # each checked
+    with torch.inference_mode():
+        q = {n: t.clone() for n, t in p.items()}
+    assert all("swiglu" in cfg for cfg in _gemm1_configs(q, w, ids, 1))
     monkeypatch.setattr(packed, "_capturing", lambda t: True)
-    assert "swiglu" not in _gemm1_configs(p, w, ids, 1)[0]  # never packs inside a capture
-    monkeypatch.setattr(packed, "_capturing", lambda t: False)
-    _gemm1_configs(p, w, ids, 1)  # eager: packs
-    monkeypatch.setattr(packed, "_capturing", lambda t: True)
-    assert "swiglu" in _gemm1_configs(p, w, ids, 1)[0]
-    pinned = list(packed.packed_gate_up._pinned)
-    assert len(pinned) == 2  # w1 and a1, alive for the graph even if the weights change
-    monkeypatch.setattr(packed, "_capturing", lambda t: False)
-    with torch.no_grad():
-        p["w1"].add_(1)
-    _gemm1_configs(p, w, ids, 1)  # repacked eagerly; the captured copies stay pinned
-    assert all(any(q is x for x in packed.packed_gate_up._pinned) for q in pinned)
-    cuda_pkg.release_packed_weights()
-    assert not packed.packed_gate_up._pinned
-
-
-def test_released_packs_are_rebuilt(stand_ins, fused, gen):
-    c = SHAPE
-    p = make_grove(c["T"], c["H"], c["E"], c["I"], c["Ia"], c["S"], gen, torch.bfloat16)
-    w, ids = routing(c["T"], c["E"], c["k"], gen, "random", c["S"])
-    _gemm1_configs(p, w, ids, 1)
-    cuda_pkg.release_packed_weights()
-    assert not packed.packed_gate_up._entries
     assert "swiglu" in _gemm1_configs(p, w, ids, 1)[0]
 
 
@@ -363,17 +334,6 @@ def test_training_never_uses_the_fused_gemm(stand_ins, fused, gen):
     CALLS.clear()
     _run(p, w, ids, True, False, c["S"])
     assert CALLS and not any("swiglu" in k for k in CALLS)  # the backward needs h = [gate | up]
-
-
-def test_pack_gate_up_interleaves_blocks_of_8():
-    P, N, H = 3, 24, 5
-    w = torch.randn(P, 2 * N, H)
-    packed = lib.pack_gate_up(w)
-    for q in range(N // 8):
-        assert torch.equal(packed[:, 16 * q: 16 * q + 8], w[:, 8 * q: 8 * q + 8])
-        assert torch.equal(packed[:, 16 * q + 8: 16 * q + 16], w[:, N + 8 * q: N + 8 * q + 8])
-    with pytest.raises(ValueError, match="2N a multiple of 16"):
-        lib.pack_gate_up(torch.zeros(2, 40, 4))
 
 
 @pytest.mark.parametrize("case", ["grove", "plain", "plain_on_input", "expert_map"])

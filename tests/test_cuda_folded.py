@@ -103,7 +103,7 @@ def _fill_gemm(a, b, out, start, count, kernel, *, b_shared=None):
         acc = A @ B
         width = N // 2 if swiglu else N
         D = _operand(out[s], pd, (M, width), (ldd, 1), what + " D")
-        D.copy_(_round(sections_df._swiglu_packed(acc) if swiglu else acc, D))
+        D.copy_(_round(sections_df._swiglu_halves(acc) if swiglu else acc, D))
     return out
 
 
@@ -129,7 +129,7 @@ def _contract_gemm(a, b, out, start, count, kernel, *, b_shared=None):
         elif c:
             B = b[s][j // shared[s]].float()
             acc = A @ (B.t() if majors == "nt" else B)
-            out[s][rows] = _round(sections_df._swiglu_packed(acc) if swiglu else acc, out[s])
+            out[s][rows] = _round(sections_df._swiglu_halves(acc) if swiglu else acc, out[s])
     return out
 
 
@@ -324,7 +324,6 @@ def test_float64_router_weights(folded, gen):
 @pytest.mark.parametrize("kind", ["random", "coselected"])
 def test_fused_swiglu_inference(folded, gen, monkeypatch, kind):
     monkeypatch.setattr(Settings, "fuse_swiglu", True)
-    packed.packed_gate_up.clear()
     p, w, ids = _case(gen, 13, 4, 2, kind)
     CALLS.clear()
     y = _run(p, w, ids, 2, save=False)[0]

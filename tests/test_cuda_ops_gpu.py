@@ -51,13 +51,11 @@ def _problems(plan):
             for p, (s, c) in enumerate(zip(start, count))]
 
 
-def _swiglu_packed(acc):
-    """grove_cuda.h, M_GROUPED_NT_SWIGLU: D[m, 8q + r] = silu(acc[m, 16q + r]) *
-    acc[m, 16q + 8 + r]. Widths explicit: a problem without rows has acc [0, N], where a -1
-    cannot be inferred."""
-    M, N = acc.shape
-    blocks = acc.reshape(M, N // 16, 2, 8)
-    return (torch.nn.functional.silu(blocks[:, :, 0]) * blocks[:, :, 1]).reshape(M, N // 2)
+def _swiglu_halves(acc):
+    """grove_cuda.h, M_GROUPED_NT_SWIGLU: D[m, j] = silu(acc[m, j]) * acc[m, N/2 + j], acc over
+    b's rows as stored (gate rows, then up rows)."""
+    gate, up = acc.chunk(2, dim=1)
+    return torch.nn.functional.silu(gate) * up
 
 
 @pytest.mark.parametrize("kernel", GEMM_KERNELS, ids=[k.name for k in GEMM_KERNELS])
@@ -98,7 +96,7 @@ def test_grouped_gemm_every_kernel(kernel):
         else:
             w = b[s][j].float()
             ref = a[s][rows].float() @ (w.t() if b_nk else w)
-            ref = _swiglu_packed(ref) if swiglu else ref
+            ref = _swiglu_halves(ref) if swiglu else ref
             got = out[s][rows].float()
         if m == 0 and not k_grouped:
             continue
@@ -144,7 +142,7 @@ def test_grouped_gemm_cuda_graph_replays_new_routing(grouped, majors, epilogue):
             rows = slice(r0, r0 + m)
             if rows_layout:
                 got, ref = out[rows].float(), a[rows].float() @ b[p].float().t()
-                ref = _swiglu_packed(ref) if epilogue == SWIGLU else ref
+                ref = _swiglu_halves(ref) if epilogue == SWIGLU else ref
             else:
                 got, ref = out[p].float(), a[rows].float().t() @ b[rows].float()
             assert (got - ref).norm() <= 1e-2 * max(ref.norm(), 1e-6), (seed, p)
@@ -389,7 +387,7 @@ def test_grouped_gemm_folded_problems(kernel):
                 continue
             wt = b[s][e if s == 0 else e // S].float()
             ref = a[r0:r1].float() @ (wt.t() if nt else wt)
-            ref = _swiglu_packed(ref) if swiglu else ref
+            ref = _swiglu_halves(ref) if swiglu else ref
             cols = slice(0, width[0]) if s == 0 else slice(width[0], None)
             got = out[r0:r1, cols].float()
             assert (got - ref).norm() <= 1e-2 * max(ref.norm(), 1e-6), (kernel.name, e, s)

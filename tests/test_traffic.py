@@ -163,17 +163,13 @@ _FUSE_MODES = {"0": (False, True, False), "1": (True, False, True),
 
 
 def _set_fuse(monkeypatch, mode):
-    """Select the cuda GEMM-1 as GROVE_CUDA_FUSE_SWIGLU / FUSE_SWIGLU_AUTO would; packing is a
-    torch stand-in (the launches do not depend on the interleave). Returns whether the
-    inference forward is expected to fuse."""
+    """Select the cuda GEMM-1 as GROVE_CUDA_FUSE_SWIGLU / FUSE_SWIGLU_AUTO would. Returns whether
+    the inference forward is expected to fuse."""
     from grove_kernels import settings as settings_module
-    from grove_kernels.cuda import packed
 
     fuse, auto, fused = _FUSE_MODES[mode]
     monkeypatch.setattr(settings_module.Settings, "fuse_swiglu", fuse)
     monkeypatch.setattr(settings_module, "FUSE_SWIGLU_AUTO", auto)
-    monkeypatch.setattr(packed.packed_gate_up, "_pack", lambda w: w.clone())
-    monkeypatch.setattr(packed.packed_gate_up, "_entries", {})
     return fused
 
 

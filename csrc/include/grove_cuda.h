@@ -56,10 +56,9 @@ const char* grove_cuda_error_string(int code);
 //         nt: [N, K] K-major, row stride ldb_s (w1 / w2 as stored)
 //         nn: [K, N] N-major, row stride ldb_s (w2 / w1 as stored, read as [K, N])
 //   D_p = d_s + local_row * ldd_s     [M, N] row-major
-// M_GROUPED_NT_SWIGLU (GEMM-1 with SwiGLU fused): as M_GROUPED_NT, with B_p holding gate and
-//   up rows interleaved in blocks of 8 (grove_kernels.cuda.pack_gate_up) and N = n_s = 2 x the
-//   output width: D_p is [M, N / 2], D[m, 8q + r] = silu(acc[m, 16q + r]) * acc[m, 16q + 8 + r];
-//   n_s % 16 == 0.
+// M_GROUPED_NT_SWIGLU (GEMM-1 with SwiGLU fused): as M_GROUPED_NT, B_p = w1 / a1 as stored
+//   (rows [0, N/2) gate, [N/2, N) up) and N = n_s = 2 x the output width: D_p is [M, N / 2],
+//   D[m, j] = silu(acc[m, j]) * acc[m, N/2 + j]; n_s % 16 == 0.
 // K_GROUPED_TN (dW1, dW2): K = the problem's rows; M = m_s, N = n_s.
 //   A_p = a_s + local_row * lda_s     [K, M] M-major: the problem's rows of a [rows_s, M] buffer
 //   B_p = b_s + local_row * ldb_s     [K, N] N-major: the problem's rows of a [rows_s, N] buffer

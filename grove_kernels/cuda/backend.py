@@ -13,7 +13,7 @@ Sections layout, every launch (R_e = T·k, R_a = T·min(k, G) rows; counts are p
 
 Forward (x [T, H]; R = R_e + R_a plan rows; N = I for experts, Ia for adjugates):
     gather          x[row_token] (· w when the router weight is applied on the input) -> xg [R, H]
-    GEMM-1   m-grouped nt, SwiGLU fused (settings.fused_gemm1, packed w1 / a1): xg @ w1|a1 -> z
+    GEMM-1   m-grouped nt, SwiGLU fused (settings.fused_gemm1; w1 / a1 in place): xg @ w1|a1 -> z
              otherwise m-grouped nt -> h [R, 2N], then the SwiGLU kernel -> z [R, N]
     GEMM-2   m-grouped nt  z @ w2|a2 -> o [R, H]
     combine         y_t = Σ_j token_weight[t, j] · o[token_rows[t, j]]  (fp32, slot order)
@@ -35,7 +35,6 @@ import torch
 from ..settings import fused_gemm1
 from . import ext as lib
 from . import folded
-from .packed import packed_gate_up
 
 class _Call:
     """Sizes of one call and the per-section views every stage uses."""
@@ -75,25 +74,16 @@ def _gather(c, src, weight):
     return lib.gather_rows(src, c.plan.row_token, weight, c.Re, c.end_e, c.end_a, out)
 
 
-def _packed_weights(c, w1, a1):
-    """Packed (w1, a1) for the fused GEMM-1, or None (capturing a graph before any eager call
-    packed them)."""
-    packed = [packed_gate_up.get(w) for w in ((w1, a1) if c.grove else (w1,))]
-    if any(p is None for p in packed):
-        return None
-    return packed[0], (packed[1] if c.grove else None)
-
-
 def _gemm1_swiglu(c, xg, w1, a1, act):
     """z per section; a training forward (act) writes h and z into the activations."""
-    packed = _packed_weights(c, w1, a1) if fused_gemm1(train=act is not None) else None
+    fused = fused_gemm1(train=act is not None)
     if act is not None:
         (he, ha), (ze, za) = act.h, act.z
     else:
         ze = xg.new_empty(c.Re, c.I)
         za = xg.new_empty(c.R - c.Re, c.Ia) if c.grove else None
-    if packed is not None:
-        c.gemm(c.split(xg), packed, (ze, za), "m", "nt", epilogue="swiglu")
+    if fused:
+        c.gemm(c.split(xg), (w1, a1), (ze, za), "m", "nt", epilogue="swiglu")
         return ze, za
     if act is None:
         he = xg.new_empty(c.Re, 2 * c.I)

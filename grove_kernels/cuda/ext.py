@@ -113,25 +113,14 @@ def m_grouped_schedule(plan):
     return "pingpong" if rows_per_expert <= _PINGPONG_MAX_ROWS_PER_EXPERT else "coop"
 
 
-def pack_gate_up(w):
-    """w [P, 2N, H] (rows 0..N-1 gate, N..2N-1 up) -> the B operand of the fused GEMM-1:
-    the same rows interleaved in blocks of 8, row 16q + r = gate row 8q + r and row
-    16q + 8 + r = up row 8q + r (csrc/gemm/swiglu_epilogue.cuh says why). One copy."""
-    if w.dim() != 3 or w.shape[1] % 16:
-        raise ValueError(f"w: expected [P, 2N, H] with 2N a multiple of 16, got {tuple(w.shape)}")
-    P, N2, H = w.shape
-    blocks = w.reshape(P, 2, N2 // 16, 8, H)  # (half, block, row in block)
-    return blocks.transpose(1, 2).reshape(P, N2, H)
-
-
 def grouped_gemm(a, b, out, start, count, kernel, b_shared=None):
     """For every plan problem p: D_p = A_p @ B_p (layouts in csrc/include/grove_cuda.h).
 
     kernel: a name of GEMM_KERNELS (gemm_kernel()); a, b, out: lists of 1 or 2 sections, by
     the kernel's grouped axis and majors:
         m_grouped_nt         a [R_s, K], b [P_s, N, K], out [R_s, N]
-        m_grouped_nt_swiglu  the same with b packed by pack_gate_up, out [R_s, N / 2] =
-                             silu(gate) * up
+        m_grouped_nt_swiglu  the same, b's rows [0, N/2) gate and [N/2, N) up (w1 / a1 as
+                             they are), N a multiple of 16; out [R_s, N / 2] = silu(gate) * up
         m_grouped_nn         a [R_s, K], b [P_s, K, N], out [R_s, N]
         k_grouped_tn         a [R_s, M], b [R_s, N], out [P_s, M, N]   (weight gradients)
     start, count [sum P_s] int32/int64 absolute rows: section s's rows are numbered from

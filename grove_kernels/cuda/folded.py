@@ -10,7 +10,7 @@ Forward
                  experts    rows [off[e], off[e+1]) @ w1[e]^T       -> h[:, :2I]
                  adjugates  rows [off[e], leader_ends[e]) @ a1[e // S]^T -> h[:, 2I:]
                h [R, W] (ldc = W; the training forward's saved h). When settings.fused_gemm1
-               says so (inference forwards only): nt_swiglu on pack_gate_up(w1 / a1) -> z [R, Z] directly.
+               says so (inference forwards only): nt_swiglu on w1 / a1 in place -> z [R, Z] directly.
     SwiGLU     swiglu_folded_fwd, one block per row over both parts (full warps):
                h -> zs [R, Z] = [w·z_e | λΣw·z_a] (+ z unscaled, training). After the fused
                GEMM-1: scale_folded z -> zs in place.                              1 launch
@@ -76,7 +76,7 @@ import torch
 from ..settings import fused_gemm1
 from . import ext as lib
 from . import packed as copies
-from .packed import pack_down, packed_down, packed_gate_up
+from .packed import pack_down, packed_down
 
 class _Folded:
     """Sizes, problem lists and kernels of one call on a FoldedPlan."""
@@ -138,12 +138,9 @@ def _gemm1(c, xg, w1, a1, act):
     """zs [R, Z] for GEMM-2; a training forward (act) also writes h and z (unscaled)."""
     I, Ia, R = c.I, c.Ia, c.R
     zs = xg.new_empty(R, I + Ia)
-    packed = None
     if fused_gemm1(train=act is not None):
-        packed = (packed_gate_up.get(w1), packed_gate_up.get(a1))
-    if packed is not None and all(p is not None for p in packed):
         # SwiGLU in GEMM-1's epilogue writes unscaled z into zs, then the scales in place.
-        c.gemm([xg, xg], list(packed), [zs[:, :I], zs[:, I:]], (c.all_rows, c.leaders),
+        c.gemm([xg, xg], [w1, a1], [zs[:, :I], zs[:, I:]], (c.all_rows, c.leaders),
                "m", "nt", epilogue="swiglu", b_shared=(1, c.S))
         lib.scale_folded(zs, *c.folded_rows(), c.row_weight, c.leader_weight, zs)
         return zs

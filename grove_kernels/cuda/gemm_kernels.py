@@ -7,7 +7,7 @@ rows, "k": K is), majors (DeepGEMM's letters: nt, nn, tn; csrc/include/grove_cud
 """
 import collections
 
-SWIGLU = "swiglu"  # epilogue: D = silu(gate) * up, B's gate/up rows packed by pack_gate_up
+SWIGLU = "swiglu"  # epilogue: D = silu(gate) * up of B's gate and up halves, read in place
 
 GemmKernel = collections.namedtuple(
     "GemmKernel", "name arch dtype grouped majors epilogue schedule tile cluster")

@@ -1,10 +1,6 @@
-"""Packed weight copies the cuda backend's GEMMs read, kept per weight tensor while its version
-is unchanged.
+"""The packed weight copy the cuda backend's folded GEMM-2 reads, kept per weight tensor while
+its version is unchanged.
 
-    gate/up (opt-in: settings.fuse_swiglu) w [P, 2N, H] (gate rows, then up rows) ->
-        pack_gate_up(w): the same rows interleaved in blocks of 8, so each thread's wgmma
-        fragment holds gate and up of the same outputs (csrc/gemm/swiglu_epilogue.cuh).
-        Extra memory: one copy of w1 and a1.
     down (the folded layout's GEMM-2) w2 [E, H, I], a2 [G, H, Ia] -> pack_down(w2, a2)
         [E, H, I + Ia], row n of expert e = [W2_e[n] | A2_{e // S}[n]]: leader rows run
         K = I + Ia against it, the other rows its first I columns (ldb = I + Ia), so GEMM-2
@@ -27,7 +23,6 @@ import weakref
 import torch
 
 from ..settings import capturing as _capturing  # (tests replace it here)
-from .ext import pack_gate_up
 
 
 def pack_down(w2, a2):
@@ -83,5 +78,4 @@ class PackedCopies:
         self._pinned.clear()
 
 
-packed_gate_up = PackedCopies(pack_gate_up)
 packed_down = PackedCopies(pack_down)

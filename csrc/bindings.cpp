@@ -224,13 +224,31 @@ int64_t make_sections(const GemmKernel& gemm, at::TensorList a, at::TensorList b
 //   start, count [sum P_s] int32 or int64 (same dtype): absolute plan rows; section s's rows
 //          begin at sum_{s' < s} R_s' (two sections may view one row buffer: then the second
 //          section's rows are numbered from R_0 on)
+//   row_scale: empty, or (fused SwiGLU kernels only) one fp32 [>= rows_s] per section: D row r
+//          of section s is scaled by row_scale[s][r]
 void grouped_gemm(at::TensorList a, at::TensorList b, at::TensorList out, const at::Tensor& start,
                   const at::Tensor& count, const std::string& kernel, int64_t stream,
-                  at::IntArrayRef b_shared) {
+                  at::IntArrayRef b_shared, at::TensorList row_scale) {
   const GemmKernel& gemm = find_kernel(kernel);
   std::vector<GroveGemmSection> sections;
   const int64_t num_problems = make_sections(gemm, a, b, out, start, count, b_shared, &sections);
   const size_t num_sections = sections.size();
+  TORCH_CHECK(row_scale.empty() || gemm.layout == GROVE_GEMM_M_GROUPED_NT_SWIGLU,
+              "grouped_gemm: row_scale is only for the fused SwiGLU kernels, not ", gemm.name);
+  TORCH_CHECK(row_scale.empty() || row_scale.size() == num_sections,
+              "grouped_gemm: row_scale must be empty or hold one tensor per section (",
+              num_sections, "), got ", row_scale.size());
+  for (size_t s = 0; s < row_scale.size(); ++s) {
+    const at::Tensor& r = row_scale[s];
+    TORCH_CHECK(r.scalar_type() == at::kFloat && r.dim() == 1 && r.is_contiguous() &&
+                    r.size(0) >= a[s].size(0),
+                "grouped_gemm: row_scale[", s, "] must be a contiguous float32 vector of at least ",
+                a[s].size(0), " entries (the rows of a[", s, "]), got ", r.scalar_type(), " ",
+                r.sizes());
+    TORCH_CHECK(r.device() == a[0].device(), "grouped_gemm: row_scale[", s, "] must be on ",
+                a[0].device(), ", got ", r.device());
+    sections[s].row_scale = r.data_ptr<float>();
+  }
 
   const at::Device device = a[0].device();
   TORCH_CHECK(device.is_cuda(), "grouped_gemm: tensors must be on a CUDA device, got a[0] on ",
@@ -286,7 +304,7 @@ at::Tensor grouped_gemm_args(at::TensorList a, at::TensorList b, at::TensorList 
 TORCH_LIBRARY(grove_cuda, m) {
   m.def(
       "grouped_gemm(Tensor[] a, Tensor[] b, Tensor(a!)[] out, Tensor start, Tensor count, "
-      "str kernel, int stream, int[] b_shared=[]) -> ()");
+      "str kernel, int stream, int[] b_shared=[], Tensor[] row_scale=[]) -> ()");
   m.def(
       "grouped_gemm_args(Tensor[] a, Tensor[] b, Tensor[] out, Tensor start, Tensor count, "
       "str kernel, int[] b_shared=[]) -> Tensor");

@@ -66,10 +66,16 @@ def _operand(t, addr, shape, stride, what):
     return torch.as_strided(_flat(t), shape, stride, offset)
 
 
-def _fill_gemm(a, b, out, start, count, kernel, *, b_shared=None):
+def _scaled(z, row_scale, s, rows):
+    """z [M, N] times the row scales of section s's rows (swiglu_epilogue.cuh), or z."""
+    return z if row_scale is None else z * row_scale[s][rows].float()[:, None]
+
+
+def _fill_gemm(a, b, out, start, count, kernel, *, b_shared=None, row_scale=None):
     """Run every problem from the argument buffer the real fill writes (grove_cuda.h)."""
     CALLS.append(kernel)
     grouped, majors, swiglu = sections_df._kind(kernel)
+    assert row_scale is None or swiglu
     shared = list(b_shared or [1] * len(a))
     args = lib.grouped_gemm_args(a, b, out, start.cpu(), count.cpu(), kernel, shared)
     per_section = [o.shape[0] if grouped == "k" else bb.shape[0] * sh
@@ -103,15 +109,19 @@ def _fill_gemm(a, b, out, start, count, kernel, *, b_shared=None):
         acc = A @ B
         width = N // 2 if swiglu else N
         D = _operand(out[s], pd, (M, width), (ldd, 1), what + " D")
-        D.copy_(_round(sections_df._swiglu_halves(acc) if swiglu else acc, D))
+        if swiglu:  # the epilogue finds the problem's first row from its D pointer
+            row0 = (pd - out[s].data_ptr()) // out[s].element_size() // ldd
+            acc = _scaled(sections_df._swiglu_halves(acc), row_scale, s, slice(row0, row0 + M))
+        D.copy_(_round(acc, D))
     return out
 
 
-def _contract_gemm(a, b, out, start, count, kernel, *, b_shared=None):
+def _contract_gemm(a, b, out, start, count, kernel, *, b_shared=None, row_scale=None):
     """grove_cuda.h without the extension: section s's rows count from R_0 + ... + R_{s-1};
     B_p of an m-grouped problem j is b[s][j // b_shared[s]]."""
     CALLS.append(kernel)
     grouped, majors, swiglu = sections_df._kind(kernel)
+    assert row_scale is None or swiglu
     shared = list(b_shared or [1] * len(a))
     base, first, bounds = 0, 0, []
     for s in range(len(a)):
@@ -129,7 +139,9 @@ def _contract_gemm(a, b, out, start, count, kernel, *, b_shared=None):
         elif c:
             B = b[s][j // shared[s]].float()
             acc = A @ (B.t() if majors == "nt" else B)
-            out[s][rows] = _round(sections_df._swiglu_halves(acc) if swiglu else acc, out[s])
+            if swiglu:
+                acc = _scaled(sections_df._swiglu_halves(acc), row_scale, s, rows)
+            out[s][rows] = _round(acc, out[s])
     return out
 
 

@@ -169,7 +169,10 @@ struct GroupedGemm {
 
   static constexpr size_t kWorkspaceAlign = 256;
 
-  static typename Gemm::Arguments arguments(void* args_buffer, int num_problems, int sm_count) {
+  // sections: the launch's (for the SwiGLU epilogue's row scales; null when only sizing).
+  static typename Gemm::Arguments arguments(void* args_buffer, int num_problems, int sm_count,
+                                            const GroveGemmSection* sections = nullptr,
+                                            int num_sections = 0) {
     const GroveGroupedArgsView v = grove_grouped_args_view(args_buffer, num_problems);
     cutlass::KernelHardwareInfo hw_info;
     cudaGetDevice(&hw_info.device_id);
@@ -182,7 +185,16 @@ struct GroupedGemm {
     args.mainloop.dA = reinterpret_cast<StrideA*>(v.ld_a);
     args.mainloop.ptr_B = reinterpret_cast<Element const**>(v.ptr_b);
     args.mainloop.dB = reinterpret_cast<StrideB*>(v.ld_b);
-    if constexpr (!kSwiglu) {
+    if constexpr (kSwiglu) {
+      auto& epi = args.epilogue;
+      epi.num_sections = sections ? num_sections : 0;
+      for (int s = 0; s < epi.num_sections; ++s) {
+        epi.first_problem[s] = sections[s].first_problem;
+        epi.d_base[s] = static_cast<Element const*>(sections[s].d);
+        epi.ldd[s] = sections[s].ldd;
+        epi.row_scale[s] = sections[s].row_scale;
+      }
+    } else {
       auto& fusion = args.epilogue.thread;
       fusion.alpha = Accumulator(1);
       fusion.beta = Accumulator(0);
@@ -230,7 +242,7 @@ struct GroupedGemm {
                                     num_problems, stream);
       if (rc != GROVE_OK) return rc;
     }
-    auto args = arguments(workspace, num_problems, sm_count);
+    auto args = arguments(workspace, num_problems, sm_count, sections, num_sections);
     void* cutlass_workspace =
         static_cast<char*>(workspace) + cutlass_workspace_offset(num_problems);
     Gemm gemm;

@@ -4,7 +4,14 @@
 //
 //   acc [BM, BN] of tile n = x rows @ [gate rows | up rows]^T    acc[m, c]          gate col n BN/2 + c
 //                                                                acc[m, BN/2 + c]   up   col n BN/2 + c
-//   D   [M, N/2]  D[m, n BN/2 + c] = silu(acc[m, c]) * acc[m, BN/2 + c]   (fp32, then D's type)
+//   D   [M, N/2]  D[m, n BN/2 + c] = s[m] * silu(acc[m, c]) * acc[m, BN/2 + c]
+//                 (fp32, one rounding to D's type; s: the launch's row scale of D's row, else 1)
+//
+// Row scales: the folded layout scales a row's expert part by its router weight and its
+// adjugate part by λ Σ w before GEMM-2 (K = I + Ia mixes both parts, so GEMM-2 cannot); doing it
+// here saves a pass over z. Each section of the launch may give one fp32 scale per row of its D
+// buffer; a problem finds its first row from its D pointer ((ptr_D[l] - d_base) / ldd), so the
+// argument fill needs nothing more.
 //
 // Why the halves pair in registers: the tile's wgmma atom spans all BN columns, and in its
 // accumulator fragment a thread holds, for each of its rows, the column pairs
@@ -45,6 +52,7 @@
 #include "cutlass/epilogue/dispatch_policy.hpp"
 #include "cutlass/numeric_conversion.h"
 #include "cutlass/numeric_types.h"
+#include "grove_cuda.h"
 
 #if !defined(__CUDA_ARCH__)
 #include <cmath>
@@ -104,8 +112,35 @@ class SwigluEpilogueArray {
   struct Arguments {
     ElementD** ptr_D = nullptr;  // per problem: D_p, [M_p, N_p / 2] with row stride dD[p]
     StrideD dD = nullptr;
+    // Per section s of the launch (problems [first_problem[s], first_problem[s + 1])): its D
+    // buffer and row stride, and one fp32 scale per row of that buffer, or null (no scale).
+    int num_sections = 0;
+    int first_problem[GROVE_MAX_SECTIONS] = {};
+    ElementD const* d_base[GROVE_MAX_SECTIONS] = {};
+    int64_t ldd[GROVE_MAX_SECTIONS] = {};
+    float const* row_scale[GROVE_MAX_SECTIONS] = {};
   };
   using Params = Arguments;
+
+  // The row scales of one work tile: scale[tile row] below `rows` (the problem's rows from the
+  // tile's first), 1 where there is no scale or no row (those outputs are not stored).
+  struct TileScale {
+    float const* scale = nullptr;
+    int rows = 0;
+    CUTLASS_HOST_DEVICE float operator()(int tile_row) const {
+      return scale != nullptr && tile_row < rows ? scale[tile_row] : 1.f;
+    }
+  };
+
+  CUTLASS_HOST_DEVICE TileScale tile_scale(int l, int first_row, int M) const {
+    int s = 0;
+    for (int t = 1; t < params_.num_sections; ++t)
+      if (l >= params_.first_problem[t]) s = t;
+    float const* scale = params_.row_scale[s];
+    if (scale == nullptr) return {};
+    const int64_t row0 = (params_.ptr_D[l] - params_.d_base[s]) / params_.ldd[s];
+    return {scale + row0 + first_row, M - first_row};
+  }
 
   template <class ProblemShape>
   static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args,
@@ -156,10 +191,11 @@ class SwigluEpilogueArray {
     return thread_idx / kWarpGroupThreads * kSlabRows;
   }
 
-  // Phase 1: silu(gate) * up of the thread's fragment into its warpgroup's slab.
+  // Phase 1: s * silu(gate) * up of the thread's fragment into its warpgroup's slab.
   template <class FrgEngine, class FrgLayout, class TiledMma>
   CUTLASS_HOST_DEVICE static void stage(cute::Tensor<FrgEngine, FrgLayout> const& accumulators,
-                                        TiledMma tiled_mma, int thread_idx, ElementD* slab) {
+                                        TiledMma tiled_mma, int thread_idx, ElementD* slab,
+                                        TileScale tile_scale = {}) {
     using namespace cute;
     static_assert(is_static<FrgLayout>::value, "accumulator layout must be static");
     // The wgmma value mode is (2 columns, 2 rows 8 apart, BN/8 column blocks) and the tile's
@@ -174,6 +210,8 @@ class SwigluEpilogueArray {
     Tensor thr_coord = tiled_mma.get_thread_slice(thread_idx)
                            .partition_C(make_identity_tensor(take<0, 2>(TileShape{})));
     const int row0 = slab_first_row(thread_idx);
+    // A thread's fragment covers two rows, 8 apart: entries 4j + {0, 1} and 4j + {2, 3}.
+    const float scale[2] = {tile_scale(get<0>(thr_coord(0))), tile_scale(get<0>(thr_coord(2)))};
     cutlass::NumericArrayConverter<ElementD, float, 2> convert;
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kHalf; i += 4) {
@@ -182,8 +220,8 @@ class SwigluEpilogueArray {
         const int row = get<0>(thr_coord(i + r)) - row0;
         const int col = get<1>(thr_coord(i + r));  // even: the pair stays in one 16-byte chunk
         cutlass::Array<float, 2> out;
-        out[0] = silu_mul(accumulators(i + r), accumulators(i + r + kHalf));
-        out[1] = silu_mul(accumulators(i + r + 1), accumulators(i + r + 1 + kHalf));
+        out[0] = scale[r / 2] * silu_mul(accumulators(i + r), accumulators(i + r + kHalf));
+        out[1] = scale[r / 2] * silu_mul(accumulators(i + r + 1), accumulators(i + r + 1 + kHalf));
         cutlass::AlignedArray<ElementD, 2> pair;
         static_cast<cutlass::Array<ElementD, 2>&>(pair) = convert(out);
         *reinterpret_cast<cutlass::AlignedArray<ElementD, 2>*>(slab + slab_offset(row, col)) =
@@ -235,8 +273,11 @@ class SwigluEpilogueArray {
     // Consumer warpgroup 0 or 1 (the producer is warpgroup 0 of the CTA), warp-uniform.
     const int wg = cutlass::canonical_warp_group_idx() - 1;
     ElementD* slab = reinterpret_cast<SharedStorage*>(smem)->slab[wg];
+    const int first_row = cute::get<0>(blk_coord_mnkl) * cute::size<0>(TileShape{});
+    const TileScale scale = tile_scale(cute::get<3>(blk_coord_mnkl), first_row,
+                                       cute::get<0>(problem_shape_mnkl));
     cutlass::arch::NamedBarrier::sync(kWarpGroupThreads, kBarrierBase + wg);  // slab free
-    stage(accumulators, tiled_mma, thread_idx, slab);
+    stage(accumulators, tiled_mma, thread_idx, slab, scale);
     cutlass::arch::NamedBarrier::sync(kWarpGroupThreads, kBarrierBase + wg);  // slab staged
     write(problem_shape_mnkl, blk_coord_mnkl, thread_idx, slab);
   }

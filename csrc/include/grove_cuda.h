@@ -58,7 +58,8 @@ const char* grove_cuda_error_string(int code);
 //   D_p = d_s + local_row * ldd_s     [M, N] row-major
 // M_GROUPED_NT_SWIGLU (GEMM-1 with SwiGLU fused): as M_GROUPED_NT, B_p = w1 / a1 as stored
 //   (rows [0, N/2) gate, [N/2, N) up) and N = n_s = 2 x the output width: D_p is [M, N / 2],
-//   D[m, j] = silu(acc[m, j]) * acc[m, N/2 + j]; n_s % 16 == 0.
+//   D[m, j] = s * silu(acc[m, j]) * acc[m, N/2 + j], s = row_scale_s[local_row] (1 when
+//   row_scale_s is null); n_s % 16 == 0.
 // K_GROUPED_TN (dW1, dW2): K = the problem's rows; M = m_s, N = n_s.
 //   A_p = a_s + local_row * lda_s     [K, M] M-major: the problem's rows of a [rows_s, M] buffer
 //   B_p = b_s + local_row * ldb_s     [K, N] N-major: the problem's rows of a [rows_s, N] buffer
@@ -95,6 +96,8 @@ typedef struct GroveGemmSection {
   int32_t m, n, k;              // m: k-grouped only; k: m-grouped only
   int32_t first_problem, num_problems;
   int32_t b_shared;             // m-grouped: problems per B (>= 1); k-grouped: 1
+  const float* row_scale;       // M_GROUPED_NT_SWIGLU only: fp32 [rows], D row r scaled by
+                                // row_scale[r] (null: unscaled)
 } GroveGemmSection;
 
 // The device arguments of a CUTLASS ptr-array grouped GEMM, laid out in one buffer:

@@ -113,7 +113,7 @@ def m_grouped_schedule(plan):
     return "pingpong" if rows_per_expert <= _PINGPONG_MAX_ROWS_PER_EXPERT else "coop"
 
 
-def grouped_gemm(a, b, out, start, count, kernel, b_shared=None):
+def grouped_gemm(a, b, out, start, count, kernel, b_shared=None, row_scale=None):
     """For every plan problem p: D_p = A_p @ B_p (layouts in csrc/include/grove_cuda.h).
 
     kernel: a name of GEMM_KERNELS (gemm_kernel()); a, b, out: lists of 1 or 2 sections, by
@@ -127,11 +127,15 @@ def grouped_gemm(a, b, out, start, count, kernel, b_shared=None):
     R_0 + ... + R_{s-1} on (two sections may view one row buffer).
     b_shared: None, or per section the problems that read one B (m-grouped; section s then has
     b[s].shape[0] * b_shared[s] problems; the folded adjugates: S experts per a1 / a2).
+    row_scale: None, or (m_grouped_nt_swiglu only) per section an fp32 vector over the rows of
+    a[s] / out[s]: out row r = row_scale[s][r] * silu(gate) * up, rounded once (the folded
+    layout's router and leader weights).
     Runs on torch's current stream; no host synchronisation.
     """
     _require()
     torch.ops.grove_cuda.grouped_gemm(list(a), list(b), list(out), start, count, kernel,
-                                      current_stream_handle(a[0].device), list(b_shared or []))
+                                      current_stream_handle(a[0].device), list(b_shared or []),
+                                      list(row_scale or []))
     return out
 
 

@@ -10,10 +10,11 @@ Forward
                  experts    rows [off[e], off[e+1]) @ w1[e]^T       -> h[:, :2I]
                  adjugates  rows [off[e], leader_ends[e]) @ a1[e // S]^T -> h[:, 2I:]
                h [R, W] (ldc = W; the training forward's saved h). When settings.fused_gemm1
-               says so (inference forwards only): nt_swiglu on w1 / a1 in place -> z [R, Z] directly.
+               says so (inference forwards only): nt_swiglu on w1 / a1 in place, the row
+               scales (w; λΣw on the adjugate part) in its epilogue -> zs [R, Z] directly,
+               and no SwiGLU launch.
     SwiGLU     swiglu_folded_fwd, one block per row over both parts (full warps):
-               h -> zs [R, Z] = [w·z_e | λΣw·z_a] (+ z unscaled, training). After the fused
-               GEMM-1: scale_folded z -> zs in place.                              1 launch
+               h -> zs [R, Z] = [w·z_e | λΣw·z_a] (+ z unscaled, training).         1 launch
                xg is freed here (the allocator reuses it for o).
     GEMM-2     m-grouped nt, P = 2E, one launch, both sections read the packed
                D = [W2_e | A2_g] [E, H, Z] (packed.pack_down), never w2 itself:
@@ -109,12 +110,14 @@ class _Folded:
         return (torch.cat([first[0], second[0] + self.R]),
                 torch.cat([first[1], second[1]]))
 
-    def gemm(self, a, b, out, rows, grouped, majors, epilogue=None, b_shared=(1, 1)):
+    def gemm(self, a, b, out, rows, grouped, majors, epilogue=None, b_shared=(1, 1),
+             row_scale=None):
         schedule = "coop" if grouped == "k" else self.schedule
         kernel = lib.gemm_kernel(self.dtype, grouped, majors, epilogue=epilogue,
                                  schedule=schedule)
         start, count = self.problems(*rows)
-        lib.grouped_gemm(a, b, out, start, count, kernel, b_shared=list(b_shared))
+        lib.grouped_gemm(a, b, out, start, count, kernel, b_shared=list(b_shared),
+                         row_scale=row_scale)
 
     def folded_rows(self):
         return self.I, self.off, self.ends
@@ -139,10 +142,11 @@ def _gemm1(c, xg, w1, a1, act):
     I, Ia, R = c.I, c.Ia, c.R
     zs = xg.new_empty(R, I + Ia)
     if fused_gemm1(train=act is not None):
-        # SwiGLU in GEMM-1's epilogue writes unscaled z into zs, then the scales in place.
+        # SwiGLU and the row scales in GEMM-1's epilogue: zs directly. The adjugate columns of
+        # non-leader rows stay unwritten; GEMM-2 reads only the first I columns of those rows.
         c.gemm([xg, xg], [w1, a1], [zs[:, :I], zs[:, I:]], (c.all_rows, c.leaders),
-               "m", "nt", epilogue="swiglu", b_shared=(1, c.S))
-        lib.scale_folded(zs, *c.folded_rows(), c.row_weight, c.leader_weight, zs)
+               "m", "nt", epilogue="swiglu", b_shared=(1, c.S),
+               row_scale=[c.row_weight, c.leader_weight])
         return zs
     h = act.h[0] if act is not None else xg.new_empty(R, 2 * (I + Ia))
     c.gemm([xg, xg], [w1, a1], [h[:, :2 * I], h[:, 2 * I:]], (c.all_rows, c.leaders), "m", "nt",

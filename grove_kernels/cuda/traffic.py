@@ -23,7 +23,7 @@ Sections layout (backend.py):
 
 Folded layout (folded.py): one gather of the R = T*k expert rows; GEMM-1 over 2E problems (all
 rows of e against w1[e], its leader prefix against a1[e // S]) -> h; one SwiGLU row kernel ->
-z scaled; GEMM-2 over 2E problems, all against the packed [W2_e | A2_g] (leader rows K = I + Ia,
+z scaled (fused: GEMM-1's epilogue writes z scaled, no row kernel); GEMM-2 over 2E problems, all against the packed [W2_e | A2_g] (leader rows K = I + Ia,
 the others its first I columns, ldb = I + Ia: each expert's W2_e read once) -> o; combine of k
 rows. The packed copy is kept while w2 and a2 keep their versions (inference and training
 alike: a training loop repacks once per optimizer step), so no eager call counts the pack (a
@@ -290,10 +290,9 @@ def _folded(plan, x_shape, weights_shapes, dtype, pass_, device_name):
     g1 = two(all_rows, leaders, full(2 * I), full(H), full(2 * Ia), full(H))
     if fused:
         sw = kernel_for(dtype, "m", "nt", sched, epilogue="swiglu")
+        # The row scales (w, λΣw) are applied in the epilogue: zs written once, no row kernel.
         out += m_grouped("GEMM-1 + SwiGLU (folded)", g1, sw, e, device_name, a_distinct=xg,
-                         out_cols=cat([full(I), full(Ia)]))
-        out.append(row_kernel("scale z (folded)", R_alloc, R,
-                              (R * I + L * Ia) * e + R * 4 + L * 4, R * Z * e))
+                         extra_read=R * 4 + L * 4, out_cols=cat([full(I), full(Ia)]))
     else:
         out += m_grouped("GEMM-1 (folded)", g1, nt, e, device_name, a_distinct=xg)
         out.append(row_kernel("SwiGLU (folded)", R_alloc, R,

@@ -20,12 +20,15 @@
 // gate of output t BN/2 + c, c >= BN/2: up of output t BN/2 + c - BN/2; garbage where that
 // output is past N / 2). It checks:
 //   - the pairing the epilogue assumes (fragment entry i + size/2 is column + BN/2 of entry
-//     i < size/2, i + 1 is column + 1 for even i),
+//     i < size/2, i + 1 is column + 1 for even i, entries 4j + {0, 1} share entry 0's row and
+//     4j + {2, 3} entry 2's),
 //   - phase 1: each thread writes size(fragment) / 2 outputs, all inside its own warpgroup's
 //     slab, and the threads of a warpgroup stage every slab entry exactly once (each thread's
 //     writes are found by running it alone on a poisoned copy),
 //   - phase 2: every output of [M, N / 2] is written exactly once over all threads of all
-//     rounds, bit for bit D[m, o] == silu(gate(m, o)) * up(m, o) with the same conversion (so
+//     rounds, bit for bit D[m, o] == s(m) * silu(gate(m, o)) * up(m, o) with the same
+//     conversion, each problem unscaled (s = 1) and with row scales (s(m) the scale of D's row,
+//     found from the problem's D pointer as the kernel does: tile_scale) (so
 //     each thread read the slab its warpgroup staged), and nothing outside [M, N / 2] is
 //     written (row padding and the problem's neighbours stay poisoned), through problem l's
 //     pointer / stride,
@@ -223,7 +226,10 @@ void check_config(const char* name) {
   const int problems[][2] = {{1, 16}, {77, 48}, {BM, BN}, {2 * BM + 5, BN + 32}, {BM + 1, 2 * BN}};
   int checked = 0;
   long checked_b = 0;
-  for (const auto& pr : problems) {
+  // Each problem twice: unscaled, then with row scales.
+  for (int variant = 0; variant < 2 * int(sizeof(problems) / sizeof(problems[0])); ++variant) {
+    const auto& pr = problems[variant / 2];
+    const bool scaled = variant % 2 == 1;
     const int M = pr[0], N = pr[1], W = N / 2;
     auto bad = [&](const char* what, int a, int b, int c) { fail(name, what, M, N, a, b, c); };
     const int64_t ldd = W + 8;
@@ -241,6 +247,17 @@ void check_config(const char* name) {
     params.dD = strides;
     scratch_params.ptr_D = scratch_ptrs;
     scratch_params.dD = strides;
+    // The scaled variant: one section whose D buffer is buf (problem 1's rows start at its row
+    // 1), one fp32 scale per row of buf, of both signs.
+    std::vector<float> row_scale(M + 2);
+    for (int r = 0; r < M + 2; ++r) row_scale[r] = (r % 3 == 1 ? -0.75f : 0.5f) + 0.125f * (r % 5);
+    for (auto* p : {&params, &scratch_params}) {
+      p->num_sections = scaled ? 1 : 0;
+      p->ldd[0] = ldd;
+      p->row_scale[0] = scaled ? row_scale.data() : nullptr;
+    }
+    params.d_base[0] = reinterpret_cast<Element const*>(buf.data());
+    scratch_params.d_base[0] = reinterpret_cast<Element const*>(scratch_buf.data());
     Epi epi(params), scratch_epi(scratch_params);
     const auto shape = make_shape(M, N, 64, 1);
 
@@ -277,13 +294,15 @@ void check_config(const char* name) {
               const int mh = get<0>(tc(i + half)), ch = get<1>(tc(i + half)) - tn * BN;
               if (mh != m || ch != c + BN / 2 || c >= BN / 2) bad("gate/up pairing", t, i, c);
             }
+            // The epilogue reads a thread's two row scales once, at entries 0 and 2.
+            if (m != get<0>(tc(i % 4 < 2 ? 0 : 2))) bad("a thread's fragment rows", t, i, m);
             if (i % 2 == 0) {
               const int m1 = get<0>(tc(i + 1)), c1 = get<1>(tc(i + 1)) - tn * BN;
               if (m1 != m || c1 != c + 1) bad("column pair", t, i, c);
             }
           }
           const auto mine = written_by(scratch_smem, [&] {
-            Epi::stage(acc, mma, t, slab_of(scratch_smem, wg));
+            Epi::stage(acc, mma, t, slab_of(scratch_smem, wg), epi.tile_scale(1, tm * BM, M));
           });
           if (int(mine.size()) != size(acc) / 2) bad("outputs staged by a thread", t, mine.size(), 0);
           for (size_t k : mine) {
@@ -291,7 +310,7 @@ void check_config(const char* name) {
             if (s < 0 || s >= kSlab) bad("staged outside its warpgroup's slab", wg, t, int(s));
             ++staged[k];
           }
-          Epi::stage(acc, mma, t, slab_of(smem, wg));
+          Epi::stage(acc, mma, t, slab_of(smem, wg), epi.tile_scale(1, tm * BM, M));
         }
       }
       for (int wg = 0; wg < kWarpGroups; ++wg)
@@ -325,7 +344,8 @@ void check_config(const char* name) {
         }
         if (writes[k] != 1) bad("output written times", m, j, writes[k]);
         const float gate = acc_value(m, 2 * j), up = acc_value(m, 2 * j + 1);
-        const uint16_t want = bits(to_element(gate / (1.f + std::exp(-gate)) * up));
+        const float s = scaled ? row_scale[m + 1] : 1.f;
+        const uint16_t want = bits(to_element(s * (gate / (1.f + std::exp(-gate)) * up)));
         if (got != want) bad("value", m, j, got);
         ++checked;
       }

@@ -418,3 +418,27 @@ def test_sections_sharing_rows_and_b(cuda_mod, b_shared, count, message):
         torch.ops.grove_cuda.grouped_gemm([a, a], [_bf(2, 32, 16), _bf(2, 16, 16)],
                                           [h[:, :32], h[:, 32:]], start, start.clone(),
                                           _kernel(), 0, b_shared)
+
+
+
+@needs_toolkit
+@pytest.mark.parametrize("epilogue, row_scale, message", [
+    ("swiglu", [torch.zeros(4), torch.zeros(4)], r"must be on a CUDA device"),  # well-formed
+    (None, [torch.zeros(4), torch.zeros(4)], r"row_scale is only for the fused SwiGLU"),
+    ("swiglu", [torch.zeros(4)], r"row_scale must be empty or hold one tensor per section \(2\)"),
+    ("swiglu", [torch.zeros(4), torch.zeros(3)],
+     r"row_scale\[1\] must be a contiguous float32 vector of at least 4 entries"),
+    ("swiglu", [torch.zeros(4), torch.zeros(4, dtype=torch.float64)],
+     r"row_scale\[1\] must be a contiguous float32"),
+    ("swiglu", [torch.zeros(8)[::2], torch.zeros(4)], r"row_scale\[0\] must be a contiguous"),
+])
+def test_row_scale_arguments(cuda_mod, epilogue, row_scale, message):
+    """The fused GEMM-1's row scales (the folded layout's w and λΣw): one fp32 vector per
+    section over its rows, refused for kernels without the SwiGLU epilogue."""
+    a, start = _bf(4, 16), torch.zeros(4, dtype=torch.int64)
+    w0, w1 = (16, 8) if epilogue else (32, 16)  # out widths: N / 2 fused, N plain
+    z = _bf(4, w0 + w1)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.grove_cuda.grouped_gemm([a, a], [_bf(2, 32, 16), _bf(2, 16, 16)],
+                                          [z[:, :w0], z[:, w0:]], start, start.clone(),
+                                          _kernel(epilogue=epilogue), 0, [1, 1], row_scale)

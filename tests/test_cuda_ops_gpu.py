@@ -107,6 +107,35 @@ def test_grouped_gemm_every_kernel(kernel):
             assert (out[s][~covered[s].to(DEV)] == SENTINEL).all()
 
 
+@pytest.mark.parametrize("kernel", [k for k in GEMM_KERNELS if k.epilogue == SWIGLU],
+                         ids=lambda k: k.name)
+def test_fused_swiglu_row_scales(kernel):
+    """D row r of section s = row_scale[s][r] * silu(gate) * up: the epilogue finds each
+    problem's first row from its D pointer, for both sections of one launch (the folded GEMM-1:
+    the same rows, other columns of one output)."""
+    dtype = DTYPES[kernel.dtype]
+    plan, gen = _plan()
+    E, G, H = plan.num_experts, plan.num_groups, 256
+    Re, Ra = plan.num_expert_rows, plan.num_adjugate_rows
+    N = (384, 64)
+    start, count = plan.problem_rows()
+    a = [_rand(gen, Re, H, dtype=dtype), _rand(gen, Ra, H, dtype=dtype)]
+    b = [_rand(gen, E, N[0], H, dtype=dtype, scale=H ** -0.5),
+         _rand(gen, G, N[1], H, dtype=dtype, scale=H ** -0.5)]
+    scale = [_rand(gen, Re, dtype=torch.float32), _rand(gen, Ra, dtype=torch.float32)]
+    out = [torch.full((Re, N[0] // 2), SENTINEL, dtype=dtype, device=DEV),
+           torch.full((Ra, N[1] // 2), SENTINEL, dtype=dtype, device=DEV)]
+    lib.grouped_gemm(a, b, out, start, count, kernel.name, row_scale=scale)
+    torch.cuda.synchronize()
+    for s, j, r0, m in _problems(plan):
+        if m == 0:
+            continue
+        rows = slice(r0, r0 + m)
+        ref = _swiglu_halves(a[s][rows].float() @ b[s][j].float().t()) * scale[s][rows, None]
+        err = (out[s][rows].float() - ref).norm() / max(ref.norm(), 1e-6)
+        assert err < 1e-2, (kernel.name, s, j, m, float(err))
+
+
 @pytest.mark.parametrize("grouped, majors, epilogue",
                          [("m", "nt", None), ("m", "nt", SWIGLU), ("k", "tn", None)])
 def test_grouped_gemm_cuda_graph_replays_new_routing(grouped, majors, epilogue):

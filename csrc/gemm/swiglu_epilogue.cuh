@@ -133,12 +133,14 @@ class SwigluEpilogueArray {
   };
 
   CUTLASS_HOST_DEVICE TileScale tile_scale(int l, int first_row, int M) const {
-    int s = 0;
-    for (int t = 1; t < params_.num_sections; ++t)
-      if (l >= params_.first_problem[t]) s = t;
-    float const* scale = params_.row_scale[s];
+    static_assert(GROVE_MAX_SECTIONS == 2, "sections picked by one comparison");
+    // Selects, not a dynamic index: an indexed kernel-parameter array goes to local memory.
+    const bool second = params_.num_sections > 1 && l >= params_.first_problem[1];
+    float const* scale = second ? params_.row_scale[1] : params_.row_scale[0];
     if (scale == nullptr) return {};
-    const int64_t row0 = (params_.ptr_D[l] - params_.d_base[s]) / params_.ldd[s];
+    ElementD const* base = second ? params_.d_base[1] : params_.d_base[0];
+    const int64_t ldd = second ? params_.ldd[1] : params_.ldd[0];
+    const int64_t row0 = (params_.ptr_D[l] - base) / ldd;
     return {scale + row0 + first_row, M - first_row};
   }
 

@@ -1,7 +1,6 @@
 """The process-wide settings in one object (grove_kernels/settings.py): the backend per thread,
 the value checks and the cuda fused-SwiGLU switch per process, the adjugate layout read from
 GROVE_ADJUGATE_LAYOUT on every call."""
-import os
 import threading
 
 import pytest

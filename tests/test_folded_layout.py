@@ -76,6 +76,7 @@ SCHEDULES = {  # GROVE_TRITON_SCHEDULE, GROVE_TRITON_PROGRAMS
 }
 
 
+@pytest.mark.interpreter  # Triton kernels, with no backend parameter to say so
 @pytest.mark.parametrize("case", ["blocks", "coselect_S4_k8", "wide_Ia", "narrow_I1_Ia3"])
 def test_folded_triton_schedules(gen, monkeypatch, case):
     """The triton backend's persistent schedule (programs looping over the device's tile

@@ -1,7 +1,6 @@
 """The process-wide settings in one object (grove_kernels/settings.py): the backend per thread,
 the value checks and the cuda fused-SwiGLU switch per process, the adjugate layout read from
 GROVE_ADJUGATE_LAYOUT on every call."""
-import os
 import threading
 
 import pytest
@@ -76,15 +75,21 @@ def test_fuse_swiglu_variable_is_read_at_import():
     import subprocess
     import sys
 
-    code = "import grove_kernels.settings as s; print(s.settings.fuse_swiglu)"
-    for value, want in (("1", "True"), ("", "auto"), ("yes", None)):
-        env = dict(os.environ, GROVE_CUDA_FUSE_SWIGLU=value)
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                              text=True, timeout=120)
-        if want is None:
-            assert proc.returncode != 0 and "GROVE_CUDA_FUSE_SWIGLU" in proc.stderr
-        else:
-            assert proc.stdout.strip() == want, proc.stderr[-2000:]
+    # One process, the module imported afresh per value: each process start imports torch.
+    code = """
+import importlib, os, sys
+for value in ("1", "", "yes"):
+    os.environ["GROVE_CUDA_FUSE_SWIGLU"] = value
+    sys.modules.pop("grove_kernels.settings", None)
+    try:
+        print(importlib.import_module("grove_kernels.settings").settings.fuse_swiglu)
+    except Exception as exc:
+        print("refused:", "GROVE_CUDA_FUSE_SWIGLU" in str(exc))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.split("\n")[:3] == ["True", "auto", "refused: True"], \
+        proc.stdout + proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("default", ["sections", "folded"])

@@ -304,7 +304,7 @@ at::Tensor grouped_gemm_args(at::TensorList a, at::TensorList b, at::TensorList 
 TORCH_LIBRARY(grove_cuda, m) {
   m.def(
       "grouped_gemm(Tensor[] a, Tensor[] b, Tensor(a!)[] out, Tensor start, Tensor count, "
-      "str kernel, int stream, int[] b_shared=[], Tensor[] row_scale=[]) -> ()");
+      "str kernel, int stream, int[] b_shared, Tensor[] row_scale) -> ()");
   m.def(
       "grouped_gemm_args(Tensor[] a, Tensor[] b, Tensor[] out, Tensor start, Tensor count, "
       "str kernel, int[] b_shared=[]) -> Tensor");

@@ -294,7 +294,7 @@ def _args(T=4, K=16, N=32, P=2, dtype=torch.bfloat16, device="cpu"):
 
 
 def _call(a, b, out, start, count, kernel):
-    torch.ops.grove_cuda.grouped_gemm(a, b, out, start, count, kernel, 0)
+    torch.ops.grove_cuda.grouped_gemm(a, b, out, start, count, kernel, 0, [], [])
 
 
 @needs_toolkit
@@ -417,7 +417,7 @@ def test_sections_sharing_rows_and_b(cuda_mod, b_shared, count, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.grove_cuda.grouped_gemm([a, a], [_bf(2, 32, 16), _bf(2, 16, 16)],
                                           [h[:, :32], h[:, 32:]], start, start.clone(),
-                                          _kernel(), 0, b_shared)
+                                          _kernel(), 0, b_shared, [])
 
 
 

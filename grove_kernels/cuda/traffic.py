@@ -23,9 +23,9 @@ Sections layout (backend.py):
 
 Folded layout (folded.py): one gather of the R = T*k expert rows; GEMM-1 over 2E problems (all
 rows of e against w1[e], its leader prefix against a1[e // S]) -> h; one SwiGLU row kernel ->
-z scaled (fused: GEMM-1's epilogue writes z scaled, no row kernel); GEMM-2 over 2E problems, all against the packed [W2_e | A2_g] (leader rows K = I + Ia,
-the others its first I columns, ldb = I + Ia: each expert's W2_e read once) -> o; combine of k
-rows. The packed copy is kept while w2 and a2 keep their versions (inference and training
+z scaled (fused: GEMM-1's epilogue writes z scaled, no row kernel); GEMM-2 over 2E problems,
+all against the packed [W2_e | A2_g] (leader rows K = I + Ia, the others its first I columns,
+ldb = I + Ia: each expert's W2_e read once) -> o; combine of k rows. The packed copy is kept while w2 and a2 keep their versions (inference and training
 alike: a training loop repacks once per optimizer step), so no eager call counts the pack (a
 training forward captured in a CUDA graph reads w2 / a2 as stored, its leader rows' adjugate
 term into rows of their own: not modelled, the model is of eager calls); the backward mirrors
